@@ -1,0 +1,1 @@
+"""Benchmark routines, one module per component; each registers itself with ``@routine``."""

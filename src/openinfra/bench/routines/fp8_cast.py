@@ -1,0 +1,50 @@
+"""``openinfra bench fp8_cast``: the per-token FP8 cast kernel against copy bandwidth and PyTorch.
+
+Bytes moved per call: m*n*(input element size) read + m*n written (e4m3) + m*ceil(n/128)*4
+written (scales). Peers in the same run: the device copy (the physical limit) and the PyTorch
+reference on the same GPU (eager).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from openinfra.bench.harness import BenchResult, copy_bandwidth_gbps, gpu_time_ms, routine
+
+_SHAPES = [(4096, 7168), (8192, 7168), (16384, 2048), (4096, 16384), (128, 7168)]
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--block-m", type=int, nargs="*", default=[None], help="kernel rows per program (variants)")
+    p.add_argument("--ue8m0", action="store_true", help="power-of-two scales")
+
+
+@routine("fp8_cast", "per-token FP8 cast kernel: GB/s vs device copy and the PyTorch reference", _add_arguments, needs_gpu=True)
+def bench_fp8_cast(args: argparse.Namespace) -> BenchResult:
+    from openinfra.kernels.deep_gemm.cast.kernel import per_token_cast_to_fp8_triton
+    from openinfra.kernels.deep_gemm.cast.reference import per_token_cast_to_fp8_reference
+
+    copy = copy_bandwidth_gbps()
+    rows = []
+    for m, n in _SHAPES:
+        x = torch.randn(m, n, dtype=torch.bfloat16, device="cuda")
+        nbytes = m * n * 2 + m * n + m * ((n + 127) // 128) * 4
+        ref_ms = gpu_time_ms(lambda: per_token_cast_to_fp8_reference(x, args.ue8m0))
+        for block_m in args.block_m:
+            ms = gpu_time_ms(lambda: per_token_cast_to_fp8_triton(x, args.ue8m0, block_m=block_m))
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            rows.append({
+                "m": m, "n": n, "block_m": block_m or "auto", "us": ms * 1e3, "GB/s": gbps,
+                "/copy": gbps / copy, "torch GB/s": nbytes / (ref_ms * 1e-3) / 1e9, "x torch": ref_ms / ms,
+            })
+    big = [r for r in rows if r["m"] >= 4096]
+    summary = {
+        "copy_GBps": copy,
+        "best_GBps": max(r["GB/s"] for r in big),
+        "best_over_copy": max(r["/copy"] for r in big),
+        "min_over_copy_large": min(r["/copy"] for r in big),
+        "goal_over_copy": 0.85,
+    }
+    return BenchResult(rows, summary)

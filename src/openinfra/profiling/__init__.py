@@ -1,0 +1,1 @@
+"""Profiling: phase annotations, Chrome traces, overlap / bubble / idle summaries and PNG timelines."""
