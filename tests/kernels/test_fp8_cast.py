@@ -85,3 +85,12 @@ def test_kernel_matches_reference_on_gpu(m, n, use_ue8m0):
     x = _inputs(m, n, torch.bfloat16, "cuda", m + n)
     out = per_token_cast_to_fp8(x, use_ue8m0)  # dispatches to Triton on Hopper
     _assert_bitwise(out, per_token_cast_to_fp8_reference(x, use_ue8m0))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("tile", [(1, 1, 4), (4, 2, 4), (2, 8, 4), (16, 4, 8)])
+def test_kernel_tiles_cover_ragged_edges_in_interpreter(tile):
+    from openinfra.kernels.deep_gemm.cast.kernel import per_token_cast_to_fp8_triton
+
+    x = _inputs(9, 1000, torch.bfloat16, "cpu", 3)  # 9 rows, 8 groups, the last one partial
+    _assert_bitwise(per_token_cast_to_fp8_triton(x, False, *tile), per_token_cast_to_fp8_reference(x))

@@ -17,7 +17,10 @@ _SHAPES = [(4096, 7168), (8192, 7168), (16384, 2048), (4096, 16384), (128, 7168)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--block-m", type=int, nargs="*", default=[None], help="kernel rows per program (variants)")
+    p.add_argument(
+        "--variants", nargs="*", default=["auto"],
+        help="kernel tiles to time, each BLOCK_M:GROUPS:WARPS (e.g. 8:4:4), or 'auto' for the default",
+    )
     p.add_argument("--ue8m0", action="store_true", help="power-of-two scales")
 
 
@@ -32,11 +35,12 @@ def bench_fp8_cast(args: argparse.Namespace) -> BenchResult:
         x = torch.randn(m, n, dtype=torch.bfloat16, device="cuda")
         nbytes = m * n * 2 + m * n + m * ((n + 127) // 128) * 4
         ref_ms = gpu_time_ms(lambda: per_token_cast_to_fp8_reference(x, args.ue8m0))
-        for block_m in args.block_m:
-            ms = gpu_time_ms(lambda: per_token_cast_to_fp8_triton(x, args.ue8m0, block_m=block_m))
+        for variant in args.variants:
+            tile = (None, None, None) if variant == "auto" else tuple(int(v) for v in variant.split(":"))
+            ms = gpu_time_ms(lambda: per_token_cast_to_fp8_triton(x, args.ue8m0, *tile))
             gbps = nbytes / (ms * 1e-3) / 1e9
             rows.append({
-                "m": m, "n": n, "block_m": block_m or "auto", "us": ms * 1e3, "GB/s": gbps,
+                "m": m, "n": n, "tile": variant, "us": ms * 1e3, "GB/s": gbps,
                 "/copy": gbps / copy, "torch GB/s": nbytes / (ref_ms * 1e-3) / 1e9, "x torch": ref_ms / ms,
             })
     big = [r for r in rows if r["m"] >= 4096]

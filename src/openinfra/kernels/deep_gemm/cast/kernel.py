@@ -1,11 +1,17 @@
 """Triton kernel of the per-token FP8 cast.
 
-One program quantizes a [BLOCK_M, 128] tile: one scale group for BLOCK_M rows. Traffic per element
-is 2 bytes read (bf16) + 1 byte written, plus 4 bytes of scale per 128 elements, so the kernel is
-memory-bound and is judged in GB/s against the device copy bandwidth.
+One program quantizes a [BLOCK_M, GROUPS * 128] tile: GROUPS consecutive scale groups of BLOCK_M
+rows. Traffic per element is 2 bytes read (bf16) + 1 byte written, plus 4 bytes of scale per 128
+elements, so the kernel is memory-bound and is judged in GB/s against the device copy bandwidth.
+Wide tiles (several groups of a row) keep each row's reads long and contiguous.
 
-Divisions use ``div_rn`` (IEEE round-to-nearest) instead of Triton's default approximate fp32
-division, so the result matches the PyTorch reference bit for bit.
+Bit-exactness with the PyTorch reference takes two precautions:
+- divisions use ``div_rn`` (IEEE round-to-nearest), not Triton's default approximate fp32 division;
+- the quotient is rounded to the e4m3 grid in fp32 first (``_round_to_e4m3_grid``), so the final
+  conversion is exact. Triton's own fp32 -> e4m3 conversion is not plain round-to-nearest-even:
+  on the H200 it disagreed with PyTorch on values with more than 11 significant bits (consistent
+  with double rounding through fp16), and the CPU interpreter drops the carry when rounding up
+  across a power of two (-7.76 became -4.0).
 """
 
 from __future__ import annotations
@@ -14,10 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from openinfra.kernels.backend import interpreter_enabled
 from openinfra.kernels.deep_gemm.utils import FP8_E4M3_MAX, GROUP_SIZE, ceil_div
 
-__all__ = ["per_token_cast_to_fp8_triton"]
+__all__ = ["per_token_cast_to_fp8_triton", "default_tile"]
 
 
 @triton.jit
@@ -31,9 +36,7 @@ def _ceil_to_ue8m0(scale):
 
 @triton.jit
 def _round_to_e4m3_grid(v):
-    # Round fp32 v (|v| <= 448) to the nearest e4m3 value, ties to even, staying in fp32. Only used
-    # under Triton's CPU interpreter, whose fp32 -> fp8 conversion drops the carry when rounding
-    # up across a power of two (-7.76 became -4.0). After this the conversion is exact.
+    # Round fp32 v (|v| <= 448) to the nearest e4m3 value, ties to even, staying in fp32.
     bits = v.to(tl.int32, bitcast=True)
     exponent = ((bits >> 23) & 0xFF) - 127
     quantum_exp = tl.maximum(exponent, -6) - 3  # 3 mantissa bits; subnormals below 2^-6
@@ -47,58 +50,68 @@ def _round_to_e4m3_grid(v):
 @triton.jit
 def _per_token_cast_kernel(
     x_ptr, y_ptr, sf_ptr,
-    M, N,
+    M, N, NUM_GROUPS,
     stride_xm, stride_xn, stride_ym, stride_yn, stride_sm, stride_sg,
     FP8_MAX: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    GROUPS: tl.constexpr,
     GROUP: tl.constexpr,
     USE_UE8M0: tl.constexpr,
-    INTERPRET: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_g * GROUP + tl.arange(0, GROUP)
+    cols = pid_g * GROUPS * GROUP + tl.arange(0, GROUPS * GROUP)
     row_ok = rows < M
     mask = row_ok[:, None] & (cols[None, :] < N)
     rows64 = rows.to(tl.int64)
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4)
+    x = tl.reshape(x.to(tl.float32), (BLOCK_M, GROUPS, GROUP))
+    amax = tl.maximum(tl.max(tl.abs(x), axis=2), 1e-4)  # [BLOCK_M, GROUPS]
     sf = tl.math.div_rn(amax, FP8_MAX)
     if USE_UE8M0:
         sf = _ceil_to_ue8m0(sf)
     inv = tl.math.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)
-    y = x * inv[:, None]
-    if INTERPRET:
-        y = _round_to_e4m3_grid(y)
-    y = y.to(y_ptr.dtype.element_ty)
+    y = _round_to_e4m3_grid(x * inv[:, :, None])
+    y = tl.reshape(y, (BLOCK_M, GROUPS * GROUP)).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + rows64[:, None] * stride_ym + cols[None, :] * stride_yn, y, mask=mask)
-    tl.store(sf_ptr + rows64 * stride_sm + pid_g * stride_sg, sf, mask=row_ok)
+    groups = pid_g * GROUPS + tl.arange(0, GROUPS)
+    sf_mask = row_ok[:, None] & (groups[None, :] < NUM_GROUPS)
+    tl.store(sf_ptr + rows64[:, None] * stride_sm + groups[None, :] * stride_sg, sf, mask=sf_mask)
 
 
-def _default_block_m(m: int) -> int:
-    # 32 rows x 128 channels of bf16 = 8 KiB per program: enough bytes in flight per SM without
-    # starving the grid at small m.
-    return 32 if m >= 32 else max(1, triton.next_power_of_2(m))
+def default_tile(m: int, n: int) -> tuple[int, int, int]:
+    """(BLOCK_M, GROUPS, num_warps) for an [m, n] input; chosen from H200 variant timings
+    (benchmarks/notes/fp8_cast.md)."""
+    groups = min(4, triton.next_power_of_2(ceil_div(n, GROUP_SIZE)))
+    block_m = min(triton.next_power_of_2(max(m, 1)), max(1, 32 // groups))
+    return block_m, groups, 4
 
 
 def per_token_cast_to_fp8_triton(
-    x: torch.Tensor, use_ue8m0: bool = False, block_m: int | None = None, num_warps: int = 4
+    x: torch.Tensor,
+    use_ue8m0: bool = False,
+    block_m: int | None = None,
+    groups: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel. ``x`` [m, n] (any strides) -> (``y`` [m, n] e4m3, ``sf`` [m, ceil(n/128)] fp32)."""
+    """Launch the kernel. ``x`` [m, n] (any strides) -> (``y`` [m, n] e4m3, ``sf`` [m, ceil(n/128)] fp32).
+
+    ``block_m`` / ``groups`` / ``num_warps`` override the tile (for benchmarking variants).
+    """
     m, n = x.shape
-    groups = ceil_div(n, GROUP_SIZE)
+    num_groups = ceil_div(n, GROUP_SIZE)
     y = torch.empty(m, n, dtype=torch.float8_e4m3fn, device=x.device)
-    sf = torch.empty(m, groups, dtype=torch.float32, device=x.device)
+    sf = torch.empty(m, num_groups, dtype=torch.float32, device=x.device)
     if m == 0 or n == 0:
         return y, sf
-    block_m = block_m or _default_block_m(m)
-    grid = (ceil_div(m, block_m), groups)
+    d_block_m, d_groups, d_warps = default_tile(m, n)
+    block_m, groups, num_warps = block_m or d_block_m, groups or d_groups, num_warps or d_warps
+    grid = (ceil_div(m, block_m), ceil_div(num_groups, groups))
     _per_token_cast_kernel[grid](
-        x, y, sf, m, n,
+        x, y, sf, m, n, num_groups,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), sf.stride(0), sf.stride(1),
-        FP8_MAX=FP8_E4M3_MAX, BLOCK_M=block_m, GROUP=GROUP_SIZE, USE_UE8M0=use_ue8m0,
-        INTERPRET=interpreter_enabled(), num_warps=num_warps,
+        FP8_MAX=FP8_E4M3_MAX, BLOCK_M=block_m, GROUPS=groups, GROUP=GROUP_SIZE, USE_UE8M0=use_ue8m0,
+        num_warps=num_warps,
     )
     return y, sf
