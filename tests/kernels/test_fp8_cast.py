@@ -88,7 +88,7 @@ def test_kernel_matches_reference_on_gpu(m, n, use_ue8m0):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("tile", [(1, 1, 4), (4, 2, 4), (2, 8, 4), (16, 4, 8)])
+@pytest.mark.parametrize("tile", [(1, 1, 4, 1, 1), (4, 2, 4, 2, 2), (2, 8, 4, 3, 1), (16, 4, 8, 1, 1)])
 def test_kernel_tiles_cover_ragged_edges_in_interpreter(tile):
     from openinfra.kernels.deep_gemm.cast.kernel import per_token_cast_to_fp8_triton
 

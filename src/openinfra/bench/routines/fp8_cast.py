@@ -19,7 +19,7 @@ _SHAPES = [(4096, 7168), (8192, 7168), (16384, 2048), (4096, 16384), (128, 7168)
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--variants", nargs="*", default=["auto"],
-        help="kernel tiles to time, each BLOCK_M:GROUPS:WARPS (e.g. 8:4:4), or 'auto' for the default",
+        help="kernel tiles to time, each BLOCK_M:GROUPS:WARPS[:ITERS:STAGES] (e.g. 8:4:4:4:3), or 'auto' for the default",
     )
     p.add_argument("--ue8m0", action="store_true", help="power-of-two scales")
 
@@ -36,7 +36,7 @@ def bench_fp8_cast(args: argparse.Namespace) -> BenchResult:
         nbytes = m * n * 2 + m * n + m * ((n + 127) // 128) * 4
         ref_ms = gpu_time_ms(lambda: per_token_cast_to_fp8_reference(x, args.ue8m0))
         for variant in args.variants:
-            tile = (None, None, None) if variant == "auto" else tuple(int(v) for v in variant.split(":"))
+            tile = (None,) * 5 if variant == "auto" else tuple(int(v) for v in variant.split(":"))
             ms = gpu_time_ms(lambda: per_token_cast_to_fp8_triton(x, args.ue8m0, *tile))
             gbps = nbytes / (ms * 1e-3) / 1e9
             rows.append({

@@ -39,8 +39,11 @@ def per_token_cast_to_fp8_reference(x: torch.Tensor, use_ue8m0: bool = False) ->
     padded[:, :n] = x.float()
     padded = padded.view(m, groups, GROUP_SIZE)
     amax = padded.abs().amax(dim=2).clamp(min=AMAX_FLOOR)
-    sf = amax / FP8_E4M3_MAX
+    # Tensor-by-tensor division: on CUDA, PyTorch turns division by a Python scalar into
+    # multiplication by its reciprocal, which is not the correctly rounded quotient.
+    sf = torch.div(amax, torch.full_like(amax, FP8_E4M3_MAX))
     if use_ue8m0:
         sf = ceil_to_ue8m0(sf)
-    y = (padded * (1.0 / sf).unsqueeze(2)).to(torch.float8_e4m3fn)
+    inv = torch.div(torch.ones_like(sf), sf)
+    y = (padded * inv.unsqueeze(2)).to(torch.float8_e4m3fn)
     return y.view(m, groups * GROUP_SIZE)[:, :n].contiguous(), sf
