@@ -97,7 +97,10 @@ def default_tile(m: int, n: int) -> tuple[int, int, int, int, int]:
     variant timings (benchmarks/notes/fp8_cast.md)."""
     groups = min(4, triton.next_power_of_2(ceil_div(n, GROUP_SIZE)))
     block_m = min(triton.next_power_of_2(max(m, 1)), max(1, 32 // groups))
-    return block_m, groups, 4, 1, 1
+    if m * n < (1 << 22):  # small inputs: one tile per program keeps the grid wide
+        return block_m, groups, 4, 1, 1
+    # large inputs: 8 warps walking 4 row blocks, pipelined 3 deep (H200: 0.71-0.83 of copy)
+    return min(block_m, 8), groups, 8, 4, 3
 
 
 def per_token_cast_to_fp8_triton(
