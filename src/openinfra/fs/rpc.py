@@ -1,0 +1,347 @@
+"""RPC: asyncio over TCP, length-prefixed msgpack frames, request ids, deadlines, a frame limit.
+
+Wire format (one frame = 4-byte big-endian body length + msgpack body):
+
+* request ``[0, request_id, method, timeout_s, args]`` (``args`` a map, ``timeout_s`` the time the
+  caller still waits, so the server drops work nobody waits for)
+* reply ``[1, request_id, None, result]`` or ``[1, request_id, code, message]`` on error
+
+Several requests may be in flight on one connection; replies come back in completion order and
+are matched by id. A malformed body, an unknown method or bad arguments get an error reply and
+the connection stays up; a frame over the size limit gets an error reply and the connection is
+closed (its remaining bytes cannot be trusted). Nothing a peer sends stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import itertools
+import logging
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import msgpack
+
+from openinfra.fs.errors import Code, FsError, RpcError, make_error
+
+__all__ = [
+    "RpcServer", "RpcClient", "DEFAULT_MAX_FRAME", "pack_frame", "parse_address", "format_address", "run_loop",
+]
+
+DEFAULT_MAX_FRAME = 72 * 2**20  # a 64 MiB chunk plus its request fields
+_HEADER = struct.Struct(">I")
+_REQUEST, _REPLY = 0, 1
+log = logging.getLogger("openinfra.fs.rpc")
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
+    """``"host:port"`` or ``(host, port)`` -> ``(host, port)``; raises ValueError on anything else."""
+    if isinstance(address, tuple) and len(address) == 2:
+        host, port = address
+    elif isinstance(address, str) and address.count(":") == 1:
+        host, _, port_s = address.partition(":")
+        if not port_s.isdigit():
+            raise ValueError(f"address: port must be a number, got {address!r}")
+        port = int(port_s)
+    else:
+        raise ValueError(f"address: expected 'host:port', got {address!r}")
+    if not isinstance(port, int) or not 0 < port < 65536 or not host:
+        raise ValueError(f"address: expected 'host:port' with port 1..65535, got {address!r}")
+    return str(host), port
+
+
+def format_address(host: str, port: int) -> str:
+    return f"{host}:{port}"
+
+
+def run_loop(main: Awaitable[Any]) -> Any:
+    """Run ``main`` on uvloop when it is installed (faster sockets), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def pack_frame(obj: Any) -> bytes:
+    """One frame: the 4-byte big-endian length and the msgpack body (for tests and tools)."""
+    body = msgpack.packb(obj, use_bin_type=True)
+    return _HEADER.pack(len(body)) + body
+
+
+async def _send(writer: asyncio.StreamWriter, obj: Any) -> None:
+    body = msgpack.packb(obj, use_bin_type=True)
+    # Two synchronous write() calls with no await between them keep the frame contiguous even
+    # when several tasks reply on one connection; large bodies are not copied into the header.
+    writer.write(_HEADER.pack(len(body)))
+    writer.write(body)
+    await writer.drain()
+
+
+@dataclass
+class _Method:
+    fn: Handler
+    params: frozenset[str]
+    required: frozenset[str]
+    var_kw: bool
+
+
+class RpcServer:
+    """Serves the ``rpc_*`` coroutine methods of the objects passed to :meth:`add_service`.
+
+    ``rpc_stat(self, path, user=None)`` is reachable as method ``"stat"`` with args
+    ``{"path": ..., "user": ...}``. Handlers raise :class:`FsError` for errors the caller should
+    see; any other exception is logged and replied as ``INTERNAL``.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, max_frame: int = DEFAULT_MAX_FRAME,
+                 name: str = "rpc", on_request: Callable[[str, str, float], None] | None = None):
+        if not isinstance(max_frame, int) or max_frame < 1024:
+            raise ValueError(f"max_frame: expected an int >= 1024 bytes, got {max_frame!r}")
+        self.host, self.port, self.max_frame, self.name = host, port, max_frame, name
+        self._methods: dict[str, _Method] = {}
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self.on_request = on_request  # (method, status, seconds) for metrics
+
+    def add_service(self, obj: Any, prefix: str = "") -> None:
+        for attr in dir(obj):
+            if not attr.startswith("rpc_"):
+                continue
+            fn = getattr(obj, attr)
+            sig = inspect.signature(fn)
+            params = {p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+            required = {p.name for p in sig.parameters.values()
+                        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty}
+            var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+            self._methods[prefix + attr[4:]] = _Method(fn, frozenset(params), frozenset(required), var_kw)
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted(self._methods)
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve_conn, self.host, self.port, reuse_address=True,
+                                                  limit=2**20)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.address
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for w in list(self._conns):
+            w.close()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    async def _serve_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._conns.add(writer)
+        try:
+            while True:
+                try:
+                    header = await reader.readexactly(4)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                (length,) = _HEADER.unpack(header)
+                if length > self.max_frame:
+                    await _send(writer, [_REPLY, 0, Code.RPC_TOO_LARGE,
+                                         f"frame of {length} bytes exceeds the limit of {self.max_frame} bytes"])
+                    return  # the rest of the stream cannot be framed any more
+                try:
+                    body = await reader.readexactly(length)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                task = asyncio.ensure_future(self._handle(body, writer))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        except Exception:  # never let one connection take the server down
+            log.exception("connection handler failed")
+        finally:
+            self._conns.discard(writer)
+            writer.close()
+
+    async def _handle(self, body: bytes, writer: asyncio.StreamWriter) -> None:
+        t0 = time.perf_counter()
+        rid, method, status = 0, "?", "ok"
+        try:
+            try:
+                msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
+            except Exception as exc:
+                raise make_error(Code.RPC_MALFORMED, f"body is not msgpack: {type(exc).__name__}") from None
+            if (not isinstance(msg, list) or len(msg) != 5 or msg[0] != _REQUEST or not isinstance(msg[1], int)
+                    or not isinstance(msg[2], str) or not isinstance(msg[3], (int, float)) or not isinstance(msg[4], dict)):
+                if isinstance(msg, list) and len(msg) > 1 and isinstance(msg[1], int):
+                    rid = msg[1]
+                raise make_error(Code.RPC_MALFORMED, "expected [0, id:int, method:str, timeout_s:number, args:map]")
+            _, rid, method, timeout, args = msg
+            m = self._methods.get(method)
+            if m is None:
+                raise make_error(Code.RPC_UNKNOWN_METHOD, f"{self.name} has no method {method!r}")
+            keys = set(args)
+            if not all(isinstance(k, str) for k in keys) or (not m.var_kw and not keys <= m.params) or not m.required <= keys:
+                raise make_error(Code.RPC_BAD_ARGS, f"{method}: expected args {sorted(m.params)} "
+                                 f"(required {sorted(m.required)}), got {sorted(map(str, keys))}")
+            if timeout <= 0:
+                raise make_error(Code.RPC_TIMEOUT, f"{method}: deadline already passed")
+            try:
+                result = await asyncio.wait_for(m.fn(**args), timeout)
+            except asyncio.TimeoutError:
+                raise make_error(Code.RPC_TIMEOUT, f"{method}: deadline of {timeout:.3g} s passed") from None
+            reply = [_REPLY, rid, None, result]
+        except FsError as exc:
+            status = exc.code
+            reply = [_REPLY, rid, exc.code, exc.message]
+        except (TypeError, ValueError) as exc:  # argument values a handler rejected
+            status = Code.RPC_BAD_ARGS
+            reply = [_REPLY, rid, Code.RPC_BAD_ARGS, f"{method}: {exc}"]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("%s: handler %s failed", self.name, method)
+            status = Code.INTERNAL
+            reply = [_REPLY, rid, Code.INTERNAL, f"{method}: {type(exc).__name__}: {exc}"]
+        if self.on_request is not None:
+            self.on_request(method, status, time.perf_counter() - t0)
+        try:
+            await _send(writer, reply)
+        except (ConnectionError, RuntimeError):
+            pass  # the caller went away; nothing to do
+        except Exception:
+            log.exception("%s: could not send reply to %s", self.name, method)
+
+
+class _Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str, max_frame: int):
+        self.reader, self.writer, self.address, self.max_frame = reader, writer, address, max_frame
+        self.pending: dict[int, asyncio.Future] = {}
+        self.ids = itertools.count(1)
+        self.closed = False
+        self.reader_task = asyncio.ensure_future(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        error: FsError = make_error(Code.RPC_CONNECT, f"connection to {self.address} closed")
+        try:
+            while True:
+                (length,) = _HEADER.unpack(await self.reader.readexactly(4))
+                if length > self.max_frame:
+                    error = make_error(Code.RPC_TOO_LARGE, f"reply of {length} bytes from {self.address}")
+                    return
+                msg = msgpack.unpackb(await self.reader.readexactly(length), raw=False, strict_map_key=False)
+                _, rid, code, payload = msg
+                fut = self.pending.pop(rid, None)
+                if fut is None:
+                    if rid == 0 and code is not None:  # a connection-level error (oversized frame)
+                        error = make_error(code, payload)
+                    continue
+                if not fut.done():
+                    fut.set_result((code, payload))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        except Exception as exc:
+            error = make_error(Code.RPC_MALFORMED, f"bad reply from {self.address}: {exc}")
+        finally:
+            self.closed = True
+            self.writer.close()
+            for fut in self.pending.values():
+                if not fut.done():
+                    fut.set_exception(error)
+            self.pending.clear()
+
+    async def call(self, method: str, args: dict, timeout: float) -> Any:
+        rid = next(self.ids)
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[rid] = fut
+        try:
+            await _send(self.writer, [_REQUEST, rid, method, timeout, args])
+            code, payload = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise make_error(Code.RPC_TIMEOUT, f"{method} on {self.address}: no reply within {timeout:.3g} s") from None
+        except (ConnectionError, RuntimeError, OSError) as exc:
+            if isinstance(exc, FsError):
+                raise
+            raise make_error(Code.RPC_CONNECT, f"{method} on {self.address}: {exc}") from None
+        finally:
+            self.pending.pop(rid, None)
+        if code is not None:
+            raise make_error(code, payload)
+        return payload
+
+    def close(self) -> None:
+        self.reader_task.cancel()
+        self.writer.close()
+
+
+class RpcClient:
+    """Calls methods on RPC servers; keeps a few connections per address and multiplexes calls.
+
+    ``await client.call("127.0.0.1:9000", "stat", {"path": "/a"}, timeout=5.0)`` returns the
+    result or raises the service's error (:class:`FsError`); connection failures raise
+    ``RpcError(RPC_CONNECT)`` and missed deadlines ``RpcError(RPC_TIMEOUT)``, both retriable.
+    """
+
+    def __init__(self, *, default_timeout: float = 10.0, connect_timeout: float = 2.0,
+                 connections_per_address: int = 2, max_frame: int = DEFAULT_MAX_FRAME):
+        if default_timeout <= 0 or connect_timeout <= 0:
+            raise ValueError("default_timeout and connect_timeout must be > 0 seconds")
+        if connections_per_address < 1:
+            raise ValueError(f"connections_per_address: expected >= 1, got {connections_per_address}")
+        self.default_timeout, self.connect_timeout = default_timeout, connect_timeout
+        self.per_address, self.max_frame = connections_per_address, max_frame
+        self._conns: dict[str, list[_Connection]] = {}
+        self._rr = itertools.count()
+        self._connecting: dict[str, asyncio.Lock] = {}
+
+    async def _connection(self, address: str) -> _Connection:
+        conns = [c for c in self._conns.get(address, []) if not c.closed]
+        self._conns[address] = conns
+        if len(conns) >= self.per_address:
+            return conns[next(self._rr) % len(conns)]
+        lock = self._connecting.setdefault(address, asyncio.Lock())
+        async with lock:
+            conns = [c for c in self._conns.get(address, []) if not c.closed]
+            if conns and len(conns) >= self.per_address:
+                return conns[next(self._rr) % len(conns)]
+            host, port = parse_address(address)
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=2**20),
+                                                        self.connect_timeout)
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise make_error(Code.RPC_CONNECT, f"cannot connect to {address}: {exc or type(exc).__name__}") from None
+            conn = _Connection(reader, writer, address, self.max_frame)
+            conns.append(conn)
+            self._conns[address] = conns
+            return conn
+
+    async def call(self, address: str, method: str, args: dict | None = None, *, timeout: float | None = None) -> Any:
+        timeout = self.default_timeout if timeout is None else timeout
+        if timeout <= 0:
+            raise ValueError(f"timeout: expected > 0 seconds, got {timeout}")
+        deadline = time.monotonic() + timeout
+        conn = await self._connection(address)
+        return await conn.call(method, args or {}, max(1e-3, deadline - time.monotonic()))
+
+    def drop(self, address: str) -> None:
+        """Close the connections to ``address`` (after its process restarted, say)."""
+        for c in self._conns.pop(address, []):
+            c.close()
+
+    async def close(self) -> None:
+        for conns in self._conns.values():
+            for c in conns:
+                c.close()
+        self._conns.clear()
+
