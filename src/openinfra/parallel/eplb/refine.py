@@ -1,0 +1,154 @@
+"""Local search on a placement: swaps and replica moves that lower the hottest GPU.
+
+State per row (a layer, or a (layer, node) pair): ``slot2exp [X, P]`` GPU-major (GPU g owns
+slots ``[g*S, (g+1)*S)``), expert loads ``weight [X, n]``; a replica carries its expert's load
+divided by the expert's replica count. Each iteration looks at every row's hottest GPU and
+applies, in all rows at once, the best of two kinds of move if it lowers that GPU's load
+without making any GPU as hot:
+
+* swap: exchange a replica on the hottest GPU with a lighter replica on another GPU
+  (the counts per GPU stay equal);
+* replica move: turn one replica of an expert that has two or more into an extra replica of an
+  expert on the hottest GPU (replica counts chosen jointly with placement; every affected GPU's
+  new load is computed exactly).
+
+Every accepted move strictly lowers the row's (max load, number of GPUs at the max) pair, so the
+search never makes a row worse and stops; it is also capped at ``max_iters`` iterations.
+With ``frozen`` rows it doubles as the migration-aware search (see ``migration.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["refine_placement", "placement_loads"]
+
+_REL_TOL = 1e-9  # a move must gain more than this fraction of the max load (float noise)
+
+
+def placement_loads(weight: torch.Tensor, slot2exp: torch.Tensor, num_gpus: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count [X, n], slot load [X, P], GPU load [X, G]) in float64 for a GPU-major placement."""
+    count = torch.zeros(weight.shape, dtype=torch.int64).scatter_add_(1, slot2exp, torch.ones_like(slot2exp))
+    slot_w = (weight / count.clamp(min=1)).gather(1, slot2exp)
+    return count, slot_w, slot_w.view(slot2exp.shape[0], num_gpus, -1).sum(-1)
+
+
+def _best_swap(slot_w: torch.Tensor, load: torch.Tensor, peak: torch.Tensor, hot: torch.Tensor, per_gpu: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best swap per row: (new max of the two GPUs involved [X], flat index i*P + j [X])."""
+    rows, slots = slot_w.shape
+    ar = torch.arange(rows)
+    mine = slot_w.view(rows, -1, per_gpu)[ar, hot]  # [X, S] replicas on the hottest GPU
+    slot_gpu = torch.arange(slots) // per_gpu
+    other_load = load.repeat_interleave(per_gpu, dim=1)  # [X, P] load of each slot's GPU
+    delta = mine.unsqueeze(2) - slot_w.unsqueeze(1)  # [X, S, P] load handed over
+    new = torch.maximum(peak.view(-1, 1, 1) - delta, other_load.unsqueeze(1) + delta)
+    bad = (delta <= 0) | (slot_gpu.view(1, 1, -1) == hot.view(-1, 1, 1))
+    new = new.masked_fill(bad, float("inf"))
+    return new.view(rows, -1).min(1)
+
+
+def _best_replica_move(weight: torch.Tensor, slot2exp: torch.Tensor, count: torch.Tensor, load: torch.Tensor,
+                       hot: torch.Tensor, per_gpu: int, candidates: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best replica move per row: (new max GPU load [X], gainer slot on the hot GPU [X], donor slot [X])."""
+    rows, slots = slot2exp.shape
+    gpus = slots // per_gpu
+    ar = torch.arange(rows)
+    layout = slot2exp.view(rows, gpus, per_gpu)
+    gain_e = layout[ar, hot]  # [X, S] experts on the hottest GPU
+    c_e = count.gather(1, gain_e).to(weight.dtype)
+    w_e = weight.gather(1, gain_e)
+    # Donor slots: only replicas of experts with >= 2 copies can give one up; keep the
+    # `candidates` donors whose remaining copies grow least (a bounded candidate set).
+    c_all = count.gather(1, slot2exp)
+    w_all = weight.gather(1, slot2exp)
+    grow = torch.where(c_all >= 2, w_all / (c_all - 1).clamp(min=1), torch.full_like(w_all, float("inf")))
+    k = min(candidates, slots)
+    donor = grow.topk(k, dim=1, largest=False).indices  # [X, K]
+    f = slot2exp.gather(1, donor)
+    c_f = count.gather(1, f).to(weight.dtype)
+    w_f = weight.gather(1, f)
+    valid_f = c_f >= 2
+    d_e = w_e / (c_e + 1) - w_e / c_e  # [X, S] change of each e-replica's load (< 0)
+    d_f = torch.where(valid_f, w_f / (c_f - 1).clamp(min=1) - w_f / c_f, torch.zeros_like(w_f))  # [X, K] (> 0)
+    # Copies per GPU of each gainer and each donor expert.
+    on_gpu_e = (layout.unsqueeze(1) == gain_e.view(rows, -1, 1, 1)).sum(-1).to(weight.dtype)  # [X, S, G]
+    on_gpu_f = (layout.unsqueeze(1) == f.view(rows, -1, 1, 1)).sum(-1).to(weight.dtype)  # [X, K, G]
+    donor_gpu = torch.nn.functional.one_hot(donor // per_gpu, gpus).to(weight.dtype)  # [X, K, G]
+    # The donor slot now holds an e replica (w_e/(c_e+1)) instead of an f replica (w_f/(c_f-1) after the change).
+    swap_in = (w_e / (c_e + 1)).unsqueeze(2) - torch.where(valid_f, w_f / (c_f - 1).clamp(min=1), w_f).unsqueeze(1)  # [X, S, K]
+    new = (load.view(rows, 1, 1, gpus)
+           + on_gpu_e.unsqueeze(2) * d_e.view(rows, -1, 1, 1)
+           + on_gpu_f.unsqueeze(1) * d_f.view(rows, 1, -1, 1)
+           + donor_gpu.unsqueeze(1) * swap_in.unsqueeze(3))  # [X, S, K, G]
+    # Score only the GPUs the move touches (as for swaps): another GPU tied at the max stays
+    # where it was, and the next iteration works on it.
+    touched = (on_gpu_e.unsqueeze(2) + on_gpu_f.unsqueeze(1) + donor_gpu.unsqueeze(1)) > 0
+    new = new.masked_fill(~touched, float("-inf")).amax(-1)  # [X, S, K]
+    bad = ~valid_f.unsqueeze(1) | (gain_e.unsqueeze(2) == f.unsqueeze(1))
+    new = new.masked_fill(bad, float("inf"))
+    best, flat = new.view(rows, -1).min(1)
+    return best, flat // k, donor.gather(1, (flat % k).view(-1, 1)).squeeze(1)
+
+
+def refine_placement(weight: torch.Tensor, slot2exp: torch.Tensor, num_gpus: int, *, replica_moves: bool = True,
+                     max_iters: int | None = None, candidates: int = 64, target: torch.Tensor | None = None,
+                     active: torch.Tensor | None = None) -> torch.Tensor:
+    """Improve a GPU-major placement in place of all rows at once.
+
+    Args:
+        weight: [X, n] expert loads (any real dtype; computed in float64).
+        slot2exp: [X, P] int64 expert of each slot, GPU-major, P % num_gpus == 0.
+        num_gpus: GPUs per row (G); each owns P / G consecutive slots.
+        replica_moves: also move replicas between experts (changes replica counts; every
+            expert keeps at least one replica).
+        max_iters: iteration cap (default 4 * G + 16).
+        candidates: donor slots examined per row for replica moves.
+        target: [X] optional max-load target per row: a row stops once its max GPU load is
+            at or below it (the migration-aware mode's "good enough").
+        active: [X] bool, rows to work on (default all).
+
+    Returns:
+        The refined slot2exp [X, P] (a new tensor); the multiset of experts per row changes only
+        through replica moves, every expert keeps >= 1 replica, and each GPU keeps P / G slots.
+    """
+    weight = weight.to(torch.float64)
+    slot2exp = slot2exp.clone()
+    rows, slots = slot2exp.shape
+    per_gpu = slots // num_gpus
+    if per_gpu * num_gpus != slots:
+        raise ValueError(f"slot2exp has {slots} slots, not a multiple of num_gpus={num_gpus}")
+    if num_gpus == 1:
+        return slot2exp  # one GPU: nothing to balance
+    if max_iters is None:
+        max_iters = 4 * num_gpus + 16
+    live = torch.ones(rows, dtype=torch.bool) if active is None else active.clone()
+    ar = torch.arange(rows)
+    for _ in range(max_iters):
+        count, slot_w, load = placement_loads(weight, slot2exp, num_gpus)
+        peak, hot = load.max(1)
+        if target is not None:
+            live &= peak > target
+        if not bool(live.any()):
+            break
+        tol = peak * _REL_TOL
+        swap_new, swap_flat = _best_swap(slot_w, load, peak, hot, per_gpu)
+        swap_ok = live & (swap_new < peak - tol)
+        use_move = torch.zeros_like(swap_ok)
+        if replica_moves:
+            move_new, gain_i, donor = _best_replica_move(weight, slot2exp, count, load, hot, per_gpu, candidates)
+            use_move = live & (move_new < peak - tol) & (~swap_ok | (move_new < swap_new))
+        use_swap = swap_ok & ~use_move
+        if not bool((use_swap | use_move).any()):
+            break
+        if bool(use_swap.any()):
+            r = ar[use_swap]
+            i = hot[r] * per_gpu + swap_flat[r] // slots
+            j = swap_flat[r] % slots
+            a, b = slot2exp[r, i].clone(), slot2exp[r, j].clone()
+            slot2exp[r, i], slot2exp[r, j] = b, a
+        if bool(use_move.any()):
+            r = ar[use_move]
+            gainer = slot2exp[r, hot[r] * per_gpu + gain_i[r]]
+            slot2exp[r, donor[r]] = gainer
+        live &= use_swap | use_move  # a row with no improving move is at a local optimum
+    return slot2exp
