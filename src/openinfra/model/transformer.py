@@ -1,0 +1,159 @@
+"""The DeepSeek-V3 transformer: embedding, blocks of MLA + (dense MLP | MoE), final norm, head.
+
+Single-device code only: pipeline, expert and data parallelism live in ``openinfra.training``,
+which uses :meth:`Transformer.embed_tokens`, the blocks and :meth:`Transformer.logits` as stages.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openinfra.model.attention import MLA
+from openinfra.model.config import ModelConfig
+from openinfra.model.kv_cache import CacheBatch
+from openinfra.model.layers import MLP, RMSNorm
+from openinfra.model.moe import MoE
+from openinfra.model.rope import rope_frequencies
+from openinfra.profiling.annotate import phase
+
+__all__ = ["Block", "Transformer"]
+
+Mode = Literal["auto", "prefill", "decode"]
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + attn(attn_norm(x))`` then ``x + ffn(ffn_norm(x))``."""
+
+    def __init__(self, layer_id: int, cfg: ModelConfig):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn = MLA(cfg)
+        self.ffn: nn.Module = MLP(cfg.dim, cfg.inter_dim, cfg.gemm == "fp8") if layer_id < cfg.n_dense_layers else MoE(cfg)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoE)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: CacheBatch | None = None,
+                mode: Literal["prefill", "decode"] = "prefill") -> torch.Tensor:
+        with phase("attn"):
+            x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer_id, mode)
+        if self.is_moe:
+            x = x + self.ffn(self.ffn_norm(x), "masked" if mode == "decode" else "contiguous")
+        else:
+            with phase("mlp"):
+                x = x + self.ffn(self.ffn_norm(x))
+        return x
+
+
+class Transformer(nn.Module):
+    """A DeepSeek-V3-architecture language model built from a :class:`ModelConfig`.
+
+    ``model(tokens)`` -> logits [b, s, vocab] (training: causal attention over ``tokens``).
+    ``model(tokens, cache=batch)`` appends ``tokens`` to each request's paged latent cache and
+    attends over it (prefill or absorbed decode, see :meth:`forward`).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        nn.init.normal_(self.embed.weight, std=1.0)
+        self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        nn.init.normal_(self.head.weight, std=cfg.dim ** -0.5)
+        self.register_buffer("rope_freqs", rope_frequencies(cfg), persistent=False)
+
+    # --- pieces the training job stages across pipeline ranks -------------------------------------
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [..., rope/2] float32 at integer ``positions`` [...] (each < max_seq_len)."""
+        if positions.numel() and int(positions.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} is past max_seq_len={self.cfg.max_seq_len}")
+        angles = positions.float()[..., None] * self.rope_freqs.to(positions.device)
+        return angles.cos(), angles.sin()
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, vocab_size={self.cfg.vocab_size}), got "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        return self.embed(tokens)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and output head: [..., dim] -> [..., vocab] (in the head's dtype)."""
+        return self.head(self.norm(h))
+
+    # --- forward -----------------------------------------------------------------------------------
+
+    def forward(self, tokens: torch.Tensor, cache: CacheBatch | None = None, mode: Mode = "auto") -> torch.Tensor:
+        """Logits [b, s, vocab] for tokens [b, s].
+
+        Args:
+            tokens: int64 / int32 token ids.
+            cache: None for training. With a :class:`CacheBatch`, token j of request i sits at
+                position ``cache.cache_seqlens[i] + j`` and is written into the paged cache; the caller
+                then advances its lengths by s (``KVCacheManager.advance``).
+            mode: ``prefill`` (expand cached latents to per-head K/V), ``decode`` (weight absorption,
+                flash_mla layout, MoE in the masked layout) or ``auto`` (decode when s <= 2).
+        """
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        b, s = tokens.shape
+        h = self.embed_tokens(tokens)
+        if cache is None:
+            positions = torch.arange(s, device=tokens.device)[None, :]
+            run_mode: Literal["prefill", "decode"] = "prefill"
+        else:
+            if cache.block_table.shape[0] != b:
+                raise ValueError(f"cache has {cache.block_table.shape[0]} requests, tokens has {b}")
+            positions = cache.cache_seqlens.to(tokens.device).long()[:, None] + torch.arange(s, device=tokens.device)[None, :]
+            if mode not in ("auto", "prefill", "decode"):
+                raise ValueError(f"mode must be 'auto', 'prefill' or 'decode', got {mode!r}")
+            run_mode = ("decode" if s <= 2 else "prefill") if mode == "auto" else mode
+            needed = int(positions.max()) // cache.cache.page_size + 1
+            if needed > cache.block_table.shape[1]:
+                raise ValueError(f"block_table has {cache.block_table.shape[1]} pages per request, "
+                                 f"position {int(positions.max())} needs {needed}")
+        cos, sin = self.rope_tables(positions)
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache, run_mode)
+        return self.logits(h)
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy (float32) of logits(tokens) against targets [b, s]."""
+        logits = self(tokens)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+
+    # --- MoE bookkeeping ---------------------------------------------------------------------------
+
+    def moe_layers(self) -> list[MoE]:
+        return [blk.ffn for blk in self.layers if isinstance(blk.ffn, MoE)]
+
+    def expert_load(self) -> torch.Tensor:
+        """Tokens routed to each expert since the last reset: [n_moe_layers, n_routed_experts] int64
+        (the input of EPLB's load tracker)."""
+        moes = self.moe_layers()
+        if not moes:
+            return torch.zeros(0, self.cfg.n_routed_experts, dtype=torch.int64)
+        return torch.stack([m.gate.load.detach().clone() for m in moes])
+
+    def reset_expert_load(self) -> None:
+        for m in self.moe_layers():
+            m.gate.reset_load()
+
+    def update_router_bias(self, rate: float = 1e-3) -> torch.Tensor:
+        """Apply the aux-loss-free bias update in every MoE layer from the tracked load, then reset it.
+        Returns the loads used, [n_moe_layers, E]."""
+        moes = self.moe_layers()
+        if not moes:
+            return torch.zeros(0, self.cfg.n_routed_experts, dtype=torch.int64)
+        return torch.stack([m.gate.update_bias(rate) for m in moes])
