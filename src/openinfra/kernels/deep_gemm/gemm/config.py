@@ -1,0 +1,127 @@
+"""Launch configurations: the tile shape, split-K, pipelining depth and warps for each problem.
+
+The rule (our own, tuned on the H200): a GEMM is a set of output tiles shared out over the SMs in
+waves, so the time is about ``waves x time-per-tile``. We score each candidate tile by
+``ceil(tiles / SMs) x BM x BN / efficiency(BM, BN)`` (large tiles reuse each loaded byte more, so
+they run closer to the tensor-core peak) and keep the cheapest; ties go to the larger tile.
+
+Small-M problems (M <= 128 rows; decode and the memory-bound shapes) have too few tiles to occupy
+132 SMs, so the K loop is split over several programs whose fp32 partial sums a second small
+kernel adds up. Every K slice keeps its two-level promotion; only the final fp32 sum is reordered.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+
+from openinfra.kernels.deep_gemm.utils import GROUP_SIZE, ceil_div
+
+__all__ = ["GemmConfig", "num_sms", "choose_config", "INTERPRETER_CONFIG"]
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One launch configuration of the GEMM kernels.
+
+    block_m / block_n: output tile (powers of two, Triton's ``tl.arange`` needs them);
+    split_k: programs sharing one tile's K loop (dense FP8 only); group_m: rasterisation width in
+    row tiles; num_stages: software-pipelining depth of the K loop; num_warps: 4 = one warpgroup;
+    pipeline_promote: issue the next slice's dot before promoting the previous one.
+    """
+
+    block_m: int = 128
+    block_n: int = 128
+    split_k: int = 1
+    group_m: int = 8
+    num_stages: int = 4
+    num_warps: int = 8
+    pipeline_promote: bool = False
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+        if self.split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+
+
+#: Small tiles and few "SMs" under Triton's CPU interpreter: tiny test shapes still get several
+#: tiles per program, which exercises the persistent loop and the rasterisation.
+INTERPRETER_CONFIG = GemmConfig(block_m=32, block_n=32, group_m=2, num_stages=1, num_warps=4)
+_INTERPRETER_SMS = 3
+
+# Relative tensor-core efficiency of a tile, from the bytes each tile loads per FLOP (a 128x256 tile
+# loads 384 rows of K per 32768 outputs, a 64x64 tile 128 per 4096) and the promotion overhead.
+_EFFICIENCY = {
+    (128, 256): 1.0, (256, 128): 0.97, (128, 128): 0.86, (64, 256): 0.8,
+    (128, 64): 0.62, (64, 128): 0.62, (64, 64): 0.45,
+}
+
+
+@functools.cache
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a small number on CPU, for the interpreter)."""
+    if device.type == "cuda":
+        return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return _INTERPRETER_SMS
+
+
+def _stages(block_m: int, block_n: int) -> int:
+    # fp8 A and B tiles of one 128-deep slice; keep under ~200 KiB of the 227 KiB of shared memory
+    # (the epilogue's layout conversion needs some too).
+    per_stage = (block_m + block_n) * GROUP_SIZE
+    return max(2, min(5, (200 * 1024) // per_stage))
+
+
+def choose_config(
+    m: int, n: int, k: int, device: torch.device, *, groups: int = 1, allow_split_k: bool = True,
+    max_block_m: int = 256, element_size: int = 1,
+) -> GemmConfig:
+    """Pick the launch configuration of a ``groups`` x [m, n, k] problem on ``device``.
+
+    ``m`` is the rows per group that will be computed (``expected_m`` for the masked kernel);
+    ``max_block_m`` caps the tile height (the contiguous layout needs ``128 % block_m == 0``);
+    ``element_size`` is 1 for FP8 and 2 for bf16 operands (halves the stages that fit).
+    """
+    if device.type != "cuda":
+        return INTERPRETER_CONFIG
+    sms = num_sms(device)
+    k_blocks = max(1, k // GROUP_SIZE)
+    if m <= 128 and groups == 1:
+        # Memory-bound: B dominates the bytes. 64-row tiles (the smallest wgmma), enough column
+        # tiles x K splits to give every SM about one tile, each split >= 4 slices deep.
+        block_m, block_n = 64, 128 if n >= 128 * sms // 2 else 64
+        tiles = ceil_div(m, block_m) * ceil_div(n, block_n)
+        split = 1
+        if allow_split_k:
+            split = max(1, min(sms // max(tiles, 1), k_blocks // 4))
+            split = ceil_div(k_blocks, ceil_div(k_blocks, split))  # no empty splits
+        stages = _stages(block_m, block_n) // element_size
+        return GemmConfig(block_m, block_n, split, group_m=1, num_stages=max(2, min(stages, 6)), num_warps=4)
+    best = None
+    for (bm, bn), eff in _EFFICIENCY.items():
+        if bm > max_block_m:
+            continue
+        tiles = groups * ceil_div(m, bm) * ceil_div(n, bn)
+        waves = ceil_div(tiles, sms)
+        cost = waves * bm * bn / eff
+        key = (cost, -bm * bn)
+        if best is None or key < best[0]:
+            best = (key, bm, bn)
+    _, bm, bn = best
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    stages = max(2, _stages(bm, bn) // element_size)
+    return GemmConfig(bm, bn, 1, group_m=8, num_stages=stages, num_warps=warps)
+
+
+def with_overrides(config: GemmConfig, **kwargs) -> GemmConfig:
+    """``config`` with some fields replaced (benchmark sweeps)."""
+    return replace(config, **kwargs)
