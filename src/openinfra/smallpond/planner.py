@@ -1,0 +1,123 @@
+"""The planner: turns an (optimized) logical plan into tasks, one per node and output partition.
+
+| node | tasks |
+|---|---|
+| DataSourceNode | files: one virtual task (globs resolved now); in-memory table: one task writing it to parquet |
+| SqlEngineNode | one per partition; partition i reads partition i of every input |
+| Arrow/Pandas compute, stream, batch, PythonScriptNode | one per partition |
+| HashPartitionNode / ShuffleNode | one producer per input partition writing a file per output partition; then one virtual consumer per output partition collecting its files |
+| EvenlyDistributedPartitionNode | by files: virtual slices of the file list; by rows: one task per output partition |
+| LimitNode | a limit per partition, then one task merging and limiting again |
+| UnionNode, ConsolidateNode, ProjectionNode, RootNode | virtual (file lists only) |
+| DataSinkNode | one task linking or copying every input file under the output path |
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+
+from openinfra.smallpond.dataset import ArrowTableDataSet
+from openinfra.smallpond.node import (
+    ArrowBatchNode, ArrowComputeNode, ArrowStreamNode, ConsolidateNode, DataSinkNode, DataSourceNode,
+    EvenlyDistributedPartitionNode, HashPartitionNode, LimitNode, Node, PandasBatchNode, PandasComputeNode,
+    ProjectionNode, PythonScriptNode, RootNode, SqlEngineNode, UnionNode,
+)
+from openinfra.smallpond.task import Task
+
+__all__ = ["Planner", "all_tasks"]
+
+
+def _kind_of_user_node(node: Node) -> str:
+    for cls, kind in ((PandasComputeNode, "pandas_compute"), (ArrowComputeNode, "arrow_compute"),
+                      (PandasBatchNode, "pandas_batch"), (ArrowBatchNode, "arrow_batch"),
+                      (ArrowStreamNode, "arrow_stream"), (PythonScriptNode, "python_script")):
+        if isinstance(node, cls):
+            return kind
+    raise TypeError(f"no task kind for {type(node).__name__}")
+
+
+class Planner:
+    """``Planner().visit(node) -> [Task per output partition]`` (memoized per node object)."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[int, list[Task]] = {}
+        self._fp: dict[int, str] = {}
+
+    def fingerprint(self, node: Node) -> str:
+        """Content hash of a node: its kind, parameters, user code, and its inputs' fingerprints."""
+        if id(node) not in self._fp:
+            h = hashlib.blake2b(digest_size=8)
+            h.update(f"{type(node).__qualname__}|{node.num_partitions}|{node.spec()}".encode())
+            for dep in node.input_deps:
+                h.update(self.fingerprint(dep).encode())
+            self._fp[id(node)] = h.hexdigest()
+        return self._fp[id(node)]
+
+    def visit(self, node: Node) -> list[Task]:
+        if id(node) not in self._tasks:
+            self._tasks[id(node)] = self._make(node)
+        return self._tasks[id(node)]
+
+    def _task(self, kind: str, node: Node, deps: list[Task], partition: int = 0, npartitions: int = 1,
+              tag: str = "", **params) -> Task:
+        slim = copy.copy(node)
+        slim.input_deps = ()
+        key = f"{kind}{tag}-{self.fingerprint(node)}-{partition:05d}"
+        label = f"{node!r}[{partition}/{npartitions}]" + (f" ({tag.strip('_')})" if tag else "")
+        return Task(kind, key, slim, deps, partition, npartitions, params, label)
+
+    def _make(self, node: Node) -> list[Task]:
+        inputs = [self.visit(d) for d in node.input_deps]
+        flat = [t for ts in inputs for t in ts]
+        n = node.num_partitions
+        if isinstance(node, DataSourceNode):
+            kind = "materialize" if isinstance(node.dataset, ArrowTableDataSet) else "source"
+            return [self._task(kind, node, [], dataset=node.dataset)]
+        if isinstance(node, DataSinkNode):
+            return [self._task("sink", node, flat)]
+        if isinstance(node, (RootNode, ConsolidateNode)):
+            return [self._task("consolidate", node, flat)]
+        if isinstance(node, UnionNode):
+            return [self._task("union", node, [ts[i] for ts in inputs], i, n) for i in range(n)]
+        if isinstance(node, ProjectionNode):
+            return [self._task("projection", node, [t], i, n) for i, t in enumerate(inputs[0])]
+        if isinstance(node, EvenlyDistributedPartitionNode):
+            if node.partition_by_rows and n > 1:
+                return [self._task("split_rows", node, flat, i, n) for i in range(n)]
+            return [self._task("split_files", node, flat, i, n, random_shuffle=node.random_shuffle,
+                               seed=int(self.fingerprint(node)[:8], 16)) for i in range(n)]
+        if isinstance(node, HashPartitionNode):
+            producers = [self._task("hash_partition", node, [t], i, len(flat)) for i, t in enumerate(flat)]
+            return [self._task("shuffle_consumer", node, producers, k, n) for k in range(n)]
+        if isinstance(node, LimitNode):
+            per_part = [self._task("sql", node, [t], i, len(flat)) for i, t in enumerate(flat)]
+            if len(per_part) == 1:
+                return per_part
+            return [self._task("sql", node, per_part, 0, 1, tag="_merge", merge_inputs=True)]
+        if isinstance(node, SqlEngineNode):
+            count = inputs[0].__len__() if inputs else 1
+            return [self._task("sql", node, [ts[i] for ts in inputs], i, count) for i in range(count)]
+        if isinstance(node, (ArrowComputeNode, ArrowStreamNode, PythonScriptNode)):
+            kind = _kind_of_user_node(node)
+            count = len(inputs[0]) if inputs else 1
+            return [self._task(kind, node, [ts[i] for ts in inputs], i, count) for i in range(count)]
+        raise TypeError(f"the planner does not know {type(node).__name__}")
+
+
+def all_tasks(targets: list[Task]) -> list[Task]:
+    """Every task the targets depend on, in dependency order (inputs before consumers)."""
+    order: list[Task] = []
+    seen: set[int] = set()
+    stack: list[tuple[Task, bool]] = [(t, False) for t in reversed(targets)]
+    while stack:
+        task, expanded = stack.pop()
+        if expanded:
+            order.append(task)
+            continue
+        if id(task) in seen:
+            continue
+        seen.add(id(task))
+        stack.append((task, True))
+        stack.extend((d, False) for d in reversed(task.deps) if id(d) not in seen)
+    return order

@@ -1,0 +1,498 @@
+"""Tasks: the unit of execution, one per (node, partition).
+
+A *real* task runs in a worker (a forked process or a Ray task): it opens its own DuckDB, reads its
+inputs' files, writes parquet under ``<job>/tasks/.tmp-<key>-<attempt>/`` and returns a manifest;
+the worker then renames the directory to ``<job>/tasks/<key>/`` (the checkpoint). A *virtual* task
+only rearranges file lists (repartition by files, shuffle consumers, unions, projections) and runs
+in the driver in microseconds.
+
+Task keys are content addresses: kind, node parameters, user code and the keys of the inputs, so
+a re-run of the same pipeline finds its finished tasks and a changed one does not reuse stale data.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import re
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from openinfra.smallpond import storage
+from openinfra.smallpond.dataset import (
+    DataSet, FileSet, ParquetDataSet, arrow_of, merge_datasets, new_connection, reader_of, schema_from_text,
+    schema_to_text,
+)
+
+__all__ = ["Task", "RuntimeContext", "TaskFailed", "InjectedFault", "SqlError", "execute_task", "MANIFEST"]
+
+MANIFEST = "_manifest.json"
+_PLACEHOLDER = re.compile(r"\{(\d+)\}")
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the fault-injection knob (``fault_inject_prob``); always retried."""
+
+
+class SqlError(RuntimeError):
+    """A query failed in DuckDB; the message holds the query and DuckDB's error."""
+
+
+class TaskFailed(RuntimeError):
+    """A task failed after its retries; the message names the task, the node and the cause."""
+
+
+@dataclass
+class RuntimeContext:
+    """What user code sees while a task runs (``process(runtime_ctx, ...)``)."""
+
+    task: "Task"
+    job_id: str
+    partition: int
+    npartitions: int
+    attempt: int
+    output_path: str
+    threads: int
+
+    @property
+    def random_seed(self) -> int:
+        """A seed fixed per task (the same on every retry), for reproducible randomness."""
+        return int(self.task.key_hash[:8], 16)
+
+    @property
+    def local_rank(self) -> int:
+        return self.partition
+
+    @property
+    def numpy_random_gen(self) -> np.random.Generator:
+        return np.random.default_rng(self.random_seed)
+
+
+@dataclass(eq=False)
+class Task:
+    """One unit of work. ``kind`` picks what ``execute_task`` does; ``deps`` are upstream tasks."""
+
+    kind: str
+    key: str
+    node: Any                       # a slim copy of the node (no inputs); holds parameters and user code
+    deps: list["Task"]
+    partition: int = 0
+    npartitions: int = 1
+    params: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def virtual(self) -> bool:
+        return self.kind in VIRTUAL_KINDS
+
+    @property
+    def key_hash(self) -> str:
+        return self.key.rsplit("-", 2)[-2]
+
+    def __repr__(self) -> str:
+        return f"Task({self.key})"
+
+
+VIRTUAL_KINDS = {"source", "split_files", "shuffle_consumer", "union", "consolidate", "projection"}
+
+
+# --- virtual tasks (driver side) ---------------------------------------------------------------
+
+def _probe_schema(ds: DataSet) -> pa.Schema:
+    con = new_connection(1)
+    try:
+        return arrow_of(con, f"select * from {ds.sql_source(con)} limit 0").schema
+    finally:
+        con.close()
+
+
+def resolve_virtual(task: Task, inputs: list[DataSet]) -> DataSet:
+    """The dataset of a virtual task, from its inputs' datasets."""
+    k = task.kind
+    if k == "source":
+        ds = task.params["dataset"]
+        if isinstance(ds, FileSet):
+            ds.resolved_paths  # noqa: B018 -- resolve globs now: a missing file fails here, named
+        return ds
+    if k in ("union", "consolidate"):
+        return merge_datasets(inputs)
+    if k == "projection":
+        node = task.node
+        ds = copy.copy(inputs[0])
+        if not isinstance(ds, FileSet):
+            raise TypeError(f"{task.label}: ProjectionNode needs a file dataset as input, got {type(ds).__name__}")
+        ds.columns = node.columns
+        ds.generated_columns = node.generated_columns
+        if node.union_by_name is not None:
+            ds.union_by_name = node.union_by_name
+        return ds
+    if k == "split_files":
+        merged = merge_datasets(inputs)
+        if not isinstance(merged, FileSet):
+            raise TypeError(f"{task.label}: repartition by files needs file datasets; use by_rows=True")
+        files = list(merged.resolved_paths)
+        if task.params.get("random_shuffle"):
+            random.Random(task.params.get("seed", 0)).shuffle(files)
+        n, i = task.npartitions, task.partition
+        mine = files[i * len(files) // n:(i + 1) * len(files) // n]
+        out = copy.copy(merged)
+        out._resolved = mine
+        out.paths = mine
+        if not mine and out.schema is None:
+            out.schema = _probe_schema(merged) if files else None
+        return out
+    if k == "shuffle_consumer":
+        part = task.partition
+        files = [p for ds in inputs for p in ds.parts.get(part, [])]
+        schema = next((ds.schema for ds in inputs if ds.schema is not None), None)
+        return ParquetDataSet(files, schema=schema, resolved=True)
+    raise ValueError(f"unknown virtual task kind {k!r}")
+
+
+class ShuffleOutput(ParquetDataSet):
+    """A shuffle producer's output: all its files, and which partition each file belongs to."""
+
+    def __init__(self, files: list[str], parts: dict[int, list[str]], schema: pa.Schema | None) -> None:
+        super().__init__(files, schema=schema, resolved=True)
+        self.parts = parts
+
+
+def dataset_from_manifest(task_dir: str, manifest: dict) -> DataSet:
+    """The output dataset recorded in a finished task's manifest."""
+    files = [f if "://" in f or os.path.isabs(f) else storage.join(task_dir, f) for f in manifest["files"]]
+    schema = schema_from_text(manifest["schema"]) if manifest.get("schema") else None
+    if "parts" in manifest:
+        parts = {int(k): [storage.join(task_dir, f) for f in v] for k, v in manifest["parts"].items()}
+        return ShuffleOutput(files, parts, schema)
+    return ParquetDataSet(files, schema=schema, resolved=True)
+
+
+# --- real tasks (worker side) --------------------------------------------------------------------
+
+@dataclass
+class _Out:
+    """Collects a task's output files, row count and schema into its manifest."""
+
+    dir: str
+    files: list[str] = field(default_factory=list)
+    rows: int = 0
+    schema: pa.Schema | None = None
+    parts: dict[int, list[str]] | None = None
+
+    def path(self, name: str) -> str:
+        return storage.join(self.dir, name)
+
+    def write_table(self, table: pa.Table, name: str, compression: str = "zstd", row_group_size: int | None = None) -> None:
+        path = self.path(name)
+        if storage.is_remote(path):
+            fs, p = storage.filesystem(path)
+            pq.write_table(table, p, filesystem=fs, compression=compression, row_group_size=row_group_size)
+        else:
+            pq.write_table(table, path, compression=compression, row_group_size=row_group_size)
+        self.files.append(name)
+        self.rows += table.num_rows
+        self.schema = self.schema or table.schema
+
+    def manifest(self) -> dict:
+        m = {"files": self.files, "num_rows": self.rows, "schema": schema_to_text(self.schema) if self.schema else None}
+        if self.parts is not None:
+            m["parts"] = {str(k): v for k, v in self.parts.items()}
+        return m
+
+
+def _format_query(query: str, sources: list[str], rt: RuntimeContext, index: int) -> str:
+    query = _PLACEHOLDER.sub(lambda m: sources[int(m.group(1))], query)
+    return (query.replace("{__data_partition__}", str(rt.partition)).replace("{rand_seed}", str(rt.random_seed))
+            .replace("{query_index}", str(index)).replace("{batch_index}", "0"))
+
+
+def _sql_error(task: Task, query: str, exc: Exception) -> SqlError:
+    return SqlError(f"{task.label}: {type(exc).__name__}: {exc}\n  query: {query}")
+
+
+def _setup_udfs(con, node) -> None:
+    for name in getattr(node, "udfs", []) or []:
+        entry = node.ctx.udfs[name]
+        if entry[0] == "function":
+            _, func, params, ret, use_arrow = entry
+            kwargs = {"type": "arrow"} if use_arrow else {}
+            con.create_function(name, func, params, ret, **kwargs)
+        else:
+            con.execute(f"LOAD '{entry[1]}'")
+
+
+def _run_sql(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext, queries: list[str]) -> None:
+    node = task.node
+    con = new_connection(rt.threads)
+    try:
+        _setup_udfs(con, node)
+        sources = [ds.sql_source(con) for ds in inputs]
+        for i, q in enumerate(queries[:-1]):
+            try:
+                con.execute(_format_query(q, sources, rt, i))
+            except Exception as exc:
+                raise _sql_error(task, q, exc) from None
+        last = queries[-1]
+        text = _format_query(last, sources, rt, len(queries) - 1)
+        name = "part-00000.parquet"
+        path = out.path(name)
+        comp = str(getattr(node, "parquet_compression", "zstd") or "zstd").lower()
+        rgs = int(getattr(node, "parquet_row_group_size", 122880))
+        try:
+            if storage.is_remote(path):
+                out.write_table(arrow_of(con, text), name, comp, rgs)
+                return
+            rows = con.execute(f"COPY ({text}) TO '{path}' (FORMAT parquet, COMPRESSION {comp}, ROW_GROUP_SIZE {rgs})").fetchone()
+        except Exception as exc:
+            raise _sql_error(task, last, exc) from None
+        out.files.append(name)
+        out.rows += int(rows[0]) if rows else pq.read_metadata(path).num_rows
+        out.schema = pq.read_schema(path)
+    finally:
+        con.close()
+
+
+def _hash_produce(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext) -> None:
+    node = task.node
+    n = node.npartitions
+    con = new_connection(rt.threads)
+    try:
+        src = merge_datasets(inputs).sql_source(con)
+        key_sql = "0" if node.random_shuffle else node.key_expression()
+        query = f"select *, {key_sql} as __openinfra_key__ from {src}"
+        try:
+            table = arrow_of(con, query)
+        except Exception as exc:
+            raise _sql_error(task, f"partition key {key_sql}", exc) from None
+    finally:
+        con.close()
+    if node.random_shuffle:  # numpy with the task's seed: the same rows go to the same partitions on a retry
+        keys = rt.numpy_random_gen.integers(0, n, size=table.num_rows)
+    else:
+        keys = table.column("__openinfra_key__").to_numpy(zero_copy_only=False).astype(np.int64)
+    table = table.drop_columns(["__openinfra_key__"])
+    col = node.data_partition_column
+    if not node.drop_partition_column and col not in table.column_names and not node.shuffle_only:
+        table = table.append_column(col, pa.array(keys, pa.int64()))
+    elif node.drop_partition_column and col in table.column_names:
+        table = table.drop_columns([col])
+    order = np.argsort(keys, kind="stable")
+    counts = np.bincount(keys, minlength=n) if len(keys) else np.zeros(n, dtype=np.int64)
+    ordered = table.take(pa.array(order)) if len(keys) else table
+    out.parts = {}
+    out.schema = table.schema
+    offset = 0
+    comp = "lz4"  # intermediate shuffle files: fast to write, and random data does not compress anyway
+    for k in range(n):
+        c = int(counts[k])
+        if c:
+            name = f"part-{k:05d}.parquet"
+            out.write_table(ordered.slice(offset, c), name, comp)
+            out.parts[k] = [name]
+        offset += c
+
+
+def _split_rows(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext) -> None:
+    merged = merge_datasets(inputs)
+    total = merged.num_rows
+    n, i = task.npartitions, task.partition
+    start, end = i * total // n, (i + 1) * total // n
+    con = new_connection(rt.threads)
+    try:
+        table = arrow_of(con, f"select * from {merged.sql_source(con)} limit {end - start} offset {start}")
+    finally:
+        con.close()
+    out.write_table(table, "part-00000.parquet")
+
+
+def _user_tables(inputs: list[DataSet]) -> list[pa.Table]:
+    return [ds.to_arrow_table() for ds in inputs]
+
+
+def _as_table(value: Any, what: str) -> pa.Table:
+    import pandas as pd
+
+    if isinstance(value, pa.Table):
+        return value
+    if isinstance(value, pa.RecordBatch):
+        return pa.Table.from_batches([value])
+    if isinstance(value, pd.DataFrame):
+        return pa.Table.from_pandas(value, preserve_index=False)
+    raise TypeError(f"{what} must return a pyarrow.Table (or pandas.DataFrame), got {type(value).__name__}")
+
+
+def _run_user(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext) -> None:
+    node, kind = task.node, task.kind
+    fn = node.user_function()
+    what = f"{task.label} process"
+    if kind == "arrow_compute":
+        out.write_table(_as_table(fn(rt, _user_tables(inputs)), what), "part-00000.parquet")
+    elif kind == "pandas_compute":
+        out.write_table(_as_table(fn(rt, [t.to_pandas() for t in _user_tables(inputs)]), what), "part-00000.parquet")
+    elif kind in ("arrow_stream", "arrow_batch", "pandas_batch"):
+        bs = node.streaming_batch_size
+        readers = [_rebatch(ds, bs) for ds in inputs]
+        if kind == "arrow_stream":
+            results = fn(rt, [pa.RecordBatchReader.from_batches(s, r) for s, r in readers])
+        else:
+            results = _batched_calls(fn, rt, readers, pandas=kind == "pandas_batch")
+        writer = None
+        path = out.path("part-00000.parquet")
+        try:
+            for value in results:
+                t = _as_table(value, what)
+                if writer is None:
+                    writer = _parquet_writer(path, t.schema)
+                    out.schema = t.schema
+                writer.write_table(t.cast(out.schema) if t.schema != out.schema else t)
+                out.rows += t.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is not None:
+            out.files.append("part-00000.parquet")
+    elif kind == "python_script":
+        ok = fn(rt, inputs, out.dir)
+        if ok is False:
+            raise RuntimeError(f"{what} returned False")
+        for name in storage.listdir(out.dir):
+            if name.endswith(".parquet"):
+                p = out.path(name)
+                out.files.append(name)
+                out.rows += pq.read_metadata(p).num_rows if not storage.is_remote(p) else 0
+                out.schema = out.schema or (pq.read_schema(p) if not storage.is_remote(p) else None)
+    else:
+        raise ValueError(f"unknown task kind {kind!r}")
+
+
+def _parquet_writer(path: str, schema: pa.Schema) -> pq.ParquetWriter:
+    if storage.is_remote(path):
+        fs, p = storage.filesystem(path)
+        return pq.ParquetWriter(p, schema, filesystem=fs, compression="zstd")
+    return pq.ParquetWriter(path, schema, compression="zstd")
+
+
+def _rebatch(ds: DataSet, batch_size: int):
+    """``(schema, iterator of RecordBatches of batch_size rows)``; only the last one may be shorter."""
+    table = ds.to_arrow_table().combine_chunks()
+    batches: list[pa.RecordBatch] = []
+    for offset in range(0, table.num_rows, batch_size):
+        batches.extend(table.slice(offset, batch_size).to_batches())  # one chunk -> one batch per slice
+    return table.schema, iter(batches)
+
+
+def _batched_calls(fn, rt, readers, pandas: bool):
+    iters = [r for _, r in readers]
+    for batches in zip(*iters):
+        tables = [pa.Table.from_batches([b]) for b in batches]
+        yield fn(rt, [t.to_pandas() for t in tables] if pandas else tables)
+
+
+def _sink(task: Task, inputs: list[DataSet], out: _Out) -> None:
+    node = task.node
+    dest = node.output_path
+    storage.makedirs(dest)
+    files = [(i, j, p) for i, ds in enumerate(inputs) for j, p in enumerate(ds.resolved_paths)] if inputs else []
+    final: list[str] = []
+    if node.type == "manifest":
+        final = [p for _, _, p in files]
+    else:
+        # Each file is placed under a temporary name, then renamed: a reader never sees half a file.
+        for i, j, src in files:
+            name = f"part-{i:05d}-{j:03d}.parquet"
+            tmp = storage.join(dest, f".tmp-{task.key_hash}-{name}")
+            storage.remove(tmp)
+            storage.link_or_copy(src, tmp, node.type)
+            target = storage.join(dest, name)
+            storage.remove(target)
+            storage.rename(tmp, target)
+            final.append(target)
+    storage.write_text(storage.join(dest, "_manifest.txt" if node.type != "manifest" else "manifest.txt"),
+                       "\n".join(final) + ("\n" if final else ""))
+    out.files = final
+    out.rows = sum(ds.num_rows for ds in inputs)
+    out.schema = next((ds.schema for ds in inputs if ds.schema is not None), None)
+
+
+def _materialize(task: Task, out: _Out) -> None:
+    ds = task.params["dataset"]
+    out.write_table(ds.to_arrow_table(), "part-00000.parquet")
+
+
+def execute_task(task: Task, inputs: list[DataSet], attempt: int, job_root: str, job_id: str,
+                 threads: int, fault_prob: float = 0.0, allow_exit: bool = False) -> dict:
+    """Run one real task and commit its output directory; returns the manifest.
+
+    With ``fault_prob`` > 0 the task fails at random (the draw is seeded by key and attempt, so a
+    run is reproducible): before starting, after writing its files but before the rename, or (in a
+    forked worker, ``allow_exit``) by killing its own process. None of these may change the result.
+    """
+    final_dir = storage.join(job_root, "tasks", task.key)
+    tmp_dir = storage.join(job_root, "tasks", f".tmp-{task.key}-{attempt}-{os.getpid()}")
+    draw = random.Random(f"{task.key}/{attempt}").random() if fault_prob > 0 else 1.0
+    fault = draw < fault_prob
+    mode = int(draw / fault_prob * 3) if fault else -1
+    if fault and mode == 0:
+        raise InjectedFault(f"injected fault before {task.label} (attempt {attempt})")
+    storage.remove(tmp_dir)
+    storage.makedirs(tmp_dir)
+    rt = RuntimeContext(task, job_id, task.partition, task.npartitions, attempt, tmp_dir, threads)
+    out = _Out(tmp_dir)
+    t0 = time.perf_counter()
+    kind = task.kind
+    if kind == "sql":
+        if task.params.get("merge_inputs"):  # a LimitNode's final step reads every partition as one
+            inputs = [merge_datasets(inputs)]
+        _run_sql(task, inputs, out, rt, task.node.sql_queries)
+    elif kind == "hash_partition":
+        _hash_produce(task, inputs, out, rt)
+    elif kind == "split_rows":
+        _split_rows(task, inputs, out, rt)
+    elif kind == "sink":
+        _sink(task, inputs, out)
+    elif kind == "materialize":
+        _materialize(task, out)
+    else:
+        _run_user(task, inputs, out, rt)
+    manifest = out.manifest()
+    manifest["seconds"] = time.perf_counter() - t0
+    manifest["label"] = task.label
+    storage.write_text(storage.join(tmp_dir, MANIFEST), json.dumps(manifest))
+    if fault and mode == 1:
+        raise InjectedFault(f"injected fault after writing {task.label}, before commit (attempt {attempt})")
+    if fault and mode == 2:
+        if allow_exit:
+            os._exit(17)
+        raise InjectedFault(f"injected worker death in {task.label} (attempt {attempt})")
+    if storage.exists(final_dir):  # someone (an earlier, presumed-dead attempt) committed first
+        storage.remove(tmp_dir)
+    else:
+        storage.rename(tmp_dir, final_dir)
+    return manifest
+
+
+def load_checkpoint(job_root: str, key: str) -> DataSet | None:
+    """The output of a task finished in an earlier run, or None."""
+    task_dir = storage.join(job_root, "tasks", key)
+    mpath = storage.join(task_dir, MANIFEST)
+    if not storage.exists(mpath):
+        return None
+    try:
+        manifest = json.loads(storage.read_text(mpath))
+    except (OSError, ValueError):
+        return None
+    return dataset_from_manifest(task_dir, manifest)
+
+
+def describe_error(exc: BaseException) -> dict:
+    """A picklable description of a task error for the driver."""
+    retryable = not isinstance(exc, (SqlError, TypeError, ValueError, FileNotFoundError))
+    return {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc(), "retryable": retryable}
