@@ -1,0 +1,125 @@
+"""Where a buffer operation runs, and how its completion is handed back.
+
+Every dispatch / combine is split in two: ``issue`` (checks, layout, packing, launching the
+collectives) and ``finish`` (unpacking what arrived). ``run_op`` places them:
+
+- CUDA tensors: on the buffer's communication stream, after ``previous_event`` (or after the
+  current stream's work so far). The collectives are waited stream-wise (no host block with NCCL),
+  ``finish`` runs there too, an event is recorded, and either the current stream waits for it
+  (``async_finish=False``) or the event is returned for the caller to wait on.
+- CPU tensors: collectives are issued with ``async_op=True``; without ``async_finish`` the host
+  waits and finishes at once, with it the returned ``EventHandle`` does both when waited.
+
+``issue_only`` is the low-latency ``return_recv_hook`` form: issue now on the current stream, and
+return a hook that waits and finishes (the receive half).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from openinfra.comm.deep_ep.event import EventHandle, EventOverlap
+
+__all__ = ["Collectives", "run_op", "issue_only"]
+
+Finish = Callable[[], list[torch.Tensor]]
+
+
+class Collectives:
+    """Issues the collectives of one operation on ``group``; keeps their work handles."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.works: list[Any] = []
+
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None = None,
+                   in_splits: list[int] | None = None) -> None:
+        """Rows of ``inp`` to ranks by ``in_splits`` (None: equal), into ``out`` by ``out_splits``."""
+        # fp8 and bool travel as bytes: neither gloo nor NCCL reduces them, but not every backend
+        # knows their dtypes (measured: gloo rejects float8).
+        out, inp = _wire(out), _wire(inp)
+        work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
+        self.works.append(work)
+
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> None:
+        """``out`` (flat, R x inp.numel()) = every rank's ``inp``."""
+        work = dist.all_gather_into_tensor(out.view(-1), inp.contiguous().view(-1), group=self.group, async_op=True)
+        self.works.append(work)
+
+    def wait(self) -> None:
+        works, self.works = self.works, []
+        for w in works:
+            w.wait()
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.bool):
+        return t.view(torch.uint8)
+    return t
+
+
+def run_op(
+    group: dist.ProcessGroup,
+    device: torch.device,
+    comm_stream: torch.cuda.Stream | None,
+    issue: Callable[[Collectives], Finish],
+    previous_event: EventOverlap | None,
+    async_finish: bool,
+    inputs: tuple[torch.Tensor | None, ...] = (),
+) -> EventOverlap:
+    """Run ``issue`` then ``finish`` as the module docstring says; returns the operation's event."""
+    coll = Collectives(group)
+    if device.type == "cuda":
+        compute = torch.cuda.current_stream(device)
+        if previous_event is not None and previous_event.event is not None:
+            previous_event.event.stream_wait(comm_stream)
+        else:
+            comm_stream.wait_stream(compute)
+        with torch.cuda.stream(comm_stream):
+            finish = issue(coll)
+            coll.wait()
+            outputs = finish()
+            event = torch.cuda.Event()
+            event.record(comm_stream)
+        # Tensors made on the comm stream but used on the compute stream (and inputs read on the comm
+        # stream) must not be recycled before both streams are done with them.
+        for t in outputs:
+            if t is not None and t.is_cuda:
+                t.record_stream(compute)
+        for t in inputs:
+            if t is not None and t.is_cuda:
+                t.record_stream(comm_stream)
+        if async_finish:
+            return EventOverlap(EventHandle(cuda_event=event), tuple(t for t in inputs if t is not None))
+        compute.wait_event(event)
+        return EventOverlap(None)
+    if previous_event is not None and previous_event.event is not None:
+        previous_event.event.current_stream_wait()
+    finish = issue(coll)
+    if async_finish:
+        works = coll.works
+        coll.works = []
+        return EventOverlap(EventHandle(works=works, finish=finish))
+    coll.wait()
+    finish()
+    return EventOverlap(None)
+
+
+def issue_only(group: dist.ProcessGroup, issue: Callable[[Collectives], Finish]) -> Callable[[], None]:
+    """Issue now (current stream); the returned hook waits for the data and finishes."""
+    coll = Collectives(group)
+    finish = issue(coll)
+    done = False
+
+    def hook() -> None:
+        nonlocal done
+        if done:
+            return
+        coll.wait()
+        finish()
+        done = True
+
+    return hook
