@@ -76,7 +76,7 @@ class DataSet:
     def num_rows(self) -> int:
         con = new_connection(1)
         try:
-            return int(con.sql(f"select count(*) from {self.sql_source(con)}").fetchone()[0])
+            return int(con.execute(f"select count(*) from {self.sql_source(con)}").fetchone()[0])
         finally:
             con.close()
 

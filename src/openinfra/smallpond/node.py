@@ -317,6 +317,8 @@ class SqlEngineNode(Node):
         if used and max(used) >= len(self.input_deps):
             raise ValueError(f"sql_query refers to {{{max(used)}}} but the node has {len(self.input_deps)} input(s): {queries[-1]!r}")
         self.sql_queries = queries
+        #: ``(name, query)`` views created before the queries run (set by the optimizer when it fuses nodes)
+        self.views: list[tuple[str, str]] = []
         self.udfs: list[str] = []
         for path in extension_paths or []:
             self.udfs.append(ctx.create_duckdb_extension(path))
@@ -340,13 +342,13 @@ class SqlEngineNode(Node):
         return "; ".join(" ".join(q.split()) for q in self.sql_queries)
 
     def detail(self) -> str:
-        q = self.oneline_query
+        q = "; ".join(f"{n} = {' '.join(v.split())}" for n, v in self.views) + ("; " if self.views else "") + self.oneline_query
         return f"sql={q[:160]}{'...' if len(q) > 160 else ''}" + (f", udfs={self.udfs}" if self.udfs else "")
 
     def spec(self) -> str:
         udfs = [(n, callable_fingerprint(self.ctx.udfs[n][1]) if self.ctx.udfs[n][0] == "function" else self.ctx.udfs[n][1])
                 for n in self.udfs]
-        return f"sql|{self.sql_queries}|{udfs}|{self.parquet_compression}|{self.parquet_row_group_size}"
+        return f"sql|{self.views}|{self.sql_queries}|{udfs}|{self.parquet_compression}|{self.parquet_row_group_size}"
 
 
 class UnionNode(Node):

@@ -72,17 +72,27 @@ class Optimizer:
                 new_inputs.append(n)
             return index_of[n.id]
 
+        # Inlined queries become named views (``__fused_<id>``) that the outer query reads by name, so
+        # ``{0}.column`` in the outer query keeps working; DuckDB inlines views when it plans.
+        views: list[tuple[str, str]] = []
         replacement: dict[int, str] = {}
+
+        def remap(query: str, node: Node) -> str:
+            return _PLACEHOLDER.sub(lambda m: "{" + str(slot(node.input_deps[int(m.group(1))])) + "}", query)
+
         for i, dep in enumerate(deps):
             if i in inline:
-                inner = _PLACEHOLDER.sub(lambda m: "{" + str(slot(dep.input_deps[int(m.group(1))])) + "}", dep.sql_queries[0])
-                replacement[i] = f"({inner.strip().rstrip(';')})"
+                views += [(name, remap(q, dep)) for name, q in getattr(dep, "views", [])]
+                name = f"__fused_{dep.id}"
+                views.append((name, remap(dep.sql_queries[0], dep).strip().rstrip(";")))
+                replacement[i] = name
             else:
                 replacement[i] = "{" + str(slot(dep)) + "}"
         query = _PLACEHOLDER.sub(lambda m: replacement[int(m.group(1))], node.sql_queries[0])
         fused = _copy_with_deps(node, tuple(new_inputs))
         fused.sql_queries = [query]
-        fused.fused_from = [repr(deps[i]) for i in inline] + [repr(node)]
+        fused.views = views
+        fused.fused_from = [f for i in inline for f in getattr(deps[i], "fused_from", [repr(deps[i])])] + [repr(node)]
         return fused
 
 

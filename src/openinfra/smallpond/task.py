@@ -234,7 +234,16 @@ def _run_sql(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext, q
     con = new_connection(rt.threads)
     try:
         _setup_udfs(con, node)
-        sources = [ds.sql_source(con) for ds in inputs]
+        sources = []
+        for i, ds in enumerate(inputs):
+            # Named views, so queries may write ``{0}.column``; DuckDB inlines them when planning.
+            con.execute(f"CREATE TEMP VIEW __input{i} AS SELECT * FROM {ds.sql_source(con)}")
+            sources.append(f"__input{i}")
+        for name, q in getattr(node, "views", []):
+            try:
+                con.execute(f"CREATE TEMP VIEW {name} AS {_format_query(q, sources, rt, 0)}")
+            except Exception as exc:
+                raise _sql_error(task, q, exc) from None
         for i, q in enumerate(queries[:-1]):
             try:
                 con.execute(_format_query(q, sources, rt, i))
