@@ -74,11 +74,14 @@ def num_sms(device: torch.device) -> int:
     return _INTERPRETER_SMS
 
 
-def _stages(block_m: int, block_n: int) -> int:
-    # fp8 A and B tiles of one 128-deep slice; keep under ~200 KiB of the 227 KiB of shared memory
-    # (the epilogue's layout conversion needs some too).
-    per_stage = (block_m + block_n) * GROUP_SIZE
-    return max(2, min(5, (200 * 1024) // per_stage))
+_SMEM_BUDGET = 160 * 1024
+
+
+def _stages(block_m: int, block_n: int, element_size: int = 1) -> int:
+    # A and B tiles of one 128-deep slice per stage; keep under 160 KiB of the 227 KiB of shared
+    # memory, leaving room for the epilogue's layout conversion.
+    per_stage = (block_m + block_n) * GROUP_SIZE * element_size
+    return max(2, min(5, _SMEM_BUDGET // per_stage))
 
 
 def choose_config(
@@ -96,19 +99,10 @@ def choose_config(
     sms = num_sms(device)
     k_blocks = max(1, k // GROUP_SIZE)
     if m <= 128 and groups == 1:
-        # Memory-bound: B dominates the bytes. 64-row tiles (the smallest wgmma), enough column
-        # tiles x K splits to give every SM about one tile, each split >= 4 slices deep.
-        block_m, block_n = 64, 128 if n >= 128 * sms // 2 else 64
-        tiles = ceil_div(m, block_m) * ceil_div(n, block_n)
-        split = 1
-        if allow_split_k:
-            split = max(1, min(sms // max(tiles, 1), k_blocks // 4))
-            split = ceil_div(k_blocks, ceil_div(k_blocks, split))  # no empty splits
-        stages = _stages(block_m, block_n) // element_size
-        return GemmConfig(block_m, block_n, split, group_m=1, num_stages=max(2, min(stages, 6)), num_warps=4)
+        return _memory_bound_config(m, n, k_blocks, sms, allow_split_k, element_size)
     best = None
     for (bm, bn), eff in _EFFICIENCY.items():
-        if bm > max_block_m:
+        if bm > max_block_m or 2 * (bm + bn) * GROUP_SIZE * element_size > _SMEM_BUDGET:
             continue
         tiles = groups * ceil_div(m, bm) * ceil_div(n, bn)
         waves = ceil_div(tiles, sms)
@@ -118,8 +112,36 @@ def choose_config(
             best = (key, bm, bn)
     _, bm, bn = best
     warps = 8 if bm * bn >= 128 * 128 else 4
-    stages = max(2, _stages(bm, bn) // element_size)
-    return GemmConfig(bm, bn, 1, group_m=8, num_stages=stages, num_warps=warps)
+    return GemmConfig(bm, bn, 1, group_m=8, num_stages=_stages(bm, bn, element_size), num_warps=warps)
+
+
+# Per-work-item fixed cost in byte-equivalents: filling the pipeline before the first slice lands.
+_ITEM_OVERHEAD_BYTES = 48 * 1024
+
+
+def _memory_bound_config(m: int, n: int, k_blocks: int, sms: int, allow_split_k: bool, element_size: int) -> GemmConfig:
+    """Small M: time ~ waves x bytes each work item streams (A and B slices, its output or fp32
+    partial) + the split-K reduction spread over all SMs; pick the cheapest (block_n, split)."""
+    block_m = 64  # the smallest wgmma tile height
+    best = None
+    for block_n in (32, 64, 128):
+        tiles = ceil_div(m, block_m) * ceil_div(n, block_n)
+        for split in range(1, (16 if allow_split_k else 1) + 1):
+            if split > 1 and ceil_div(k_blocks, split) < 2:
+                break
+            split = ceil_div(k_blocks, ceil_div(k_blocks, split))  # no empty splits
+            items = tiles * split
+            k_item = ceil_div(k_blocks, split) * GROUP_SIZE
+            item_bytes = (block_m + block_n) * k_item * element_size + block_m * block_n * (4 if split > 1 else 2)
+            cost = ceil_div(items, sms) * (item_bytes + _ITEM_OVERHEAD_BYTES)
+            if split > 1:
+                cost += m * n * (4 * split + 2) / sms
+            key = (cost, split, -block_n)
+            if best is None or key < best[0]:
+                best = (key, block_n, split)
+    _, block_n, split = best
+    # group_m 8: the (at most two) row tiles of a column run back to back, so B is read from HBM once.
+    return GemmConfig(block_m, block_n, split, group_m=8, num_stages=_stages(block_m, block_n, element_size), num_warps=4)
 
 
 def with_overrides(config: GemmConfig, **kwargs) -> GemmConfig:
