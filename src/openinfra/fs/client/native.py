@@ -1,0 +1,551 @@
+"""The native client: the file API every other client (fsspec, FUSE, ring I/O, KVCache) builds on.
+
+``AsyncClient`` is the asyncio API; ``Client`` wraps it for synchronous code (its event loop runs
+in a helper thread). Metadata goes to a meta service; file data goes straight to the storage
+chains, placed by arithmetic on the file's layout (metadata is off the data path after open), in
+parallel per chunk. Writes are acknowledged once every replica of the chunk committed them.
+
+Example::
+
+    from openinfra.fs import Client
+    with Client("127.0.0.1:8000") as fs:        # any mgmtd address of the cluster
+        fs.mkdir("/data", parents=True)
+        with fs.open("/data/a.bin", "wb") as f:
+            f.write(b"hello" * 1000)
+        assert fs.stat("/data/a.bin").size == 5000
+        print(fs.listdir("/data"), fs.read_bytes("/data/a.bin")[:5])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import stat as _stat
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from openinfra.fs.client.storage_client import RoutingCache, StorageClient, retrying
+from openinfra.fs.errors import Code, FsError
+from openinfra.fs.meta.paths import split_path
+from openinfra.fs.meta.store import User
+from openinfra.fs.rpc import RpcClient, parse_address
+from openinfra.fs.storage.service import MgmtdLink
+
+__all__ = ["AsyncClient", "AsyncFile", "Client", "File", "FileStat", "User"]
+
+_TYPES = {"file": _stat.S_IFREG, "dir": _stat.S_IFDIR, "symlink": _stat.S_IFLNK}
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """``stat`` result. ``size`` in bytes; times in seconds since the epoch; ``mode`` includes the
+    file-type bits like ``os.stat``'s."""
+
+    inode: int
+    type: str          # "file", "dir" or "symlink"
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    atime: float
+    mtime: float
+    ctime: float
+    layout: dict | None = None
+    target: str | None = None
+
+    @classmethod
+    def from_inode(cls, n: dict) -> "FileStat":
+        return cls(n["id"], n["type"], n.get("length", 0), _TYPES[n["type"]] | n["mode"], n["uid"], n["gid"],
+                   n["nlink"], n["atime"], n["mtime"], n["ctime"], n.get("layout"), n.get("target"))
+
+    @property
+    def is_dir(self) -> bool:
+        return self.type == "dir"
+
+    @property
+    def is_file(self) -> bool:
+        return self.type == "file"
+
+
+_MODES = {  # mode -> (read, write, create, exclusive, truncate, append)
+    "rb": (True, False, False, False, False, False), "r": (True, False, False, False, False, False),
+    "wb": (False, True, True, False, True, False), "w": (False, True, True, False, True, False),
+    "ab": (False, True, True, False, False, True), "a": (False, True, True, False, False, True),
+    "xb": (False, True, True, True, False, False), "x": (False, True, True, True, False, False),
+    "r+b": (True, True, False, False, False, False), "rb+": (True, True, False, False, False, False),
+    "w+b": (True, True, True, False, True, False), "wb+": (True, True, True, False, True, False),
+}
+
+
+def _check_int(value: Any, name: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected >= {minimum}, got {value}")
+    return value
+
+
+class AsyncClient:
+    """Asyncio client. ``mgmtd``: one address or a list (all mgmtd instances of the cluster).
+
+    ``user`` is who the requests run as (uid/gid for permission checks; default root).
+    ``retry_s`` bounds how long an operation keeps retrying through failovers.
+    """
+
+    def __init__(self, mgmtd: str | list[str], *, user: User | None = None, retry_s: float = 60.0,
+                 io_timeout_s: float = 10.0, parallel_chunks: int = 16, length_report_s: float = 5.0):
+        addrs = [mgmtd] if isinstance(mgmtd, str) else list(mgmtd)
+        if not addrs:
+            raise ValueError("mgmtd: expected at least one address")
+        for a in addrs:
+            parse_address(a)
+        if parallel_chunks < 1:
+            raise ValueError(f"parallel_chunks: expected >= 1, got {parallel_chunks}")
+        self.user = user or User()
+        self.retry_s, self.parallel_chunks, self.length_report_s = retry_s, parallel_chunks, length_report_s
+        self.client_id = uuid.uuid4().hex
+        self.rpc = RpcClient(default_timeout=io_timeout_s, connections_per_address=2)
+        self.routing = RoutingCache(MgmtdLink(self.rpc, addrs))
+        self.storage = StorageClient(self.rpc, self.routing, client_id=self.client_id, retry_s=retry_s,
+                                     io_timeout_s=io_timeout_s)
+        self._meta_rr = itertools.count()
+        self._open_writes: dict[bytes, "AsyncFile"] = {}
+        self._reporter: asyncio.Task | None = None
+        self._req = itertools.count(1)
+
+    async def connect(self) -> "AsyncClient":
+        await retrying(self.routing.refresh, self.routing, self.retry_s, "get routing")
+        self._reporter = asyncio.ensure_future(self._report_loop())
+        return self
+
+    async def close(self) -> None:
+        for f in list(self._open_writes.values()):
+            try:
+                await f.close()
+            except FsError:
+                pass
+        if self._reporter:
+            self._reporter.cancel()
+        await self.rpc.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return await self.connect()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # --- meta calls ----------------------------------------------------------------------------
+
+    async def _meta(self, method: str, args: dict, *, idempotent: bool = True) -> Any:
+        args = dict(args)
+        if method not in ("stat_inode", "close", "sync", "report", "gc"):
+            args["user"] = self.user.wire()
+        if not idempotent:
+            # One request id for every retry: meta returns the first result after a lost reply.
+            args.update(client=self.client_id, req=f"{next(self._req)}-{uuid.uuid4().hex[:8]}")
+
+        async def attempt():
+            metas = self.routing.routing.meta_addresses()
+            if not metas:
+                raise FsError(Code.RPC_CONNECT, "no meta service is alive in the routing info")
+            return await self.rpc.call(metas[next(self._meta_rr) % len(metas)], method, args)
+
+        return await retrying(attempt, self.routing, self.retry_s, method)
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.length_report_s)
+            items = [[f.inode, f.session, f.written_end] for f in self._open_writes.values()]
+            if items:
+                try:
+                    await self._meta("report", {"client": self.client_id, "items": items})
+                except Exception:
+                    pass  # the next report (or close) carries the length
+
+    # --- namespace -----------------------------------------------------------------------------
+
+    async def stat(self, path: str, follow_symlinks: bool = True) -> FileStat:
+        split_path(path)
+        return FileStat.from_inode(await self._meta("stat", {"path": path, "follow": follow_symlinks}))
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.stat(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    async def listdir(self, path: str = "/", detail: bool = False) -> list:
+        """Names in ``path`` (sorted), or with ``detail=True`` ``(name, FileStat)`` pairs."""
+        split_path(path)
+        entries = await self._meta("listdir", {"path": path, "with_attrs": detail})
+        if detail:
+            return [(e["name"], FileStat.from_inode(e["attrs"])) for e in entries if e.get("attrs")]
+        return [e["name"] for e in entries]
+
+    async def mkdir(self, path: str, mode: int = 0o755, parents: bool = False, exist_ok: bool = False,
+                    chunk_size: int | None = None, stripe: int | None = None) -> FileStat:
+        """Create a directory; ``chunk_size``/``stripe`` set the layout its new files inherit."""
+        split_path(path)
+        _check_int(mode, "mode")
+        layout = {k: v for k, v in (("chunk_size", chunk_size), ("stripe", stripe)) if v is not None} or None
+        return FileStat.from_inode(await self._meta("mkdir", {"path": path, "mode": mode, "parents": parents,
+                                                               "exist_ok": exist_ok, "layout": layout},
+                                                    idempotent=False))
+
+    async def symlink(self, path: str, target: str) -> FileStat:
+        split_path(path)
+        return FileStat.from_inode(await self._meta("symlink", {"path": path, "target": target}, idempotent=False))
+
+    async def readlink(self, path: str) -> str:
+        st = await self.stat(path, follow_symlinks=False)
+        if st.type != "symlink":
+            raise FsError(Code.EINVAL, f"{path} is not a symlink")
+        return st.target or ""
+
+    async def link(self, src: str, dst: str) -> FileStat:
+        split_path(src, "src")
+        split_path(dst, "dst")
+        return FileStat.from_inode(await self._meta("hardlink", {"src": src, "dst": dst}, idempotent=False))
+
+    async def rename(self, src: str, dst: str) -> None:
+        split_path(src, "src")
+        split_path(dst, "dst")
+        await self._meta("rename", {"src": src, "dst": dst}, idempotent=False)
+
+    async def remove(self, path: str, recursive: bool = False) -> None:
+        """Remove a file, symlink or empty directory (``recursive=True``: a whole tree).
+        The chunks of a removed file are deleted in the background (or at last close)."""
+        split_path(path)
+        if recursive:
+            st = await self.stat(path, follow_symlinks=False)
+            if st.is_dir:
+                for name in await self.listdir(path):
+                    await self.remove(path.rstrip("/") + "/" + name, recursive=True)
+        await self._meta("remove", {"path": path}, idempotent=False)
+
+    async def chmod(self, path: str, mode: int) -> FileStat:
+        _check_int(mode, "mode")
+        return FileStat.from_inode(await self._meta("setattr", {"path": path, "mode": mode}))
+
+    async def chown(self, path: str, uid: int | None = None, gid: int | None = None) -> FileStat:
+        return FileStat.from_inode(await self._meta("setattr", {"path": path, "uid": uid, "gid": gid}))
+
+    async def utime(self, path: str, atime: float | None = None, mtime: float | None = None) -> FileStat:
+        return FileStat.from_inode(await self._meta("setattr", {"path": path, "atime": atime, "mtime": mtime}))
+
+    async def truncate(self, path: str, length: int) -> None:
+        _check_int(length, "length")
+        f = await self.open(path, "r+b")
+        try:
+            await f.truncate(length)
+        finally:
+            await f.close()
+
+    # --- files ---------------------------------------------------------------------------------
+
+    async def open(self, path: str, mode: str = "rb", *, perm: int = 0o644, chunk_size: int | None = None,
+                   stripe: int | None = None) -> "AsyncFile":
+        """Open a file. ``mode``: rb, wb, ab, xb, r+b, w+b (text modes are the same bytes API)."""
+        split_path(path)
+        if mode not in _MODES:
+            raise ValueError(f"mode: expected one of {sorted(_MODES)}, got {mode!r}")
+        read, write, create, exclusive, trunc, append = _MODES[mode]
+        session = uuid.uuid4().bytes if write else None
+        node = await self._meta("open", {"path": path, "read": read or not write, "write": write, "create": create,
+                                         "exclusive": exclusive, "mode": perm, "session": session,
+                                         "client": self.client_id if write else "", "chunk_size": chunk_size,
+                                         "stripe": stripe}, idempotent=not create)
+        f = AsyncFile(self, path, node, session, readable=read or not write, writable=write)
+        if write:
+            self._open_writes[session] = f
+        if trunc and node.get("length", 0):
+            await f.truncate(0)
+        if append:
+            f.position = f.length
+        return f
+
+    async def read_bytes(self, path: str) -> bytes:
+        f = await self.open(path, "rb")
+        try:
+            return await f.pread(f.length, 0)
+        finally:
+            await f.close()
+
+    async def write_bytes(self, path: str, data: bytes) -> int:
+        f = await self.open(path, "wb")
+        try:
+            return await f.pwrite(data, 0)
+        finally:
+            await f.close()
+
+
+class AsyncFile:
+    """An open file: ``pread``/``pwrite`` at offsets, or ``read``/``write`` at ``position``."""
+
+    def __init__(self, fs: AsyncClient, path: str, node: dict, session: bytes | None, readable: bool, writable: bool):
+        self.fs, self.path, self.node, self.session = fs, path, node, session
+        self.inode: int = node["id"]
+        self.layout: dict = node["layout"]
+        self.chunk_size: int = self.layout["chunk_size"]
+        self.readable, self.writable = readable, writable
+        self.length: int = node.get("length", 0)
+        self.written_end = 0
+        self.position = 0
+        self.closed = False
+
+    def _check_open(self, need_write: bool = False) -> None:
+        if self.closed:
+            raise FsError(Code.EBADF, f"{self.path}: file is closed")
+        if need_write and not self.writable:
+            raise FsError(Code.EBADF, f"{self.path}: not open for writing")
+
+    def _pieces(self, offset: int, size: int):
+        end = offset + size
+        while offset < end:
+            index, within = divmod(offset, self.chunk_size)
+            n = min(self.chunk_size - within, end - offset)
+            yield index, within, offset, n
+            offset += n
+
+    async def _gather(self, coros) -> list:
+        sem = asyncio.Semaphore(self.fs.parallel_chunks)
+
+        async def one(c):
+            async with sem:
+                return await c
+
+        return await asyncio.gather(*(one(c) for c in coros))
+
+    async def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
+        """Write ``data`` at ``offset``; returns the byte count once every replica committed it."""
+        self._check_open(need_write=True)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data: expected bytes-like, got {type(data).__name__}")
+        _check_int(offset, "offset")
+        view = memoryview(data).cast("B")
+        st = self.fs.storage
+        await self._gather(st.write_chunk(self.layout, self.inode, idx, within, bytes(view[pos - offset:pos - offset + n]))
+                           for idx, within, pos, n in self._pieces(offset, len(view)))
+        end = offset + len(view)
+        self.written_end = max(self.written_end, end)
+        self.length = max(self.length, end)
+        return len(view)
+
+    async def pread(self, size: int, offset: int) -> bytes:
+        """Up to ``size`` bytes at ``offset`` (short at end of file; b"" past it). Holes read as zeros."""
+        self._check_open()
+        _check_int(size, "size")
+        _check_int(offset, "offset")
+        if offset + size > self.length and not self.writable:
+            st = await self.fs._meta("stat_inode", {"inode": self.inode})  # another writer may have grown it
+            self.length = max(self.length, st.get("length", 0))
+        size = max(0, min(size, self.length - offset))
+        if size == 0:
+            return b""
+        st = self.fs.storage
+        pieces = list(self._pieces(offset, size))
+        parts = await self._gather(st.read_chunk(self.layout, self.inode, idx, within, n) for idx, within, _, n in pieces)
+        out = bytearray()
+        for (_, _, _, n), part in zip(pieces, parts):
+            out += part
+            if len(part) < n:
+                out += bytes(n - len(part))  # a hole or a chunk shorter than the file: zeros
+        return bytes(out)
+
+    async def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = max(0, self.length - self.position)
+        data = await self.pread(size, self.position)
+        self.position += len(data)
+        return data
+
+    async def write(self, data: bytes) -> int:
+        n = await self.pwrite(data, self.position)
+        self.position += n
+        return n
+
+    async def truncate(self, length: int) -> None:
+        self._check_open(need_write=True)
+        _check_int(length, "length")
+        await self.fs.storage.truncate_chunks(self.layout, self.inode, length)
+        self.node = await self.fs._meta("set_length", {"inode": self.inode, "length": length})
+        self.length = length
+        self.written_end = min(self.written_end, length)
+
+    async def fsync(self) -> None:
+        """Writes are durable when acknowledged; fsync makes the recorded length exact."""
+        self._check_open()
+        if self.writable:
+            self.node = await self.fs._meta("sync", {"inode": self.inode, "session": self.session,
+                                                     "length_hint": self.written_end})
+            self.length = self.node.get("length", self.length)
+
+    async def stat(self) -> FileStat:
+        return FileStat.from_inode(await self.fs._meta("stat_inode", {"inode": self.inode}))
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.writable:
+            self.fs._open_writes.pop(self.session, None)
+            await self.fs._meta("close", {"inode": self.inode, "session": self.session, "length_hint": self.written_end})
+
+    async def __aenter__(self) -> "AsyncFile":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class Client:
+    """Synchronous client: the same API as :class:`AsyncClient`, run on a private event loop."""
+
+    def __init__(self, mgmtd: str | list[str], **kwargs):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="openinfra-fs-client", daemon=True)
+        self._thread.start()
+        self.aio = AsyncClient(mgmtd, **kwargs)
+        try:
+            self._run(self.aio.connect())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            try:
+                self._run(self.aio.close())
+            finally:
+                self._stop_loop()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def client_id(self) -> str:
+        return self.aio.client_id
+
+    def stat(self, path: str, follow_symlinks: bool = True) -> FileStat:
+        return self._run(self.aio.stat(path, follow_symlinks))
+
+    def exists(self, path: str) -> bool:
+        return self._run(self.aio.exists(path))
+
+    def listdir(self, path: str = "/", detail: bool = False) -> list:
+        return self._run(self.aio.listdir(path, detail))
+
+    def mkdir(self, path: str, mode: int = 0o755, parents: bool = False, exist_ok: bool = False, **layout) -> FileStat:
+        return self._run(self.aio.mkdir(path, mode, parents, exist_ok, **layout))
+
+    def symlink(self, path: str, target: str) -> FileStat:
+        return self._run(self.aio.symlink(path, target))
+
+    def readlink(self, path: str) -> str:
+        return self._run(self.aio.readlink(path))
+
+    def link(self, src: str, dst: str) -> FileStat:
+        return self._run(self.aio.link(src, dst))
+
+    def rename(self, src: str, dst: str) -> None:
+        return self._run(self.aio.rename(src, dst))
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        return self._run(self.aio.remove(path, recursive))
+
+    def chmod(self, path: str, mode: int) -> FileStat:
+        return self._run(self.aio.chmod(path, mode))
+
+    def chown(self, path: str, uid: int | None = None, gid: int | None = None) -> FileStat:
+        return self._run(self.aio.chown(path, uid, gid))
+
+    def utime(self, path: str, atime: float | None = None, mtime: float | None = None) -> FileStat:
+        return self._run(self.aio.utime(path, atime, mtime))
+
+    def truncate(self, path: str, length: int) -> None:
+        return self._run(self.aio.truncate(path, length))
+
+    def open(self, path: str, mode: str = "rb", **kwargs) -> "File":
+        return File(self, self._run(self.aio.open(path, mode, **kwargs)))
+
+    def read_bytes(self, path: str) -> bytes:
+        return self._run(self.aio.read_bytes(path))
+
+    def write_bytes(self, path: str, data: bytes) -> int:
+        return self._run(self.aio.write_bytes(path, data))
+
+
+class File:
+    """Synchronous file object (``read``/``write``/``seek``/``tell``/``pread``/``pwrite``)."""
+
+    def __init__(self, client: Client, f: AsyncFile):
+        self._c, self._f = client, f
+
+    @property
+    def inode(self) -> int:
+        return self._f.inode
+
+    @property
+    def length(self) -> int:
+        return self._f.length
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return self._c._run(self._f.pread(size, offset))
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        return self._c._run(self._f.pwrite(data, offset))
+
+    def read(self, size: int = -1) -> bytes:
+        return self._c._run(self._f.read(size))
+
+    def write(self, data: bytes) -> int:
+        return self._c._run(self._f.write(data))
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._f.position, os.SEEK_END: self._f.length}.get(whence)
+        if base is None:
+            raise ValueError(f"whence: expected 0, 1 or 2, got {whence!r}")
+        if base + offset < 0:
+            raise ValueError(f"offset: seek to a negative position ({base + offset})")
+        self._f.position = base + offset
+        return self._f.position
+
+    def tell(self) -> int:
+        return self._f.position
+
+    def truncate(self, length: int) -> None:
+        return self._c._run(self._f.truncate(length))
+
+    def fsync(self) -> None:
+        return self._c._run(self._f.fsync())
+
+    def stat(self) -> FileStat:
+        return self._c._run(self._f.stat())
+
+    def close(self) -> None:
+        return self._c._run(self._f.close())
+
+    def __enter__(self) -> "File":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,189 @@
+"""Chunk I/O against the storage chains, shared by the native client and the meta service.
+
+Placement is arithmetic: chunk ``i`` of a file lives on chain ``layout["chains"][i % stripe]``;
+writes go to the chain's head, reads to any serving replica (the tail when the replica reports a
+dirty chunk). Every call retries on retriable errors (chain changed, node fenced or down, ...)
+after refreshing routing info, until ``retry_s`` has passed. Writes keep their (client, channel,
+sequence) across retries, so storage applies each at most once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+import uuid
+from typing import Any, Awaitable, Callable, TypeVar
+
+from openinfra.fs.errors import Code, FsError
+from openinfra.fs.routing import Routing
+from openinfra.fs.rpc import RpcClient
+from openinfra.fs.storage.service import MgmtdLink
+
+__all__ = ["RoutingCache", "StorageClient", "chunk_chain", "retrying"]
+
+log = logging.getLogger("openinfra.fs.client")
+T = TypeVar("T")
+
+
+def chunk_chain(layout: dict, index: int) -> int:
+    """The chain id holding chunk ``index`` of a file with ``layout``."""
+    return layout["chains"][index % layout["stripe"]]
+
+
+class RoutingCache:
+    """The newest routing info fetched from mgmtd; concurrent refreshes share one request."""
+
+    def __init__(self, mgmtd: MgmtdLink, min_interval_s: float = 0.05):
+        self.mgmtd, self.min_interval_s = mgmtd, min_interval_s
+        self.routing = Routing.empty()
+        self._inflight: asyncio.Future | None = None
+        self._last = 0.0
+
+    async def refresh(self, force: bool = True) -> Routing:
+        if not force and self.routing.version:
+            return self.routing
+        if self._inflight is not None:
+            return await asyncio.shield(self._inflight)
+        wait = self.min_interval_s - (time.monotonic() - self._last)
+        self._inflight = asyncio.get_running_loop().create_future()
+        fut = self._inflight
+        try:
+            if wait > 0:
+                await asyncio.sleep(wait)
+            info = await self.mgmtd.call("get_routing")
+            if info["version"] >= self.routing.version:
+                self.routing = Routing(info)
+            fut.set_result(self.routing)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: waiters re-raise it
+            raise
+        finally:
+            self._last = time.monotonic()
+            self._inflight = None
+        return self.routing
+
+
+async def retrying(fn: Callable[[], Awaitable[T]], routing: RoutingCache, retry_s: float, what: str) -> T:
+    """Run ``fn`` until it succeeds or a non-retriable error; refresh routing between attempts."""
+    deadline = time.monotonic() + retry_s
+    delay = 0.01
+    while True:
+        try:
+            return await fn()
+        except FsError as exc:
+            if not exc.retriable or time.monotonic() + delay > deadline:
+                raise
+            log.debug("%s: retrying after %s", what, exc)
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        delay = min(delay * 2, 0.5)
+        try:
+            await routing.refresh()
+        except FsError:
+            pass
+
+
+class StorageClient:
+    """``write_chunk`` / ``read_chunk`` / ``remove_chunks`` / ``truncate_chunks`` / ``file_length``."""
+
+    def __init__(self, rpc: RpcClient, routing: RoutingCache, *, client_id: str | None = None,
+                 retry_s: float = 60.0, io_timeout_s: float = 10.0, channels: int = 64):
+        self.rpc, self.routing = rpc, routing
+        self.client_id = client_id or uuid.uuid4().hex
+        self.retry_s, self.io_timeout_s = retry_s, io_timeout_s
+        self._channels: asyncio.Queue = asyncio.Queue()
+        for ch in range(1, channels + 1):
+            self._channels.put_nowait(ch)
+        self._seq: dict[int, itertools.count] = {}
+
+    def _node_address(self, r: Routing, target: dict) -> str:
+        addr = r.address(target["node"])
+        if addr is None:
+            raise FsError(Code.RPC_CONNECT, f"node {target['node']} has no address yet")
+        return addr
+
+    async def write_chunk(self, layout: dict, inode: int, index: int, offset: int, data: bytes,
+                          op: str = "write", length: int = 0) -> dict:
+        """Apply one update through the chain; returns ``{"version", "crc", "length"}``."""
+        chain_id = chunk_chain(layout, index)
+        channel = await self._channels.get()
+        try:
+            seq = next(self._seq.setdefault(channel, itertools.count(1)))
+
+            async def attempt():
+                r = self.routing.routing
+                chain = r.chain(chain_id)
+                serving = r.serving(chain_id)
+                if chain is None or not serving:
+                    raise FsError(Code.NO_SERVING_TARGET, f"chain {chain_id} has no serving target")
+                return await self.rpc.call(self._node_address(r, serving[0]), "write", dict(
+                    chain_id=chain_id, chain_version=chain["version"], inode=inode, index=index, op=op,
+                    offset=offset, data=data, length=length, client=self.client_id, channel=channel, seq=seq),
+                    timeout=self.io_timeout_s)
+
+            return await retrying(attempt, self.routing, self.retry_s, f"write chunk {inode}:{index}")
+        finally:
+            self._channels.put_nowait(channel)
+
+    async def read_chunk(self, layout: dict, inode: int, index: int, offset: int, length: int) -> bytes:
+        """Committed bytes of one chunk (shorter than ``length`` at the chunk's end; b"" for a hole)."""
+        chain_id = chunk_chain(layout, index)
+        tail = [False]
+
+        async def attempt():
+            r = self.routing.routing
+            serving = r.serving(chain_id)
+            if not serving:
+                raise FsError(Code.NO_SERVING_TARGET, f"chain {chain_id} has no serving target")
+            target = serving[-1] if tail[0] else random.choice(serving)
+            try:
+                res = await self.rpc.call(self._node_address(r, target), "read", dict(
+                    chain_id=chain_id, inode=inode, index=index, offset=offset, length=length),
+                    timeout=self.io_timeout_s)
+            except FsError as exc:
+                tail[0] = exc.code == Code.CHUNK_DIRTY
+                raise
+            return res["data"]
+
+        return await retrying(attempt, self.routing, self.retry_s, f"read chunk {inode}:{index}")
+
+    async def _on_chains(self, layout: dict, method: str, args: dict) -> list[Any]:
+        async def one(chain_id: int):
+            async def attempt():
+                r = self.routing.routing
+                serving = r.serving(chain_id)
+                if not serving:
+                    raise FsError(Code.NO_SERVING_TARGET, f"chain {chain_id} has no serving target")
+                return await self.rpc.call(self._node_address(r, serving[0]), method, dict(args, chain_id=chain_id),
+                                           timeout=self.io_timeout_s)
+
+            return await retrying(attempt, self.routing, self.retry_s, f"{method} on chain {chain_id}")
+
+        return await asyncio.gather(*(one(c) for c in layout["chains"]))
+
+    async def file_length(self, layout: dict, inode: int) -> int:
+        """Exact length from the chains: the end of the highest chunk."""
+        ends = [idx * layout["chunk_size"] + ln for res in await self._on_chains(layout, "last_chunk", {"inode": inode})
+                if res for idx, ln in [res]]
+        return max(ends, default=0)
+
+    async def remove_chunks(self, layout: dict, inode: int, from_index: int = 0) -> int:
+        """Remove every chunk of ``inode`` with index >= ``from_index`` (through the chains)."""
+        lists = await self._on_chains(layout, "list_chunks", {"inode": inode, "from_index": from_index})
+        todo = [m["index"] for lst in lists for m in lst]
+        await asyncio.gather(*(self.write_chunk(layout, inode, i, 0, b"", op="remove") for i in todo))
+        return len(todo)
+
+    async def truncate_chunks(self, layout: dict, inode: int, length: int) -> None:
+        """Drop the bytes of ``inode`` from ``length`` on: whole chunks removed, the boundary cut."""
+        cs = layout["chunk_size"]
+        boundary, cut = divmod(length, cs)
+        await self.remove_chunks(layout, inode, boundary + (1 if cut else 0))
+        if cut:
+            lists = await self._on_chains({**layout, "chains": [chunk_chain(layout, boundary)], "stripe": 1},
+                                          "list_chunks", {"inode": inode, "from_index": boundary})
+            if any(m["index"] == boundary for lst in lists for m in lst):
+                await self.write_chunk(layout, inode, boundary, 0, b"", op="truncate", length=cut)

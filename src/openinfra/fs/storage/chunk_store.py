@@ -1,0 +1,275 @@
+"""The chunk engine of one storage target: copy-on-write chunk files, CRC32C per chunk, and one
+atomic metadata commit after the data is durable.
+
+On disk (``<target>/``): ``chunks/<xx>/<inode>.<index>.<version>`` data files and ``meta.db``
+(SQLite, WAL) with one row per chunk: the committed version (file, length, CRC32C) and at most
+one pending version. An update never touches the committed file: it writes the new content to a
+new file, syncs it, then records it as pending; commit swaps pending to committed in one SQLite
+transaction and only then unlinks the old file. A crash at any point leaves either the old or the
+new version, never a torn chunk; :meth:`ChunkStore.recover` drops pending versions (never
+acknowledged) and files no row points to.
+
+The table ``dedup`` keeps, per (client, channel), the last applied sequence number and its result,
+committed in the same transaction as the chunk, so a retried write is applied once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import crc32c
+
+__all__ = ["ChunkStore", "ChunkMeta", "checksum"]
+
+
+def checksum(data: bytes | memoryview) -> int:
+    """CRC32C of ``data`` (hardware accelerated where the package has it)."""
+    return crc32c.crc32c(data)
+
+
+@dataclass
+class ChunkMeta:
+    inode: int
+    index: int
+    version: int          # committed version (0: no committed content yet)
+    length: int           # bytes of committed content
+    crc: int
+    file: str | None
+    pending_version: int | None = None
+    pending_file: str | None = None
+    pending_length: int = 0
+    pending_crc: int = 0
+
+    def as_dict(self) -> dict:
+        return {"inode": self.inode, "index": self.index, "version": self.version, "length": self.length,
+                "crc": self.crc, "pending_version": self.pending_version}
+
+
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS chunks (inode INTEGER, idx INTEGER, ver INTEGER, len INTEGER, crc INTEGER,
+       file TEXT, pver INTEGER, pfile TEXT, plen INTEGER, pcrc INTEGER, PRIMARY KEY (inode, idx)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS dedup (client TEXT, channel INTEGER, seq INTEGER, result BLOB,
+       PRIMARY KEY (client, channel)) WITHOUT ROWID""",
+]
+
+
+class ChunkStore:
+    """Chunks of one target. Data I/O runs in worker threads; metadata in the caller's thread."""
+
+    def __init__(self, path: str | Path, *, fsync: bool = True):
+        self.path = Path(path)
+        self.fsync = fsync
+        (self.path / "chunks").mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path / "meta.db", isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        for stmt in _SCHEMA:
+            self.db.execute(stmt)
+        self.recover()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- files ---------------------------------------------------------------------------------
+
+    def _file(self, inode: int, index: int, version: int) -> str:
+        return f"chunks/{inode % 256:02x}/{inode:x}.{index}.{version}"
+
+    def _write_file(self, rel: str, data: bytes) -> None:
+        p = self.path / rel
+        p.parent.mkdir(exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _read_file(self, rel: str | None, offset: int = 0, length: int = -1) -> bytes:
+        if rel is None:
+            return b""
+        with open(self.path / rel, "rb") as f:
+            if offset:
+                f.seek(offset)
+            return f.read() if length < 0 else f.read(length)
+
+    def _unlink(self, rel: str | None) -> None:
+        if rel:
+            try:
+                os.unlink(self.path / rel)
+            except FileNotFoundError:
+                pass
+
+    # --- metadata ------------------------------------------------------------------------------
+
+    def get(self, inode: int, index: int) -> ChunkMeta | None:
+        row = self.db.execute("SELECT inode, idx, ver, len, crc, file, pver, pfile, plen, pcrc FROM chunks "
+                              "WHERE inode = ? AND idx = ?", (inode, index)).fetchone()
+        return None if row is None else ChunkMeta(*row[:6], pending_version=row[6], pending_file=row[7],
+                                                  pending_length=row[8] or 0, pending_crc=row[9] or 0)
+
+    def list(self, inode: int | None = None, from_index: int = 0) -> list[ChunkMeta]:
+        sql = "SELECT inode, idx, ver, len, crc, file, pver, pfile, plen, pcrc FROM chunks WHERE ver > 0"
+        params: tuple = ()
+        if inode is not None:
+            sql += " AND inode = ? AND idx >= ?"
+            params = (inode, from_index)
+        rows = self.db.execute(sql + " ORDER BY inode, idx", params).fetchall()
+        return [ChunkMeta(*r[:6], pending_version=r[6], pending_file=r[7], pending_length=r[8] or 0,
+                          pending_crc=r[9] or 0) for r in rows]
+
+    def last_chunk(self, inode: int) -> tuple[int, int] | None:
+        """``(index, length)`` of the highest committed chunk of ``inode``, or None."""
+        row = self.db.execute("SELECT idx, len FROM chunks WHERE inode = ? AND ver > 0 ORDER BY idx DESC LIMIT 1",
+                              (inode,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def dedup_get(self, client: str, channel: int) -> tuple[int, bytes] | None:
+        row = self.db.execute("SELECT seq, result FROM dedup WHERE client = ? AND channel = ?",
+                              (client, channel)).fetchone()
+        return None if row is None else (row[0], bytes(row[1]))
+
+    # --- updates -------------------------------------------------------------------------------
+
+    async def read(self, inode: int, index: int, offset: int, length: int) -> tuple[bytes, ChunkMeta | None]:
+        """Committed bytes ``[offset, offset+length)`` (shorter at the chunk's end) and the meta.
+        A read of the whole chunk is checked against its CRC32C."""
+        meta = self.get(inode, index)
+        if meta is None or meta.version == 0 or offset >= meta.length:
+            return b"", meta
+        whole = offset == 0 and length >= meta.length
+        data = await asyncio.to_thread(self._read_file, meta.file, offset, length)
+        if whole and checksum(data) != meta.crc:
+            from openinfra.fs.errors import Code, FsError
+
+            raise FsError(Code.CHECKSUM_MISMATCH, f"chunk {inode}:{index} v{meta.version} fails its CRC32C")
+        return data, meta
+
+    async def committed_content(self, inode: int, index: int) -> tuple[bytes, ChunkMeta | None]:
+        meta = self.get(inode, index)
+        if meta is None or meta.version == 0:
+            return b"", meta
+        return await asyncio.to_thread(self._read_file, meta.file), meta
+
+    async def prepare(self, inode: int, index: int, version: int, op: str, offset: int = 0, data: bytes = b"",
+                      length: int = 0, full: bytes | None = None) -> tuple[bytes, int]:
+        """Write version ``version`` as pending (copy-on-write); returns ``(content, crc)``.
+
+        ``op``: ``"write"`` (``data`` at ``offset``), ``"truncate"`` (to ``length`` bytes) or a full
+        replacement when ``full`` is given."""
+        meta = self.get(inode, index)
+        if full is not None:
+            content = bytes(full)
+        else:
+            if op == "write" and offset == 0 and meta is not None and len(data) >= meta.length:
+                old = b""  # the update covers the whole old content: nothing to copy
+            elif op == "write" and (meta is None or meta.version == 0):
+                old = b""
+            else:
+                old, _ = await self.committed_content(inode, index)
+            if op == "write":
+                if offset > len(old):
+                    old = old + bytes(offset - len(old))
+                content = old[:offset] + bytes(data) + old[offset + len(data):]
+            elif op == "truncate":
+                content = old[:length] + bytes(max(0, length - len(old)))
+            else:
+                raise ValueError(f"op: expected 'write' or 'truncate', got {op!r}")
+        crc = checksum(content)
+        rel = self._file(inode, index, version)
+        if meta is not None and meta.file == rel:
+            rel += ".r"  # re-applying the committed version number: never overwrite committed data
+        await asyncio.to_thread(self._write_file, rel, content)
+        old_pending = meta.pending_file if meta is not None else None
+        if meta is None:
+            self.db.execute("INSERT INTO chunks VALUES (?, ?, 0, 0, 0, NULL, ?, ?, ?, ?)",
+                            (inode, index, version, rel, len(content), crc))
+        else:
+            self.db.execute("UPDATE chunks SET pver = ?, pfile = ?, plen = ?, pcrc = ? WHERE inode = ? AND idx = ?",
+                            (version, rel, len(content), crc, inode, index))
+        if old_pending and old_pending != rel and old_pending != (meta.file if meta else None):
+            self._unlink(old_pending)  # an earlier attempt that never committed
+        return content, crc
+
+    def commit(self, inode: int, index: int, version: int, dedup: tuple[str, int, int, bytes] | None = None) -> None:
+        """Make pending ``version`` the committed one (one SQLite transaction), then drop the old file."""
+        meta = self.get(inode, index)
+        if meta is None or meta.pending_version != version:
+            raise RuntimeError(f"chunk {inode}:{index}: no pending version {version} to commit")
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("UPDATE chunks SET ver = pver, len = plen, crc = pcrc, file = pfile, pver = NULL, "
+                            "pfile = NULL, plen = NULL, pcrc = NULL WHERE inode = ? AND idx = ?", (inode, index))
+            if dedup is not None:
+                self.db.execute("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)", dedup)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        if meta.file != meta.pending_file:
+            self._unlink(meta.file)
+
+    def abort(self, inode: int, index: int) -> None:
+        """Drop a pending version (its write failed downstream and will be retried or abandoned)."""
+        meta = self.get(inode, index)
+        if meta is None or meta.pending_version is None:
+            return
+        if meta.version == 0:
+            self.db.execute("DELETE FROM chunks WHERE inode = ? AND idx = ?", (inode, index))
+        else:
+            self.db.execute("UPDATE chunks SET pver = NULL, pfile = NULL, plen = NULL, pcrc = NULL "
+                            "WHERE inode = ? AND idx = ?", (inode, index))
+        if meta.pending_file != meta.file:
+            self._unlink(meta.pending_file)
+
+    def remove(self, inode: int, index: int, dedup: tuple[str, int, int, bytes] | None = None) -> bool:
+        """Delete a chunk (committed and pending); returns whether it existed."""
+        meta = self.get(inode, index)
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("DELETE FROM chunks WHERE inode = ? AND idx = ?", (inode, index))
+            if dedup is not None:
+                self.db.execute("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)", dedup)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        if meta is not None:
+            self._unlink(meta.file)
+            self._unlink(meta.pending_file)
+        return meta is not None and meta.version > 0
+
+    async def replace(self, inode: int, index: int, version: int, content: bytes) -> int:
+        """Sync: install ``content`` as committed ``version`` whatever was there; returns the CRC."""
+        _, crc = await self.prepare(inode, index, version, "write", full=content)
+        self.commit(inode, index, version)
+        return crc
+
+    def recover(self) -> int:
+        """Drop pending versions and unreferenced files (after a crash); returns files removed."""
+        rows = self.db.execute("SELECT inode, idx, ver, file, pfile FROM chunks").fetchall()
+        keep = set()
+        for inode, idx, ver, file, pfile in rows:
+            if pfile is not None:
+                self.abort(inode, idx)
+            if ver and file:
+                keep.add(file)
+        removed = 0
+        chunks = self.path / "chunks"
+        for sub in chunks.iterdir():
+            if not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                rel = f"chunks/{sub.name}/{f.name}"
+                if rel not in keep:
+                    f.unlink()
+                    removed += 1
+        return removed

@@ -1,0 +1,412 @@
+"""A storage node: its targets' chunk stores, the CRAQ write and read paths, re-sync of returning
+targets, heartbeats to mgmtd and self-fencing.
+
+Write (client -> head -> ... -> tail): every hop checks the chain version, takes the chunk lock,
+applies the update as pending version u (the head picks u = committed + 1), forwards it to its
+successor and commits once the successor acknowledged; the tail commits at once. A successor
+whose committed version is not u - 1 answers STALE_UPDATE and receives the full chunk instead.
+Requests carry (client, channel, seq): a retried request that was already applied returns the
+first result (the dedup table commits with the chunk).
+
+Read: any serving replica returns committed data. A chunk with a pending version waits for the
+write holding its lock; a pending version left by a failed write (no lock held) is "dirty" and
+the client is sent to the tail (CRAQ's apportioned queries).
+
+Re-sync: the last serving target of a chain copies every chunk that differs (and deletes every
+chunk it lacks) to each syncing target, under the chunk locks, then tells mgmtd.
+
+Fencing: a node that has not reached mgmtd for ``fence_s`` (T/2) rejects all I/O; mgmtd fails it
+after T, so no client can be served by a node the cluster has already replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+
+from openinfra.fs.errors import Code, FsError
+from openinfra.fs.routing import Routing, TargetState
+from openinfra.fs.rpc import RpcClient, RpcServer
+from openinfra.fs.storage.chunk_store import ChunkStore
+
+__all__ = ["StorageConfig", "StorageNode", "MgmtdLink"]
+
+log = logging.getLogger("openinfra.fs.storage")
+
+
+@dataclass
+class StorageConfig:
+    node_id: int
+    targets: dict[int, str]            # target id -> directory
+    mgmtd: list[str]                   # mgmtd addresses
+    host: str = "127.0.0.1"
+    port: int = 0
+    heartbeat_s: float = 10.0
+    fence_s: float = 15.0              # T/2
+    fsync: bool = True
+    forward_timeout_s: float = 10.0
+
+    def __post_init__(self):
+        if not isinstance(self.node_id, int) or self.node_id <= 0:
+            raise ValueError(f"node_id: expected a positive int, got {self.node_id!r}")
+        if not self.targets:
+            raise ValueError("targets: a storage node needs at least one target")
+        if not self.mgmtd:
+            raise ValueError("mgmtd: expected at least one mgmtd address")
+        if self.fence_s <= self.heartbeat_s:
+            raise ValueError("fence_s must exceed heartbeat_s")
+
+
+class MgmtdLink:
+    """Calls the primary mgmtd, finding it among ``addresses`` (NOT_PRIMARY names the holder)."""
+
+    def __init__(self, rpc: RpcClient, addresses: list[str], timeout: float = 2.0):
+        self.rpc, self.addresses, self.timeout = rpc, list(addresses), timeout
+        self.primary: str | None = None
+
+    async def call(self, method: str, args: dict | None = None, timeout: float | None = None):
+        order = ([self.primary] if self.primary else []) + [a for a in self.addresses if a != self.primary]
+        last: Exception | None = None
+        for addr in order:
+            try:
+                result = await self.rpc.call(addr, method, args or {}, timeout=timeout or self.timeout)
+                self.primary = addr
+                return result
+            except FsError as exc:
+                if exc.code not in (Code.NOT_PRIMARY, Code.RPC_CONNECT, Code.RPC_TIMEOUT):
+                    raise
+                last = exc
+        self.primary = None
+        raise last if last else FsError(Code.NOT_PRIMARY, "no mgmtd address")
+
+
+class StorageNode:
+    """``await StorageNode(cfg).start()``; the process serves until :meth:`stop`."""
+
+    def __init__(self, cfg: StorageConfig, server: RpcServer | None = None, metrics=None):
+        self.cfg = cfg
+        self.incarnation = uuid.uuid4().hex
+        self.stores = {tid: ChunkStore(Path(p), fsync=cfg.fsync) for tid, p in cfg.targets.items()}
+        self.server = server or RpcServer(cfg.host, cfg.port, name=f"storage-{cfg.node_id}")
+        self.server.add_service(self)
+        self.rpc = RpcClient(default_timeout=cfg.forward_timeout_s, connections_per_address=4)
+        self.mgmtd = MgmtdLink(self.rpc, cfg.mgmtd)
+        self.metrics = metrics
+        self.routing = Routing.empty()
+        self._acked_version = -1     # routing version mgmtd reported after seeing this incarnation
+        self._last_ok = 0.0          # monotonic time of the last successful heartbeat
+        self._locks: dict[tuple, asyncio.Lock] = {}
+        self._syncs: dict[tuple, asyncio.Task] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._routing_lock = asyncio.Lock()
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def start(self) -> str:
+        await self.server.start()
+        self._tasks.append(asyncio.ensure_future(self._heartbeat_loop()))
+        return self.address
+
+    async def stop(self) -> None:
+        for t in self._tasks + list(self._syncs.values()):
+            t.cancel()
+        await self.server.close()
+        await self.rpc.close()
+        for s in self.stores.values():
+            s.close()
+
+    # --- membership ----------------------------------------------------------------------------
+
+    @property
+    def fenced(self) -> bool:
+        return (self._acked_version < 0 or time.monotonic() - self._last_ok > self.cfg.fence_s
+                or self.routing.version < self._acked_version)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            t0 = time.monotonic()
+            try:
+                reply = await self.mgmtd.call("heartbeat", {
+                    "node_id": self.cfg.node_id, "node_type": "storage", "address": self.address,
+                    "incarnation": self.incarnation, "targets": sorted(self.stores),
+                    "metrics": getattr(self.metrics, "address", "") or ""},
+                    timeout=max(0.2, self.cfg.heartbeat_s))
+                if reply["routing_version"] > self.routing.version:
+                    await self.refresh_routing()
+                self._acked_version = max(self._acked_version, reply["routing_version"])
+                self._last_ok = t0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", exc)
+            if self.metrics is not None:
+                self.metrics.gauge.labels(name="fenced").set(1 if self.fenced else 0)
+            await asyncio.sleep(self.cfg.heartbeat_s)
+
+    async def refresh_routing(self) -> None:
+        async with self._routing_lock:
+            info = await self.mgmtd.call("get_routing")
+            if info["version"] >= self.routing.version:
+                self.routing = Routing(info)
+                self._start_syncs()
+
+    def _check_fence(self) -> None:
+        if self.fenced:
+            raise FsError(Code.FENCED, f"storage node {self.cfg.node_id} cannot confirm its membership with mgmtd")
+
+    async def _chain(self, chain_id: int, chain_version: int | None) -> tuple[dict, dict, list[dict]]:
+        """(chain, this node's target in it, write targets); checks the chain version."""
+        chain = self.routing.chain(chain_id)
+        if chain_version is not None and (chain is None or chain["version"] < chain_version):
+            try:
+                await self.refresh_routing()
+            except FsError:
+                pass
+            chain = self.routing.chain(chain_id)
+        if chain is None:
+            raise FsError(Code.CHAIN_VERSION_MISMATCH, f"chain {chain_id} unknown on node {self.cfg.node_id}")
+        if chain_version is not None and chain["version"] != chain_version:
+            raise FsError(Code.CHAIN_VERSION_MISMATCH,
+                          f"chain {chain_id}: request at version {chain_version}, node at {chain['version']}")
+        mine = [t for t in chain["targets"] if t["id"] in self.stores]
+        if not mine:
+            raise FsError(Code.TARGET_NOT_SERVING, f"node {self.cfg.node_id} holds no target of chain {chain_id}")
+        return chain, mine[0], [t for t in chain["targets"] if t["state"] in TargetState.WRITE]
+
+    def _lock(self, target_id: int, inode: int, index: int) -> asyncio.Lock:
+        key = (target_id, inode, index)
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+            if len(self._locks) > 100_000:  # forget idle locks
+                for k in [k for k, v in self._locks.items() if not v.locked()][:50_000]:
+                    del self._locks[k]
+        return lock
+
+    # --- CRAQ write path -----------------------------------------------------------------------
+
+    async def rpc_write(self, chain_id: int, chain_version: int, inode: int, index: int, op: str = "write",
+                        offset: int = 0, data: bytes = b"", length: int = 0, client: str = "", channel: int = 0,
+                        seq: int = 0, update_version: int | None = None, full: bytes | None = None) -> dict:
+        """Apply one chunk update. Client requests omit ``update_version`` and must reach the head.
+        ``op``: ``write`` (``data`` at ``offset``), ``truncate`` (to ``length``), ``remove``.
+        Returns ``{"version", "crc", "length"}``."""
+        self._check_fence()
+        if op not in ("write", "truncate", "remove"):
+            raise ValueError(f"op: expected write, truncate or remove, got {op!r}")
+        if inode < 0 or index < 0 or offset < 0 or length < 0:
+            raise ValueError("inode, index, offset and length must be >= 0")
+        chain, me, wchain = await self._chain(chain_id, chain_version)
+        if me["state"] not in TargetState.WRITE:
+            raise FsError(Code.TARGET_NOT_SERVING, f"target {me['id']} is {me['state']}")
+        pos = next(i for i, t in enumerate(wchain) if t["id"] == me["id"])
+        if update_version is None and (pos != 0 or me["state"] != TargetState.SERVING):
+            raise FsError(Code.NOT_HEAD, f"target {me['id']} is not the head of chain {chain_id}")
+        store = self.stores[me["id"]]
+        async with self._lock(me["id"], inode, index):
+            if client and update_version is None:
+                prior = store.dedup_get(client, channel)
+                if prior is not None and prior[0] == seq:
+                    return msgpack.unpackb(prior[1])  # a retry of an applied request
+                if prior is not None and prior[0] > seq:
+                    raise FsError(Code.EINVAL, f"channel {channel}: sequence {seq} is older than the last applied")
+            meta = store.get(inode, index)
+            current = meta.version if meta else 0
+            successor = wchain[pos + 1] if pos + 1 < len(wchain) else None
+            if op == "remove":
+                if successor is not None:
+                    await self._forward(successor, dict(chain_id=chain_id, chain_version=chain["version"], inode=inode,
+                                                        index=index, op="remove", client=client, channel=channel,
+                                                        seq=seq, update_version=current + 1))
+                result = {"version": 0, "crc": 0, "length": 0}
+                store.remove(inode, index, self._dedup(client, channel, seq, result))
+                return result
+            if update_version is None:
+                u = current + 1
+            else:
+                u = update_version
+                if current >= u and full is None:
+                    return {"version": current, "crc": meta.crc, "length": meta.length}
+                if full is None and current != u - 1:
+                    raise FsError(Code.STALE_UPDATE, f"chunk {inode}:{index} at v{current}, update is v{u}")
+            content, crc = await store.prepare(inode, index, u, op, offset, data, length, full)
+            if successor is not None:
+                args = dict(chain_id=chain_id, chain_version=chain["version"], inode=inode, index=index, op=op,
+                            offset=offset, data=data, length=length, client=client, channel=channel, seq=seq,
+                            update_version=u)
+                try:
+                    try:
+                        await self._forward(successor, args)
+                    except FsError as exc:
+                        if exc.code != Code.STALE_UPDATE:
+                            raise
+                        args.update(full=content, data=b"")
+                        await self._forward(successor, args)
+                except FsError:
+                    store.abort(inode, index)  # never acknowledged: leave the committed version
+                    raise
+            result = {"version": u, "crc": crc, "length": len(content)}
+            store.commit(inode, index, u, self._dedup(client, channel, seq, result))
+        if self.metrics is not None and op == "write":
+            self.metrics.bytes.labels(direction="write").inc(len(data))
+        return result
+
+    @staticmethod
+    def _dedup(client: str, channel: int, seq: int, result: dict):
+        return (client, channel, seq, msgpack.packb(result)) if client else None
+
+    async def _forward(self, target: dict, args: dict) -> dict:
+        addr = self.routing.address(target["node"])
+        if addr is None:
+            raise FsError(Code.RPC_CONNECT, f"no address for node {target['node']}")
+        return await self.rpc.call(addr, "write", args, timeout=self.cfg.forward_timeout_s)
+
+    # --- read path -----------------------------------------------------------------------------
+
+    async def rpc_read(self, chain_id: int, inode: int, index: int, offset: int = 0, length: int = -1,
+                       chain_version: int | None = None) -> dict:
+        """Committed bytes of one chunk: ``{"data", "version", "chunk_length"}`` (empty data and
+        version 0 for a chunk never written: a hole)."""
+        self._check_fence()
+        if inode < 0 or index < 0 or offset < 0:
+            raise ValueError("inode, index and offset must be >= 0")
+        length = 2**62 if length is None or length < 0 else length
+        chain, me, _ = await self._chain(chain_id, None)
+        if me["state"] != TargetState.SERVING:
+            raise FsError(Code.TARGET_NOT_SERVING, f"target {me['id']} is {me['state']}")
+        store = self.stores[me["id"]]
+        meta = store.get(inode, index)
+        if meta is not None and meta.pending_version is not None:
+            lock = self._lock(me["id"], inode, index)
+            if lock.locked():  # a write is in flight: its outcome is moments away
+                async with lock:
+                    pass
+                meta = store.get(inode, index)
+            serving = [t for t in chain["targets"] if t["state"] == TargetState.SERVING]
+            if meta is not None and meta.pending_version is not None and serving[-1]["id"] != me["id"]:
+                raise FsError(Code.CHUNK_DIRTY, f"chunk {inode}:{index} has an unacknowledged version; read the tail")
+        data, meta = await store.read(inode, index, offset, length)
+        if self.metrics is not None:
+            self.metrics.bytes.labels(direction="read").inc(len(data))
+        return {"data": data, "version": meta.version if meta else 0, "chunk_length": meta.length if meta else 0}
+
+    async def rpc_chunk_meta(self, target_id: int, inode: int, index: int) -> dict | None:
+        """Admin/tests: one target's metadata of one chunk (version, length, crc, pending)."""
+        store = self._store(target_id)
+        meta = store.get(inode, index)
+        return None if meta is None else meta.as_dict()
+
+    async def rpc_list_chunks(self, chain_id: int, inode: int, from_index: int = 0) -> list[dict]:
+        """Committed chunks of ``inode`` on this node's target of ``chain_id``."""
+        self._check_fence()
+        _, me, _ = await self._chain(chain_id, None)
+        return [m.as_dict() for m in self.stores[me["id"]].list(inode, from_index)]
+
+    async def rpc_last_chunk(self, chain_id: int, inode: int) -> list | None:
+        """``[index, length]`` of the highest committed chunk of ``inode`` on this chain, or None."""
+        self._check_fence()
+        _, me, _ = await self._chain(chain_id, None)
+        if me["state"] != TargetState.SERVING:
+            raise FsError(Code.TARGET_NOT_SERVING, f"target {me['id']} is {me['state']}")
+        last = self.stores[me["id"]].last_chunk(inode)
+        return list(last) if last else None
+
+    async def rpc_dump_target(self, target_id: int) -> list[list]:
+        """Every committed chunk of a target as ``[inode, index, version, crc]`` (sync, admin)."""
+        return [[m.inode, m.index, m.version, m.crc] for m in self._store(target_id).list()]
+
+    async def rpc_node_info(self) -> dict:
+        return {"node_id": self.cfg.node_id, "incarnation": self.incarnation, "fenced": self.fenced,
+                "routing_version": self.routing.version,
+                "targets": {tid: {"path": str(s.path), "chunks": len(s.list())} for tid, s in self.stores.items()}}
+
+    def _store(self, target_id: int) -> ChunkStore:
+        store = self.stores.get(target_id)
+        if store is None:
+            raise FsError(Code.ENOENT, f"node {self.cfg.node_id} has no target {target_id}")
+        return store
+
+    # --- re-sync -------------------------------------------------------------------------------
+
+    async def rpc_sync_write(self, target_id: int, chain_id: int, chain_version: int, inode: int, index: int,
+                             version: int, content: bytes | None) -> dict:
+        """Sync from the last serving target: replace a chunk (or delete it when ``content`` is None)."""
+        self._check_fence()
+        chain, me, _ = await self._chain(chain_id, chain_version)
+        if me["id"] != target_id or me["state"] != TargetState.SYNCING:
+            raise FsError(Code.TARGET_NOT_SERVING, f"target {target_id} is not syncing in chain {chain_id}")
+        store = self.stores[target_id]
+        async with self._lock(target_id, inode, index):
+            if content is None:
+                store.remove(inode, index)
+            else:
+                await store.replace(inode, index, version, content)
+        return {"ok": True}
+
+    def _start_syncs(self) -> None:
+        for cid, chain in self.routing.chains.items():
+            serving = [t for t in chain["targets"] if t["state"] == TargetState.SERVING]
+            if not serving or serving[-1]["id"] not in self.stores:
+                continue
+            for t in chain["targets"]:
+                if t["state"] != TargetState.SYNCING:
+                    continue
+                key = (cid, t["id"], chain["version"])
+                if key not in self._syncs:
+                    self._syncs[key] = asyncio.ensure_future(self._sync(cid, serving[-1]["id"], t, chain["version"]))
+
+    async def _sync(self, chain_id: int, source_id: int, target: dict, version: int) -> None:
+        store = self.stores[source_id]
+        t0, copied, removed = time.monotonic(), 0, 0
+        for attempt in range(1000):
+            chain = self.routing.chain(chain_id)
+            if chain is None or chain["version"] != version:
+                return  # the chain changed; a newer routing starts a new sync if still needed
+            addr = self.routing.address(target["node"])
+            try:
+                remote = {(i, x): (v, c) for i, x, v, c in await self.rpc.call(
+                    addr, "dump_target", {"target_id": target["id"]}, timeout=30)}
+                local = {(m.inode, m.index): (m.version, m.crc) for m in store.list()}
+                for key, vc in local.items():
+                    if remote.get(key) == vc:
+                        continue
+                    async with self._lock(source_id, *key):
+                        content, meta = await store.committed_content(*key)
+                        if meta is None or meta.version == 0:
+                            continue
+                        await self.rpc.call(addr, "sync_write", dict(
+                            target_id=target["id"], chain_id=chain_id, chain_version=version, inode=key[0],
+                            index=key[1], version=meta.version, content=content), timeout=30)
+                        copied += 1
+                for key in remote.keys() - local.keys():
+                    async with self._lock(source_id, *key):
+                        if store.get(*key) is not None:
+                            continue
+                        await self.rpc.call(addr, "sync_write", dict(
+                            target_id=target["id"], chain_id=chain_id, chain_version=version, inode=key[0],
+                            index=key[1], version=0, content=None), timeout=30)
+                        removed += 1
+                await self.mgmtd.call("sync_done", {"chain_id": chain_id, "target_id": target["id"],
+                                                    "chain_version": version})
+                log.info("sync done", extra={"fields": {"chain": chain_id, "target": target["id"], "copied": copied,
+                                                        "removed": removed, "seconds": time.monotonic() - t0}})
+                return
+            except asyncio.CancelledError:
+                raise
+            except FsError as exc:
+                if exc.code == Code.CHAIN_VERSION_MISMATCH:
+                    return
+                log.warning("sync of target %s failed (attempt %d): %s", target["id"], attempt, exc)
+                await asyncio.sleep(min(1.0, 0.05 * (attempt + 1)))
+                try:
+                    await self.refresh_routing()
+                except FsError:
+                    pass
