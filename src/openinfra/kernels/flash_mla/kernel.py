@@ -118,10 +118,14 @@ def _mla_attn_kernel(
 
     for req in range(begin_req, end_req + 1):
         length = tl.load(len_ptr + req)
-        nblk = (length + SCHED_BLOCK - 1) // SCHED_BLOCK
-        lo = tl.where(req == begin_req, begin_blk, 0)
-        hi = tl.where(req == end_req, end_blk, nblk)
-        if lo < hi:
+        split_base = tl.load(splits_ptr + req)
+        n_split = tl.load(splits_ptr + req + 1) - split_base
+        # The piece of this request in this chunk, in tokens. Its existence is decided by the schedule
+        # alone (a chunk's last request ends at end_blk, every other piece runs to the request's end),
+        # so that each split the schedule counted is written even if the lengths shrank since.
+        lo = tl.where(req == begin_req, begin_blk, 0) * SCHED_BLOCK
+        hi = tl.where(req == end_req, end_blk * SCHED_BLOCK, 2147483647)
+        if (lo < hi) & (n_split > 0):
             if SPARSE:
                 bi = req // s_q
                 si = r_s * 0 + req % s_q
@@ -139,7 +143,7 @@ def _mla_attn_kernel(
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, D_V], tl.float32)
-            for start in range(lo * SCHED_BLOCK, tl.minimum(hi * SCHED_BLOCK, length), BLOCK_N):
+            for start in range(lo, tl.minimum(hi, length), BLOCK_N):
                 pos = start + offs_n
                 in_len = pos < length
                 if SPARSE:
@@ -193,8 +197,6 @@ def _mla_attn_kernel(
                     acc = tl.dot(p16, k_nope, acc * alpha[:, None])
                 m_i = m_new
 
-            split_base = tl.load(splits_ptr + req)
-            n_split = tl.load(splits_ptr + req + 1) - split_base
             if n_split == 1:
                 o_rows = out_ptr + bi.to(tl.int64) * stride_ob + si.to(tl.int64) * stride_os + head.to(tl.int64) * stride_oh
                 l_off = bi.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + si.to(tl.int64) * stride_ls
