@@ -1,5 +1,8 @@
 """System layer: inference serving and the DeepSeek-V3/R1 cost-vs-income model.
 
-- ``openinfra.serving.cost``  the inference overview's cost vs theoretical income table
-  (``openinfra cost``).
+- ``openinfra.serving.engine``       continuous batching over the paged MLA latent cache.
+- ``openinfra.serving.prefix_cache`` prefix reuse of whole prompt pages (hash-chained keys).
+- ``openinfra.serving.http_server``  an OpenAI-style completions endpoint (``openinfra serve``).
+- ``openinfra.serving.cost``         the inference overview's cost vs theoretical income table
+  (``openinfra cost``), and the same arithmetic for a run of our engine.
 """

@@ -20,7 +20,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["CostInputs", "CostReport", "compute_cost", "format_table", "PUBLISHED", "register"]
+__all__ = ["CostInputs", "CostReport", "compute_cost", "format_table", "run_economics", "PUBLISHED", "register"]
 
 _MILLION = 1e6
 _HOURS_PER_DAY = 24.0
@@ -111,6 +111,35 @@ def compute_cost(inputs: CostInputs | None = None) -> CostReport:
         input_tokens_per_s_per_node=inputs.input_tokens / node_seconds,
         output_tokens_per_s_per_node=inputs.output_tokens / node_seconds,
     )
+
+
+def run_economics(prefill_tokens_per_s: float, decode_tokens_per_s: float, cache_hit_share: float,
+                  gpus: int, gpu_hour_usd: float, inputs: CostInputs | None = None) -> dict[str, float]:
+    """The overview's arithmetic for a run of our own engine on ``gpus`` GPUs.
+
+    Assumes the overview's traffic mix (input:output tokens = 608:168) and splits the GPUs between
+    prefill and decode so both sides keep up; returns cost per million tokens and the margin at
+    R1 prices with this run's measured throughput and prefix-cache hit share.
+    """
+    if prefill_tokens_per_s <= 0 or decode_tokens_per_s <= 0:
+        raise ValueError("prefill_tokens_per_s and decode_tokens_per_s must be > 0")
+    inputs = inputs or CostInputs()
+    ratio = inputs.input_tokens / inputs.output_tokens  # input tokens per output token
+    # Time for one output token and its `ratio` input tokens, on one GPU doing both phases.
+    seconds_per_output = ratio / prefill_tokens_per_s + 1.0 / decode_tokens_per_s
+    output_tokens_per_hour = gpus * 3600.0 / seconds_per_output
+    cost_per_hour = gpus * gpu_hour_usd
+    income_per_output = (ratio * (cache_hit_share * inputs.price_cache_hit_per_m
+                                  + (1 - cache_hit_share) * inputs.price_cache_miss_per_m)
+                         + inputs.price_output_per_m) / _MILLION
+    income_per_hour = output_tokens_per_hour * income_per_output
+    return {
+        "output_tokens_per_hour": output_tokens_per_hour,
+        "cost_per_hour_usd": cost_per_hour,
+        "income_per_hour_usd": income_per_hour,
+        "cost_per_m_output_usd": cost_per_hour / output_tokens_per_hour * _MILLION,
+        "margin": (income_per_hour - cost_per_hour) / cost_per_hour,
+    }
 
 
 def format_table(report: CostReport) -> str:

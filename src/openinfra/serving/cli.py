@@ -1,0 +1,62 @@
+"""``openinfra serve``: the OpenAI-style completion server over a checkpoint (or a fresh model)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+__all__ = ["register", "build_engine"]
+
+
+def build_engine(config: str = "tiny", checkpoint: str | None = None, num_blocks: int = 64, page_size: int = 64,
+                 max_batch: int = 8, device: str = "cpu", seed: int = 0, prefix_cache_mb: int = 64):
+    """The engine the CLI and the demo use: a checkpoint when given, else a seeded fresh model."""
+    import torch
+
+    from openinfra.model import Transformer, get_config, load_checkpoint
+    from openinfra.serving.engine import Engine
+    from openinfra.serving.prefix_cache import MemoryBlockStore
+
+    if checkpoint:
+        model, _ = load_checkpoint(checkpoint, device=device)
+    else:
+        torch.manual_seed(seed)
+        model = Transformer(get_config(config)).to(device)
+    store = MemoryBlockStore(prefix_cache_mb * 2**20) if prefix_cache_mb > 0 else None
+    return Engine(model, num_blocks=num_blocks, page_size=page_size, max_batch=max_batch, block_store=store, seed=seed)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from openinfra.serving.http_server import CompletionServer
+
+    try:
+        engine = build_engine(args.config, args.checkpoint, args.num_blocks, args.page_size, args.max_batch, args.device)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"openinfra serve: error: {exc}", file=sys.stderr)
+        return 2
+    server = CompletionServer(engine, args.host, args.port, model_name=f"openinfra-{args.config}").start()
+    print(f"serving on {server.url}/v1/completions (Ctrl-C to stop)", flush=True)
+    try:
+        deadline = time.monotonic() + args.duration if args.duration else None
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-style HTTP endpoint (completions, streaming)")
+    p.add_argument("--config", default="tiny", help="model config when no checkpoint is given (default tiny)")
+    p.add_argument("--checkpoint", default=None, help="directory of DeepSeek-V3-named safetensors")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--num-blocks", type=int, default=64, help="pages in the paged KV cache")
+    p.add_argument("--page-size", type=int, default=64, help="tokens per page")
+    p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: run until Ctrl-C)")
+    p.set_defaults(func=_run)
