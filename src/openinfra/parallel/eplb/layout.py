@@ -20,10 +20,14 @@ def replica_counts(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:
 def replica_ranks(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:
     """phyrank [layers, replicas] int64: the slot's index among its expert's replicas, in slot order."""
     layers, replicas = phy2log.shape
-    onehot = torch.zeros(layers, replicas, num_experts, dtype=torch.int64)
-    onehot.scatter_(2, phy2log.unsqueeze(-1), 1)
-    # Running count of the same expert over earlier slots: an exclusive cumulative sum.
-    return (onehot.cumsum(1) - onehot).gather(2, phy2log.unsqueeze(-1)).squeeze(-1)
+    # A stable sort groups each expert's slots in slot order; a slot's rank is its position in
+    # the sorted row minus where its expert's run starts.
+    order = phy2log.argsort(dim=1, stable=True)
+    sorted_exp = phy2log.gather(1, order)
+    count = replica_counts(phy2log, num_experts)
+    run_start = count.cumsum(1) - count
+    rank_sorted = torch.arange(replicas, dtype=torch.int64) - run_start.gather(1, sorted_exp)
+    return torch.empty_like(phy2log).scatter_(1, order, rank_sorted)
 
 
 def logical_to_physical(phy2log: torch.Tensor, num_experts: int, phyrank: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

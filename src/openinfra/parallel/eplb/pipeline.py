@@ -19,7 +19,7 @@ import torch
 
 from openinfra.parallel.eplb.layout import replica_ranks
 
-__all__ = ["Steps", "hierarchical_placement"]
+__all__ = ["Steps", "Draft", "draft_placement", "finish_placement", "hierarchical_placement"]
 
 PackFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 ReplicateFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -49,13 +49,29 @@ def _inverse(perm: torch.Tensor) -> torch.Tensor:
     return inv
 
 
-def hierarchical_placement(weight: torch.Tensor, num_physical: int, num_groups: int, num_nodes: int,
-                           num_gpus: int, steps: Steps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Place ``num_physical`` slots for ``weight [L, E]`` (float32, validated).
+@dataclass
+class Draft:
+    """Steps 1-3 done, before refinement: what :func:`finish_placement` needs.
 
-    Returns ``(phy2log [L, P], phyrank [L, P], logcnt [L, E])`` int64; slot p lives on GPU
-    ``p // (P / num_gpus)`` and every replica of an expert stays on its group's node.
+    tokens [L*N, E/N] per-node expert loads; slot2mlog [L*N, P/N] GPU-major placement in node-
+    local ids; slotrank [L*N, P/N] replica ranks; mlogcnt [L*N, E/N]; mlog2log / log2mlog
+    [L, E] the node-major renumbering; shape (layers, nodes, gpus_per_node).
     """
+
+    tokens: torch.Tensor
+    slot2mlog: torch.Tensor
+    slotrank: torch.Tensor
+    mlogcnt: torch.Tensor
+    mlog2log: torch.Tensor
+    log2mlog: torch.Tensor
+    layers: int
+    nodes: int
+    gpus_per_node: int
+
+
+def draft_placement(weight: torch.Tensor, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int,
+                    steps: Steps) -> Draft:
+    """Steps 1-3 of the pipeline for ``weight [L, E]`` (float32, validated)."""
     layers, experts = weight.shape
     group_size = experts // num_groups
     groups_per_node = num_groups // num_nodes
@@ -79,19 +95,40 @@ def hierarchical_placement(weight: torch.Tensor, num_physical: int, num_groups: 
     # Step 3: the node's replicas -> its GPUs, each replica carrying load / replica count.
     tokens_per_phy = (tokens_per_mlog / mlogcnt).gather(-1, phy2mlog)
     pack_index, rank_in_pack = steps.pack_gpus(tokens_per_phy, gpus_per_node)
-    phy2pphy = pack_index * slots_per_gpu + rank_in_pack
-    pphy2phy = _inverse(phy2pphy)
-    pphy2mlog = phy2mlog.gather(-1, pphy2phy)  # [L*N, P/N], GPU-major
-    pphyrank = phyrank.gather(-1, pphy2phy)
+    pphy2phy = _inverse(pack_index * slots_per_gpu + rank_in_pack)
+    return Draft(tokens_per_mlog, phy2mlog.gather(-1, pphy2phy), phyrank.gather(-1, pphy2phy), mlogcnt,
+                 mlog2log, log2mlog, layers, num_nodes, gpus_per_node)
 
-    # Step 4 (ours): joint refinement inside each node; replica ranks then follow slot order.
-    if steps.refine is not None:
-        pphy2mlog = steps.refine(tokens_per_mlog, pphy2mlog, gpus_per_node)
-        pphyrank = replica_ranks(pphy2mlog, experts_per_node)
-        mlogcnt = torch.zeros_like(mlogcnt).scatter_add_(1, pphy2mlog, torch.ones_like(pphy2mlog))
 
+def finish_placement(draft: Draft, refined: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Map a draft (optionally with a refined slot2mlog) back to logical ids.
+
+    Returns ``(phy2log [L, P], phyrank [L, P], logcnt [L, E])``; after refinement replica
+    ranks follow slot order.
+    """
+    slot2mlog, slotrank, mlogcnt = draft.slot2mlog, draft.slotrank, draft.mlogcnt
+    experts_per_node = draft.tokens.shape[1]
+    if refined is not None:
+        slot2mlog = refined
+        slotrank = replica_ranks(refined, experts_per_node)
+        mlogcnt = torch.zeros_like(mlogcnt).scatter_add_(1, refined, torch.ones_like(refined))
+    experts = experts_per_node * draft.nodes
     node_offset = torch.arange(0, experts, experts_per_node, dtype=torch.int64).view(1, -1, 1)
-    pphy2mlog = (pphy2mlog.view(layers, num_nodes, -1) + node_offset).flatten(-2)
-    phy2log = mlog2log.gather(-1, pphy2mlog)
-    logcnt = mlogcnt.view(layers, -1).gather(-1, log2mlog)
-    return phy2log, pphyrank.view(layers, -1), logcnt
+    pphy2mlog = (slot2mlog.view(draft.layers, draft.nodes, -1) + node_offset).flatten(-2)
+    phy2log = draft.mlog2log.gather(-1, pphy2mlog)
+    logcnt = mlogcnt.view(draft.layers, -1).gather(-1, draft.log2mlog)
+    return phy2log, slotrank.view(draft.layers, -1), logcnt
+
+
+def hierarchical_placement(weight: torch.Tensor, num_physical: int, num_groups: int, num_nodes: int,
+                           num_gpus: int, steps: Steps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Place ``num_physical`` slots for ``weight [L, E]`` (float32, validated).
+
+    Returns ``(phy2log [L, P], phyrank [L, P], logcnt [L, E])`` int64; slot p lives on GPU
+    ``p // (P / num_gpus)`` and every replica of an expert stays on its group's node.
+    """
+    draft = draft_placement(weight, num_physical, num_groups, num_nodes, num_gpus, steps)
+    refined = None
+    if steps.refine is not None:
+        refined = steps.refine(draft.tokens, draft.slot2mlog, draft.gpus_per_node)
+    return finish_placement(draft, refined)

@@ -91,7 +91,7 @@ def _best_replica_move(weight: torch.Tensor, slot2exp: torch.Tensor, count: torc
 
 
 def refine_placement(weight: torch.Tensor, slot2exp: torch.Tensor, num_gpus: int, *, replica_moves: bool = True,
-                     max_iters: int | None = None, candidates: int = 64, target: torch.Tensor | None = None,
+                     max_iters: int | None = None, candidates: int = 16, target: torch.Tensor | None = None,
                      active: torch.Tensor | None = None) -> torch.Tensor:
     """Improve a GPU-major placement in place of all rows at once.
 
@@ -122,33 +122,45 @@ def refine_placement(weight: torch.Tensor, slot2exp: torch.Tensor, num_gpus: int
     if max_iters is None:
         max_iters = 4 * num_gpus + 16
     live = torch.ones(rows, dtype=torch.bool) if active is None else active.clone()
-    ar = torch.arange(rows)
-    for _ in range(max_iters):
-        count, slot_w, load = placement_loads(weight, slot2exp, num_gpus)
+    # Rows where no swap helps wait here for a (costlier) replica-move evaluation, done in
+    # batches: when no row is left swapping, or every 4th iteration.
+    stuck = torch.zeros(rows, dtype=torch.bool)
+    # Donor slots for replica moves: all replicas of multi-replica experts, at most 2 * (P - n).
+    candidates = min(candidates, slots, 2 * max(slots - weight.shape[1], 0))
+    replica_moves = replica_moves and candidates > 0
+    for it in range(max_iters):
+        if replica_moves and bool(stuck.any()) and (not bool(live.any()) or it % 4 == 3):
+            q = stuck.nonzero().squeeze(1)
+            w, s2e = weight[q], slot2exp[q]
+            count, _, load = placement_loads(w, s2e, num_gpus)
+            peak, hot = load.max(1)
+            move_new, gain_i, donor = _best_replica_move(w, s2e, count, load, hot, per_gpu, candidates)
+            ok = move_new < peak * (1 - _REL_TOL)
+            if bool(ok.any()):
+                r = ok.nonzero().squeeze(1)
+                s2e[r, donor[r]] = s2e[r, hot[r] * per_gpu + gain_i[r]]
+                slot2exp[q] = s2e
+            stuck[q] = False
+            live[q[ok]] = True  # moved rows go back to swapping
+        idx = live.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            if not (replica_moves and bool(stuck.any())):
+                break
+            continue
+        # Work on the rows still improving only: most converge in a few iterations.
+        w, s2e = weight[idx], slot2exp[idx]
+        count, slot_w, load = placement_loads(w, s2e, num_gpus)
         peak, hot = load.max(1)
-        if target is not None:
-            live &= peak > target
-        if not bool(live.any()):
-            break
-        tol = peak * _REL_TOL
+        keep = torch.ones_like(peak, dtype=torch.bool) if target is None else peak > target[idx]
         swap_new, swap_flat = _best_swap(slot_w, load, peak, hot, per_gpu)
-        swap_ok = live & (swap_new < peak - tol)
-        use_move = torch.zeros_like(swap_ok)
-        if replica_moves:
-            move_new, gain_i, donor = _best_replica_move(weight, slot2exp, count, load, hot, per_gpu, candidates)
-            use_move = live & (move_new < peak - tol) & (~swap_ok | (move_new < swap_new))
-        use_swap = swap_ok & ~use_move
-        if not bool((use_swap | use_move).any()):
-            break
-        if bool(use_swap.any()):
-            r = ar[use_swap]
+        ok = keep & (swap_new < peak * (1 - _REL_TOL))
+        if bool(ok.any()):
+            r = ok.nonzero().squeeze(1)
             i = hot[r] * per_gpu + swap_flat[r] // slots
             j = swap_flat[r] % slots
-            a, b = slot2exp[r, i].clone(), slot2exp[r, j].clone()
-            slot2exp[r, i], slot2exp[r, j] = b, a
-        if bool(use_move.any()):
-            r = ar[use_move]
-            gainer = slot2exp[r, hot[r] * per_gpu + gain_i[r]]
-            slot2exp[r, donor[r]] = gainer
-        live &= use_swap | use_move  # a row with no improving move is at a local optimum
+            a, b = s2e[r, i].clone(), s2e[r, j].clone()
+            s2e[r, i], s2e[r, j] = b, a
+            slot2exp[idx] = s2e
+        live[idx] = ok
+        stuck[idx] = keep & ~ok  # at a swap-local optimum but not at its target
     return slot2exp

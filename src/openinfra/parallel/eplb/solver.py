@@ -6,8 +6,9 @@ Solvers (``solver=`` by name, see :data:`SOLVERS`):
   replication); vectorised over layers and nodes.
 * ``"fast"``: vectorised steps only (round-robin packing, one-shot water-filling replication)
   plus local search with swaps and replica moves; no per-item Python loop anywhere.
-* ``"best"`` (default): ``"fast"``, and the local search also run from the faithful solution;
-  per layer the better of the two is kept, so it is never worse than ``"faithful"``.
+* ``"best"`` (default): the local search run from the faithful solution (so never worse than
+  ``"faithful"``, layer by layer) and ``"fast"``; per layer the better of the two is kept. The
+  faithful seed's greedy loops over items (vectorised over layers and nodes).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from openinfra.parallel.eplb._checks import check_topology, check_weight
 from openinfra.parallel.eplb.layout import balancedness, logical_to_physical
 from openinfra.parallel.eplb.packing import greedy_pack, round_pack
-from openinfra.parallel.eplb.pipeline import Steps, hierarchical_placement
+from openinfra.parallel.eplb.pipeline import Steps, draft_placement, finish_placement, hierarchical_placement
 from openinfra.parallel.eplb.refine import refine_placement
 from openinfra.parallel.eplb.replication import greedy_replicate, waterfill_replicate
 
@@ -54,7 +55,10 @@ def _refine_step(tokens: torch.Tensor, slot2exp: torch.Tensor, gpus: int) -> tor
 
 _FAITHFUL = Steps(greedy_pack, greedy_replicate, greedy_pack)
 _FAST = Steps(_refine_groups(round_pack), waterfill_replicate, round_pack, _refine_step)
-_FAITHFUL_REFINED = Steps(_refine_groups(greedy_pack), greedy_replicate, greedy_pack, _refine_step)
+# The faithful steps with local search on top. Its group -> node packing is the original's, and
+# the search only ever lowers a node's hottest GPU, so every layer is at least as balanced as
+# the original's.
+_SEEDED = Steps(greedy_pack, greedy_replicate, greedy_pack, _refine_step)
 
 
 def _place(steps: Steps) -> Callable:
@@ -67,19 +71,16 @@ def _place(steps: Steps) -> Callable:
 
 
 def _best(weight, num_replicas, num_groups, num_nodes, num_gpus):
-    fast = _place(_FAST)(weight, num_replicas, num_groups, num_nodes, num_gpus)
-    seeded = _place(_FAITHFUL_REFINED)(weight, num_replicas, num_groups, num_nodes, num_gpus)
-    faithful = _place(_FAITHFUL)(weight, num_replicas, num_groups, num_nodes, num_gpus)
-    # The refined faithful seed can only be as good as or better than the faithful one at the
-    # GPU level within a node, but group swaps change node loads: compare all three per layer.
-    cands = [faithful, seeded, fast]
-    scores = torch.stack([balancedness(c[0], weight, num_gpus) for c in cands])  # [3, L]
-    pick = scores.argmax(0)  # ties keep the earlier (faithful-based) candidate
-    out = []
-    for k in range(3):
-        stacked = torch.stack([c[k] for c in cands])  # [3, L, *]
-        out.append(stacked[pick, torch.arange(weight.shape[0])])
-    return tuple(out)
+    if choose_policy(num_groups, num_nodes) == "global":
+        num_groups, num_nodes = 1, 1
+    drafts = [draft_placement(weight, num_replicas, num_groups, num_nodes, num_gpus, steps) for steps in (_SEEDED, _FAST)]
+    # One local search over both drafts' rows: the per-iteration cost is mostly fixed overhead.
+    refined = _refine_step(torch.cat([d.tokens for d in drafts]), torch.cat([d.slot2mlog for d in drafts]), drafts[0].gpus_per_node)
+    cands = [finish_placement(d, part) for d, part in zip(drafts, refined.chunk(2))]
+    scores = torch.stack([balancedness(c[0], weight, num_gpus) for c in cands])  # [2, L]
+    pick = scores.argmax(0)  # a tie keeps the seeded (never-worse) candidate
+    rows = torch.arange(weight.shape[0])
+    return tuple(torch.stack([c[k] for c in cands])[pick, rows] for k in range(3))
 
 
 SOLVERS: dict[str, Callable] = {
