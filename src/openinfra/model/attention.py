@@ -45,15 +45,16 @@ def flash_mla_usable(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 def _reference_attention(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
                          seqlens: torch.Tensor, head_dim_v: int, scale: float) -> torch.Tensor:
-    """Causal MQA over gathered pages, in float32. Query i of s attends keys [0, seqlen - s + i]."""
+    """Causal MQA over gathered pages, in (at least) float32. Query i of s attends keys [0, seqlen - s + i]."""
     b, s, h, d = q.shape
     page = k_cache.shape[1]
     length = int(seqlens.max())
     pos = torch.arange(length, device=q.device)
-    rows = k_cache[block_table.long()[:, pos // page], (pos % page)[None, :], 0].float()  # [b, L, d]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    rows = k_cache[block_table.long()[:, pos // page], (pos % page)[None, :], 0].to(compute)  # [b, L, d]
     valid = pos[None, :] < seqlens[:, None]                                            # [b, L]
     rows = torch.where(valid[..., None], rows, 0.0)  # pages past a request's length may hold anything
-    scores = torch.einsum("bshd,btd->bsht", q.float(), rows) * scale
+    scores = torch.einsum("bshd,btd->bsht", q.to(compute), rows) * scale
     last = seqlens[:, None] - s + torch.arange(s, device=q.device)[None, :]            # [b, s]
     visible = pos[None, None, :] <= last[..., None]                                     # [b, s, L]
     scores = scores.masked_fill(~visible[:, :, None, :], float("-inf"))

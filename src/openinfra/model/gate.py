@@ -79,6 +79,13 @@ class Gate(nn.Module):
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False)
         self.track_load = True
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) must not round the bias: its 1e-3 steps would vanish in bf16.
+        super()._apply(fn, recurse)
+        if self.bias is not None and self.bias.dtype != torch.float32:
+            self.bias = self.bias.float()
+        return self
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, dim] -> (weights [T, topk] in x's dtype, indices [T, topk] int64)."""
         logits = x @ self.weight.to(x.dtype).t()

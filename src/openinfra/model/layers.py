@@ -21,7 +21,7 @@ __all__ = ["RMSNorm", "Linear", "MLP", "fp8_gemm_available"]
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) * weight`` over the last axis; statistics in float32, output in ``x``'s dtype."""
+    """``x / rms(x) * weight`` over the last axis; statistics in at least float32, output in ``x``'s dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -29,7 +29,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        compute = torch.promote_types(x.dtype, torch.float32)
+        return F.rms_norm(x.to(compute), (x.shape[-1],), self.weight.to(compute), self.eps).to(x.dtype)
 
 
 def _deep_gemm() -> Any | None:

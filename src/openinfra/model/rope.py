@@ -51,14 +51,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate interleaved pairs of ``x``.
 
     Args:
-        x: [..., s, h, rope] (any float dtype); the rotation is computed in float32.
+        x: [..., s, h, rope] (any float dtype); the rotation is computed in at least float32.
         cos, sin: [..., s, rope // 2] float32, broadcast over the head axis.
 
     Returns:
         Same shape and dtype as ``x``.
     """
-    xf = x.float().unflatten(-1, (-1, 2))
+    compute = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64 (tests), bf16 goes up
+    xf = x.to(compute).unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    c, s = cos.to(compute).unsqueeze(-2), sin.to(compute).unsqueeze(-2)
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
     return out.flatten(-2).to(x.dtype)

@@ -71,6 +71,13 @@ class Transformer(nn.Module):
         nn.init.normal_(self.head.weight, std=cfg.dim ** -0.5)
         self.register_buffer("rope_freqs", rope_frequencies(cfg), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # Rotary frequencies stay float32 whatever dtype the weights move to.
+        super()._apply(fn, recurse)
+        if self.rope_freqs.dtype != torch.float32:
+            self.rope_freqs = rope_frequencies(self.cfg).to(self.rope_freqs.device)
+        return self
+
     # --- pieces the training job stages across pipeline ranks -------------------------------------
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

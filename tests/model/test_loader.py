@@ -1,0 +1,126 @@
+"""The safetensors loader: DeepSeek-V3 naming, FP8 block dequantization, round trips."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from openinfra.model import Transformer, get_config
+from openinfra.model.loader import (dequantize_block_fp8, load_checkpoint, quantize_block_fp8, save_checkpoint,
+                                    to_hf_state_dict)
+
+pytestmark = pytest.mark.unit
+
+
+def _cfg():
+    return get_config("tiny", n_layers=3, n_dense_layers=1, dim=64, inter_dim=96, moe_inter_dim=32, n_routed_experts=4,
+                      n_activated_experts=2, n_expert_groups=2, n_limited_groups=1, n_heads=2, q_lora_rank=0)
+
+
+def _hand_written_checkpoint(cfg, path, g):
+    """Tensors named exactly as in DeepSeek-V3's released checkpoint, written without our saver."""
+    d, h = cfg.dim, cfg.n_heads
+    t = {"model.embed_tokens.weight": torch.randn(cfg.vocab_size, d, generator=g),
+         "model.norm.weight": torch.rand(d, generator=g), "lm_head.weight": torch.randn(cfg.vocab_size, d, generator=g)}
+    for i in range(cfg.n_layers + 1):  # + one layer past n_layers, like V3's MTP layer 61
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = torch.rand(d, generator=g)
+        t[p + "post_attention_layernorm.weight"] = torch.rand(d, generator=g)
+        t[p + "self_attn.q_proj.weight"] = torch.randn(h * cfg.qk_head_dim, d, generator=g)
+        t[p + "self_attn.kv_a_proj_with_mqa.weight"] = torch.randn(cfg.latent_dim, d, generator=g)
+        t[p + "self_attn.kv_a_layernorm.weight"] = torch.rand(cfg.kv_lora_rank, generator=g)
+        t[p + "self_attn.kv_b_proj.weight"] = torch.randn(h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank, generator=g)
+        t[p + "self_attn.o_proj.weight"] = torch.randn(d, h * cfg.v_head_dim, generator=g)
+        if i < cfg.n_dense_layers:
+            for proj, shape in (("gate_proj", (cfg.inter_dim, d)), ("up_proj", (cfg.inter_dim, d)), ("down_proj", (d, cfg.inter_dim))):
+                t[p + f"mlp.{proj}.weight"] = torch.randn(*shape, generator=g)
+        else:
+            t[p + "mlp.gate.weight"] = torch.randn(cfg.n_routed_experts, d, generator=g)
+            t[p + "mlp.gate.e_score_correction_bias"] = torch.randn(cfg.n_routed_experts, generator=g)
+            for j in range(cfg.n_routed_experts):
+                for proj, shape in (("gate_proj", (cfg.moe_inter_dim, d)), ("up_proj", (cfg.moe_inter_dim, d)),
+                                    ("down_proj", (d, cfg.moe_inter_dim))):
+                    t[p + f"mlp.experts.{j}.{proj}.weight"] = torch.randn(*shape, generator=g)
+            for proj, shape in (("gate_proj", (cfg.moe_inter_dim, d)), ("up_proj", (cfg.moe_inter_dim, d)),
+                                ("down_proj", (d, cfg.moe_inter_dim))):
+                t[p + f"mlp.shared_experts.{proj}.weight"] = torch.randn(*shape, generator=g)
+    # FP8 on one projection, as the release stores them: e4m3 + 128x128 weight_scale_inv
+    name = "model.layers.1.self_attn.kv_b_proj.weight"
+    q, s = quantize_block_fp8(t[name])
+    fp8_value = dequantize_block_fp8(q, s)
+    t[name], t[name + "_scale_inv"] = q, s
+    half = sorted(t)
+    save_file({k: t[k] for k in half[::2]}, str(path / "a.safetensors"))
+    save_file({k: t[k] for k in half[1::2]}, str(path / "b.safetensors"))
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_config()))
+    return t, fp8_value
+
+
+def test_loads_a_hand_written_deepseek_v3_checkpoint(tmp_path):
+    cfg = _cfg()
+    t, fp8_value = _hand_written_checkpoint(cfg, tmp_path, torch.Generator().manual_seed(0))
+    model, report = load_checkpoint(tmp_path)
+    assert model.cfg == cfg
+    assert report["dequantized"] == ["model.layers.1.self_attn.kv_b_proj.weight"]
+    assert report["skipped"] and all(n.startswith("model.layers.3.") for n in report["skipped"])
+    sd = model.state_dict()
+    assert torch.equal(sd["embed.weight"], t["model.embed_tokens.weight"])
+    assert torch.equal(sd["layers.0.ffn.w3.weight"], t["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(sd["layers.2.attn.wq.weight"], t["model.layers.2.self_attn.q_proj.weight"])
+    assert torch.equal(sd["layers.2.ffn.experts.w2"][3], t["model.layers.2.mlp.experts.3.down_proj.weight"])
+    assert torch.equal(sd["layers.1.ffn.gate.bias"], t["model.layers.1.mlp.gate.e_score_correction_bias"])
+    assert torch.equal(sd["layers.1.ffn.shared_experts.w1.weight"], t["model.layers.1.mlp.shared_experts.gate_proj.weight"])
+    assert torch.equal(sd["layers.1.attn.wkv_b.weight"], fp8_value)
+    logits = model(torch.randint(0, cfg.vocab_size, (1, 5)))
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_save_load_round_trip(tmp_path, fp8):
+    cfg = get_config("tiny", dim=128, q_lora_rank=128, kv_lora_rank=128, moe_inter_dim=128, inter_dim=256)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    for m in model.moe_layers():
+        m.gate.bias.normal_()
+    files = save_checkpoint(model, tmp_path, fp8=fp8, max_shard_bytes=300_000)
+    assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    loaded, report = load_checkpoint(tmp_path)
+    assert bool(report["dequantized"]) == fp8
+    tokens = torch.randint(0, cfg.vocab_size, (2, 7))
+    a, b = model.state_dict(), loaded.state_dict()
+    assert set(a) == set(b)
+    for k in a:
+        if fp8 and a[k].dim() >= 2 and "embed" not in k and "head" not in k and "gate" not in k:
+            # e4m3 keeps 3 mantissa bits: each value within 1/16 of its block's scale step
+            assert (a[k] - b[k]).abs().max() <= a[k].abs().max() / 8, k
+        else:
+            assert torch.equal(a[k], b[k]), k
+    if not fp8:
+        torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=0)
+
+
+def test_fp8_block_quantization_and_names():
+    w = torch.randn(200, 300)
+    q, s = quantize_block_fp8(w)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (2, 3)
+    back = dequantize_block_fp8(q, s)
+    assert ((back - w).abs() <= s.repeat_interleave(128, 0)[:200].repeat_interleave(128, 1)[:, :300] * 448 / 16).all()
+    with pytest.raises(ValueError, match="weight_scale_inv"):
+        dequantize_block_fp8(q, s[:1])
+    names = to_hf_state_dict(Transformer(get_config("tiny")))
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in names
+    assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight" in names
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in names
+
+
+def test_loader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_checkpoint(tmp_path, cfg=get_config("tiny"))
+    save_file({"model.norm.weight": torch.ones(64)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="config.json"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="missing"):
+        load_checkpoint(tmp_path, cfg=get_config("tiny"))
