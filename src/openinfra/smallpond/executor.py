@@ -1,8 +1,8 @@
 """Running tasks: the scheduler (checkpoints, retries, progress) and two executors.
 
-``LocalExecutor`` (the default) forks one process per task, at most ``num_executors`` at a time.
-Forking means user code (lambdas, closures, local classes) needs no pickling, and a crashed or
-killed worker takes down only its own task, which the scheduler retries. ``RayExecutor`` submits
+``LocalExecutor`` (the default) forks ``num_executors`` worker processes per run; they inherit the
+run's tasks, so user code (lambdas, closures, local classes) needs no pickling, and a crashed or
+killed worker takes down only its current task, which the scheduler retries. ``RayExecutor`` submits
 each task as a Ray task to a running cluster (``ray_address``) or a local Ray on 127.0.0.1.
 
 The scheduler walks the task graph: a task whose output directory is committed from an earlier run
@@ -47,24 +47,47 @@ class JobStats:
                 f"virtual={self.virtual}, seconds={self.seconds:.2f})")
 
 
-def _child(task: Task, inputs: list[DataSet], attempt: int, cfg: dict, conn) -> None:
-    """Body of a forked worker: run the task, send the manifest or the error, exit."""
+def _worker_main(table: dict[str, Task], conn) -> None:
+    """A forked worker: run the tasks the driver names (by key, from the inherited table) until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
-        manifest = execute_task(task, inputs, attempt, allow_exit=True, **cfg)
-        conn.send(("ok", manifest))
-    except BaseException as exc:  # noqa: BLE001 -- everything goes back to the driver
-        try:
-            conn.send(("err", describe_error(exc)))
-        except Exception:
-            conn.send(("err", {"type": type(exc).__name__, "message": str(exc)[:2000], "traceback": "", "retryable": True}))
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                break
+            if msg is None:
+                break
+            key, inputs, attempt, cfg = msg
+            try:
+                reply = ("ok", execute_task(table[key], inputs, attempt, allow_exit=True, **cfg))
+            except BaseException as exc:  # noqa: BLE001 -- everything goes back to the driver
+                reply = ("err", describe_error(exc))
+            try:
+                conn.send(reply)
+            except Exception as exc:  # e.g. an unpicklable manifest value
+                conn.send(("err", {"type": type(exc).__name__, "message": str(exc)[:2000], "traceback": "", "retryable": False}))
     finally:
-        conn.close()
         os._exit(0)  # skip atexit handlers and finalizers inherited from the driver
 
 
+class _Worker:
+    def __init__(self, ctx, table: dict[str, Task]) -> None:
+        self.conn, child_conn = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_worker_main, args=(table, child_conn), daemon=True)
+        self.proc.start()
+        child_conn.close()
+
+
 class LocalExecutor:
-    """Fork-per-task process pool on this machine."""
+    """A pool of forked worker processes on this machine, one pool per run.
+
+    Workers are forked when a run starts (``begin``), so they inherit every task of the run: user
+    code (lambdas, closures, local classes) needs no pickling; only task keys and file lists go
+    through the pipes. Each worker keeps one DuckDB database open and gives every task its own
+    connection on it. A worker that dies (killed, crashed) fails only its current task, which the
+    scheduler retries on a freshly forked worker.
+    """
 
     name = "local"
 
@@ -73,45 +96,68 @@ class LocalExecutor:
             raise RuntimeError("the local executor forks workers and needs a POSIX system")
         self.capacity = max(1, int(num_workers))
         self._ctx = multiprocessing.get_context("fork")
-        self._running: dict[Any, tuple[Any, Any]] = {}   # reader -> (process, handle)
+        self._table: dict[str, Task] = {}
+        self._idle: list[_Worker] = []
+        self._busy: dict[Any, tuple[_Worker, Any]] = {}   # conn -> (worker, handle)
+
+    def begin(self, table: dict[str, Task]) -> None:
+        self.end()
+        self._table = table
 
     def submit(self, handle: Any, task: Task, inputs: list[DataSet], attempt: int, cfg: dict) -> None:
-        reader, writer = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(target=_child, args=(task, inputs, attempt, cfg, writer), daemon=True)
-        proc.start()
-        writer.close()
-        self._running[reader] = (proc, handle)
+        worker = self._idle.pop() if self._idle else _Worker(self._ctx, self._table)
+        worker.conn.send((task.key, inputs, attempt, cfg))
+        self._busy[worker.conn] = (worker, handle)
 
     def poll(self, timeout: float) -> list[tuple[Any, str, Any]]:
-        if not self._running:
+        if not self._busy:
             return []
-        ready = multiprocessing.connection.wait(list(self._running), timeout)
         done = []
-        for reader in ready:
-            proc, handle = self._running.pop(reader)
+        for conn in multiprocessing.connection.wait(list(self._busy), timeout):
+            worker, handle = self._busy.pop(conn)
             try:
-                status, payload = reader.recv()
+                status, payload = conn.recv()
+                self._idle.append(worker)
             except (EOFError, OSError):
-                proc.join(5)
-                code = proc.exitcode
+                worker.proc.join(5)
+                code = worker.proc.exitcode
                 why = f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-                status, payload = "err", {"type": "WorkerDied", "message": f"worker process {proc.pid} died ({why})",
+                status, payload = "err", {"type": "WorkerDied", "message": f"worker process {worker.proc.pid} died ({why})",
                                           "traceback": "", "retryable": True}
-            reader.close()
-            proc.join(5)
+                conn.close()
             done.append((handle, status, payload))
         return done
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live workers (for tests that kill one)."""
+        return [w.proc.pid for w in self._idle] + [w.proc.pid for w, _ in self._busy.values()]
+
     def cancel_all(self) -> None:
-        for reader, (proc, _) in list(self._running.items()):
-            if proc.is_alive():
-                proc.kill()
-            proc.join(5)
-            reader.close()
-        self._running.clear()
+        for worker, _ in list(self._busy.values()):
+            worker.proc.kill()
+            worker.proc.join(5)
+            worker.conn.close()
+        self._busy.clear()
+
+    def end(self) -> None:
+        """Stop the run's workers (idle ones exit when told; busy ones are killed)."""
+        self.cancel_all()
+        for worker in self._idle:
+            try:
+                worker.conn.send(None)
+            except OSError:
+                pass
+        for worker in self._idle:
+            worker.proc.join(5)
+            if worker.proc.is_alive():
+                worker.proc.kill()
+                worker.proc.join(5)
+            worker.conn.close()
+        self._idle.clear()
+        self._table = {}
 
     def shutdown(self) -> None:
-        self.cancel_all()
+        self.end()
 
 
 def _ray_body(task: Task, inputs: list[DataSet], attempt: int, cfg: dict):
@@ -142,6 +188,12 @@ class RayExecutor:
         self.capacity = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._remote = ray.remote(max_retries=0)(_ray_body)
         self._running: dict[Any, Any] = {}
+
+    def begin(self, table: dict[str, Task]) -> None:
+        """Nothing to prepare: Ray pickles each task (with cloudpickle) when it is submitted."""
+
+    def end(self) -> None:
+        self.cancel_all()
 
     def submit(self, handle: Any, task: Task, inputs: list[DataSet], attempt: int, cfg: dict) -> None:
         cpus = max(1, int(getattr(task.node, "cpu_limit", 1) or 1))
@@ -245,6 +297,7 @@ class Scheduler:
         pending = {id(t): t for t in todo}
         real_total = sum(not t.virtual for t in todo)
         bar = _Progress(self.progress, real_total, description)
+        self.executor.begin({t.key: t for t in todo if not t.virtual})
         attempts: dict[str, int] = {}
         running: set[int] = set()
         try:
@@ -285,6 +338,7 @@ class Scheduler:
             self.executor.cancel_all()
             raise
         finally:
+            self.executor.end()
             bar.close()
             self.stats.seconds += time.perf_counter() - t0
         return [self.results[t.key] for t in targets]
