@@ -81,3 +81,51 @@ def fresh_postgres_db(postgres_url):
     yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+# --- embedded clusters ------------------------------------------------------------------------
+
+# Test timings: heartbeats every 0.2 s, nodes failed after T = 2 s and fenced after T/2; lease 1 s.
+# Loose enough for a loaded 2-core CI machine, short enough that failovers take seconds.
+FAST = dict(heartbeat_s=0.2, failure_timeout_s=2.0, lease_s=1.0, fsync=False, gc_interval_s=0.5,
+            forward_timeout_s=2.0)
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    """``make_cluster(**spec_overrides) -> LocalCluster`` (stopped at test end, whatever happens)."""
+    from openinfra.fs import ClusterSpec, LocalCluster
+
+    started = []
+
+    def make(**overrides):
+        spec = ClusterSpec(str(tmp_path / f"cluster{len(started)}"), **{**FAST, **overrides})
+        cluster = LocalCluster.start(spec, timeout=60)
+        started.append(cluster)
+        return cluster
+
+    yield make
+    for c in started:
+        c.stop()
+
+
+def replica_metas(cluster, layout: dict, inode: int, index: int) -> list[dict | None]:
+    """Chunk metadata of one chunk on every target of its chain (serving or not)."""
+    from openinfra.fs.client.storage_client import chunk_chain
+    from openinfra.fs.cluster import call
+
+    r = cluster.routing()
+    chain = r.chain(chunk_chain(layout, index))
+    out = []
+    for t in chain["targets"]:
+        addr = r.address(t["node"])
+        out.append(call(addr, "chunk_meta", {"target_id": t["id"], "inode": inode, "index": index}))
+    return out
+
+
+def target_dump(cluster, node_name: str, target_id: int) -> dict:
+    """``{(inode, index): (version, crc)}`` of every committed chunk of a target."""
+    from openinfra.fs.cluster import call
+
+    rows = call(cluster.services[node_name]["address"], "dump_target", {"target_id": target_id}, timeout=30)
+    return {(i, x): (v, c) for i, x, v, c in rows}
