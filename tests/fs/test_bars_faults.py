@@ -122,15 +122,20 @@ def test_bar3_sigstop_tail_reads_never_mix(make_cluster):
                     done.set()
 
             t = threading.Thread(target=write_b)
+            t0 = time.monotonic()
             t.start()
             seen = set()
+            reads = 0
             deadline = time.monotonic() + 60
             while not done.is_set() and time.monotonic() < deadline:
                 got = reader.read_bytes("/mix")
                 assert got in (b"a" * MiB, b"b" * MiB), "a read mixed old and new bytes"
                 seen.add(got[:1])
+                reads += 1
             t.join(60)
             assert not errors, errors
+            # The write had to wait for the frozen tail to be failed (T): reads ran meanwhile.
+            assert time.monotonic() - t0 > cluster.spec.failure_timeout_s / 2 and reads >= 2
             assert reader.read_bytes("/mix") == b"b" * MiB
         finally:
             cluster.kill(tail_name, signal.SIGCONT)
