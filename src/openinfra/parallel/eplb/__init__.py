@@ -7,14 +7,17 @@ are unless moving them buys balance; ``ExpertLoadTracker`` turns per-expert toke
 the load estimate; ``balancedness`` is the metric (mean GPU load / max GPU load).
 """
 
+from openinfra.parallel.eplb.files import read_loads, read_plan, write_plan
 from openinfra.parallel.eplb.layout import balancedness, gpu_loads, logical_to_physical, replica_counts
 from openinfra.parallel.eplb.migration import (
     DEEPSEEK_V3_EXPERT_BYTES, MigrationPlan, align_to_previous, count_moves, rebalance_with_migration,
 )
+from openinfra.parallel.eplb.tracker import ExpertLoadTracker
 from openinfra.parallel.eplb.solver import DEFAULT_SOLVER, SOLVERS, choose_policy, rebalance_experts
 
 __all__ = [
     "rebalance_experts", "SOLVERS", "DEFAULT_SOLVER", "choose_policy",
     "balancedness", "gpu_loads", "logical_to_physical", "replica_counts",
     "rebalance_with_migration", "MigrationPlan", "count_moves", "align_to_previous", "DEEPSEEK_V3_EXPERT_BYTES",
+    "ExpertLoadTracker", "read_loads", "read_plan", "write_plan",
 ]
