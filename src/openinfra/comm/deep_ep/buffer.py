@@ -414,15 +414,15 @@ class Buffer:
                 expert (the EPLB load tracker's input).
             dispatch_wait_recv_cost_stats: must be None (no per-rank wait timing here).
             use_fp8: send e4m3 + one fp32 scale per 128 channels (H % 128 == 0).
-            round_scale: power-of-two scales; use_ue8m0: and pack them as UE8M0 bytes, four per int32
-                (needs round_scale and H % 512 == 0).
+            round_scale: power-of-two scales; use_ue8m0: and pack them as UE8M0 bytes (the exponent),
+                four per int32 (needs round_scale).
             async_finish: return at once; wait on the event before using the outputs.
             return_recv_hook: only issue the sends; call the returned hook to receive.
 
         Returns:
             ``(recv_x, recv_count, handle, event, hook)``: recv_x [L, R*Tmax, H] bf16, or
             ``(e4m3 [L, R*Tmax, H], scales [L, R*Tmax, H/128] fp32)`` with the scales' last two dims
-            column-major (int32 [L, R*Tmax, H/512] with UE8M0); only the first ``recv_count[e]`` rows
+            column-major (int32 [L, R*Tmax, ceil(H/512)] with UE8M0, zero bytes padding the last int); only the first ``recv_count[e]`` rows
             of expert e are valid, source-rank-major. ``hook`` is a no-op without return_recv_hook.
         """
         self._check_alive()
@@ -440,8 +440,6 @@ class Buffer:
             raise ValueError(f"use_fp8 needs a hidden size that is a multiple of 128, got {x.shape[1]}")
         if use_ue8m0 and not (use_fp8 and round_scale):
             raise ValueError("use_ue8m0 needs use_fp8=True and round_scale=True")
-        if use_ue8m0 and x.shape[1] % 512:
-            raise ValueError(f"use_ue8m0 packs 4 scales per int32: hidden must be a multiple of 512, got {x.shape[1]}")
         if dispatch_wait_recv_cost_stats is not None:
             raise ValueError("dispatch_wait_recv_cost_stats is not supported (no per-rank receive timing here)")
         if topk_idx.device != x.device:

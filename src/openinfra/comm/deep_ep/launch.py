@@ -46,7 +46,9 @@ class Collectives:
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> None:
         """``out`` (flat, R x inp.numel()) = every rank's ``inp``."""
-        work = dist.all_gather_into_tensor(out.view(-1), inp.contiguous().view(-1), group=self.group, async_op=True)
+        # torch 2.13 renamed all_gather_into_tensor to all_gather_single (the GPU image has 2.11)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        work = gather(out.view(-1), inp.contiguous().view(-1), group=self.group, async_op=True)
         self.works.append(work)
 
     def wait(self) -> None:

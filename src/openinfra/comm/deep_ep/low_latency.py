@@ -104,7 +104,7 @@ def ll_dispatch_issue(
         recv_x = torch.empty(experts, capacity, hidden, dtype=payload.dtype, device=device)
         if use_fp8 and use_ue8m0:
             # four UE8M0 exponent bytes per int32, the last two dims column-major (TMA-friendly)
-            result.recv_scales = torch.empty(experts, groups // 4, capacity, dtype=torch.int32, device=device).transpose(1, 2)
+            result.recv_scales = torch.empty(experts, (groups + 3) // 4, capacity, dtype=torch.int32, device=device).transpose(1, 2)
         elif use_fp8:
             result.recv_scales = torch.empty(experts, groups, capacity, dtype=torch.float32, device=device).transpose(1, 2)
         result.recv_x = recv_x
@@ -145,7 +145,9 @@ def ll_dispatch_issue(
                 scatter_rows(recv_side[:, 2:].contiguous().view(torch.float32), row.unsqueeze(1), flat_sf)
                 if use_ue8m0:
                     exps = ((flat_sf.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
-                    flat_sf = exps.view(torch.int32)
+                    padded = torch.zeros(exps.shape[0], (groups + 3) // 4 * 4, dtype=torch.uint8, device=device)
+                    padded[:, :groups] = exps
+                    flat_sf = padded.view(torch.int32)
                 result.recv_scales.copy_(flat_sf.view(experts, capacity, -1))
             if stats is not None:
                 stats.add_(total_counts.to(stats.dtype))

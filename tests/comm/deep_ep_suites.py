@@ -1,0 +1,264 @@
+"""The DeepEP check suites, run on every rank by tests/comm/test_deep_ep_distributed.py.
+
+``intranode_checks``: every check of DeepEP's tests/test_intranode.py; ``low_latency_checks``: every
+check of tests/test_low_latency.py. Shapes and thresholds from parallel.md: T=64, H=256, K=4,
+E=16*R; combine / (ranks the token went to) ~ x within calc_diff 5e-6, weights within 1e-9;
+low-latency combine ~ x * sum(w) within 1e-5 (bf16) / 9e-4 (fp8). Added to the originals: -1 entries
+in the normal-mode topk_idx, expert_alignment, two micro-batches overlapped through recv hooks.
+Each suite returns its count of completed check rounds so the caller can tell it ran to the end.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from openinfra.comm.deep_ep import Buffer, Config
+from openinfra.kernels.deep_gemm import per_token_cast_to_fp8
+from tests.comm.deep_ep_helpers import calc_diff, cast_back, routing, unique_ranks
+
+NUM_TOKENS, HIDDEN, NUM_TOPK = 64, 256, 4
+
+
+def intranode_checks(rank: int, num_ranks: int, device: str) -> int:
+    gen = torch.Generator().manual_seed(1000 + rank)
+    num_tokens, hidden, num_topk, num_experts = NUM_TOKENS, HIDDEN, NUM_TOPK, 16 * num_ranks
+    buffer = Buffer(dist.group.WORLD)
+    group = dist.group.WORLD
+
+    x = torch.ones(num_tokens, hidden, dtype=torch.bfloat16, device=device) * rank
+    x_pure_rand = torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16).to(device)
+    x_e4m3 = per_token_cast_to_fp8(x)
+    # DeepEP's test hands the scales over column-major; dispatch must accept any strides
+    x_e4m3 = (x_e4m3[0], x_e4m3[1].T.contiguous().T)
+    topk_idx = routing(num_tokens, num_experts, num_topk, 10, device, gen)
+    topk_weights = torch.ones(num_tokens, num_topk, dtype=torch.float32, device=device) * rank
+    topk_weights_pure_rand = torch.randn(num_tokens, num_topk, generator=gen).to(device)
+    rank_idx = topk_idx // (num_experts // num_ranks)
+    rank_idx.masked_fill_(topk_idx == -1, -1)
+    rank_idx = unique_ranks(rank_idx.cpu(), num_ranks).to(device)
+
+    # Expert meta
+    num_tokens_per_expert = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    for i in range(num_experts):
+        num_tokens_per_expert[i] = (topk_idx == i).sum()
+    gbl_num_tokens_per_expert = num_tokens_per_expert.clone()
+    dist.all_reduce(gbl_num_tokens_per_expert, group=group)
+
+    # Rank layout meta
+    num_tokens_per_rank = torch.empty(num_ranks, dtype=torch.int32, device=device)
+    token_idx_in_rank = torch.full((num_ranks, num_tokens), -1, dtype=torch.long, device=device)
+    for i in range(num_ranks):
+        num_tokens_per_rank[i] = (rank_idx == i).sum()
+        token_sel = (rank_idx == i).max(dim=-1)[0]
+        count = int(token_sel.sum())
+        tokens = torch.sort(token_sel.to(torch.int), descending=True, stable=True)[1]
+        tokens[:count] = torch.sort(tokens[:count])[0]
+        token_idx_in_rank[i][tokens[:count]] = torch.arange(count, dtype=torch.long, device=device)
+    token_idx_in_rank = token_idx_in_rank.T.contiguous().to(torch.int)
+    is_token_in_rank = token_idx_in_rank >= 0
+    gbl_num_tokens_per_rank = num_tokens_per_rank.clone()
+    dist.all_reduce(gbl_num_tokens_per_rank, group=group)
+
+    ref_num_tokens_per_rank, ref_rdma, ref_num_tokens_per_expert, ref_is_token_in_rank, _ = \
+        buffer.get_dispatch_layout(topk_idx, num_experts)
+    assert ref_rdma is None
+    assert torch.equal(ref_num_tokens_per_rank, num_tokens_per_rank)
+    assert torch.equal(ref_num_tokens_per_expert, num_tokens_per_expert)
+    assert torch.equal(ref_is_token_in_rank, is_token_in_rank)
+
+    config = Config(24, 8, 256)
+
+    def check_data(check_x, rank_prefix_matrix):
+        assert torch.allclose(check_x.amin(dim=1), check_x.amax(dim=1))
+        check_start = 0
+        for i in range(num_ranks):
+            check_end = int(rank_prefix_matrix[i][rank])
+            assert int((check_x[check_start:check_end, :].int() - i).sum()) == 0
+            check_start = check_end
+
+    checks = 0
+    for previous_mode in (False, True):
+        for async_mode in (False, True):
+            for current_x in (x_pure_rand, x, x_e4m3):
+                for with_topk in (False, True):
+                    dispatch_args = {"x": current_x, "num_tokens_per_rank": num_tokens_per_rank,
+                                     "is_token_in_rank": is_token_in_rank, "num_tokens_per_expert": num_tokens_per_expert,
+                                     "config": config, "async_finish": async_mode}
+                    if with_topk:
+                        dispatch_args.update({"topk_idx": topk_idx, "topk_weights":
+                                              topk_weights_pure_rand if current_x is x_pure_rand else topk_weights})
+                    if previous_mode:
+                        dispatch_args.update({"previous_event": buffer.capture()})
+                    recv_x, recv_topk_idx, recv_topk_weights, recv_num_tokens_per_expert_list, handle, event = \
+                        buffer.dispatch(**dispatch_args)
+                    event.current_stream_wait() if async_mode else ()
+                    recv_x = cast_back(*recv_x) if isinstance(recv_x, tuple) else recv_x
+
+                    rank_prefix_matrix = handle[0]
+                    assert int(gbl_num_tokens_per_rank[rank]) == recv_x.size(0)
+                    assert gbl_num_tokens_per_expert.view(num_ranks, -1)[rank].tolist() == recv_num_tokens_per_expert_list
+                    if current_x is not x_pure_rand:
+                        check_data(recv_x, rank_prefix_matrix)
+                    recv_topk_weights_clone = None
+                    if with_topk:
+                        assert int((recv_topk_idx.eq(-1) | ((recv_topk_idx >= 0) & (recv_topk_idx < (num_experts // num_ranks)))).sum()) == recv_topk_idx.numel()
+                        for i, count in enumerate(recv_num_tokens_per_expert_list):
+                            assert int(recv_topk_idx.eq(i).sum()) == count
+                        recv_topk_weights_clone = recv_topk_weights.clone()
+                        if current_x is not x_pure_rand:
+                            recv_topk_weights[recv_topk_idx.eq(-1)] = recv_topk_weights.amax(dim=1, keepdim=True).expand_as(recv_topk_weights)[recv_topk_idx.eq(-1)]
+                            check_data(recv_topk_weights, rank_prefix_matrix)
+
+                    # num_worst_tokens: fixed-size output, no host sync, same rows first, padding after
+                    if with_topk:
+                        num_worst_tokens = num_tokens * num_ranks
+                        dispatch_args.update({"num_worst_tokens": num_worst_tokens})
+                        recv_worst_x, recv_worst_topk_idx, recv_worst_topk_weights, empty_list, _, event = buffer.dispatch(**dispatch_args)
+                        event.current_stream_wait() if async_mode else ()
+                        recv_worst_x = cast_back(*recv_worst_x) if isinstance(recv_worst_x, tuple) else recv_worst_x
+                        assert len(empty_list) == 0
+                        assert num_worst_tokens == recv_worst_x.size(0)
+                        assert num_worst_tokens == recv_worst_topk_idx.size(0)
+                        assert num_worst_tokens == recv_worst_topk_weights.size(0)
+                        assert torch.equal(recv_x, recv_worst_x[: recv_x.size(0)])
+                        assert torch.equal(recv_topk_idx, recv_worst_topk_idx[: recv_x.size(0)])
+                        assert torch.equal(recv_topk_weights_clone, recv_worst_topk_weights[: recv_x.size(0)])
+                        assert bool(torch.all(recv_worst_topk_idx[recv_x.size(0):] == -1))
+
+                    # cached dispatch (no top-k)
+                    if not with_topk:
+                        dispatch_args = {"x": current_x, "handle": handle, "config": config, "async_finish": async_mode}
+                        if previous_mode:
+                            dispatch_args.update({"previous_event": buffer.capture()})
+                        recv_x, _, _, _, _, event = buffer.dispatch(**dispatch_args)
+                        event.current_stream_wait() if async_mode else ()
+                        recv_x = cast_back(*recv_x) if isinstance(recv_x, tuple) else recv_x
+                        if current_x is not x_pure_rand:
+                            check_data(recv_x, rank_prefix_matrix)
+
+                    # combine
+                    combine_args = {"x": recv_x, "handle": handle, "config": config, "async_finish": async_mode}
+                    if with_topk:
+                        combine_args.update({"topk_weights": recv_topk_weights})
+                    if previous_mode:
+                        combine_args.update({"previous_event": buffer.capture()})
+                    combined_x, combined_topk_weights, event = buffer.combine(**combine_args)
+                    event.current_stream_wait() if async_mode else ()
+                    check_x = combined_x.float() / is_token_in_rank.sum(dim=1).unsqueeze(1)
+                    ref_x = x_pure_rand if current_x is x_pure_rand else x
+                    assert calc_diff(check_x, ref_x) < 5e-6
+                    if with_topk:
+                        check_topk_weights = combined_topk_weights if (current_x is x_pure_rand) else (combined_topk_weights / is_token_in_rank.sum(dim=1).unsqueeze(1))
+                        # a -1 slot selects no expert, so its weight comes back as 0 (DeepEP does the same)
+                        ref_topk_weights = topk_weights_pure_rand.masked_fill(topk_idx < 0, 0) if current_x is x_pure_rand else topk_weights
+                        assert calc_diff(check_topk_weights, ref_topk_weights) < 1e-9
+                    checks += 1
+
+    # expert_alignment rounds each local expert's count up
+    _, _, _, aligned, _, _ = buffer.dispatch(x, num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
+                                             num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx,
+                                             topk_weights=topk_weights, expert_alignment=8)
+    exact = gbl_num_tokens_per_expert.view(num_ranks, -1)[rank].tolist()
+    assert aligned == [(c + 7) // 8 * 8 for c in exact]
+    return checks
+
+
+
+def low_latency_checks(rank: int, num_ranks: int, device: str) -> int:
+    gen = torch.Generator().manual_seed(2000 + rank)
+    num_tokens, hidden, num_topk, num_experts = NUM_TOKENS, HIDDEN, NUM_TOPK, 16 * num_ranks
+    num_local_experts = num_experts // num_ranks
+    buffer = Buffer(dist.group.WORLD, low_latency_mode=True)
+
+    # integers above 256 are not exact in bf16: sources are told apart by (rank - 128)
+    rank_offset = 128
+    x = torch.ones(num_tokens, hidden, dtype=torch.bfloat16) * (rank - rank_offset)
+    x[:, -128:] = torch.arange(num_tokens).to(torch.bfloat16).view(-1, 1)
+    x = x.to(device)
+    x_pure_rand = (torch.randn(num_tokens, hidden, generator=gen) * 0.1).to(torch.bfloat16).to(device)
+    scores = torch.randn(num_tokens, num_experts, generator=gen).abs() + 1
+    topk_idx = torch.topk(scores, num_topk, dim=-1, largest=True, sorted=True)[1]
+    topk_weights = torch.randn(num_tokens, num_topk, generator=gen).abs()
+    for _ in range(10):  # randomly mask some positions
+        topk_idx[int(torch.randint(num_tokens, (1,), generator=gen)), int(torch.randint(num_topk, (1,), generator=gen))] = -1
+    topk_idx, topk_weights = topk_idx.to(device), topk_weights.to(device)
+    all_topk_idx = torch.empty(num_ranks, num_tokens, num_topk, dtype=topk_idx.dtype, device=device)
+    dist.all_gather(list(all_topk_idx.unbind(0)), topk_idx)
+
+    rounds, num_times = 0, 0
+    for current_x in (x, x_pure_rand):
+        for return_recv_hook in (False, True):
+            for dispatch_use_fp8 in (False, True):
+                for round_scale in (False, True) if dispatch_use_fp8 else (False,):
+                    for use_ue8m0 in (False, True) if round_scale else (False,):
+                        num_times += 1
+                        for _ in range((num_times % 2) + 1):
+                            stats = torch.zeros(num_local_experts, dtype=torch.int32, device=device)
+                            packed_recv_x, packed_recv_count, handle, event, hook = buffer.low_latency_dispatch(
+                                current_x, topk_idx, num_tokens, num_experts, use_fp8=dispatch_use_fp8,
+                                round_scale=round_scale, use_ue8m0=use_ue8m0, cumulative_local_expert_recv_stats=stats,
+                                async_finish=not return_recv_hook, return_recv_hook=return_recv_hook)
+                            hook() if return_recv_hook else event.current_stream_wait()
+                        if dispatch_use_fp8:
+                            assert packed_recv_x[1].stride(1) == 1 or packed_recv_x[1].stride(-2) == 1  # column-major scales
+                            packed_recv_x = (packed_recv_x[0], packed_recv_x[1].contiguous())
+                            simulated_gemm_x = cast_back(packed_recv_x[0].view(-1, hidden), packed_recv_x[1].view(packed_recv_x[0].shape[0] * packed_recv_x[0].shape[1], -1)).view(packed_recv_x[0].shape)
+                        else:
+                            simulated_gemm_x = packed_recv_x.clone()
+                        for i in range(num_local_experts):
+                            expert_id = rank * num_local_experts + i
+                            recv_x = cast_back(packed_recv_x[0][i], packed_recv_x[1][i]) if dispatch_use_fp8 else packed_recv_x[i]
+                            recv_count, recv_src_info, recv_layout_range = packed_recv_count[i], handle[0][i], handle[1][i]
+                            int_mask = (2**32) - 1
+                            num_valid_tokens = int(recv_count)
+                            assert int(stats[i]) == num_valid_tokens
+                            assert num_valid_tokens == int((recv_layout_range & int_mask).sum())
+                            assert num_valid_tokens == int((all_topk_idx == expert_id).sum())
+                            if current_x is not x_pure_rand:
+                                recv_x = recv_x[:num_valid_tokens]
+                                recv_x_amin = recv_x[:, :-128].amin(dim=-1)
+                                recv_src_info = recv_src_info[:num_valid_tokens]
+                                assert torch.equal(recv_x_amin, recv_x[:, :-128].amax(dim=-1))
+                                if round_scale:
+                                    assert calc_diff(recv_x[:, -1], recv_src_info.view(-1)) < 0.007
+                                else:
+                                    assert int((recv_x[:, -128:] - recv_src_info.view(-1, 1) % num_tokens).sum()) == 0
+                                for j in range(num_ranks):
+                                    begin_idx, count = int(recv_layout_range[j] >> 32), int(recv_layout_range[j] & int_mask)
+                                    assert count == int((all_topk_idx[j] == expert_id).sum())
+                                    if not round_scale:
+                                        assert int((recv_x_amin == j - rank_offset).sum()) == count
+                                        # the block of source j holds exactly its rows
+                                        assert bool((recv_x_amin[begin_idx:begin_idx + count] == j - rank_offset).all())
+                        for zero_copy in (False, True):
+                            if zero_copy:
+                                buffer.get_next_low_latency_combine_buffer(handle)[:, :, :] = simulated_gemm_x
+                            out = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=device)
+                            combined_x, event, hook = buffer.low_latency_combine(
+                                simulated_gemm_x, topk_idx, topk_weights, handle, async_finish=not return_recv_hook,
+                                zero_copy=zero_copy, return_recv_hook=return_recv_hook, out=out)
+                            hook() if return_recv_hook else event.current_stream_wait()
+                            assert combined_x.data_ptr() == out.data_ptr()
+                            diff = calc_diff(current_x * topk_weights.masked_fill(topk_idx == -1, 0).sum(dim=1).view(-1, 1), combined_x)
+                            assert int(torch.isnan(combined_x).sum()) == 0
+                            assert diff < (9e-4 if dispatch_use_fp8 else 1e-5), f"{diff=} {zero_copy=}"
+                        rounds += 1
+
+    # Two micro-batches overlapped: both sends issued before either receive, hooks called out of order.
+    half = num_tokens // 2
+    stats = torch.zeros(num_local_experts, dtype=torch.int32, device=device)
+    a = buffer.low_latency_dispatch(x_pure_rand[:half], topk_idx[:half], num_tokens, num_experts, use_fp8=False,
+                                    cumulative_local_expert_recv_stats=stats, return_recv_hook=True)
+    b = buffer.low_latency_dispatch(x_pure_rand[half:], topk_idx[half:], num_tokens, num_experts, use_fp8=False,
+                                    cumulative_local_expert_recv_stats=stats, return_recv_hook=True)
+    b[4]()
+    a[4]()
+    assert int(stats.sum()) == int((all_topk_idx // num_local_experts == rank).sum())
+    ca = buffer.low_latency_combine(a[0], topk_idx[:half], topk_weights[:half], a[2], return_recv_hook=True)
+    cb = buffer.low_latency_combine(b[0], topk_idx[half:], topk_weights[half:], b[2], return_recv_hook=True)
+    ca[2]()
+    cb[2]()
+    combined = torch.cat([ca[0], cb[0]])
+    assert calc_diff(x_pure_rand * topk_weights.masked_fill(topk_idx == -1, 0).sum(dim=1).view(-1, 1), combined) < 1e-5
+    return rounds

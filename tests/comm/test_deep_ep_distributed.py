@@ -1,0 +1,32 @@
+"""DeepEP on gloo ranks: DeepEP's intranode and low-latency test checks, at parallel.md's scaled-down shapes.
+
+One spawn per rank count runs both suites (process start-up dominates on 2 cores). The gpu tier
+runs the same suites with gloo over CUDA tensors on one GPU (NCCL refuses two ranks on one GPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.comm.deep_ep_suites import intranode_checks, low_latency_checks
+
+pytestmark = []
+
+
+def _both(rank: int, num_ranks: int, device: str) -> tuple[int, int]:
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    return intranode_checks(rank, num_ranks, device), low_latency_checks(rank, num_ranks, device)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("num_ranks", [2, 3, 4])
+def test_intranode_and_low_latency(distributed, num_ranks):
+    assert distributed(_both, num_ranks, "cpu", timeout=280) == [(24, 16)] * num_ranks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_ranks", [2, 4])
+def test_intranode_and_low_latency_gloo_cuda(distributed, num_ranks):
+    assert distributed(_both, num_ranks, "cuda", timeout=280) == [(24, 16)] * num_ranks
