@@ -1,0 +1,105 @@
+"""``openinfra profile ...``: read Chrome traces and report overlap, bubble and idle time, or draw them.
+
+    openinfra profile summary TRACE [TRACE ...] [--source auto|host|device] [--json]
+    openinfra profile timeline TRACE [TRACE ...] --png OUT [--title T]
+    openinfra profile merge TRACE [TRACE ...] --out MERGED.json
+
+TRACE is a torch.profiler Chrome trace (.json or .json.gz), several of them (one per rank) or a
+directory of them. Other components add ``profile`` subcommands without editing this file: a module
+listed in ``EXTENSION_MODULES`` that exists and defines ``register_profile(subparsers)`` is called
+with this command's subparsers (DualPipe's schedule recorder adds ``profile pipeline`` that way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+
+__all__ = ["register", "EXTENSION_MODULES"]
+
+EXTENSION_MODULES = ("openinfra.parallel.dualpipe.profile_cli",)
+
+
+def _fail(msg: str) -> int:
+    print(f"openinfra profile: {msg}", file=sys.stderr)
+    return 2
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from openinfra.profiling.summary import format_summary, summarize
+
+    try:
+        s = summarize(args.trace, source=args.source)
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    print(json.dumps(s.to_dict(), indent=2) if args.json else format_summary(s, args.phases))
+    return 0
+
+
+def _timeline(args: argparse.Namespace) -> int:
+    from openinfra.profiling.timeline import plot_timeline
+
+    try:
+        out = plot_timeline(args.trace, args.png, source=args.source, title=args.title)
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    print(f"wrote {out}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from openinfra.profiling.trace import merge_traces
+
+    try:
+        out = merge_traces(args.trace, args.out)
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    print(f"wrote {out}")
+    return 0
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``profile`` and its subcommands to the ``openinfra`` parser."""
+    p = subparsers.add_parser("profile", help="summarize and draw profiler traces (overlap, bubble, idle per rank)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(title="profile commands", metavar="SUBCOMMAND")
+    p.set_defaults(func=lambda a: (p.print_help(), 0)[1])
+
+    def traces(q: argparse.ArgumentParser) -> None:
+        q.add_argument("trace", nargs="+", help="Chrome trace file(s) (.json / .json.gz), one per rank, or a directory")
+        q.add_argument("--source", choices=("auto", "host", "device"), default="auto",
+                       help="count GPU-timeline events (device), our annotations + comm ops on the CPU (host), "
+                            "or device where a rank has GPU events (auto, default)")
+
+    s = sub.add_parser("summary", help="compute/communication overlap, pipeline bubble and idle time per rank")
+    traces(s)
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.add_argument("--phases", type=int, default=12, help="how many phases/events to list (default 12)")
+    s.set_defaults(func=_summary)
+
+    t = sub.add_parser("timeline", help="draw a per-rank timeline PNG")
+    traces(t)
+    t.add_argument("--png", required=True, help="output PNG path")
+    t.add_argument("--title", default=None, help="title prefix")
+    t.set_defaults(func=_timeline)
+
+    m = sub.add_parser("merge", help="merge per-rank traces into one Chrome trace (pid = rank) for Perfetto")
+    m.add_argument("trace", nargs="+", help="Chrome trace file(s) or a directory")
+    m.add_argument("--out", required=True, help="output .json path")
+    m.set_defaults(func=_merge)
+
+    for name in EXTENSION_MODULES:
+        if _module_exists(name):
+            mod = importlib.import_module(name)
+            if hasattr(mod, "register_profile"):
+                mod.register_profile(sub)
