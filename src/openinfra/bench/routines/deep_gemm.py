@@ -11,7 +11,11 @@ Shapes (DeepSeek-V3): dense M in {64, 128, 4096} x (N, K) in {(2112,7168), (2457
 (4096,7168), (7168,2048), per-expert m jittered x U(0.7, 1.3); masked (G, expected_m) in
 {(1,1024), (2,512), (4,256)} at the same (N, K).
 
-``--sweep`` also times a list of tile configurations for every dense shape (tuning data).
+Timing: each call is captured once in a CUDA graph and the replays are timed (``do_bench``
+median, L2 flushed), for ours and the peer alike, so the numbers are device time and not the
+Python launch overhead that dominates the 15-20 us small-M calls.
+
+``--sweep`` also times ``tuning_candidates`` for every dense shape (tuning data).
 """
 
 from __future__ import annotations
@@ -19,10 +23,27 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import sys
 
 import torch
 
 from openinfra.bench.harness import BenchResult, copy_bandwidth_gbps, gpu_time_ms, routine
+
+
+def _progress(row: dict) -> dict:
+    """Print a finished row to stderr at once, so a run cut short still leaves its numbers."""
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
+    return row
+
+
+def _graph_time_ms(fn) -> float:
+    """Median device time of one ``fn()`` call, replayed from a CUDA graph."""
+    fn()  # compile and warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return gpu_time_ms(graph.replay)
 
 DENSE_NK = [(2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
 GROUPED_NK = [(4096, 7168), (7168, 2048)]
@@ -62,10 +83,13 @@ class _ScaledMM:
     @staticmethod
     def _variants(a, sfa, b, sfb):
         # a [M, K] row-major, b [N, K] row-major -> mat2 = b.t() ([K, N] column-major).
+        from openinfra.kernels.deep_gemm import get_mn_major_tma_aligned_tensor
+
+        sfa_mn = get_mn_major_tma_aligned_tensor(sfa)  # MN-major, rows padded to 16 bytes
         yield "sfa MN-major, sfb [K/128, N/128]", lambda: torch._scaled_mm(
-            a, b.t(), scale_a=sfa.t().contiguous().t(), scale_b=sfb.t(), out_dtype=torch.bfloat16)
+            a, b.t(), scale_a=sfa_mn, scale_b=sfb.t(), out_dtype=torch.bfloat16)
         yield "sfa MN-major, sfb [N/128, K/128] contiguous", lambda: torch._scaled_mm(
-            a, b.t(), scale_a=sfa.t().contiguous().t(), scale_b=sfb, out_dtype=torch.bfloat16)
+            a, b.t(), scale_a=sfa_mn, scale_b=sfb, out_dtype=torch.bfloat16)
         yield "sfa row-major, sfb [K/128, N/128] contiguous", lambda: torch._scaled_mm(
             a, b.t(), scale_a=sfa.contiguous(), scale_b=sfb.t().contiguous(), out_dtype=torch.bfloat16)
 
@@ -93,7 +117,7 @@ class _ScaledMM:
 
 
 def _dense_rows(args, copy_gbps, peer, sweep):
-    from openinfra.kernels.deep_gemm.gemm.config import GemmConfig, choose_config
+    from openinfra.kernels.deep_gemm.gemm.config import choose_config, tuning_candidates
     from openinfra.kernels.deep_gemm.gemm.kernel import DENSE, launch_gemm
     from openinfra.kernels.deep_gemm.gemm.reference import dequantize
 
@@ -107,19 +131,10 @@ def _dense_rows(args, copy_gbps, peer, sweep):
             expected = (dequantize(a, sfa) @ dequantize(b, sfb).T).to(torch.bfloat16)
             flops, nbytes = 2 * m * n * k, m * k + n * k + m * n * 2 + (sfa.numel() + sfb.numel()) * 4
             configs = [("auto", choose_config(m, n, k, d.device))]
-            if sweep and m >= 1024:
-                for bm, bn, st, w_, pipe in [(128, 256, 3, 8, False), (128, 256, 3, 8, True), (256, 128, 3, 8, False),
-                                             (128, 128, 4, 8, False), (128, 128, 5, 8, True), (128, 128, 4, 4, False),
-                                             (64, 256, 4, 4, False)]:
-                    configs.append((f"{bm}x{bn} s{st} w{w_}{' pipe' if pipe else ''}",
-                                    GemmConfig(bm, bn, 1, 8, st, w_, pipe)))
-            if sweep and m < 1024:
-                base = configs[0][1]
-                for split in sorted({1, max(1, base.split_k // 2), base.split_k * 2}):
-                    configs.append((f"{base.block_m}x{base.block_n} split{split}",
-                                    GemmConfig(base.block_m, base.block_n, split, 1, base.num_stages, base.num_warps)))
+            if sweep:
+                configs += tuning_candidates(m, n, k, d.device)
             peer_fn = peer.prepare(a, sfa, b, sfb, expected)
-            peer_ms = gpu_time_ms(peer_fn) if peer_fn else float("nan")
+            peer_ms = _graph_time_ms(peer_fn) if peer_fn else float("nan")
             for label, cfg in configs:
                 try:
                     d.fill_(float("nan"))
@@ -128,17 +143,17 @@ def _dense_rows(args, copy_gbps, peer, sweep):
                     from openinfra.kernels.deep_gemm import calc_diff
 
                     diff = calc_diff(d, expected)
-                    ms = gpu_time_ms(lambda: launch_gemm(DENSE, a, b, d, cfg, sfa=sfa, sfb=sfb))
+                    ms = _graph_time_ms(lambda: launch_gemm(DENSE, a, b, d, cfg, sfa=sfa, sfb=sfb))
                 except Exception as exc:  # noqa: BLE001 - a sweep config may not fit; report and go on
-                    rows.append({"kind": "dense", "m": m, "n": n, "k": k, "config": label,
-                                 "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"})
+                    rows.append(_progress({"kind": "dense", "m": m, "n": n, "k": k, "config": label,
+                                           "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"}))
                     continue
                 tflops = flops / ms / 1e9
-                rows.append({
+                rows.append(_progress({
                     "kind": "dense", "m": m, "n": n, "k": k, "config": label, "us": ms * 1e3, "TFLOPS": tflops,
                     "GB/s": nbytes / ms / 1e6, "/copy": nbytes / ms / 1e6 / copy_gbps,
                     "cuBLAS TFLOPS": flops / peer_ms / 1e9, "x cuBLAS": peer_ms / ms, "diff": diff,
-                })
+                }))
     return rows
 
 
@@ -200,15 +215,15 @@ def _grouped_rows(copy_gbps, peer):
                 expected = (dequantize(ag, sg) @ dequantize(b[g], sfb[g]).T).to(torch.bfloat16)
                 diffs.append(calc_diff(d_rows(g, s, e), expected))
                 peers.append(peer.prepare(ag.contiguous(), sg.contiguous(), b[g], sfb[g], expected))
-            ms = gpu_time_ms(ours)
-            peer_ms = gpu_time_ms(lambda: [p() for p in peers]) if all(peers) else float("nan")
+            ms = _graph_time_ms(ours)
+            peer_ms = _graph_time_ms(lambda: [p() for p in peers]) if all(peers) else float("nan")
             flops = 2 * valid * n * k
             nbytes = valid * k + groups * n * k + valid * n * 2
-            rows.append({
+            rows.append(_progress({
                 "kind": kind, "m": f"{groups}x{expected_m}", "n": n, "k": k, "config": "auto", "us": ms * 1e3,
                 "TFLOPS": flops / ms / 1e9, "GB/s": nbytes / ms / 1e6, "/copy": nbytes / ms / 1e6 / copy_gbps,
                 "cuBLAS TFLOPS": flops / peer_ms / 1e9, "x cuBLAS": peer_ms / ms, "diff": max(diffs),
-            })
+            }))
     return rows
 
 
@@ -230,7 +245,8 @@ def bench_deep_gemm(args: argparse.Namespace) -> BenchResult:
     ratios = [r["x cuBLAS"] for r in big if r["x cuBLAS"] == r["x cuBLAS"]]
     summary = {
         "copy_GBps": copy,
-        "peer": peer.variant or f"unavailable ({peer.error})",
+        "peer": peer.variant or "unavailable",
+        "peer_errors": peer.error,
         "dense_m4096_geomean_x_cublas": math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None,
         "dense_m4096_best_TFLOPS": max((r["TFLOPS"] for r in big), default=None),
         "small_m_min_over_copy": min((r["/copy"] for r in small), default=None),

@@ -39,24 +39,21 @@ def _block_cast_kernel(
     mask = (rows < M)[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4)  # [BLOCK_N]: per column
     if PER_BLOCK:
-        amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-4)
-        sf = tl.math.div_rn(amax, FP8_MAX)
-        if USE_UE8M0:
-            sf = _ceil_to_ue8m0(sf)
-        y = x * tl.math.div_rn(1.0, sf)
-    else:
-        amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4)
-        sf = tl.math.div_rn(amax, FP8_MAX)
-        if USE_UE8M0:
-            sf = _ceil_to_ue8m0(sf)
-        inv = tl.math.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)
-        y = x * inv[None, :]
+        # Broadcast the tile's amax back to a vector so both forms share one (vector) division path;
+        # a scalar reciprocal compiled to a different rounding on the GPU than the reference.
+        amax = tl.zeros_like(amax) + tl.max(amax, axis=0)
+    sf = tl.math.div_rn(amax, FP8_MAX)
+    if USE_UE8M0:
+        sf = _ceil_to_ue8m0(sf)
+    inv = tl.math.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)
+    y = x * inv[None, :]
     if INTERPRET:
         y = _round_to_e4m3_grid(y)
     tl.store(y_ptr + rows64[:, None] * stride_ym + cols[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty), mask=mask)
     if PER_BLOCK:
-        tl.store(sf_ptr + pid_m * stride_sm + pid_n * stride_sn, sf)
+        tl.store(sf_ptr + pid_m * stride_sm + pid_n * stride_sn, tl.max(sf, axis=0))
     else:
         tl.store(sf_ptr + pid_m * stride_sm + cols * stride_sn, sf, mask=col_ok)
 

@@ -19,7 +19,7 @@ import torch
 
 from openinfra.kernels.deep_gemm.utils import GROUP_SIZE, ceil_div
 
-__all__ = ["GemmConfig", "num_sms", "choose_config", "INTERPRETER_CONFIG"]
+__all__ = ["GemmConfig", "num_sms", "choose_config", "tuning_candidates", "INTERPRETER_CONFIG"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,10 @@ class GemmConfig:
     block_m / block_n: output tile (powers of two, Triton's ``tl.arange`` needs them);
     split_k: programs sharing one tile's K loop (dense FP8 only); group_m: rasterisation width in
     row tiles; num_stages: software-pipelining depth of the K loop; num_warps: 4 = one warpgroup;
-    pipeline_promote: issue the next slice's dot before promoting the previous one.
+    pipeline_promote: issue the next slice's dot before promoting the previous one;
+    use_tma: load K-major A / B tiles with TMA descriptors (else pointer loads);
+    programs_per_sm: resident programs per SM in the persistent grid (2 keeps more loads in
+    flight on memory-bound problems when the stages fit twice in shared memory).
     """
 
     block_m: int = 128
@@ -39,6 +42,8 @@ class GemmConfig:
     num_stages: int = 4
     num_warps: int = 8
     pipeline_promote: bool = False
+    programs_per_sm: int = 1
+    use_tma: bool = True
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -54,12 +59,15 @@ class GemmConfig:
 INTERPRETER_CONFIG = GemmConfig(block_m=32, block_n=32, group_m=2, num_stages=1, num_warps=4)
 _INTERPRETER_SMS = 3
 
-# Relative tensor-core efficiency of a tile, from the bytes each tile loads per FLOP (a 128x256 tile
-# loads 384 rows of K per 32768 outputs, a 64x64 tile 128 per 4096) and the promotion overhead.
+# Tiles the big-M path chooses from, with their relative speed per output element. Measured on the
+# H200 (benchmarks/notes/deep_gemm.md, run 1): 128x128 with 8 warps ran at 656-814 TFLOPS, while
+# 128x256 and 256x128 with 8 warps ran 2-4x slower: the two-level accumulation keeps a fresh
+# partial accumulator next to the running one, so a 32768-element tile needs 256 registers a
+# thread and spills. Those shapes are only tried with 16 warps (64 + 64 registers a thread).
 _EFFICIENCY = {
-    (128, 256): 1.0, (256, 128): 0.97, (128, 128): 0.86, (64, 256): 0.8,
-    (128, 64): 0.62, (64, 128): 0.62, (64, 64): 0.45,
+    (128, 128): 1.0, (128, 64): 0.75, (64, 128): 0.7, (64, 64): 0.5,
 }
+_WARPS = {(128, 128): 8, (128, 64): 4, (64, 128): 4, (64, 64): 4}
 
 
 @functools.cache
@@ -111,8 +119,7 @@ def choose_config(
         if best is None or key < best[0]:
             best = (key, bm, bn)
     _, bm, bn = best
-    warps = 8 if bm * bn >= 128 * 128 else 4
-    return GemmConfig(bm, bn, 1, group_m=8, num_stages=_stages(bm, bn, element_size), num_warps=warps)
+    return GemmConfig(bm, bn, 1, group_m=8, num_stages=min(4, _stages(bm, bn, element_size)), num_warps=_WARPS[(bm, bn)])
 
 
 # Per-work-item fixed cost in byte-equivalents: filling the pipeline before the first slice lands.
@@ -147,3 +154,29 @@ def _memory_bound_config(m: int, n: int, k_blocks: int, sms: int, allow_split_k:
 def with_overrides(config: GemmConfig, **kwargs) -> GemmConfig:
     """``config`` with some fields replaced (benchmark sweeps)."""
     return replace(config, **kwargs)
+
+
+def tuning_candidates(m: int, n: int, k: int, device: torch.device) -> list[tuple[str, GemmConfig]]:
+    """Alternative configurations the benchmark sweep times next to :func:`choose_config`'s pick
+    (and the gpu tests check for correctness), labelled for the notes."""
+    if m <= 128:
+        base = choose_config(m, n, k, device)
+        out = [
+            ("pointer loads", replace(base, use_tma=False)),
+            ("2 programs/SM, 3 stages", replace(base, programs_per_sm=2, num_stages=3)),
+            ("block_n 64", replace(base, block_n=64)),
+        ]
+        if m > 64:
+            out.append(("128 rows, 8 warps", replace(base, block_m=128, num_warps=8, num_stages=4)))
+        return out
+    return [
+        ("128x128 w8 s4 pointer", GemmConfig(128, 128, 1, 8, 4, 8, use_tma=False)),
+        ("128x128 w8 s3", GemmConfig(128, 128, 1, 8, 3, 8)),
+        ("128x128 w8 s5", GemmConfig(128, 128, 1, 8, 5, 8)),
+        ("128x128 w8 s4 group16", GemmConfig(128, 128, 1, 16, 4, 8)),
+        ("128x128 w8 s2 2/SM", GemmConfig(128, 128, 1, 8, 2, 8, programs_per_sm=2)),
+        ("128x256 w16 s3", GemmConfig(128, 256, 1, 8, 3, 16)),
+        ("256x128 w16 s3", GemmConfig(256, 128, 1, 8, 3, 16)),
+        ("128x256 w8 s3", GemmConfig(128, 256, 1, 8, 3, 8)),
+        ("128x64 w4 s4", GemmConfig(128, 64, 1, 8, 4, 4)),
+    ]

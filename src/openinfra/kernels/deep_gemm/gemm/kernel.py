@@ -72,6 +72,7 @@ def _gemm_kernel(
     PIPELINE: tl.constexpr,
     UPCAST: tl.constexpr,
     EVEN_K: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -117,8 +118,17 @@ def _gemm_kernel(
             rk = tl.arange(0, BLOCK_K)
             k_lo = pid_k * k_per_split
             k_hi = tl.minimum(k_lo + k_per_split, k_blocks)
-            a_ptrs = a_ptr + g64 * stride_ag + rm[:, None] * stride_am + (k_lo * BLOCK_K + rk)[None, :] * stride_ak
-            b_ptrs = b_ptr + g64 * stride_bg + rn[None, :] * stride_bn + (k_lo * BLOCK_K + rk)[:, None] * stride_bk
+            if USE_TMA:
+                if MODE == 2:
+                    tma_row_a = g * M + pid_m * BLOCK_M
+                else:
+                    tma_row_a = pid_m * BLOCK_M
+                tma_row_b = g * N + pid_n * BLOCK_N
+                a_ptrs = a_ptr
+                b_ptrs = b_ptr
+            else:
+                a_ptrs = a_ptr + g64 * stride_ag + rm[:, None] * stride_am + (k_lo * BLOCK_K + rk)[None, :] * stride_ak
+                b_ptrs = b_ptr + g64 * stride_bg + rn[None, :] * stride_bn + (k_lo * BLOCK_K + rk)[:, None] * stride_bk
             sfa_ptrs = sfa_ptr + g64 * stride_sag + rm * stride_sam + k_lo * stride_sak
             if SFB_SCALAR:
                 sfb_ptrs = sfb_ptr + g64 * stride_sbg + (pid_n * BLOCK_N // SFB_GRAN_N) * stride_sbn + k_lo * stride_sbk
@@ -160,7 +170,12 @@ def _gemm_kernel(
                     acc += prev * prev_sa[:, None] * prev_sb[None, :]
             else:
                 for kb in tl.range(k_lo, k_hi, num_stages=NUM_STAGES):
-                    if EVEN_K:
+                    if USE_TMA:
+                        # a_ptr / b_ptr are TMA descriptors over [rows, K]: no address registers,
+                        # out-of-range rows arrive as zeros.
+                        a = a_ptr.load([tma_row_a, kb * BLOCK_K])
+                        b = b_ptr.load([tma_row_b, kb * BLOCK_K]).T
+                    elif EVEN_K:
                         a = tl.load(a_ptrs)
                         b = tl.load(b_ptrs)
                     else:
@@ -182,8 +197,9 @@ def _gemm_kernel(
                         sfb_ptrs += stride_sbk
                     else:
                         acc = tl.dot(a, b, acc)
-                    a_ptrs += BLOCK_K * stride_ak
-                    b_ptrs += BLOCK_K * stride_bk
+                    if not USE_TMA:
+                        a_ptrs += BLOCK_K * stride_ak
+                        b_ptrs += BLOCK_K * stride_bk
 
             row_ok = offs_m < rows_valid
             if MODE == 1:
@@ -258,11 +274,17 @@ def launch_gemm(
         return d
     if config.split_k > 1 and mode != DENSE:
         raise ValueError("split_k > 1 is only supported by the dense kernel")
+    a_arg, b_arg, use_tma = a, b, config.use_tma and not config.pipeline_promote and _tma_ok(a, b, k)
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_arg = TensorDescriptor.from_tensor(a.reshape(-1, k), [config.block_m, GROUP_SIZE])
+        b_arg = TensorDescriptor.from_tensor(b.reshape(-1, k), [config.block_n, GROUP_SIZE])
     interpret = interpreter_enabled()
     upcast = interpret and not scaled
     tiles = ceil_div(m, config.block_m) * ceil_div(n, config.block_n) * (groups if mode == MASKED else config.split_k)
     sms = num_sms(d.device)
-    grid = (max(1, min(sms, tiles)),)
+    grid = (max(1, min(sms * config.programs_per_sm, tiles)),)
     dummy = d
     if config.split_k > 1:
         out = torch.empty(config.split_k, m, n, dtype=torch.float32, device=d.device)
@@ -273,7 +295,7 @@ def launch_gemm(
         out_strides = _strides3(d)
         has_c_main = c is not None
     _gemm_kernel[grid](
-        a, b, out, c if has_c_main else dummy, sfa if scaled else dummy, sfb if scaled else dummy,
+        a_arg, b_arg, out, c if has_c_main else dummy, sfa if scaled else dummy, sfb if scaled else dummy,
         layout if layout is not None else dummy,
         m, n, k, groups,
         *_strides3(a), *_strides3(b), *out_strides, *_strides3(c if has_c_main else None),
@@ -281,7 +303,7 @@ def launch_gemm(
         MODE=mode, SCALED=scaled, SFB_GRAN_N=sfb_gran_n, HAS_C=has_c_main, SPLIT_K=config.split_k,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=GROUP_SIZE, GROUP_M=config.group_m,
         NUM_SMS=grid[0], NUM_STAGES=config.num_stages, PIPELINE=config.pipeline_promote and scaled,
-        UPCAST=upcast, EVEN_K=k % GROUP_SIZE == 0, num_warps=config.num_warps,
+        UPCAST=upcast, EVEN_K=k % GROUP_SIZE == 0, USE_TMA=use_tma, num_warps=config.num_warps,
     )
     if config.split_k > 1:
         block = 1024
@@ -292,6 +314,19 @@ def launch_gemm(
             SPLIT_K=config.split_k, HAS_C=c is not None, BLOCK=block, num_warps=4,
         )
     return d
+
+
+def _tma_ok(a: torch.Tensor, b: torch.Tensor, k: int) -> bool:
+    """TMA needs K-major operands whose leading dimensions fold into one row index, a 16-byte
+    aligned base and row pitch. Other layouts (the nn / tn / tt views) take the pointer path."""
+    for t in (a, b):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or (k * t.element_size()) % 16:
+            return False
+        if t.dim() == 3 and t.stride(0) != t.shape[1] * t.stride(1):
+            return False
+        if t.stride(-2) != k:
+            return False
+    return True
 
 
 def _fill_empty_k(mode: int, d: torch.Tensor, c: torch.Tensor | None, layout: torch.Tensor | None) -> None:

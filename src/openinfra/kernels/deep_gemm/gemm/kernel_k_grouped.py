@@ -112,7 +112,7 @@ def launch_k_grouped_gemm(
         sam, sak, sbn, sbk = sfa.stride(1), sfa.stride(0), sfb.stride(1), sfb.stride(0)
         strides_ab = (a.stride(1), a.stride(0), b.stride(1), b.stride(0))
     tiles = groups * ceil_div(m, config.block_m) * ceil_div(n, config.block_n)
-    grid = (max(1, min(num_sms(d.device), tiles)),)
+    grid = (max(1, min(num_sms(d.device) * config.programs_per_sm, tiles)),)
     cs = (c.stride(0), c.stride(1), c.stride(2)) if c is not None else (0, 0, 0)
     _k_grouped_kernel[grid](
         a, b, d, c if c is not None else d, sfa, sfb, ks_tensor,
