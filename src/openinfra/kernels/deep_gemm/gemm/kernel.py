@@ -317,8 +317,10 @@ def launch_gemm(
 
 
 def _tma_ok(a: torch.Tensor, b: torch.Tensor, k: int) -> bool:
-    """TMA needs K-major operands whose leading dimensions fold into one row index, a 16-byte
-    aligned base and row pitch. Other layouts (the nn / tn / tt views) take the pointer path."""
+    """TMA needs FP8, K-major operands whose leading dimensions fold into one row index, a 16-byte
+    aligned base and row pitch. Other layouts (the nn / tn / tt views, bf16) take the pointer path."""
+    if a.element_size() != 1:
+        return False  # bf16: a 128-deep tile row is 256 bytes, past the 128-byte TMA swizzle width
     for t in (a, b):
         if t.stride(-1) != 1 or t.data_ptr() % 16 or (k * t.element_size()) % 16:
             return False
