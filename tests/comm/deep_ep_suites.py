@@ -262,3 +262,184 @@ def low_latency_checks(rank: int, num_ranks: int, device: str) -> int:
     combined = torch.cat([ca[0], cb[0]])
     assert calc_diff(x_pure_rand * topk_weights.masked_fill(topk_idx == -1, 0).sum(dim=1).view(-1, 1), combined) < 1e-5
     return rounds
+
+
+def _layout(buffer, topk_idx, num_experts):
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    return dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+
+
+def _global_dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    v = (a.double() * b.double()).sum().reshape(1)
+    dist.all_reduce(v)
+    return float(v)
+
+
+def autograd_checks(rank: int, num_ranks: int, device: str) -> int:
+    """Dispatch and combine are each other's adjoints: <D(x), g> = <x, C(g)> summed over ranks, and
+    autograd's gradients are exactly those maps."""
+    gen = torch.Generator().manual_seed(3000 + rank)
+    num_tokens, hidden, num_topk, num_experts = 24, 128, 3, 8 * num_ranks
+    buffer = Buffer(dist.group.WORLD)
+    topk_idx = routing(num_tokens, num_experts, num_topk, 4, device, gen)
+    layout = _layout(buffer, topk_idx, num_experts)
+    checks = 0
+    for worst in (0, num_tokens * num_ranks):
+        x = torch.randn(num_tokens, hidden, generator=gen, dtype=torch.float32).to(device).requires_grad_()
+        w = torch.rand(num_tokens, num_topk, generator=gen).to(device).requires_grad_()
+        recv_x, recv_idx, recv_w, _, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=w,
+                                                                 num_worst_tokens=worst, **layout)
+        assert recv_x.requires_grad and recv_w.requires_grad and not recv_idx.requires_grad
+        g = torch.randn(recv_x.shape, generator=gen).to(device)
+        gw = torch.randn(recv_w.shape, generator=gen).to(device)
+        ((recv_x * g).sum() + (recv_w * gw).sum()).backward()
+        # the dispatch adjoint: x.grad = combine(g); weights only through the local (unmasked) slots
+        with torch.no_grad():
+            expect_x, expect_w, _ = buffer.combine(g, handle, topk_weights=gw.masked_fill(recv_idx < 0, 0))
+        assert torch.equal(x.grad, expect_x) and torch.equal(w.grad, expect_w)
+        lhs = _global_dot(recv_x.detach(), g) + _global_dot(recv_w.detach(), gw)
+        rhs = _global_dot(x.detach(), x.grad) + _global_dot(w.detach(), w.grad)
+        assert abs(lhs - rhs) <= 1e-6 * max(1.0, abs(lhs)), (lhs, rhs)  # fp32 sums vs float64 dots
+
+        # combine: y = C(z) + b0 + b1, grads z -> cached dispatch of h, bias -> h
+        z = torch.randn(recv_x.shape, generator=gen).to(device).requires_grad_()
+        zw = torch.randn(recv_w.shape, generator=gen).to(device).requires_grad_()
+        b0 = torch.randn(num_tokens, hidden, generator=gen).to(device).requires_grad_()
+        b1 = torch.randn(num_tokens, hidden, generator=gen).to(device).requires_grad_()
+        y, yw, _ = buffer.combine(z, handle, topk_weights=zw, bias=(b0, b1))
+        h = torch.randn(y.shape, generator=gen).to(device)
+        hw = torch.randn(yw.shape, generator=gen).to(device)
+        ((y * h).sum() + (yw * hw).sum()).backward()
+        with torch.no_grad():
+            expect_z = buffer.dispatch(h, handle=handle)[0]
+            expect_zw = buffer.dispatch(hw, handle=handle)[0]
+            y_plain = buffer.combine(z, handle, bias=(b0, b1))[0]
+        assert torch.equal(z.grad, expect_z) and torch.equal(zw.grad, expect_zw)
+        assert torch.equal(b0.grad, h) and torch.equal(b1.grad, h)
+        assert torch.equal(y.detach(), y_plain)
+        lhs = _global_dot(y.detach() - b0.detach() - b1.detach(), h)
+        rhs = _global_dot(z.detach(), z.grad)
+        assert abs(lhs - rhs) <= 1e-4 * max(1.0, abs(lhs)), (lhs, rhs)
+        checks += 1
+
+    # a MoE layer end to end: top-k weighted expert MLP through dispatch / combine, against one process
+    experts_per_rank = num_experts // num_ranks
+    weight_gen = torch.Generator().manual_seed(7)  # the same expert weights on every rank
+    expert_w = torch.randn(num_experts, hidden, hidden, generator=weight_gen) / hidden**0.5
+    x = torch.randn(num_tokens, hidden, generator=gen).to(device).requires_grad_()
+    w = torch.rand(num_tokens, num_topk, generator=gen).to(device).requires_grad_()
+    recv_x, recv_idx, recv_w, _, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=w, **layout)
+    local_w = expert_w[rank * experts_per_rank:(rank + 1) * experts_per_rank].to(device)
+    out = torch.zeros_like(recv_x)
+    for k in range(num_topk):
+        e = recv_idx[:, k]
+        ok = e >= 0
+        y_k = torch.einsum("nh,nho->no", recv_x, local_w[e.clamp(min=0)])
+        out = out + torch.where(ok.unsqueeze(1), y_k * recv_w[:, k:k + 1], torch.zeros_like(y_k))
+    y, _, _ = buffer.combine(out, handle)
+    gy = torch.randn(y.shape, generator=gen).to(device)
+    (y * gy).sum().backward()
+    # single-process reference on this rank's tokens
+    xr = x.detach().clone().requires_grad_()
+    wr = w.detach().clone().requires_grad_()
+    ref = torch.zeros(num_tokens, hidden, device=device)
+    for k in range(num_topk):
+        e = topk_idx[:, k]
+        ok = e >= 0
+        y_k = torch.einsum("nh,nho->no", xr, expert_w.to(device)[e.clamp(min=0)])
+        ref = ref + torch.where(ok.unsqueeze(1), y_k * wr[:, k:k + 1], torch.zeros_like(y_k))
+    (ref * gy).sum().backward()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, wr.grad.masked_fill(topk_idx < 0, 0), rtol=1e-5, atol=1e-5)
+    return checks + 1
+
+
+def async_checks(rank: int, num_ranks: int, device: str) -> int:
+    """Two async dispatches in flight at once, waited out of order; ``with event:`` waits on exit."""
+    gen = torch.Generator().manual_seed(4000 + rank)
+    num_tokens, hidden, num_topk, num_experts = 16, 128, 2, 4 * num_ranks
+    buffer = Buffer(dist.group.WORLD)
+    topk_idx = routing(num_tokens, num_experts, num_topk, 0, device, gen)
+    layout = _layout(buffer, topk_idx, num_experts)
+    xa = torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16).to(device)
+    xb = torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16).to(device)
+    ref_a = buffer.dispatch(xa, **layout)[0]
+    ref_b = buffer.dispatch(xb, **layout)[0]
+    a = buffer.dispatch(xa, async_finish=True, **layout)
+    b = buffer.dispatch(xb, async_finish=True, previous_event=buffer.capture(), **layout)
+    b[5].current_stream_wait()
+    a[5].current_stream_wait()
+    assert torch.equal(a[0], ref_a) and torch.equal(b[0], ref_b)
+    combined, _, event = buffer.combine(a[0], a[4], async_finish=True)
+    with event:
+        pass
+    assert calc_diff(combined.float() / layout["is_token_in_rank"].sum(1, keepdim=True), xa) < 5e-6
+    try:
+        EventOverlap_none = buffer.dispatch(xa, **layout)[5]
+        EventOverlap_none.current_stream_wait()
+    except RuntimeError as e:
+        assert "not async_finish" in str(e)
+    else:
+        raise AssertionError("waiting on a synchronous call's event must raise")
+    return 1
+
+
+def _raises(exc, match, fn, *args, **kwargs):
+    import re
+    try:
+        fn(*args, **kwargs)
+    except exc as e:
+        assert re.search(match, str(e)), f"{e!r} does not match {match!r}"
+        return 1
+    raise AssertionError(f"expected {exc.__name__} matching {match!r}")
+
+
+def validation_checks(rank: int, num_ranks: int, device: str) -> int:
+    """Bad input raises on every rank, naming the argument (never a hang or a silent wrong answer)."""
+    gen = torch.Generator().manual_seed(5000)
+    num_tokens, hidden, num_topk, num_experts = 8, 256, 2, 4 * num_ranks
+    buffer = Buffer(dist.group.WORLD)
+    topk_idx = routing(num_tokens, num_experts, num_topk, 0, device, gen)
+    layout = _layout(buffer, topk_idx, num_experts)
+    x = torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16).to(device)
+    n = 0
+    n += _raises(ValueError, r"expert ids in \[.*\]; they must be", buffer.get_dispatch_layout, topk_idx + num_experts, num_experts)
+    n += _raises(ValueError, "multiple of the group size", buffer.get_dispatch_layout, topk_idx, num_experts + 1)
+    n += _raises(TypeError, "topk_idx must have dtype", buffer.get_dispatch_layout, topk_idx.float(), num_experts)
+    n += _raises(TypeError, "x must have dtype", buffer.dispatch, x.to(torch.int32), **layout)
+    fp8 = torch.zeros(num_tokens, 200, dtype=torch.float8_e4m3fn, device=device)
+    n += _raises(ValueError, "multiple of 128", buffer.dispatch, (fp8, torch.ones(num_tokens, 2, device=device)), **layout)
+    n += _raises(ValueError, "num_tokens_per_rank is required", buffer.dispatch, x)
+    n += _raises(ValueError, "is_token_in_rank must be", buffer.dispatch, x, **{**layout, "is_token_in_rank": layout["is_token_in_rank"][:-1]})
+    n += _raises(ValueError, "num_worst_tokens=.* slots", buffer.dispatch, x, num_worst_tokens=num_tokens, **layout)
+    n += _raises(TypeError, "topk_weights must have dtype", buffer.dispatch, x, topk_idx=topk_idx,
+                 topk_weights=torch.ones(num_tokens, num_topk, dtype=torch.float64, device=device), **layout)
+    # out-of-range ids on one rank only: found in the count exchange, raised on every rank
+    bad = topk_idx.clone()
+    if rank == num_ranks - 1:
+        bad[0, 0] = num_experts
+    n += _raises(ValueError, f"topk_idx on rank {num_ranks - 1} holds expert ids", buffer.dispatch, x, topk_idx=bad, **layout)
+    wrong = dict(layout, num_tokens_per_rank=layout["num_tokens_per_rank"] + (1 if rank == 0 else 0))
+    n += _raises(ValueError, "num_tokens_per_rank on rank 0", buffer.dispatch, x, **wrong)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, **layout)
+    n += _raises(ValueError, "takes no topk_idx", buffer.dispatch, x, handle=handle, topk_idx=topk_idx)
+    n += _raises(ValueError, "x must have .* rows", buffer.combine, recv_x[:-1] if recv_x.shape[0] else torch.zeros(1, hidden, dtype=torch.bfloat16, device=device), handle)
+    n += _raises(ValueError, r"bias\[0\] must be", buffer.combine, recv_x, handle, bias=x[:1])
+    # low-latency mode
+    n += _raises(ValueError, "more than num_max_dispatch_tokens_per_rank", buffer.low_latency_dispatch, x, topk_idx, num_tokens - 1, num_experts)
+    n += _raises(ValueError, "multiple of 128", buffer.low_latency_dispatch, x[:, :200].contiguous(), topk_idx, num_tokens, num_experts)
+    n += _raises(TypeError, "x must have dtype bfloat16", buffer.low_latency_dispatch, x.float(), topk_idx, num_tokens, num_experts)
+    n += _raises(ValueError, "expert ids", buffer.low_latency_dispatch, x, topk_idx - 2, num_tokens, num_experts)
+    n += _raises(ValueError, "cumulative_local_expert_recv_stats must have", buffer.low_latency_dispatch, x, topk_idx,
+                 num_tokens, num_experts, cumulative_local_expert_recv_stats=torch.zeros(1, dtype=torch.int32, device=device))
+    n += _raises(ValueError, "use_ue8m0 needs", buffer.low_latency_dispatch, x, topk_idx, num_tokens, num_experts, use_ue8m0=True)
+    n += _raises(ValueError, "exclude each other", buffer.low_latency_dispatch, x, topk_idx, num_tokens, num_experts,
+                 async_finish=True, return_recv_hook=True)
+    n += _raises(TypeError, "normal-mode dispatch handle", buffer.dispatch, x, handle=(1, 2))
+    n += _raises(ValueError, "must be a positive int", Config, 0)
+    n += _raises(ValueError, "must be even", Config, 3)
+    # the group still works after all that
+    recv_x2 = buffer.dispatch(x, handle=handle)[0]
+    assert torch.equal(recv_x, recv_x2)
+    return n

@@ -298,7 +298,8 @@ class Buffer:
                 check_topk_idx(topk_idx, num_tokens)
                 if topk_weights is not None:
                     check_topk_weights(topk_weights, topk_idx)
-                if num_worst_tokens == 0 or not topk_idx.is_cuda:
+                if num_worst_tokens and not topk_idx.is_cuda:
+                    # (without num_worst_tokens the ids are checked on all ranks with the count exchange)
                     check_expert_ids(topk_idx, num_experts)
             if num_worst_tokens and num_tokens > num_worst_tokens // R:
                 raise ValueError(

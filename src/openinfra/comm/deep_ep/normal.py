@@ -143,7 +143,7 @@ def dispatch_issue(
         fill_layout = None
         if handle is None:
             handle, fill_layout = _new_layout(coll, rank, num_ranks, num_tokens_per_rank, is_token_in_rank,
-                                              num_tokens_per_expert, expert_alignment, num_worst_tokens, result)
+                                              num_tokens_per_expert, topk_idx, expert_alignment, num_worst_tokens, result)
         result.handle = handle
         recv_x, step = _send_rows(coll, x, handle)
         steps.append(step)
@@ -202,7 +202,21 @@ def dispatch_issue(
     return issue
 
 
-def _new_layout(coll, rank, num_ranks, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
+def _check_gathered(table: torch.Tensor, num_ranks: int, num_experts: int) -> None:
+    """Raise on every rank if any rank's layout arguments are inconsistent (see ``_new_layout``)."""
+    for r in range(num_ranks):
+        row = table[r]
+        counts, sums = row[:num_ranks], row[num_ranks + num_experts: 2 * num_ranks + num_experts]
+        lo, hi = int(row[-2]), int(row[-1])
+        if lo < -1 or hi >= num_experts:
+            raise ValueError(f"topk_idx on rank {r} holds expert ids in [{lo}, {hi}]; they must be -1 (no expert) "
+                             f"or in [0, {num_experts})")
+        if not torch.equal(counts, sums):
+            raise ValueError(f"num_tokens_per_rank on rank {r} ({counts.tolist()}) disagrees with its is_token_in_rank "
+                             f"column sums ({sums.tolist()})")
+
+
+def _new_layout(coll, rank, num_ranks, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
                 expert_alignment, num_worst_tokens, result):
     """Exchange counts and build the handle; returns (handle, step that completes it or None)."""
     device = is_token_in_rank.device
@@ -210,18 +224,21 @@ def _new_layout(coll, rank, num_ranks, num_tokens_per_rank, is_token_in_rank, nu
     num_experts = num_tokens_per_expert.numel()
     experts_per_rank = num_experts // num_ranks
     if num_worst_tokens == 0:
+        # Every rank's counts, its mask's column sums and its expert-id range travel together, so a
+        # bad argument on any rank is seen, and raised, by all ranks at once (a one-sided raise
+        # would leave the others waiting in the next collective).
+        if topk_idx is not None and topk_idx.numel():
+            id_range = torch.stack(torch.aminmax(topk_idx)).to(torch.int32)
+        else:
+            id_range = torch.tensor([-1, -1], dtype=torch.int32, device=device)
         local = torch.cat([num_tokens_per_rank.to(torch.int32), num_tokens_per_expert.to(torch.int32),
-                           is_token_in_rank.sum(0, dtype=torch.int32)])
+                           is_token_in_rank.sum(0, dtype=torch.int32), id_range])
         gathered = torch.empty(num_ranks * local.numel(), dtype=torch.int32, device=device)
         coll.all_gather(gathered, local)
         coll.wait()
         table = gathered.view(num_ranks, -1).cpu()  # the host sync of normal mode
+        _check_gathered(table, num_ranks, num_experts)
         mine = table[rank]
-        if not torch.equal(mine[:num_ranks], mine[num_ranks + num_experts:]):
-            raise ValueError(
-                f"num_tokens_per_rank {mine[:num_ranks].tolist()} disagrees with is_token_in_rank's column sums "
-                f"{mine[num_ranks + num_experts:].tolist()}"
-            )
         send_counts = tuple(mine[:num_ranks].tolist())
         recv_counts = tuple(table[:, rank].tolist())
         per_expert = table[:, num_ranks + rank * experts_per_rank: num_ranks + (rank + 1) * experts_per_rank].sum(0)
