@@ -53,3 +53,21 @@ def test_phase_annotations_appear_in_a_profile():
     names = {e.name for e in prof.events()}
     for p in ("attn", "mlp", "dispatch", "combine"):
         assert f"openinfra:{p}" in names
+
+
+@pytest.mark.parametrize("name_kw", [dict(), dict(q_lora_rank=0, n_dense_layers=0, n_expert_groups=1, n_limited_groups=1)])
+def test_model_equals_plain_pytorch_reference(name_kw):
+    from openinfra.model.reference import plain_forward, plain_loss
+
+    torch.manual_seed(0)
+    model = Transformer(get_config("tiny", **name_kw)).double()
+    for m in model.moe_layers():
+        m.gate.bias.normal_(std=0.05)
+    tokens = torch.randint(0, 512, (2, 12))
+    torch.testing.assert_close(model(tokens), plain_forward(model, tokens), rtol=1e-10, atol=1e-10)
+    model.loss(tokens, tokens).backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    plain_loss(model, tokens, tokens).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, rtol=1e-9, atol=1e-10, msg=n)

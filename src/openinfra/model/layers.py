@@ -2,10 +2,9 @@
 
 The FP8 path (``ModelConfig.gemm == "fp8"``) runs ``y = x @ W.T`` through deep_gemm's block-scaled
 FP8 GEMM (activations 1x128, weights 128x128) when three things hold at call time: the tensor is on a
-Hopper GPU (``openinfra.kernels.backend.use_triton``), ``openinfra.kernels.deep_gemm`` exposes the
-GEMM and cast entry points, and both dims are multiples of 128. Otherwise the layer computes in its
-parameter dtype (bf16 on GPU, fp32 or bf16 on CPU). The backward of the FP8 forward runs in the
-parameter dtype: gradients see the unquantized weight (straight-through quantization).
+Hopper GPU (``openinfra.kernels.backend.use_triton``), ``openinfra.kernels.deep_gemm`` exposes
+``fp8_linear`` (FP8 forward, dgrad and wgrad through its kernels), and both dims are multiples of
+128. Otherwise the layer computes in its parameter dtype (bf16 on GPU, fp32 or bf16 on CPU).
 """
 
 from __future__ import annotations
@@ -34,42 +33,20 @@ class RMSNorm(nn.Module):
 
 
 def _deep_gemm() -> Any | None:
-    """deep_gemm's module when it has the pieces the FP8 path needs, else None (checked per call:
-    the kernels are an optional, separately built component)."""
+    """deep_gemm's module when it has ``fp8_linear`` (FP8 forward, dgrad and wgrad), else None.
+    Checked per call: the kernels are an optional, separately built component."""
     try:
         mod = importlib.import_module("openinfra.kernels.deep_gemm")
     except ImportError:
         return None
-    needed = ("fp8_gemm_nt", "per_token_cast_to_fp8", "per_block_cast_to_fp8")
-    return mod if all(hasattr(mod, n) for n in needed) else None
+    return mod if hasattr(mod, "fp8_linear") else None
 
 
 def fp8_gemm_available(x: torch.Tensor) -> bool:
     """Whether :class:`Linear` with ``fp8=True`` would run the FP8 GEMM for input ``x``."""
     from openinfra.kernels.backend import use_triton
 
-    return _deep_gemm() is not None and x.is_cuda and use_triton(x)
-
-
-class _FP8LinearFn(torch.autograd.Function):
-    """Forward through deep_gemm's FP8 GEMM; backward in the weight's dtype (straight-through)."""
-
-    @staticmethod
-    def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor):  # type: ignore[override]
-        dg = _deep_gemm()
-        xq, xs = dg.per_token_cast_to_fp8(x2d.contiguous())
-        out = torch.empty(x2d.shape[0], weight.shape[0], dtype=torch.bfloat16, device=x2d.device)
-        dg.fp8_gemm_nt((xq, xs), (wq, ws), out)
-        ctx.save_for_backward(x2d, weight)
-        return out.to(x2d.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x2d, weight = ctx.saved_tensors
-        grad = grad.to(weight.dtype)
-        dx = grad @ weight if ctx.needs_input_grad[0] else None
-        dw = grad.t() @ x2d.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return dx, dw, None, None
+    return x.is_cuda and _deep_gemm() is not None and use_triton(x)
 
 
 class Linear(nn.Module):
@@ -84,25 +61,12 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.fp8 = in_features, out_features, fp8
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self._wcache: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
         nn.init.normal_(self.weight, std=in_features ** -0.5)
-
-    def _quantized_weight(self, dg) -> tuple[torch.Tensor, torch.Tensor]:
-        # Re-quantize only when the weight changed (optimizer steps bump its version counter).
-        key = (self.weight.data_ptr(), self.weight._version)
-        if self._wcache is None or self._wcache[:2] != key:
-            with torch.no_grad():
-                wq, ws = dg.per_block_cast_to_fp8(self.weight.detach())
-            self._wcache = (*key, wq, ws)
-        return self._wcache[2], self._wcache[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.fp8 and self.in_features % 128 == 0 and self.out_features % 128 == 0
                 and fp8_gemm_available(x)):
-            dg = _deep_gemm()
-            wq, ws = self._quantized_weight(dg)
-            y = _FP8LinearFn.apply(x.reshape(-1, self.in_features), self.weight, wq, ws)
-            return y.view(*x.shape[:-1], self.out_features)
+            return _deep_gemm().fp8_linear(x, self.weight)
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
