@@ -43,6 +43,12 @@ from .utils import run_backward
 
 __all__ = ["MoEConfig", "MoEStage"]
 
+# torch.profiler range names in openinfra.profiling's vocabulary (compute: attn/mlp/compute).
+_PROFILER_NAMES = {
+    "attn": "openinfra:attn", "experts": "openinfra:mlp", "combine": "openinfra:compute",
+    "combine_bwd": "openinfra:compute", "experts_bwd": "openinfra:mlp", "attn_bwd": "openinfra:attn",
+}
+
 
 @dataclass(frozen=True)
 class MoEConfig:
@@ -131,6 +137,24 @@ class _Join(torch.autograd.Function):
         return g, None, None, None
 
 
+class _AllToAll(torch.autograd.Function):
+    """Differentiable blocking all-to-all of rows (the connected-graph mode's dispatch/combine)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        out_splits, in_splits = ctx.splits
+        gx = g.new_empty((sum(in_splits), *g.shape[1:]))
+        dist.all_to_all_single(gx, g.contiguous(), in_splits, out_splits, group=ctx.group)
+        return gx, None, None, None
+
+
 class MoEStage(nn.Module):
     """``[B, S, hidden] -> [B, S, hidden]``: ``cfg.num_layers`` attention + MoE layers.
 
@@ -152,12 +176,18 @@ class MoEStage(nn.Module):
         if device is not None:
             self.to(device)
         self.recorder = recorder
+        self.segmented = segmented
         self._capture: list | None = None
 
     # --- communication --------------------------------------------------------------------------
 
     def _a2a(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], name: str) -> Callable[[], torch.Tensor]:
         """Launch an all-to-all of rows; returns ``wait() -> received rows``."""
+        if not self.segmented and torch.is_grad_enabled() and x.requires_grad:
+            if self.ep_size == 1:
+                return lambda: x.clone()
+            out = _AllToAll.apply(x, out_splits, in_splits, self.ep_group)
+            return lambda: out
         if self.ep_size == 1:
             return lambda: x.clone()
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
@@ -166,7 +196,8 @@ class MoEStage(nn.Module):
         work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.ep_group, async_op=True)
 
         def wait() -> torch.Tensor:
-            work.wait()
+            with torch.profiler.record_function("openinfra:" + ("dispatch" if name.startswith("dispatch") else "combine")):
+                work.wait()
             if rec:
                 rec.add(f"a2a:{name}", start, rec.now_us(), nbytes=out.nbytes)
             return out
@@ -176,7 +207,7 @@ class MoEStage(nn.Module):
     def _span(self, name: str):
         """A torch.profiler label, plus a recorder span when recording."""
         stack = ExitStack()
-        stack.enter_context(torch.profiler.record_function(f"moe:{name}"))
+        stack.enter_context(torch.profiler.record_function(_PROFILER_NAMES[name]))
         if self.recorder is not None and self.recorder.enabled:
             stack.enter_context(self.recorder.span(f"moe:{name}"))
         return stack
@@ -187,7 +218,7 @@ class MoEStage(nn.Module):
         """Attention + routing + permutation; launches the dispatch a2a."""
         cfg = self.cfg
         with self._span("attn"), torch.set_grad_enabled(st.train):
-            h = h_in.detach().requires_grad_(h_in.is_floating_point())
+            h = h_in if not self.segmented else h_in.detach().requires_grad_(h_in.is_floating_point())
             b, s, d = h.shape
             q, k, v = layer.qkv(layer.norm1(h)).view(b, s, 3, cfg.num_heads, d // cfg.num_heads).permute(2, 0, 3, 1, 4)
             att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, d)
@@ -213,26 +244,29 @@ class MoEStage(nn.Module):
             torch.arange(self.num_local, device=counts.device).repeat(self.ep_size), per_src.reshape(-1))
         st.local_perm = torch.argsort(local_ids, stable=True)
         st.local_counts = per_src.sum(0).tolist()
-        return self._a2a(send_x.detach(), st.recv_splits, st.send_splits, "dispatch")
+        return self._a2a(send_x if not self.segmented else send_x.detach(), st.recv_splits, st.send_splits, "dispatch")
 
     def _segment_e(self, layer: _Layer, st: _LayerState, recv_x: torch.Tensor) -> Callable[[], torch.Tensor]:
         """Local experts on the received rows; launches the combine a2a."""
         with self._span("experts"), torch.set_grad_enabled(st.train):
-            x = recv_x.requires_grad_()
+            x = recv_x if not self.segmented else recv_x.requires_grad_()
             xs = x[st.local_perm].split(st.local_counts)
             ys = [F.gelu(xe @ layer.w1[e]) @ layer.w2[e] for e, xe in enumerate(xs)]
             y_sorted = torch.cat(ys) if ys else x[:0]
             y = torch.empty_like(y_sorted).index_copy(0, st.local_perm, y_sorted)
         st.recv_x, st.y_exp = x, y
-        return self._a2a(y.detach(), st.send_splits, st.recv_splits, "combine")
+        return self._a2a(y if not self.segmented else y.detach(), st.send_splits, st.recv_splits, "combine")
 
     def _segment_p(self, layer: _Layer, st: _LayerState, comb: torch.Tensor) -> torch.Tensor:
         """Un-permute, weight by the gate, add the residual."""
         cfg = self.cfg
         with self._span("combine"), torch.set_grad_enabled(st.train):
-            a = st.a_out[0].detach().requires_grad_()
-            w = st.a_out[2].detach().requires_grad_()
-            y_rows = comb.requires_grad_()
+            if self.segmented:
+                a = st.a_out[0].detach().requires_grad_()
+                w = st.a_out[2].detach().requires_grad_()
+                y_rows = comb.requires_grad_()
+            else:
+                a, w, y_rows = st.a_out[0], st.a_out[2], comb
             y_pairs = torch.empty_like(y_rows).index_copy(0, st.order, y_rows)
             b, s, d = a.shape
             out = a + (w.unsqueeze(-1) * y_pairs.view(b * s, cfg.topk, d)).sum(1).view(b, s, d)
@@ -294,6 +328,8 @@ class MoEStage(nn.Module):
         if not torch.is_grad_enabled():
             return self._forward_no_grad(x)
         record = self._forward_record(x)
+        if not self.segmented:
+            return record.layers[-1].out
         return _Join.apply(x, self._anchor(x), self, record)
 
     @staticmethod
@@ -310,6 +346,15 @@ class MoEStage(nn.Module):
         module1: "MoEStage", loss1: torch.Tensor | None, outputs1: list[torch.Tensor], output_grads1: list[torch.Tensor],
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Forward chunk 0 through ``module0`` while back-propagating chunk 1 through ``module1``."""
+        if not (module0.segmented and module1.segmented):
+            outputs0 = [module0(*inputs0)]
+            loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
+            if loss1 is not None:
+                loss1.backward()
+                loss1.detach_()
+            elif outputs1:
+                run_backward(outputs1, output_grads1)
+            return outputs0, loss0
         # 1. Find chunk 1's segment record and the gradient at its output.
         record1, g1 = None, None
         if loss1 is not None:

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["ScheduleEvent", "ScheduleRecorder", "COMPUTE_KINDS", "COMM_KINDS"]
+__all__ = ["ScheduleEvent", "ScheduleRecorder", "COMPUTE_KINDS", "COMM_KINDS", "chrome_trace"]
 
 COMPUTE_KINDS = ("F", "B", "W", "F&B")
 COMM_KINDS = ("send", "recv")
@@ -36,6 +36,7 @@ class ScheduleEvent:
     for "F&B" it is the forward chunk's module and ``module_b``/``chunk_b`` name the backward one.
     ``start_us``/``end_us``: microseconds since the step began. ``peer``: the other rank (p2p).
     ``phase``: which of the eight schedule phases issued it (1..8), 0 when unknown.
+    ``zb``: a "B" whose weight gradient was deferred to a later "W" (input gradient only).
     """
 
     rank: int
@@ -49,6 +50,8 @@ class ScheduleEvent:
     peer: int | None = None
     nbytes: int = 0
     phase: int = 0
+    zb: bool = False
+
 
     @property
     def duration_us(self) -> float:
@@ -138,6 +141,14 @@ class ScheduleRecorder:
         return path
 
 
+def _row(kind: str) -> int:
+    if kind in COMPUTE_KINDS:
+        return 0
+    if kind in COMM_KINDS:
+        return 1
+    return 3 if kind.startswith("a2a:") else 2
+
+
 def chrome_trace(trace: dict[str, Any]) -> dict[str, Any]:
     """Convert our trace dict to the Chrome trace-event format (``ph: "X"`` complete events)."""
     out = []
@@ -146,12 +157,14 @@ def chrome_trace(trace: dict[str, Any]) -> dict[str, Any]:
         out.append({"ph": "M", "name": "process_name", "pid": r, "args": {"name": f"pp rank {r}"}})
         out.append({"ph": "M", "name": "thread_name", "pid": r, "tid": 0, "args": {"name": "compute"}})
         out.append({"ph": "M", "name": "thread_name", "pid": r, "tid": 1, "args": {"name": "p2p"}})
+        out.append({"ph": "M", "name": "thread_name", "pid": r, "tid": 2, "args": {"name": "stage segments"}})
+        out.append({"ph": "M", "name": "thread_name", "pid": r, "tid": 3, "args": {"name": "all-to-all in flight"}})
     for e in trace["events"]:
         name = e["kind"] if e["chunk"] is None else f"{e['kind']}{e['module']}.{e['chunk']}"
         if e["kind"] == "F&B":
             name = f"F{e['module']}.{e['chunk']}&B{e['module_b']}.{e['chunk_b']}"
         out.append({
-            "ph": "X", "name": name, "cat": e["kind"], "pid": e["rank"], "tid": 0 if e["kind"] in COMPUTE_KINDS else 1,
+            "ph": "X", "name": name, "cat": e["kind"], "pid": e["rank"], "tid": _row(e["kind"]),
             "ts": e["start_us"], "dur": max(e["end_us"] - e["start_us"], 0.0),
             "args": {k: e[k] for k in ("module", "chunk", "module_b", "chunk_b", "peer", "nbytes", "phase") if e.get(k) is not None},
         })
