@@ -25,7 +25,9 @@ UNUSED_SLOT = 2147480000
 
 
 def _randn(shape, gen: torch.Generator, dtype: torch.dtype, device) -> torch.Tensor:
-    return (torch.randn(shape, generator=gen) / 10).clamp_(-1.0, 1.0).to(dtype).to(device)
+    # Drawn on ``device`` with a generator seeded from ``gen``: real shapes are gigabytes.
+    dev_gen = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    return (torch.randn(shape, generator=dev_gen, device=device) / 10).clamp_(-1.0, 1.0).to(dtype)
 
 
 @dataclasses.dataclass
@@ -56,29 +58,28 @@ def make_dense_case(
     num_blocks = b * max_blocks + 3
     perm = torch.randperm(num_blocks, generator=gen)[: b * max_blocks].view(b, max_blocks).to(torch.int32)
     rows = page + 5 if strided_cache else page  # block stride larger than one page
-    full = _randn((num_blocks, rows, h_kv, HEAD_DIM_QK), gen, torch.float32, "cpu")
+    full = _randn((num_blocks, rows, h_kv, HEAD_DIM_QK), gen, dtype if not fp8 else torch.bfloat16, device)
     cache = full[:, :page]
     block_table = perm.clone()
     for i, n in enumerate(lens):
         used = ceil_div(n, page)
-        cache[perm[i, used:].long()] = float("nan")
+        cache[perm[i, used:].long().to(device)] = float("nan")
         if n % page:
-            cache[perm[i, used - 1].long(), n % page:] = float("nan")
+            cache[int(perm[i, used - 1]), n % page:] = float("nan")
         block_table[i, used:] = UNUSED_SLOT
     if fp8:
         if h_kv != 1 or dtype != torch.bfloat16:
             raise ValueError("the FP8 cache needs h_kv == 1 and bf16")
         from openinfra.kernels.flash_mla.fp8_cache import dequantize_kv_cache_fp8
 
-        k_cache = quantize_kv_cache_fp8(cache.to(torch.bfloat16))
+        k_cache = quantize_kv_cache_fp8(cache)
         if strided_cache:
-            wide = torch.zeros(num_blocks, rows, 1, k_cache.shape[-1], dtype=k_cache.dtype)
+            wide = torch.zeros(num_blocks, rows, 1, k_cache.shape[-1], dtype=k_cache.dtype, device=device)
             wide[:, :page] = k_cache
             k_cache = wide[:, :page]
-        k_cache = k_cache.to(device)
         k_bf16 = dequantize_kv_cache_fp8(k_cache)
     else:
-        k_cache = full.to(dtype)[:, :page].to(device) if strided_cache else cache.to(dtype).to(device)
+        k_cache = cache if strided_cache else cache.contiguous()
         k_bf16 = k_cache
     if noncontiguous_q:
         wide_q = _randn((b, s_q, h_q, HEAD_DIM_QK + 64), gen, dtype, device)
@@ -113,7 +114,7 @@ def make_sparse_decode_case(
 ) -> SparseDecodeCase:
     gen = torch.Generator().manual_seed(seed)
     n_tokens = num_blocks * page
-    kv = _randn((num_blocks, page, 1, HEAD_DIM_QK), gen, torch.bfloat16, "cpu")
+    kv = _randn((num_blocks, page, 1, HEAD_DIM_QK), gen, torch.bfloat16, device)
     k_cache = quantize_kv_cache_fp8(kv) if fp8 else kv
     idx = torch.randint(0, n_tokens, (b, s_q, topk), generator=gen, dtype=torch.int32)
     idx = _poison_indices(idx, n_tokens, gen, invalid_frac)
@@ -132,7 +133,7 @@ def make_sparse_decode_case(
         if h_q > 1:
             sink[1] = float("inf")
     q = _randn((b, s_q, h_q, HEAD_DIM_QK), gen, torch.bfloat16, device)
-    return SparseDecodeCase(q, k_cache.to(device), idx.to(device),
+    return SparseDecodeCase(q, k_cache, idx.to(device),
                             None if topk_length is None else topk_length.to(device),
                             None if sink is None else sink.to(device))
 

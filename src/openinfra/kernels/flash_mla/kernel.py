@@ -81,7 +81,13 @@ def _finish_rows(acc, m2, l, head, sink_ptr, out_ptrs, lse_ptrs, max_ptrs, row_o
         tl.store(max_ptrs, tl.where(empty, float("-inf"), m2 * 0.6931471805599453), mask=row_ok)
 
 
-@triton.jit
+# Integer arguments that vary between calls but never shape a vector access: not specialized, so
+# a new batch size, head count or page size reuses the compiled kernel (each compile is seconds).
+_NO_SPEC = ["s_q", "n_tokens", "page_size", "h_kv", "G", "R", "stride_btb", "stride_ib", "stride_is",
+            "stride_lb", "stride_lh", "stride_ls"]
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _mla_attn_kernel(
     q_ptr, kv_ptr, bt_ptr, len_ptr, idx_ptr, sched_ptr, splits_ptr, sink_ptr,
     out_ptr, lse_ptr, max_ptr, oacc_ptr, lacc_ptr,
@@ -211,7 +217,7 @@ def _mla_attn_kernel(
                 tl.store(lacc_ptr + slot_row, tl.where(empty, float("-inf"), m_i + tl.log2(l_safe)), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_q", "h_kv", "G", "R", "stride_lb", "stride_lh", "stride_ls"])
 def _mla_combine_kernel(
     splits_ptr, sink_ptr, out_ptr, lse_ptr, max_ptr, oacc_ptr, lacc_ptr,
     s_q, h_kv, G, R,
@@ -257,19 +263,34 @@ def _mla_combine_kernel(
 
 
 class KernelConfig:
-    """Launch parameters of the attention kernel (the benchmark sweeps them)."""
+    """Launch parameters of the attention kernel; ``None`` picks the default for the row count.
 
-    def __init__(self, block_n: int = 64, num_warps: int | None = None, num_stages: int = 1):
-        if block_n not in (16, 32, 64):
+    Defaults come from the compiler's resource report for sm_90 (ptxas -v on the kernel compiled
+    for the H200 without a device): with 16-32 rows per tile, 8 warps and 32-token K tiles in three
+    cp.async stages fit in 214 registers without spills; with 64 rows the [64, 512] fp32
+    accumulator alone takes 128 registers per thread at 8 warps, and two stages of 32 tokens fit
+    shared memory next to the 73 KB q tile (see benchmarks/notes/flash_mla.md for the timings).
+    """
+
+    def __init__(self, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                 num_stages: int | None = None):
+        if block_m not in (None, 16, 32, 64):
+            raise ValueError(f"block_m must be 16, 32 or 64, got {block_m}")
+        if block_n not in (None, 16, 32, 64):
             raise ValueError(f"block_n must be 16, 32 or 64, got {block_n}")
-        self.block_n, self.num_warps, self.num_stages = block_n, num_warps, num_stages
+        self.block_m, self.block_n, self.num_warps, self.num_stages = block_m, block_n, num_warps, num_stages
+
+    def resolve(self, rows: int) -> tuple[int, int, int, int]:
+        """(block_m, block_n, num_warps, num_stages) for tiles of ``rows`` query rows."""
+        bm = self.block_m or min(BLOCK_M, max(16, triton.next_power_of_2(rows)))
+        bn = self.block_n or 32
+        nw = self.num_warps or 8
+        ns = self.num_stages or (2 if bm >= 64 else 3)
+        return bm, bn, nw, ns
 
     def __repr__(self) -> str:
-        return f"KernelConfig(block_n={self.block_n}, num_warps={self.num_warps}, num_stages={self.num_stages})"
-
-
-def _block_m(rows: int) -> int:
-    return min(BLOCK_M, max(16, triton.next_power_of_2(rows)))
+        return (f"KernelConfig(block_m={self.block_m}, block_n={self.block_n}, num_warps={self.num_warps}, "
+                f"num_stages={self.num_stages})")
 
 
 def mla_attention_triton(
@@ -304,7 +325,7 @@ def mla_attention_triton(
     sparse = indices is not None
     g = h_q // h_kv
     rows = g if sparse else s_q * g
-    bm = _block_m(rows)
+    bm, bn, num_warps, num_stages = config.resolve(rows)
     m_blocks = ceil_div(rows, bm)
     parts = tile_scheduler_metadata.shape[0]
     n_req = lengths.shape[0]
@@ -321,7 +342,6 @@ def mla_attention_triton(
     mx = max_logits if max_logits is not None else lse
     kv_arg = kv.view(torch.uint8) if is_fp8 else kv
     interpret = interpreter_enabled()
-    num_warps = config.num_warps or (8 if bm >= 64 else 4)
     _mla_attn_kernel[(parts, h_kv * m_blocks)](
         q, kv_arg, bt, lengths, idx, tile_scheduler_metadata, num_splits, sink,
         out, lse, mx, oacc, lacc,
@@ -332,12 +352,12 @@ def mla_attention_triton(
         idx.stride(0) if sparse else 0, idx.stride(1) if sparse else 0,
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        BLOCK_M=bm, BLOCK_N=config.block_n, SCHED_BLOCK=PAGE_BLOCK_SIZE,
+        BLOCK_M=bm, BLOCK_N=bn, SCHED_BLOCK=PAGE_BLOCK_SIZE,
         D_V=HEAD_DIM_V, D_R=HEAD_DIM_ROPE,
         CAUSAL=causal, SPARSE=sparse, FP8=is_fp8,
         HAS_SINK=attn_sink is not None, WRITE_MAX=max_logits is not None, INTERPRET=interpret,
         SCALE_OFF=FP8_SCALE_OFFSET, ROPE_OFF=FP8_ROPE_OFFSET, FP8_TILE=FP8_TILE,
-        num_warps=num_warps, num_stages=config.num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     block_r = 16
     _mla_combine_kernel[(n_req, h_kv, ceil_div(rows, block_r))](
