@@ -5,7 +5,7 @@
 #
 #   usage: bash scripts/gpu_flash_mla.sh [tests|bench|all] [extra `openinfra bench flash_mla` args...]
 #   FM_CONFIGS="0,0,0,0 0,64,8,2"   kernel variants to precompile and time (block_m,block_n,warps,stages)
-#   FM_TEST_S / FM_BENCH_S          time limits of the two stages in seconds
+#   FM_WARMUP_S / FM_TEST_S / FM_BENCH_S   time limits of the stages in seconds
 #   device tool:  run(command="bash scripts/gpu_flash_mla.sh all --sk 8192 --modes fixed")
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem --fo
 
 rc=0
 # Compiles are seconds each and single-threaded: do them all at once on the machine's cores.
-timeout 90 "$PY" -m openinfra.kernels.flash_mla.warmup --rows 16 32 64 --processes 16 --configs $CONFIGS \
+timeout "${FM_WARMUP_S:-90}" "$PY" -m openinfra.kernels.flash_mla.warmup --rows 16 32 64 --processes 16 --configs $CONFIGS \
     > "$OUT/warmup.log" 2>&1 || echo "warmup: exit $?" | tee -a "$OUT/warmup.log"
 tail -3 "$OUT/warmup.log"
 
