@@ -19,6 +19,14 @@ from openinfra.kernels.deep_gemm.utils import FP8_E4M3_MAX, GROUP_SIZE, ceil_div
 __all__ = ["per_block_cast_to_fp8_reference", "per_channel_cast_to_fp8_reference"]
 
 
+def _scale(amax: torch.Tensor, use_ue8m0: bool) -> torch.Tensor:
+    # Divide by a same-device tensor, not a Python float: on CUDA, PyTorch turns division by a
+    # CPU scalar into multiplication by its reciprocal, which rounds differently from the kernels'
+    # (and the CPU's) correctly rounded division.
+    sf = amax / amax.new_full((), FP8_E4M3_MAX)
+    return ceil_to_ue8m0(sf) if use_ue8m0 else sf
+
+
 def _pad(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     m, n = x.shape
     padded = torch.zeros(rows, cols, dtype=torch.float32, device=x.device)
@@ -31,10 +39,7 @@ def per_block_cast_to_fp8_reference(x: torch.Tensor, use_ue8m0: bool = False) ->
     m, n = x.shape
     gm, gn = ceil_div(m, GROUP_SIZE), ceil_div(n, GROUP_SIZE)
     tiles = _pad(x, gm * GROUP_SIZE, gn * GROUP_SIZE).view(gm, GROUP_SIZE, gn, GROUP_SIZE)
-    amax = tiles.abs().amax(dim=(1, 3)).clamp(min=AMAX_FLOOR)
-    sf = amax / FP8_E4M3_MAX
-    if use_ue8m0:
-        sf = ceil_to_ue8m0(sf)
+    sf = _scale(tiles.abs().amax(dim=(1, 3)).clamp(min=AMAX_FLOOR), use_ue8m0)
     y = (tiles * (1.0 / sf)[:, None, :, None]).to(torch.float8_e4m3fn)
     return y.view(gm * GROUP_SIZE, gn * GROUP_SIZE)[:m, :n].contiguous(), sf
 
@@ -44,9 +49,6 @@ def per_channel_cast_to_fp8_reference(x: torch.Tensor, use_ue8m0: bool = False) 
     m, n = x.shape
     gm = ceil_div(m, GROUP_SIZE)
     groups = _pad(x, gm * GROUP_SIZE, n).view(gm, GROUP_SIZE, n)
-    amax = groups.abs().amax(dim=1).clamp(min=AMAX_FLOOR)
-    sf = amax / FP8_E4M3_MAX
-    if use_ue8m0:
-        sf = ceil_to_ue8m0(sf)
+    sf = _scale(groups.abs().amax(dim=1).clamp(min=AMAX_FLOOR), use_ue8m0)
     y = (groups * (1.0 / sf)[:, None, :]).to(torch.float8_e4m3fn)
     return y.view(gm * GROUP_SIZE, n)[:m].contiguous(), sf
