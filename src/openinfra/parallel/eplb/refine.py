@@ -34,17 +34,21 @@ def placement_loads(weight: torch.Tensor, slot2exp: torch.Tensor, num_gpus: int)
 
 
 def _best_swap(slot_w: torch.Tensor, load: torch.Tensor, peak: torch.Tensor, hot: torch.Tensor, per_gpu: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best swap per row: (new max of the two GPUs involved [X], flat index i*P + j [X])."""
+    """Best swap per row: (new max of the two GPUs involved [X], flat index i*P + j [X]).
+
+    Handing load d from the hottest GPU (load ``peak``) to a GPU of load L gives the pair the
+    new max ``max(peak - d, L + d) = (peak + L) / 2 + |d - (peak - L) / 2|``. Swaps that do not
+    help (d <= 0, or the partner on the hottest GPU itself, where L = peak) score >= peak and
+    are rejected by the caller's ``< peak`` test, so no masks are needed.
+    """
     rows, slots = slot_w.shape
-    ar = torch.arange(rows)
-    mine = slot_w.view(rows, -1, per_gpu)[ar, hot]  # [X, S] replicas on the hottest GPU
-    slot_gpu = torch.arange(slots) // per_gpu
-    other_load = load.repeat_interleave(per_gpu, dim=1)  # [X, P] load of each slot's GPU
-    delta = mine.unsqueeze(2) - slot_w.unsqueeze(1)  # [X, S, P] load handed over
-    new = torch.maximum(peak.view(-1, 1, 1) - delta, other_load.unsqueeze(1) + delta)
-    bad = (delta <= 0) | (slot_gpu.view(1, 1, -1) == hot.view(-1, 1, 1))
-    new = new.masked_fill(bad, float("inf"))
-    return new.view(rows, -1).min(1)
+    mine = slot_w.view(rows, -1, per_gpu)[torch.arange(rows), hot]  # [X, S] replicas on the hottest GPU
+    other = load.repeat_interleave(per_gpu, dim=1)  # [X, P] load of each slot's GPU
+    centre = (peak.unsqueeze(1) + other).mul_(0.5)  # [X, P]
+    half_gap = (peak.unsqueeze(1) - other).mul_(0.5)
+    score = mine.unsqueeze(2) - slot_w.unsqueeze(1)  # [X, S, P]: d
+    score.sub_(half_gap.unsqueeze(1)).abs_().add_(centre.unsqueeze(1))
+    return score.view(rows, -1).min(1)
 
 
 def _best_replica_move(weight: torch.Tensor, slot2exp: torch.Tensor, count: torch.Tensor, load: torch.Tensor,

@@ -8,7 +8,8 @@ Solvers (``solver=`` by name, see :data:`SOLVERS`):
   plus local search with swaps and replica moves; no per-item Python loop anywhere.
 * ``"best"`` (default): the local search run from the faithful solution (so never worse than
   ``"faithful"``, layer by layer) and ``"fast"``; per layer the better of the two is kept. The
-  faithful seed's greedy loops over items (vectorised over layers and nodes).
+  faithful seed keeps the original's greedy loops over items (vectorised over layers and
+  nodes) except where pairing is provably optimal (<= 2 slots per GPU).
 """
 
 from __future__ import annotations
@@ -58,7 +59,15 @@ _FAST = Steps(_refine_groups(round_pack), waterfill_replicate, round_pack, _refi
 # The faithful steps with local search on top. Its group -> node packing is the original's, and
 # the search only ever lowers a node's hottest GPU, so every layer is at least as balanced as
 # the original's.
-_SEEDED = Steps(greedy_pack, greedy_replicate, greedy_pack, _refine_step)
+def _pairs_or_greedy(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """With at most two items per pack, heaviest-with-lightest pairing (one vectorised pass) is
+    optimal, so it is never worse than the greedy; otherwise the original's greedy."""
+    if weight.shape[1] <= 2 * num_packs:
+        return round_pack(weight, num_packs)
+    return greedy_pack(weight, num_packs)
+
+
+_SEEDED = Steps(greedy_pack, greedy_replicate, _pairs_or_greedy, _refine_step)
 
 
 def _place(steps: Steps) -> Callable:
@@ -73,10 +82,15 @@ def _place(steps: Steps) -> Callable:
 def _best(weight, num_replicas, num_groups, num_nodes, num_gpus):
     if choose_policy(num_groups, num_nodes) == "global":
         num_groups, num_nodes = 1, 1
-    drafts = [draft_placement(weight, num_replicas, num_groups, num_nodes, num_gpus, steps) for steps in (_SEEDED, _FAST)]
+    # With <= 2 slots per GPU and one node the two candidates coincide (optimal pairing, the
+    # same replica counts up to ties): skip the second.
+    both = num_nodes > 1 or num_replicas > 2 * num_gpus
+    drafts = [draft_placement(weight, num_replicas, num_groups, num_nodes, num_gpus, steps) for steps in ((_SEEDED, _FAST) if both else (_SEEDED,))]
     # One local search over both drafts' rows: the per-iteration cost is mostly fixed overhead.
     refined = _refine_step(torch.cat([d.tokens for d in drafts]), torch.cat([d.slot2mlog for d in drafts]), drafts[0].gpus_per_node)
-    cands = [finish_placement(d, part) for d, part in zip(drafts, refined.chunk(2))]
+    cands = [finish_placement(d, part) for d, part in zip(drafts, refined.chunk(len(drafts)))]
+    if len(cands) == 1:
+        return cands[0]
     scores = torch.stack([balancedness(c[0], weight, num_gpus) for c in cands])  # [2, L]
     pick = scores.argmax(0)  # a tie keeps the seeded (never-worse) candidate
     rows = torch.arange(weight.shape[0])
