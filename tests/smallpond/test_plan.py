@@ -191,3 +191,12 @@ def test_read_json_and_union_by_name(sp, tmp_path):
     df = sp.read_parquet([str(tmp_path / "p1.parquet"), str(tmp_path / "p2.parquet")], union_by_name=True)
     assert df.take_all() == [{"x": 1, "y": None}, {"x": None, "y": 2}]
     assert sp.read_parquet(str(tmp_path / "p1.parquet"), columns=["x"]).count() == 1
+
+
+def test_computed_fused_chain_is_reused_by_consumers(sp):
+    base = sp.from_items(list(range(50))).filter("item % 2 = 0").map("item * 10 as x")
+    assert base.count() == 25
+    ran = sp.stats.executed
+    more = base.filter("x > 100")
+    assert more.count() == len([i for i in range(0, 50, 2) if i * 10 > 100])
+    assert sp.stats.executed == ran + 1, "only the new filter runs; the fused chain's output is reused"

@@ -59,7 +59,7 @@ class DataFrame:
                     storage.remove(storage.join(self.session.job_root, "tasks", t.key))
             self.need_recompute = False
         datasets = self.session._run(tasks, description=repr(self.plan))
-        self.session._computed.add(self.plan)
+        self.session._computed[self.plan] = self._optimized()
         return datasets
 
     def is_computed(self) -> bool:

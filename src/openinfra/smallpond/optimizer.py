@@ -26,10 +26,17 @@ def _fusable(node: Node) -> bool:
 
 
 class Optimizer:
-    """``Optimizer(exclude_nodes).visit(root) -> new root``; the input plan is left unchanged."""
+    """``Optimizer(exclude_nodes).visit(root) -> new root``; the input plan is left unchanged.
 
-    def __init__(self, exclude_nodes: set[Node] | None = None) -> None:
-        self.exclude = set(exclude_nodes or ())
+    ``exclude_nodes``: nodes already computed, kept as they are (never fused into a consumer). A dict
+    maps each to the optimized node it was computed as, so its finished tasks are found again.
+    """
+
+    def __init__(self, exclude_nodes: set[Node] | dict[Node, Node] | None = None) -> None:
+        if isinstance(exclude_nodes, dict):
+            self.exclude = dict(exclude_nodes)
+        else:
+            self.exclude = {n: n for n in exclude_nodes or ()}
         self._memo: dict[int, Node] = {}
         self._uses: dict[int, int] = {}
 
@@ -43,8 +50,8 @@ class Optimizer:
         if node.id in self._memo:
             return self._memo[node.id]
         if node in self.exclude:
-            self._memo[node.id] = node
-            return node
+            self._memo[node.id] = self.exclude[node]
+            return self.exclude[node]
         new_deps = tuple(self._rewrite(d) for d in node.input_deps)
         if isinstance(node, SqlEngineNode) and not isinstance(node, LimitNode) and len(node.sql_queries) == 1:
             fused = self._fuse(node, new_deps)

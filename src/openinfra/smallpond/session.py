@@ -121,7 +121,7 @@ class Session:
         self.config = SessionConfig.from_args(**kwargs)
         self._ctx = Context()
         self._results: dict[str, DataSet] = {}
-        self._computed: set = set()
+        self._computed: dict = {}  # computed plan node -> the optimized node it ran as
         self._executor = None
         self._failed = False
         self._closed = False
@@ -224,7 +224,7 @@ class Session:
         tasks = [t for df in dfs for t in planner.visit(df._optimized())]
         self._run(tasks)
         for df in dfs:
-            self._computed.add(df.plan)
+            self._computed[df.plan] = df._optimized()
 
     def shutdown(self) -> None:
         """Stop the executor; after a successful job, delete its intermediate data (``remove_output_root``)."""
