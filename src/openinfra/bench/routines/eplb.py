@@ -6,14 +6,14 @@ global policy), lognormal (sigma 1) and Zipf (s 1, random expert order) per laye
 per configuration and distribution, averaged over seeds:
 
 * balancedness (mean GPU load / max GPU load, mean over layers) of the original algorithm (our
-  faithful mode, output-identical) and of our ``best`` and ``fast`` solvers; the smallest
+  faithful mode, output-identical) and of our ``best`` (default), ``fast`` and ``portfolio`` solvers; the smallest
   per-layer gain (never negative for ``best``); an upper bound on any placement's balancedness
   under the policy's constraints (see ``_bound``);
 * moves when the loads drift 10% (multiplicative lognormal noise): the original re-solves from
   scratch (replicas that land on a GPU that did not hold them), ours is
   ``rebalance_with_migration`` with a 1-point budget;
 * runtime on the CPU: a plain-Python implementation with the original's loop structure (our
-  oracle in ``eplb/reference.py``), the faithful mode, ``fast`` and ``best``.
+  oracle in ``eplb/reference.py``), the faithful mode, ``fast``, ``best`` and ``portfolio``.
 """
 
 from __future__ import annotations
@@ -85,10 +85,10 @@ def bench_eplb(args: argparse.Namespace) -> BenchResult:
         gpus = cfg[3]
         acc = {"gain": [], "min_gain": [], "ratio": [], "loss": []}
         for kind in ("lognormal", "zipf"):
-            vals = {k: [] for k in ("faithful", "best", "fast", "bound", "min_gain", "anchor_moves", "moves", "after", "fresh", "faithful_w1")}
+            vals = {k: [] for k in ("faithful", "best", "fast", "portfolio", "bound", "min_gain", "anchor_moves", "moves", "after", "fresh", "faithful_w1")}
             for seed in range(args.seeds):
                 w0 = _loads(kind, args.layers, experts, seed)
-                bal = {s: balancedness(rebalance_experts(w0, *cfg, solver=s)[0], w0, gpus) for s in ("faithful", "best", "fast")}
+                bal = {s: balancedness(rebalance_experts(w0, *cfg, solver=s)[0], w0, gpus) for s in ("faithful", "best", "fast", "portfolio")}
                 for s in bal:
                     vals[s].append(float(bal[s].mean()))
                 vals["bound"].append(float(_bound(w0, *cfg).mean()))
@@ -107,7 +107,7 @@ def bench_eplb(args: argparse.Namespace) -> BenchResult:
             slots = args.layers * cfg[0]
             row = {
                 "config": name, "loads": kind,
-                "bal original": mean["faithful"], "bal best": mean["best"], "bal fast": mean["fast"], "bound": mean["bound"],
+                "bal original": mean["faithful"], "bal best": mean["best"], "bal fast": mean["fast"], "bal portfolio": mean["portfolio"], "bound": mean["bound"],
                 "gain pts": 100 * (mean["best"] - mean["faithful"]), "min layer gain pts": 100 * min(vals["min_gain"]),
                 "orig moves/slot": mean["anchor_moves"] / slots, "our moves/slot": mean["moves"] / slots,
                 "moves ratio": mean["moves"] / max(mean["anchor_moves"], 1),
@@ -125,6 +125,7 @@ def bench_eplb(args: argparse.Namespace) -> BenchResult:
             "faithful s": cpu_time_s(lambda: rebalance_experts(w, *cfg, solver="faithful"), repeat=args.repeat),
             "fast s": cpu_time_s(lambda: rebalance_experts(w, *cfg, solver="fast"), repeat=args.repeat),
             "best s": cpu_time_s(lambda: rebalance_experts(w, *cfg), repeat=args.repeat),
+            "portfolio s": cpu_time_s(lambda: rebalance_experts(w, *cfg, solver="portfolio"), repeat=args.repeat),
         }
         rows.append({"config": name, "loads": "runtime", **{k: round(v, 4) for k, v in times.items()},
                      "best / reference": times["best s"] / times["reference loop s"]})

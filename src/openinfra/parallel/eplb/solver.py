@@ -6,10 +6,13 @@ Solvers (``solver=`` by name, see :data:`SOLVERS`):
   replication); vectorised over layers and nodes.
 * ``"fast"``: vectorised steps only (round-robin packing, one-shot water-filling replication)
   plus local search with swaps and replica moves; no per-item Python loop anywhere.
-* ``"best"`` (default): the local search run from the faithful solution (so never worse than
-  ``"faithful"``, layer by layer) and ``"fast"``; per layer the better of the two is kept. The
-  faithful seed keeps the original's greedy loops over items (vectorised over layers and
-  nodes) except where pairing is provably optimal (<= 2 slots per GPU).
+* ``"best"`` (default): the faithful steps, then local search (swaps and replica moves inside
+  each node). The group -> node packing is the original's and the search only ever lowers a
+  node's hottest GPU, so every layer is at least as balanced as with ``"faithful"``. The
+  original's greedy loops over items remain (vectorised over layers and nodes), except where
+  heaviest-with-lightest pairing is provably optimal (<= 2 slots per GPU).
+* ``"portfolio"``: ``"best"`` and ``"fast"`` in one batched search, the better kept per layer
+  (a little better on skewed loads, twice the search time).
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def _place(steps: Steps) -> Callable:
     return solve
 
 
-def _best(weight, num_replicas, num_groups, num_nodes, num_gpus):
+def _portfolio(weight, num_replicas, num_groups, num_nodes, num_gpus):
     if choose_policy(num_groups, num_nodes) == "global":
         num_groups, num_nodes = 1, 1
     # With <= 2 slots per GPU and one node the two candidates coincide (optimal pairing, the
@@ -100,7 +103,8 @@ def _best(weight, num_replicas, num_groups, num_nodes, num_gpus):
 SOLVERS: dict[str, Callable] = {
     "faithful": _place(_FAITHFUL),
     "fast": _place(_FAST),
-    "best": _best,
+    "best": _place(_SEEDED),
+    "portfolio": _portfolio,
 }
 DEFAULT_SOLVER = "best"
 
