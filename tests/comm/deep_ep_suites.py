@@ -20,6 +20,20 @@ from tests.comm.deep_ep_helpers import calc_diff, cast_back, routing, unique_ran
 NUM_TOKENS, HIDDEN, NUM_TOPK = 64, 256, 4
 
 
+def _all_reduce_(t: torch.Tensor) -> None:
+    """Sum over ranks in place, through host memory (gloo's CUDA support varies by collective)."""
+    host = t.cpu()
+    dist.all_reduce(host)
+    t.copy_(host)
+
+
+def _all_gather(t: torch.Tensor) -> torch.Tensor:
+    """[R, *t.shape]: every rank's t, through host memory."""
+    parts = [torch.empty_like(t, device="cpu") for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.cpu())
+    return torch.stack(parts).to(t.device)
+
+
 def intranode_checks(rank: int, num_ranks: int, device: str) -> int:
     gen = torch.Generator().manual_seed(1000 + rank)
     num_tokens, hidden, num_topk, num_experts = NUM_TOKENS, HIDDEN, NUM_TOPK, 16 * num_ranks
@@ -43,7 +57,7 @@ def intranode_checks(rank: int, num_ranks: int, device: str) -> int:
     for i in range(num_experts):
         num_tokens_per_expert[i] = (topk_idx == i).sum()
     gbl_num_tokens_per_expert = num_tokens_per_expert.clone()
-    dist.all_reduce(gbl_num_tokens_per_expert, group=group)
+    _all_reduce_(gbl_num_tokens_per_expert)
 
     # Rank layout meta
     num_tokens_per_rank = torch.empty(num_ranks, dtype=torch.int32, device=device)
@@ -58,7 +72,7 @@ def intranode_checks(rank: int, num_ranks: int, device: str) -> int:
     token_idx_in_rank = token_idx_in_rank.T.contiguous().to(torch.int)
     is_token_in_rank = token_idx_in_rank >= 0
     gbl_num_tokens_per_rank = num_tokens_per_rank.clone()
-    dist.all_reduce(gbl_num_tokens_per_rank, group=group)
+    _all_reduce_(gbl_num_tokens_per_rank)
 
     ref_num_tokens_per_rank, ref_rdma, ref_num_tokens_per_expert, ref_is_token_in_rank, _ = \
         buffer.get_dispatch_layout(topk_idx, num_experts)
@@ -183,8 +197,7 @@ def low_latency_checks(rank: int, num_ranks: int, device: str) -> int:
     for _ in range(10):  # randomly mask some positions
         topk_idx[int(torch.randint(num_tokens, (1,), generator=gen)), int(torch.randint(num_topk, (1,), generator=gen))] = -1
     topk_idx, topk_weights = topk_idx.to(device), topk_weights.to(device)
-    all_topk_idx = torch.empty(num_ranks, num_tokens, num_topk, dtype=topk_idx.dtype, device=device)
-    dist.all_gather(list(all_topk_idx.unbind(0)), topk_idx)
+    all_topk_idx = _all_gather(topk_idx)
 
     rounds, num_times = 0, 0
     for current_x in (x, x_pure_rand):
@@ -271,7 +284,7 @@ def _layout(buffer, topk_idx, num_experts):
 
 def _global_dot(a: torch.Tensor, b: torch.Tensor) -> float:
     v = (a.double() * b.double()).sum().reshape(1)
-    dist.all_reduce(v)
+    _all_reduce_(v)
     return float(v)
 
 

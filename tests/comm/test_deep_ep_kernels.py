@@ -262,3 +262,19 @@ def test_weighted_unpermute_at_real_shape():
     w = torch.rand(_T, _K, device="cuda")
     got = gather_reduce(src, slots, w)
     assert torch.equal(got, gather_reduce_reference(src, slots, w))
+
+
+@pytest.mark.interpreter
+def test_benchmark_routine_smoke(monkeypatch):
+    """``openinfra bench deep_ep`` end to end at a tiny shape on the interpreter (timings faked)."""
+    import argparse
+
+    import openinfra.bench.routines.deep_ep as routine
+
+    calls = []
+    monkeypatch.setattr(routine, "gpu_time_ms", lambda fn: (fn(), calls.append(1), 1.0)[2])
+    monkeypatch.setattr(routine, "copy_bandwidth_gbps", lambda device: 100.0)
+    args = argparse.Namespace(tokens=8, hidden=256, topk=2, experts=8, ranks=2, num_warps=[4], device="cpu")
+    result = routine.bench_deep_ep(args)
+    assert len(result.rows) == 6 and len(calls) == 12
+    assert result.summary["goal_over_copy"] == 0.8 and result.summary["messages_ll"] == 16

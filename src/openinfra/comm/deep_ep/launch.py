@@ -34,13 +34,24 @@ class Collectives:
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
         self.works: list[Any] = []
+        # gloo moves CUDA tensors only for some collectives; stage those through host memory
+        # (gloo + CUDA is a correctness set-up, one GPU shared by several ranks, not a fast path)
+        self.stage_cuda = dist.get_backend(group) == "gloo"
+        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _stage(self, out: torch.Tensor, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (self.stage_cuda and (out.is_cuda or inp.is_cuda)):
+            return out, inp
+        host_out = torch.empty(out.shape, dtype=out.dtype)
+        self.copies.append((out, host_out))
+        return host_out, inp.cpu()
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None = None,
                    in_splits: list[int] | None = None) -> None:
         """Rows of ``inp`` to ranks by ``in_splits`` (None: equal), into ``out`` by ``out_splits``."""
         # fp8 and bool travel as bytes: neither gloo nor NCCL reduces them, but not every backend
         # knows their dtypes (measured: gloo rejects float8).
-        out, inp = _wire(out), _wire(inp)
+        out, inp = self._stage(_wire(out), _wire(inp))
         work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
         self.works.append(work)
 
@@ -48,13 +59,17 @@ class Collectives:
         """``out`` (flat, R x inp.numel()) = every rank's ``inp``."""
         # torch 2.13 renamed all_gather_into_tensor to all_gather_single (the GPU image has 2.11)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        work = gather(out.view(-1), inp.contiguous().view(-1), group=self.group, async_op=True)
+        out, inp = self._stage(out.view(-1), inp.contiguous().view(-1))
+        work = gather(out, inp, group=self.group, async_op=True)
         self.works.append(work)
 
     def wait(self) -> None:
         works, self.works = self.works, []
         for w in works:
             w.wait()
+        copies, self.copies = self.copies, []
+        for dst, src in copies:
+            dst.copy_(src, non_blocking=False)
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:
