@@ -17,7 +17,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | 
 
 rc=0
 # kernels first (fast, most informative), then the multi-process suites
-timeout 150 "$PY" -m pytest -q -m gpu tests/comm -p no:cacheprovider -o addopts="-ra" -x \
+timeout 150 "$PY" -m pytest -q -m gpu tests/comm/test_deep_ep_kernels.py tests/comm/test_deep_ep_distributed.py \
+    -p no:cacheprovider -o addopts="-ra" --durations=10 \
     --junitxml="$OUT/deep_ep_gpu_tests.xml" 2>&1 | tee "$OUT/deep_ep_gpu_tests.log" | tail -25 || rc=1
 
 export OPENINFRA_RESULTS_DIR="$OUT"
