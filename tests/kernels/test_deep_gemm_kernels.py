@@ -32,14 +32,18 @@ def _tight(d):
     return TIGHT_FP32 if d.dtype == torch.float32 else TIGHT_BF16
 
 
-@pytest.mark.parametrize("config", [
-    INTERPRETER_CONFIG,
-    GemmConfig(32, 32, split_k=3, group_m=2, num_stages=1, num_warps=4),                      # split-K + reduce
-    GemmConfig(16, 64, group_m=1, num_stages=1, num_warps=4, pipeline_promote=True),          # pipelined promote
-    GemmConfig(32, 32, group_m=2, num_stages=1, num_warps=4, use_tma=False),                  # pointer loads
-    GemmConfig(16, 256, group_m=2, num_stages=1, num_warps=4),                                # B scales as a vector
-], ids=["default", "split_k", "pipelined", "pointer", "wide_n"])
-@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("config, out_dtype", [
+    (INTERPRETER_CONFIG, torch.bfloat16),
+    (INTERPRETER_CONFIG, torch.float32),
+    (GemmConfig(32, 32, split_k=3, group_m=2, num_stages=1, num_warps=4), torch.float32),      # split-K + reduce + C
+    (GemmConfig(32, 32, split_k=2, group_m=2, num_stages=1, num_warps=4), torch.bfloat16),     # split-K, bf16 out
+    (GemmConfig(16, 64, group_m=1, num_stages=1, num_warps=4, pipeline_promote=True), torch.bfloat16),  # pipelined
+    (GemmConfig(32, 32, group_m=2, num_stages=1, num_warps=4, use_tma=False), torch.float32),  # pointer loads
+    (GemmConfig(16, 256, group_m=2, num_stages=1, num_warps=4), torch.bfloat16),               # B scales as a vector
+    (GemmConfig(32, 32, split_k=4, group_m=2, num_stages=1, num_warps=4, scale_prefetch=1), torch.float32),
+    (GemmConfig(16, 256, split_k=3, group_m=2, num_stages=1, num_warps=4, scale_prefetch=2), torch.bfloat16),
+], ids=["default-bf16", "default-fp32", "split_k-fp32", "split_k-bf16", "pipelined", "pointer", "wide_n",
+        "prefetch1", "prefetch2"])
 def test_dense_kernel_matches_reference(config, out_dtype):
     m, n, k = 45, 300, 384
     x, w = _randn(m, k, seed=1), _randn(n, k, seed=2)
@@ -90,7 +94,7 @@ def test_m_grouped_contiguous_kernel_skips_padding():
     align = dg.get_m_alignment_for_contiguous_layout()
     ms = [40, 0, 130, 0]
     total = sum(dg.align(x, align) for x in ms) + align  # plus one block that is all padding
-    n, k = 72, 256
+    n, k = 40, 256
     x, w = _randn(total, k, seed=11), _randn(len(ms), n, k, seed=12)
     m_indices = torch.full((total,), -1, dtype=torch.int32)
     start = 0

@@ -31,6 +31,8 @@ class GemmConfig:
     row tiles; num_stages: software-pipelining depth of the K loop; num_warps: 4 = one warpgroup;
     pipeline_promote: issue the next slice's dot before promoting the previous one;
     use_tma: load K-major A / B tiles with TMA descriptors (else pointer loads);
+    scale_prefetch: load the scales of the next 1 or 2 K slices ahead (0 = in the slice's own
+    iteration); not yet measured on the H200, so off by default (see benchmarks/notes/deep_gemm.md);
     programs_per_sm: resident programs per SM in the persistent grid (2 keeps more loads in
     flight on memory-bound problems when the stages fit twice in shared memory).
     """
@@ -44,6 +46,7 @@ class GemmConfig:
     pipeline_promote: bool = False
     programs_per_sm: int = 1
     use_tma: bool = True
+    scale_prefetch: int = 0
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -52,6 +55,8 @@ class GemmConfig:
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+        if self.scale_prefetch not in (0, 1, 2):
+            raise ValueError(f"scale_prefetch must be 0, 1 or 2, got {self.scale_prefetch}")
 
 
 #: Small tiles and few "SMs" under Triton's CPU interpreter: tiny test shapes still get several
@@ -171,6 +176,7 @@ def tuning_candidates(m: int, n: int, k: int, device: torch.device) -> list[tupl
     if m <= 128:
         base = choose_config(m, n, k, device)
         out = [
+            ("scale prefetch 2", replace(base, scale_prefetch=2)),
             ("pointer loads", replace(base, use_tma=False)),
             ("2 programs/SM, 3 stages", replace(base, programs_per_sm=2, num_stages=3)),
             ("block_n 64", replace(base, block_n=64)),
@@ -179,6 +185,8 @@ def tuning_candidates(m: int, n: int, k: int, device: torch.device) -> list[tupl
             out.append(("128 rows, 8 warps", replace(base, block_m=128, num_warps=8, num_stages=4)))
         return out
     return [
+        ("128x128 w8 s4 prefetch1", GemmConfig(128, 128, 1, 8, 4, 8, scale_prefetch=1)),
+        ("128x128 w8 s4 prefetch2", GemmConfig(128, 128, 1, 8, 4, 8, scale_prefetch=2)),
         ("128x128 w8 s4 pointer", GemmConfig(128, 128, 1, 8, 4, 8, use_tma=False)),
         ("128x128 w8 s3", GemmConfig(128, 128, 1, 8, 3, 8)),
         ("128x128 w8 s5", GemmConfig(128, 128, 1, 8, 5, 8)),

@@ -18,7 +18,9 @@ are read from L2 rather than HBM.
 Two-level accumulation (FP8): each 128-deep K slice is one ``tl.dot`` into a fresh accumulator,
 then scaled by ``sfa[rows, slice] * sfb[cols, slice]`` and added to the fp32 accumulator on the
 CUDA cores. With ``PIPELINE`` the dot of slice k+1 is issued before slice k is promoted, so the
-tensor cores need not idle during the promotion.
+tensor cores need not idle during the promotion. With ``SCALE_PREFETCH`` = 1 or 2 the scales of
+the next one or two slices are loaded ahead by hand (Triton's pipeliner only pipelines the loads
+that feed ``tl.dot``).
 
 Interpreter notes: bf16 ``tl.dot`` is wrong under TRITON_INTERPRET (Triton issue 11584), so
 ``UPCAST`` turns operands to fp32 there; fp8 dots are exact there.
@@ -73,6 +75,7 @@ def _gemm_kernel(
     UPCAST: tl.constexpr,
     EVEN_K: tl.constexpr,
     USE_TMA: tl.constexpr,
+    SCALE_PREFETCH: tl.constexpr,
 ):
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -129,11 +132,23 @@ def _gemm_kernel(
             else:
                 a_ptrs = a_ptr + g64 * stride_ag + rm[:, None] * stride_am + (k_lo * BLOCK_K + rk)[None, :] * stride_ak
                 b_ptrs = b_ptr + g64 * stride_bg + rn[None, :] * stride_bn + (k_lo * BLOCK_K + rk)[:, None] * stride_bk
-            sfa_ptrs = sfa_ptr + g64 * stride_sag + rm * stride_sam + k_lo * stride_sak
+            sfa_base = sfa_ptr + g64 * stride_sag + rm * stride_sam
             if SFB_SCALAR:
-                sfb_ptrs = sfb_ptr + g64 * stride_sbg + (pid_n * BLOCK_N // SFB_GRAN_N) * stride_sbn + k_lo * stride_sbk
+                sfb_base = sfb_ptr + g64 * stride_sbg + (pid_n * BLOCK_N // SFB_GRAN_N) * stride_sbn
             else:
-                sfb_ptrs = sfb_ptr + g64 * stride_sbg + (rn // SFB_GRAN_N) * stride_sbn + k_lo * stride_sbk
+                sfb_base = sfb_ptr + g64 * stride_sbg + (rn // SFB_GRAN_N) * stride_sbn
+            sfa_ptrs = sfa_base + k_lo * stride_sak
+            sfb_ptrs = sfb_base + k_lo * stride_sbk
+            if SCALED and SCALE_PREFETCH > 0:
+                # Scales of the next slice(s), loaded ahead by hand: the software pipeliner only
+                # pipelines the loads that feed the dot, so an in-loop scale load would expose one
+                # memory latency per slice. Indices clamp to the last slice to stay in bounds.
+                k_last = tl.maximum(k_hi - 1, 0)
+                sa_q0 = tl.load(sfa_base + tl.minimum(k_lo, k_last) * stride_sak)
+                sb_q0 = tl.load(sfb_base + tl.minimum(k_lo, k_last) * stride_sbk)
+                if SCALE_PREFETCH > 1:
+                    sa_q1 = tl.load(sfa_base + tl.minimum(k_lo + 1, k_last) * stride_sak)
+                    sb_q1 = tl.load(sfb_base + tl.minimum(k_lo + 1, k_last) * stride_sbk)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if SCALED and PIPELINE:
                 a = tl.load(a_ptrs)
@@ -187,8 +202,21 @@ def _gemm_kernel(
                         a = a.to(tl.float32)
                         b = b.to(tl.float32)
                     if SCALED:
-                        sa = tl.load(sfa_ptrs)
-                        sb = tl.load(sfb_ptrs)
+                        if SCALE_PREFETCH == 0:
+                            sa = tl.load(sfa_ptrs)
+                            sb = tl.load(sfb_ptrs)
+                        elif SCALE_PREFETCH == 1:
+                            sa = sa_q0
+                            sb = sb_q0
+                            sa_q0 = tl.load(sfa_base + tl.minimum(kb + 1, k_last) * stride_sak)
+                            sb_q0 = tl.load(sfb_base + tl.minimum(kb + 1, k_last) * stride_sbk)
+                        else:
+                            sa = sa_q0
+                            sb = sb_q0
+                            sa_q0 = sa_q1
+                            sb_q0 = sb_q1
+                            sa_q1 = tl.load(sfa_base + tl.minimum(kb + 2, k_last) * stride_sak)
+                            sb_q1 = tl.load(sfb_base + tl.minimum(kb + 2, k_last) * stride_sbk)
                         if SFB_SCALAR:
                             acc += tl.dot(a, b) * (sa * sb)[:, None]
                         else:
@@ -303,7 +331,8 @@ def launch_gemm(
         MODE=mode, SCALED=scaled, SFB_GRAN_N=sfb_gran_n, HAS_C=has_c_main, SPLIT_K=config.split_k,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=GROUP_SIZE, GROUP_M=config.group_m,
         NUM_SMS=grid[0], NUM_STAGES=config.num_stages, PIPELINE=config.pipeline_promote and scaled,
-        UPCAST=upcast, EVEN_K=k % GROUP_SIZE == 0, USE_TMA=use_tma, num_warps=config.num_warps,
+        UPCAST=upcast, EVEN_K=k % GROUP_SIZE == 0, USE_TMA=use_tma,
+        SCALE_PREFETCH=config.scale_prefetch if not config.pipeline_promote else 0, num_warps=config.num_warps,
     )
     if config.split_k > 1:
         block = 1024
