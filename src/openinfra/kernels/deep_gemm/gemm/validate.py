@@ -8,7 +8,7 @@ import torch
 from openinfra.kernels.deep_gemm.utils import GROUP_SIZE, ceil_div
 
 __all__ = [
-    "FP8", "OUT_DTYPES", "split_pair", "check_tensor", "check_k", "sfb_granularity", "check_out",
+    "FP8", "OUT_DTYPES", "split_pair", "check_tensor", "check_k", "check_sf", "sfb_granularity", "check_out",
     "check_same_device", "capturing",
 ]
 
