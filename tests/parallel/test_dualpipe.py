@@ -49,9 +49,9 @@ def _make_local(full: nn.Sequential, idx: tuple[int, int], overlapped: bool):
     return nn.Sequential(*mods)
 
 
-def _run(rank: int, world: int, kind: str):
-    """Both code paths (overlapped F&B and plain F-then-B) in one set of ranks: spawning is the cost."""
-    return {ov: _run_one(rank, world, kind, ov) for ov in (True, False)}
+def _run(rank: int, world: int, kind: str, modes: tuple[bool, ...]):
+    """Several code paths (overlapped F&B, plain F-then-B) in one set of ranks: spawning is the cost."""
+    return {ov: _run_one(rank, world, kind, ov) for ov in modes}
 
 
 def _run_one(rank: int, world: int, kind: str, overlapped: bool, num_chunks: int = CHUNKS):
@@ -123,7 +123,15 @@ def _run_one(rank: int, world: int, kind: str, overlapped: bool, num_chunks: int
     else:
         assert loss is None and outputs is None
     fwd_counts = rec.counts()
-    return {"counts": counts, "per_phase": per_phase, "fwd_counts": fwd_counts, "max_diff": max(diffs)}
+    out = {"counts": counts, "per_phase": per_phase, "fwd_counts": fwd_counts, "max_diff": max(diffs)}
+    if overlapped:
+        # One more recorded training step, gathered: the whole schedule as every rank ran it.
+        rec.enabled = True
+        pipe.step(inp, num_chunks=num_chunks, criterion=mse_criterion, labels=(lab,))
+        events = rec.gather()
+        if rank == 0:
+            out["trace"] = rec.trace(events)
+    return out
 
 
 def _expected_per_phase(kind: str, world: int, rank: int, overlapped: bool) -> dict[int, int]:
@@ -138,11 +146,14 @@ def _expected_per_phase(kind: str, world: int, rank: int, overlapped: bool) -> d
     return {k: v for k, v in exp.items() if v}
 
 
-@pytest.mark.parametrize("kind,world", [("dualpipe", 2), ("dualpipe", 4), ("dualpipev", 1), ("dualpipev", 2),
-                                        ("dualpipev", 3), ("dualpipev", 4)])
-def test_matches_single_process_reference(distributed, kind, world):
-    results = distributed(_run, world, kind, timeout=170)
-    for overlapped in (True, False):
+# The plain F-then-B path (no overlapped_forward_backward) is checked at one size per schedule.
+@pytest.mark.parametrize("kind,world,modes", [
+    ("dualpipe", 2, (True,)), ("dualpipe", 4, (True, False)), ("dualpipev", 1, (True,)),
+    ("dualpipev", 2, (True,)), ("dualpipev", 3, (True, False)), ("dualpipev", 4, (True,)),
+])
+def test_matches_single_process_reference(distributed, kind, world, modes):
+    results = distributed(_run, world, kind, modes, timeout=170)
+    for overlapped in modes:
         for rank, by_mode in enumerate(results):
             res = by_mode[overlapped]
             want = compute_counts(kind, world, CHUNKS, rank, overlapped=overlapped)
@@ -154,3 +165,26 @@ def test_matches_single_process_reference(distributed, kind, world):
             per_dir = CHUNKS // 2 if kind == "dualpipe" else CHUNKS
             assert res["fwd_counts"].get("F", 0) == 2 * per_dir
             assert not {"B", "W", "F&B"} & set(res["fwd_counts"])
+    _check_trace(results[0][True]["trace"], kind, world)
+
+
+def _check_trace(trace, kind: str, world: int) -> None:
+    """Every send has its recv on the peer; each rank's compute never overlaps itself; stats work."""
+    from collections import Counter
+
+    from openinfra.parallel.dualpipe.timeline import bubble_stats
+
+    ev = trace["events"]
+    sends = Counter((e["rank"], e["peer"], e["module"]) for e in ev if e["kind"] == "send")
+    recvs = Counter((e["peer"], e["rank"], e["module"]) for e in ev if e["kind"] == "recv")
+    assert sends == recvs
+    # activations + gradients: each non-terminal stage boundary carries 2 messages per micro-batch
+    boundaries = (world - 1) * 2 if kind == "dualpipe" else 2 * (world - 1)
+    per_dir = CHUNKS // 2 if kind == "dualpipe" else CHUNKS
+    assert sum(sends.values()) == boundaries * per_dir * 2
+    for r in range(world):
+        spans = sorted((e["start_us"], e["end_us"]) for e in ev if e["rank"] == r and e["kind"] in ("F", "B", "W", "F&B"))
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    stats = bubble_stats(trace)
+    assert stats["ranks"] == world and 0 <= stats["measured_bubble"] < 1
+    assert trace["meta"]["schedule"].lower() == kind

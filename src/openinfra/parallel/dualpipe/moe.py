@@ -161,10 +161,13 @@ class MoEStage(nn.Module):
     ``ep_group``: the expert-parallel group (None: all experts here). Expert ``e`` lives on EP
     rank ``e // (num_experts / ep_size)``. ``recorder``: optional ``ScheduleRecorder`` that gets
     "moe:*" compute spans and "a2a:*" in-flight spans, to show the overlap in the trace.
+    ``segmented=False`` builds one connected autograd graph with differentiable blocking
+    all-to-alls instead (same maths, no overlap): what schedules that split the backward
+    themselves (torch.distributed.pipelining's zero-bubble ones) need.
     """
 
     def __init__(self, cfg: MoEConfig, ep_group: dist.ProcessGroup | None = None,
-                 recorder: ScheduleRecorder | None = None, device=None) -> None:
+                 recorder: ScheduleRecorder | None = None, device=None, segmented: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         self.ep_group = ep_group

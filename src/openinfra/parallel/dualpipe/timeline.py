@@ -125,8 +125,9 @@ def draw_timeline(trace: dict[str, Any], out_png: str | Path, title: str | None 
         if e["kind"] == "F&B":
             top = _COLORS[f"F{e['module']}"]
             bottom = _COLORS[f"B{e['module_b']}"]
-            ax.add_patch(Rectangle((x0, y - 0.4), width, 0.4, facecolor=bottom, linewidth=0))
-            ax.add_patch(Rectangle((x0, y), width, 0.4, facecolor=top, linewidth=0))
+            # the y axis is inverted (rank 0 on top): y - 0.4 is the upper half
+            ax.add_patch(Rectangle((x0, y - 0.4), width, 0.4, facecolor=top, linewidth=0))
+            ax.add_patch(Rectangle((x0, y), width, 0.4, facecolor=bottom, linewidth=0))
             ax.add_patch(Rectangle((x0, y - 0.4), width, 0.8, fill=False, edgecolor="black", linewidth=1.2))
             label = f"{e['chunk']}/{e['chunk_b']}"
         else:
@@ -148,7 +149,7 @@ def draw_timeline(trace: dict[str, Any], out_png: str | Path, title: str | None 
     ax.legend(handles=[
         Patch(color=_COLORS["F0"], label="F (dir/arm 0)"), Patch(color=_COLORS["F1"], label="F (dir/arm 1)"),
         Patch(color=_COLORS["B0"], label="B (dir/arm 0)"), Patch(color=_COLORS["B1"], label="B (dir/arm 1)"),
-        Patch(color=_COLORS["W"], label="W"), Patch(fill=False, edgecolor="black", label="F&B overlapped"),
+        Patch(color=_COLORS["W"], label="W"), Patch(fill=False, edgecolor="black", label="F&B overlapped (top F, bottom B; F/B chunk)"),
     ], loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=6, fontsize=7, frameon=False)
     fig.tight_layout()
     out_png = Path(out_png)
