@@ -88,7 +88,11 @@ def _rank_main(rank: int, world: int, cfg: dict):
     pp_group, ep_group = pp_groups[ep_rank], ep_groups[pp_rank]
     if cfg["model"] == "mlp" or ep == 1:
         ep_group = None
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())  # one GPU per rank
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
     mb, seq, h, C = cfg["mb"], cfg["seq"], cfg["hidden"], cfg["chunks"]
     gen = torch.Generator().manual_seed(1234 + ep_rank)
     x = torch.randn(C * mb, seq, h, generator=gen).to(device)
@@ -97,13 +101,17 @@ def _rank_main(rank: int, world: int, cfg: dict):
     def crit(out, target):
         return F.mse_loss(out, target).clone()
 
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     def max_over_world(v: float) -> float:
-        t = torch.tensor([v], dtype=torch.float64)
+        t = torch.tensor([v], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t)
 
     def mean_over_pp(v: float) -> float:
-        t = torch.tensor([v], dtype=torch.float64)
+        t = torch.tensor([v], dtype=torch.float64, device=device)
         dist.all_reduce(t, group=pp_group)
         return float(t) / pp
 
@@ -113,9 +121,11 @@ def _rank_main(rank: int, world: int, cfg: dict):
         for _ in range(3):
             dist.barrier()
             t0 = time.perf_counter()
+            sync()
             for m in mods:
                 xi = torch.randn(mb, seq, h, device=device, requires_grad=True)
                 m(xi).backward(torch.ones(mb, seq, h, device=device))
+            sync()
             times.append(time.perf_counter() - t0)
             for m in mods:
                 m.zero_grad()
@@ -176,6 +186,7 @@ def _rank_main(rank: int, world: int, cfg: dict):
             dist.barrier()
             t0 = time.perf_counter()
             one_step()
+            sync()
             times.append(max_over_world(time.perf_counter() - t0))
             for m in mods:
                 m.zero_grad()
