@@ -82,3 +82,17 @@ def test_choose_config_rules(monkeypatch):
     assert cfg.choose_config(8, 8, 128, torch.device("cpu")) == cfg.INTERPRETER_CONFIG
     with pytest.raises(ValueError, match="block_n must be a power of two"):
         cfg.GemmConfig(block_n=96)
+
+
+def test_set_num_sms_caps_the_persistent_grid(monkeypatch):
+    monkeypatch.setattr(cfg, "_device_sms", lambda index: 132)
+    monkeypatch.setattr(cfg, "_sms_cap", None)  # restored after the test
+    dev = torch.device("cuda", 0)
+    assert cfg.num_sms(dev) == 132
+    dg.set_num_sms(100)
+    assert cfg.num_sms(dev) == 100 and dg.get_num_sms(dev) == 100
+    dg.set_num_sms(500)
+    assert cfg.num_sms(dev) == 132  # never more than the device has
+    with pytest.raises(ValueError, match="count must be a positive int"):
+        dg.set_num_sms(0)
+    assert dg.get_col_major_tma_aligned_tensor is dg.get_mn_major_tma_aligned_tensor

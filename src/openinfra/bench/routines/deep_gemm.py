@@ -73,12 +73,15 @@ def _quantize_blocks(w):
 class _ScaledMM:
     """``torch._scaled_mm`` with DeepSeek block scales, in whichever scale layout this torch takes.
 
-    The first call tries the layouts PyTorch documents for 1x128 / 128x128 blockwise scaling and
-    keeps the first one that runs and matches the dequantized product (calc_diff < 1e-4)."""
+    Tries the layouts PyTorch documents for 1x128 / 128x128 blockwise scaling (the one that worked
+    last first) and keeps one that runs and matches the dequantized product (calc_diff < 1e-4).
+    If none runs, the rows are zero-padded to a multiple of 16, then 128 (cuBLAS rejected some
+    jittered grouped row counts with "Invalid scaling configuration"); the padding is reported."""
 
     def __init__(self):
         self.variant = None
         self.error = None
+        self.pads: set[int] = set()
 
     @staticmethod
     def _variants(a, sfa, b, sfb):
@@ -93,27 +96,42 @@ class _ScaledMM:
         yield "sfa row-major, sfb [K/128, N/128] contiguous", lambda: torch._scaled_mm(
             a, b.t(), scale_a=sfa.contiguous(), scale_b=sfb.t().contiguous(), out_dtype=torch.bfloat16)
 
-    def prepare(self, a, sfa, b, sfb, expected):
-        """A zero-argument callable computing a @ b.T in bf16, or None if no layout works."""
+    def _try(self, a, sfa, b, sfb, expected, errors):
         from openinfra.kernels.deep_gemm import calc_diff
 
-        errors = []
-        for name, fn in self._variants(a, sfa, b, sfb):
-            if self.variant is not None and name != self.variant:
-                continue
+        variants = sorted(self._variants(a, sfa, b, sfb), key=lambda v: v[0] != self.variant)
+        for name, fn in variants:
             try:
                 out = fn()
                 torch.cuda.synchronize()
             except Exception as exc:  # noqa: BLE001 - each layout is a guess; record why it failed
-                errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                errors.append(f"{name} (M={a.shape[0]}): {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
                 continue
-            diff = calc_diff(out, expected)
+            diff = calc_diff(out[: expected.shape[0]], expected)
             if diff < 1e-4:
                 self.variant = name
                 return fn
             errors.append(f"{name}: wrong result (calc_diff {diff:.2e})")
-        self.error = "; ".join(errors)
         return None
+
+    def prepare(self, a, sfa, b, sfb, expected):
+        """A zero-argument callable computing a @ b.T in bf16 (rows possibly zero-padded), or None."""
+        errors: list[str] = []
+        fn = self._try(a, sfa, b, sfb, expected, errors)
+        for pad in (16, 128):
+            if fn is not None or a.shape[0] % pad == 0:
+                continue
+            rows = -(-a.shape[0] // pad) * pad
+            a_pad = torch.zeros(rows, a.shape[1], dtype=a.dtype, device=a.device)
+            a_pad[: a.shape[0]] = a
+            sfa_pad = torch.ones(rows, sfa.shape[1], dtype=sfa.dtype, device=sfa.device)
+            sfa_pad[: a.shape[0]] = sfa
+            fn = self._try(a_pad, sfa_pad, b, sfb, expected, errors)
+            if fn is not None:
+                self.pads.add(pad)
+        if fn is None:
+            self.error = "; ".join(errors)
+        return fn
 
 
 def _dense_rows(args, copy_gbps, peer, sweep):
@@ -247,6 +265,7 @@ def bench_deep_gemm(args: argparse.Namespace) -> BenchResult:
         "copy_GBps": copy,
         "peer": peer.variant or "unavailable",
         "peer_errors": peer.error,
+        "peer_row_padding": sorted(peer.pads),
         "dense_m4096_geomean_x_cublas": math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None,
         "dense_m4096_best_TFLOPS": max((r["TFLOPS"] for r in big), default=None),
         "small_m_min_over_copy": min((r["/copy"] for r in small), default=None),

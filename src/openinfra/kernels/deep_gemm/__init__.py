@@ -25,7 +25,10 @@ from openinfra.kernels.deep_gemm.gemm import (
     m_grouped_bf16_gemm_nt_contiguous, m_grouped_bf16_gemm_nt_masked,
     m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked,
 )
-from openinfra.kernels.deep_gemm.layout import get_mn_major_tma_aligned_tensor, get_tma_aligned_size
+from openinfra.kernels.deep_gemm.gemm.config import get_num_sms, set_num_sms
+from openinfra.kernels.deep_gemm.layout import (
+    get_col_major_tma_aligned_tensor, get_mn_major_tma_aligned_tensor, get_tma_aligned_size,
+)
 from openinfra.kernels.deep_gemm.linear import FP8Linear, fp8_linear
 from openinfra.kernels.deep_gemm.utils import (
     align, calc_diff, ceil_div, get_m_alignment_for_contiguous_layout, get_mk_alignment_for_contiguous_layout,
@@ -38,7 +41,8 @@ __all__ = [
     "m_grouped_bf16_gemm_nt_contiguous", "m_grouped_bf16_gemm_nt_masked",
     "k_grouped_fp8_gemm_tn_contiguous", "k_grouped_fp8_gemm_nt_contiguous",
     "per_token_cast_to_fp8", "per_block_cast_to_fp8", "per_channel_cast_to_fp8",
-    "get_mn_major_tma_aligned_tensor", "get_tma_aligned_size",
+    "get_mn_major_tma_aligned_tensor", "get_col_major_tma_aligned_tensor", "get_tma_aligned_size",
+    "set_num_sms", "get_num_sms",
     "get_m_alignment_for_contiguous_layout", "get_mk_alignment_for_contiguous_layout",
     "calc_diff", "ceil_div", "align", "FP8Linear", "fp8_linear",
 ]

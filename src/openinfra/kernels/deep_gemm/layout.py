@@ -14,7 +14,7 @@ import torch
 
 from openinfra.kernels.deep_gemm.utils import align
 
-__all__ = ["get_tma_aligned_size", "get_mn_major_tma_aligned_tensor"]
+__all__ = ["get_tma_aligned_size", "get_mn_major_tma_aligned_tensor", "get_col_major_tma_aligned_tensor"]
 
 _TMA_ALIGNMENT_BYTES = 16
 
@@ -53,3 +53,7 @@ def get_mn_major_tma_aligned_tensor(sf: torch.Tensor) -> torch.Tensor:
     out = storage[:, :, :mn].transpose(1, 2)
     out.copy_(x)
     return out.squeeze(0) if squeeze else out
+
+
+#: DeepGEMM's earlier name for :func:`get_mn_major_tma_aligned_tensor` ("column-major" scales).
+get_col_major_tma_aligned_tensor = get_mn_major_tma_aligned_tensor

@@ -19,7 +19,9 @@ import torch
 
 from openinfra.kernels.deep_gemm.utils import GROUP_SIZE, ceil_div
 
-__all__ = ["GemmConfig", "num_sms", "choose_config", "tuning_candidates", "INTERPRETER_CONFIG"]
+__all__ = [
+    "GemmConfig", "num_sms", "set_num_sms", "get_num_sms", "choose_config", "tuning_candidates", "INTERPRETER_CONFIG",
+]
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,8 @@ _INTERPRETER_SMS = 3
 # H200 (benchmarks/notes/deep_gemm.md, run 1): 128x128 with 8 warps ran at 656-814 TFLOPS, while
 # 128x256 and 256x128 with 8 warps ran 2-4x slower: the two-level accumulation keeps a fresh
 # partial accumulator next to the running one, so a 32768-element tile needs 256 registers a
-# thread and spills. Those shapes are only tried with 16 warps (64 + 64 registers a thread).
+# thread and spills. With 16 warps (64 + 64 registers a thread) they ran slower still (run 2), so
+# they are sweep candidates only.
 _EFFICIENCY = {
     (128, 128): 1.0, (128, 64): 0.75, (64, 128): 0.7, (64, 64): 0.5,
 }
@@ -80,11 +83,36 @@ def _device_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# DeepGEMM's set_num_sms(): a process-wide cap on the SMs the GEMMs' persistent grids use, so that
+# communication kernels (DeepEP's dispatch / combine) can keep the rest while both run. Kept as
+# module state because that is the original API; None = use every SM.
+_sms_cap: int | None = None
+
+
+def set_num_sms(count: int) -> None:
+    """Cap the SMs the GEMM kernels use (DeepGEMM's ``set_num_sms``); ``count`` >= 1."""
+    global _sms_cap
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"count must be a positive int, got {count!r}")
+    _sms_cap = count
+
+
+def get_num_sms(device: torch.device | None = None) -> int:
+    """SMs the GEMM kernels will use on ``device`` (default: the current CUDA device, else the
+    interpreter's stand-in): the device's count, lowered by :func:`set_num_sms`."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return num_sms(device)
+
+
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (a small number on CPU, for the interpreter)."""
+    """Streaming multiprocessors the kernels use on ``device`` (a small number on CPU, for the
+    interpreter), capped by :func:`set_num_sms`."""
     if device.type == "cuda":
-        return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return _INTERPRETER_SMS
+        count = _device_sms(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        count = _INTERPRETER_SMS
+    return min(count, _sms_cap) if _sms_cap is not None else count
 
 
 _SMEM_BUDGET = 160 * 1024
