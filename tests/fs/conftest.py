@@ -8,79 +8,39 @@ that need it skip with the reason when the binaries or the user are missing.
 from __future__ import annotations
 
 import os
-import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-PG_BIN_DIRS = [Path("/usr/lib/postgresql") / v / "bin" for v in ("17", "16", "15", "14", "13")]
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A private PostgreSQL server for this session (one per xdist worker)."""
+    from openinfra.fs.pg import PrivatePostgres, find_pg_bin
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pg_bin() -> Path | None:
-    for d in PG_BIN_DIRS:
-        if (d / "initdb").exists() and (d / "pg_ctl").exists():
-            return d
-    found = shutil.which("pg_ctl")
-    return Path(found).parent if found else None
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    if os.geteuid() != 0:
-        return cmd
-    return ["runuser", "-u", "postgres", "--"] + cmd
+    if find_pg_bin() is None:
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found; `make test` installs the postgresql package")
+    try:
+        server = PrivatePostgres.start()
+    except RuntimeError as exc:
+        pytest.skip(f"cannot start PostgreSQL here: {exc}")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
-def postgres_url():
-    """``postgresql://postgres@127.0.0.1:<port>/postgres`` of a private server for this session."""
-    bin_dir = _pg_bin()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found; `make test` installs the postgresql package")
-    if os.geteuid() == 0:
-        try:
-            pw = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no 'postgres' user to run the server as")
-    root = Path(tempfile.mkdtemp(prefix="openinfra-pg-"))
-    data = root / "data"
-    if os.geteuid() == 0:
-        os.chown(root, pw.pw_uid, pw.pw_gid)
-    port = _free_port()
-    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                                 "-E", "UTF8", "--no-sync"]), check=True, capture_output=True, timeout=120)
-    opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=200"
-    subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"),
-                                 "-w", "-t", "60", "start"]), check=True, capture_output=True, timeout=90)
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                       capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
+def postgres_url(postgres_server):
+    """``postgresql://postgres@127.0.0.1:<port>/postgres`` of the session's private server."""
+    return postgres_server.url
 
 
 @pytest.fixture
-def fresh_postgres_db(postgres_url):
+def fresh_postgres_db(postgres_server):
     """A new empty database on the session's server; yields its URL."""
-    import psycopg
-
     name = f"t{int(time.time() * 1e6)}_{os.getpid()}"
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    url = postgres_server.create_database(name)
+    yield url
+    postgres_server.drop_database(name)
 
 
 # --- embedded clusters ------------------------------------------------------------------------

@@ -223,3 +223,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sp = add("rm", _rm, "remove a file or directory", client=True)
     sp.add_argument("path")
     sp.add_argument("-r", "--recursive", action="store_true")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m openinfra.fs.cli ...`` = ``openinfra fs ...`` without loading the other layers
+    (the full ``openinfra`` CLI imports every component, PyTorch included)."""
+    parser = argparse.ArgumentParser(prog="openinfra")
+    register(parser.add_subparsers(title="commands", metavar="COMMAND"))
+    args = parser.parse_args(["fs", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -96,7 +96,9 @@ def call(address: str, method: str, args: dict | None = None, timeout: float = 5
     return asyncio.run(go())
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int | None) -> bool:
+    if not pid or pid < 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -133,7 +133,7 @@ class RpcServer:
 
     async def start(self) -> str:
         self._server = await asyncio.start_server(self._serve_conn, self.host, self.port, reuse_address=True,
-                                                  limit=2**20)
+                                                  limit=8 * 2**20)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.address
 
@@ -317,7 +317,7 @@ class RpcClient:
                 return conns[next(self._rr) % len(conns)]
             host, port = parse_address(address)
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=2**20),
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=8 * 2**20),
                                                         self.connect_timeout)
             except (OSError, asyncio.TimeoutError) as exc:
                 raise make_error(Code.RPC_CONNECT, f"cannot connect to {address}: {exc or type(exc).__name__}") from None

@@ -175,7 +175,9 @@ class ChunkStore:
                 old = b""
             else:
                 old, _ = await self.committed_content(inode, index)
-            if op == "write":
+            if op == "write" and offset == 0 and len(data) >= len(old):
+                content = bytes(data)  # a full overwrite: no copy of the old bytes
+            elif op == "write":
                 if offset > len(old):
                     old = old + bytes(offset - len(old))
                 content = old[:offset] + bytes(data) + old[offset + len(data):]
