@@ -96,6 +96,8 @@ class DualPipeBase(nn.Module):
         if p2p_shapes is None and p2p_dtypes is not None:
             raise ValueError("p2p_dtypes given without p2p_shapes")
         self.recorder = recorder
+        # gloo moves raw host memory: device tensors travel through host copies.
+        self._stage_on_host = dist.get_backend(self.group) == "gloo" and self.device.type != "cpu"
         self._reset_states()
 
     # --- topology (overridden by the schedules) ---------------------------------------------------
@@ -148,6 +150,7 @@ class DualPipeBase(nn.Module):
         self.current_recv_b_chunk_id = [0, 0]
         self.comm_ops: list[dist.P2POp] = []
         self._comm_meta: list[dict[str, Any]] = []
+        self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.to_free: list[torch.Tensor] = []
         self._spec: P2PSpec | None = None
         self.forward_only = False
@@ -280,7 +283,8 @@ class DualPipeBase(nn.Module):
         cid = self.current_recv_f_chunk_id[m]
         self.current_recv_f_chunk_id[m] += 1
         peer = self._fwd_peer(m, sending=False)
-        tensors = self._spec.append_irecv(self.comm_ops, peer, self.group, self.device, not self.forward_only)
+        tensors = self._spec.append_irecv(self.comm_ops, peer, self.group, self.device, not self.forward_only,
+                                          self._staged if self._stage_on_host else None)
         self._comm_meta += [dict(kind="recv", module=m, chunk=cid, peer=peer, nbytes=t.nbytes) for t in tensors]
         self.input_chunks[m].append(tensors)
 
@@ -293,7 +297,7 @@ class DualPipeBase(nn.Module):
         tensors = self.output_chunks[m][cid]
         self._spec.check(tensors, f"{self.schedule_name} rank {self.rank}: output of module {m}, chunk {cid}")
         peer = self._fwd_peer(m, sending=True)
-        P2PSpec.append_isend(self.comm_ops, tensors, peer, self.group)
+        P2PSpec.append_isend(self.comm_ops, tensors, peer, self.group, self._stage_on_host)
         self._comm_meta += [dict(kind="send", module=m, chunk=cid, peer=peer, nbytes=t.nbytes) for t in tensors]
         if not self.return_outputs:
             for t in tensors:
@@ -312,7 +316,8 @@ class DualPipeBase(nn.Module):
         cid = self.current_recv_b_chunk_id[m]
         self.current_recv_b_chunk_id[m] += 1
         peer = self._fwd_peer(m, sending=True)
-        tensors = self._spec.append_irecv(self.comm_ops, peer, self.group, self.device, False)
+        tensors = self._spec.append_irecv(self.comm_ops, peer, self.group, self.device, False,
+                                          self._staged if self._stage_on_host else None)
         self._comm_meta += [dict(kind="recv", module=m, chunk=cid, peer=peer, nbytes=t.nbytes) for t in tensors]
         self.output_grad_chunks[m].append(tensors)
 
@@ -330,7 +335,7 @@ class DualPipeBase(nn.Module):
         grads = [torch.zeros(s, dtype=d, device=self.device) if g is None else g
                  for g, s, d in zip(grads, self._spec.shapes, self._spec.dtypes)]
         peer = self._fwd_peer(m, sending=False)
-        P2PSpec.append_isend(self.comm_ops, grads, peer, self.group)
+        P2PSpec.append_isend(self.comm_ops, grads, peer, self.group, self._stage_on_host)
         self._comm_meta += [dict(kind="send", module=m, chunk=cid, peer=peer, nbytes=t.nbytes) for t in grads]
 
     def _free_tensors(self) -> None:
@@ -347,6 +352,10 @@ class DualPipeBase(nn.Module):
         reqs = dist.batch_isend_irecv(self.comm_ops)
         for req in reqs:
             req.wait()
+        with torch.no_grad():
+            for host, dev in self._staged:
+                dev.copy_(host)
+        self._staged = []
         if rec:
             end = rec.now_us()
             for meta in self._comm_meta:

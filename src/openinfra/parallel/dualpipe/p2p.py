@@ -69,17 +69,29 @@ class P2PSpec:
                     f"declare {s} {d}"
                 )
 
-    def append_irecv(self, ops: list, peer: int, group, device: torch.device, requires_grad: bool) -> list[torch.Tensor]:
+    def append_irecv(self, ops: list, peer: int, group, device: torch.device, requires_grad: bool,
+                     staging: list | None = None) -> list[torch.Tensor]:
+        """Queue receives for one micro-batch; returns the buffers (filled once the ops complete).
+
+        With ``staging`` (a list), the wire buffers are host tensors and ``(host, device)`` pairs
+        are appended for the caller to copy after the wait: gloo reads and writes raw host memory.
+        """
         tensors = self.empty(device, requires_grad)
         src = dist.distributed_c10d.get_global_rank(group, peer)
-        ops.extend(dist.P2POp(dist.irecv, t, src, group) for t in tensors)
+        for t in tensors:
+            wire = t
+            if staging is not None:
+                wire = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                staging.append((wire, t))
+            ops.append(dist.P2POp(dist.irecv, wire, src, group))
         return tensors
 
     @staticmethod
-    def append_isend(ops: list, tensors: Sequence[torch.Tensor], peer: int, group) -> None:
+    def append_isend(ops: list, tensors: Sequence[torch.Tensor], peer: int, group, stage_on_host: bool = False) -> None:
         dst = dist.distributed_c10d.get_global_rank(group, peer)
         # Send the data, not the autograd node: a leaf may require grad.
-        ops.extend(dist.P2POp(dist.isend, t.detach().contiguous(), dst, group) for t in tensors)
+        ops.extend(dist.P2POp(dist.isend, t.detach().cpu() if stage_on_host else t.detach().contiguous(), dst, group)
+                   for t in tensors)
 
     def nbytes(self) -> int:
         return sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in zip(self.shapes, self.dtypes))
