@@ -53,9 +53,9 @@ MASKED_GM = [(1, 1024), (2, 512), (4, 256)]
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--m", type=int, nargs="*", default=[64, 128, 4096], help="dense M values")
-    p.add_argument("--sweep", action="store_true", help="also time a list of tile configs per dense M=4096 shape")
+    p.add_argument("--sweep", action="store_true", help="also time the tuning candidates (tile configs) of every dense shape")
     p.add_argument("--skip-grouped", action="store_true", help="dense shapes only")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and grouped row counts")
 
 
 def _quantize_rows(x):
