@@ -197,3 +197,33 @@ def test_fp8_linear_kernels_match_reference_path(monkeypatch):
     assert dg.calc_diff(y, y_ref) < TIGHT_FP32
     for got, want in zip(grads, grads_ref):
         assert dg.calc_diff(got, want) < TIGHT_FP32
+
+
+def test_unchecked_layouts_cannot_write_out_of_bounds():
+    # Under CUDA-graph capture the host checks of masked_m / m_indices are skipped; the kernels
+    # must then clamp rather than write past a group. Call the launcher directly, as capture would.
+    from openinfra.kernels.deep_gemm.gemm.kernel import CONTIGUOUS, MASKED
+
+    groups, max_m, n, k = 2, 40, 32, 128
+    x, w = _randn(groups, max_m, k, seed=21), _randn(groups, n, k, seed=22)
+    aq = [dg.per_token_cast_to_fp8(x[g]) for g in range(groups)]
+    bq = [dg.per_block_cast_to_fp8(w[g]) for g in range(groups)]
+    a, sa = torch.stack([q[0] for q in aq]), torch.stack([q[1] for q in aq])
+    b, sb = torch.stack([q[0] for q in bq]), torch.stack([q[1] for q in bq])
+    big = torch.full((groups + 1, max_m, n), 7.0)  # one guard group after the real ones
+    d = big[:groups]
+    launch_gemm(MASKED, a, b, d, INTERPRETER_CONFIG, sfa=sa, sfb=sb, layout=torch.tensor([max_m + 50, 5], dtype=torch.int32))
+    assert (big[groups] == 7.0).all() and (d[1, 5:] == 7.0).all()
+    expected = ref.m_grouped_fp8_gemm_nt_masked_reference(a, sa, b, sb, torch.full((groups, max_m, n), 7.0),
+                                                          torch.tensor([max_m, 5], dtype=torch.int32))
+    assert dg.calc_diff(d, expected) < TIGHT_FP32
+
+    xc = _randn(128, k, seed=23)
+    ac, sac = dg.per_token_cast_to_fp8(xc)
+    m_indices = torch.full((128,), 5, dtype=torch.int32)  # rows 64.. name expert 5 of 2
+    m_indices[:64] = 1
+    d2 = torch.full((128, n), 7.0)
+    launch_gemm(CONTIGUOUS, ac, b, d2, INTERPRETER_CONFIG, sfa=sac, sfb=sb, layout=m_indices)
+    assert (d2[64:] == 7.0).all()
+    expected2 = ref.fp8_gemm_nt_reference(ac[:64], sac[:64], b[1], sb[1], torch.empty(64, n))
+    assert dg.calc_diff(d2[:64], expected2) < TIGHT_FP32

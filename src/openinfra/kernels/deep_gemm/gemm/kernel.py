@@ -98,7 +98,9 @@ def _gemm_kernel(
             rest = tile_id % (G * tiles_n)
             g = rest // tiles_n
             pid_n = rest % tiles_n
-            rows_valid = tl.load(layout_ptr + g)
+            # Clamped to max_m: under graph capture masked_m is not checked on the host, and a
+            # bad value must not write into the next group's rows.
+            rows_valid = tl.minimum(tl.load(layout_ptr + g), M)
             live = pid_m * BLOCK_M < rows_valid
         else:
             pid_k = tile_id // tiles_mn
@@ -111,7 +113,7 @@ def _gemm_kernel(
         if MODE == 1:
             expert = tl.load(layout_ptr + offs_m, mask=offs_m < M, other=-1)
             g = tl.max(expert, axis=0)
-            live = g >= 0
+            live = (g >= 0) & (g < G)  # an index past the experts (unchecked under capture) reads nothing
         if live:
             g64 = g.to(tl.int64)
             # Out-of-range rows / columns read row 0 instead of being masked: no mask in the K loop,
