@@ -9,6 +9,16 @@ from openinfra.cli import main
 
 pytestmark = pytest.mark.unit
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensor ops: extra threads only contend on a 2-core runner
+    yield
+    torch.set_num_threads(before)
+
 README = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86], [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
 TOPOLOGY = ["--replicas", "16", "--groups", "4", "--nodes", "2", "--gpus", "8"]
 

@@ -1,12 +1,5 @@
-"""``openinfra eplb plan``: plan an expert placement from a loads file and print it.
-
-    openinfra eplb plan --loads loads.json --replicas 16 --groups 4 --nodes 2 --gpus 8
-    openinfra eplb plan --loads loads.csv ... --previous plan.json --budget 0.01 --output new.json
-    openinfra eplb plan --loads loads.json ... --png loads.png
-
-Prints, per layer, the placement per GPU (expert ids and load) and the balancedness before
-(the previous plan, or the static layout: expert e on GPU e*G//E with no redundancy) and after.
-"""
+"""``openinfra eplb plan``: plan an expert placement from a loads file and print it (see
+``_DESCRIPTION`` for the usage shown by ``--help``)."""
 
 from __future__ import annotations
 
@@ -16,6 +9,16 @@ import sys
 
 __all__ = ["register"]
 
+_DESCRIPTION = """Plan an expert placement from a loads file and print it.
+
+    openinfra eplb plan --loads loads.json --replicas 16 --groups 4 --nodes 2 --gpus 8
+    openinfra eplb plan --loads loads.csv ... --previous plan.json --budget 0.01 --output new.json
+    openinfra eplb plan --loads loads.json ... --png loads.png
+
+Prints, per layer, the placement per GPU (expert ids and load) and the balancedness before
+(the previous plan, or the static layout: expert e on GPU e*G//E with no redundancy) and after.
+"""
+
 
 def _error(msg: str) -> int:
     print(f"openinfra eplb: error: {msg}", file=sys.stderr)
@@ -23,8 +26,6 @@ def _error(msg: str) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    import torch
-
     from openinfra.parallel.eplb.files import read_loads, read_plan, write_plan
     from openinfra.parallel.eplb.layout import gpu_loads, static_gpu_loads
     from openinfra.parallel.eplb.migration import rebalance_with_migration
@@ -107,7 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
     sub = p.add_subparsers(title="eplb commands", metavar="COMMAND")
     plan = sub.add_parser("plan", help="plan a placement from a loads file (JSON / CSV) and print it",
-                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                          description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     plan.add_argument("--loads", required=True, help="loads [layers x experts]: .json (list of lists) or .csv (a row per layer)")
     plan.add_argument("--replicas", type=int, required=True, help="physical expert slots in total (a multiple of --gpus)")
     plan.add_argument("--groups", type=int, required=True, help="expert groups (must divide the experts)")
