@@ -200,3 +200,15 @@ def test_computed_fused_chain_is_reused_by_consumers(sp):
     more = base.filter("x > 100")
     assert more.count() == len([i for i in range(0, 50, 2) if i * 10 > 100])
     assert sp.stats.executed == ran + 1, "only the new filter runs; the fused chain's output is reused"
+
+
+def test_optimizer_folds_sql_into_shuffle_producers(sp):
+    df = sp.from_items([{"a": i, "b": i % 4} for i in range(40)]).filter("a >= 8").map("a, b, a * a as sq")
+    shuffled = df.repartition(4, hash_by="b")
+    opt = shuffled._optimized()
+    assert isinstance(opt, HashPartitionNode) and opt.pre_sql is not None
+    assert isinstance(opt.input_deps[0], DataSourceNode)
+    per_part = sp.partial_sql("select b, count(*) as n, sum(sq) as s from {0} group by b", shuffled)
+    got = sorted((r["b"], r["n"], r["s"]) for r in per_part.take_all())
+    want = sorted((k, len([a for a in range(8, 40) if a % 4 == k]), sum(a * a for a in range(8, 40) if a % 4 == k)) for k in range(4))
+    assert got == want

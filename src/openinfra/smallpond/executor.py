@@ -23,7 +23,7 @@ import time
 from typing import Any, Callable
 
 from openinfra.smallpond import storage
-from openinfra.smallpond.dataset import DataSet
+from openinfra.smallpond.dataset import DataSet, new_connection
 from openinfra.smallpond.task import (
     SqlError, Task, TaskFailed, dataset_from_manifest, describe_error, execute_task, load_checkpoint, resolve_virtual,
 )
@@ -51,6 +51,7 @@ def _worker_main(table: dict[str, Task], conn) -> None:
     """A forked worker: run the tasks the driver names (by key, from the inherited table) until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     try:
+        new_connection()  # open this worker's DuckDB database now, not inside the first task
         while True:
             try:
                 msg = conn.recv()
@@ -69,6 +70,19 @@ def _worker_main(table: dict[str, Task], conn) -> None:
                 conn.send(("err", {"type": type(exc).__name__, "message": str(exc)[:2000], "traceback": "", "retryable": False}))
     finally:
         os._exit(0)  # skip atexit handlers and finalizers inherited from the driver
+
+
+_WARM: list[bool] = []
+
+
+def _warm_up() -> None:
+    """Initialize Arrow's compute kernels once in the driver, so forked workers inherit them
+    (the first ``take`` in a process costs ~0.2-1 s, which every worker would otherwise pay)."""
+    if not _WARM:
+        import pyarrow as pa
+
+        pa.table({"a": [2, 1]}).take(pa.array([1, 0])).sort_by("a")
+        _WARM.append(True)
 
 
 class _Worker:
@@ -103,6 +117,7 @@ class LocalExecutor:
     def begin(self, table: dict[str, Task]) -> None:
         self.end()
         self._table = table
+        _warm_up()
 
     def submit(self, handle: Any, task: Task, inputs: list[DataSet], attempt: int, cfg: dict) -> None:
         worker = self._idle.pop() if self._idle else _Worker(self._ctx, self._table)

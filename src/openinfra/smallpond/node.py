@@ -293,6 +293,8 @@ class SqlEngineNode(Node):
 
     Other placeholders: ``{__data_partition__}`` (partition index), ``{rand_seed}``, ``{query_index}``,
     ``{batch_index}``. With several queries, all run and the last one's result is the output.
+    Output files are LZ4-compressed parquet by default (smallpond used ZSTD, which costs ~3x the
+    CPU of LZ4 when writing); pass ``parquet_compression="ZSTD"`` for smaller files.
     """
 
     def __init__(self, ctx: Context, input_deps: tuple[Node, ...], sql_query: str | Iterable[str], *,
@@ -300,7 +302,7 @@ class SqlEngineNode(Node):
                  materialize_in_memory=False, relax_memory_if_oom=None, batched_processing=False,
                  extension_paths: list[str] | None = None, udf_module_paths: list[str] | None = None,
                  enable_temp_directory=False, parquet_row_group_size: int | None = None,
-                 parquet_dictionary_encoding: bool = False, parquet_compression="ZSTD", parquet_compression_level=3,
+                 parquet_dictionary_encoding: bool = False, parquet_compression="LZ4", parquet_compression_level=3,
                  output_name=None, output_path=None, cpu_limit: int | None = None, memory_limit=None,
                  cpu_overcommit_ratio: float = 1.0, memory_overcommit_ratio: float = 0.9) -> None:
         if isinstance(sql_query, str):
@@ -462,6 +464,9 @@ class HashPartitionNode(PartitionNode):
         self.shuffle_only = shuffle_only
         self.drop_partition_column = drop_partition_column
         self.parquet_compression = parquet_compression
+        #: set by the optimizer when it folds the SQL node before this shuffle into the producers
+        self.pre_sql: str | None = None
+        self.pre_views: list[tuple[str, str]] = []
 
     def key_expression(self) -> str:
         """The SQL expression giving each row's partition (an integer in ``[0, npartitions)``)."""
@@ -478,10 +483,11 @@ class HashPartitionNode(PartitionNode):
 
     def detail(self) -> str:
         how = "random" if self.random_shuffle else (f"by={self.data_partition_column}" if self.shuffle_only else f"hash_by={self.hash_columns}")
-        return f"npartitions={self.npartitions}, {how}"
+        pre = f", producers run: {' '.join(self.pre_sql.split())}" if self.pre_sql else ""
+        return f"npartitions={self.npartitions}, {how}{pre}"
 
     def spec(self) -> str:
-        return f"{self.key_expression()}|{self.drop_partition_column}|{self.data_partition_column}"
+        return f"{self.key_expression()}|{self.drop_partition_column}|{self.data_partition_column}|{self.pre_views}|{self.pre_sql}"
 
 
 class ShuffleNode(HashPartitionNode):

@@ -5,14 +5,15 @@ would be written to parquet and read back between them. Fused, the outer query r
 as a subquery and DuckDB plans both at once. A SQL node is folded into its consumer when it is a
 plain single query (no UDFs, no per-partition placeholders other than its inputs), is not a
 ``LimitNode`` (whose merge step changes partitioning), is used by exactly one node of the plan, and
-was not already computed (its outputs are reused instead).
+was not already computed (its outputs are reused instead). A SQL node feeding a shuffle
+(``HashPartitionNode``) is folded into the shuffle's producers the same way.
 """
 
 from __future__ import annotations
 
 import re
 
-from openinfra.smallpond.node import LimitNode, LogicalPlan, Node, SqlEngineNode
+from openinfra.smallpond.node import HashPartitionNode, LimitNode, LogicalPlan, Node, SqlEngineNode
 
 __all__ = ["Optimizer", "optimize"]
 
@@ -56,6 +57,17 @@ class Optimizer:
         if isinstance(node, SqlEngineNode) and not isinstance(node, LimitNode) and len(node.sql_queries) == 1:
             fused = self._fuse(node, new_deps)
             if fused is not None:
+                self._memo[node.id] = fused
+                return fused
+        if isinstance(node, HashPartitionNode) and len(new_deps) == 1:
+            dep, orig = new_deps[0], node.input_deps[0]
+            if _fusable(dep) and orig not in self.exclude and self._uses.get(orig.id, 0) == 1:
+                # A SQL step right before a shuffle runs inside the shuffle's producers: one
+                # materialization (write + read of the whole dataset) less.
+                fused = _copy_with_deps(node, dep.input_deps)
+                fused.pre_views = list(getattr(dep, "views", []))
+                fused.pre_sql = dep.sql_queries[0].strip().rstrip(";")
+                fused.fused_from = list(getattr(dep, "fused_from", [repr(dep)])) + [repr(node)]
                 self._memo[node.id] = fused
                 return fused
         if new_deps != node.input_deps:

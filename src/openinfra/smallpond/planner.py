@@ -88,7 +88,11 @@ class Planner:
             return [self._task("split_files", node, flat, i, n, random_shuffle=node.random_shuffle,
                                seed=int(self.fingerprint(node)[:8], 16)) for i in range(n)]
         if isinstance(node, HashPartitionNode):
-            producers = [self._task("hash_partition", node, [t], i, len(flat)) for i, t in enumerate(flat)]
+            if getattr(node, "pre_sql", None) is not None:  # a fused SQL step: co-partitioned inputs, like SQL
+                count = len(inputs[0]) if inputs else 1
+                producers = [self._task("hash_partition", node, [ts[i] for ts in inputs], i, count) for i in range(count)]
+            else:
+                producers = [self._task("hash_partition", node, [t], i, len(flat)) for i, t in enumerate(flat)]
             return [self._task("shuffle_consumer", node, producers, k, n) for k in range(n)]
         if isinstance(node, LimitNode):
             per_part = [self._task("sql", node, [t], i, len(flat)) for i, t in enumerate(flat)]

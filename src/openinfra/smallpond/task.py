@@ -190,7 +190,7 @@ class _Out:
     def path(self, name: str) -> str:
         return storage.join(self.dir, name)
 
-    def write_table(self, table: pa.Table, name: str, compression: str = "zstd", row_group_size: int | None = None) -> None:
+    def write_table(self, table: pa.Table, name: str, compression: str = "lz4", row_group_size: int | None = None) -> None:
         path = self.path(name)
         if storage.is_remote(path):
             fs, p = storage.filesystem(path)
@@ -253,7 +253,7 @@ def _run_sql(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext, q
         text = _format_query(last, sources, rt, len(queries) - 1)
         name = "part-00000.parquet"
         path = out.path(name)
-        comp = str(getattr(node, "parquet_compression", "zstd") or "zstd").lower()
+        comp = str(getattr(node, "parquet_compression", "lz4") or "lz4").lower()
         rgs = int(getattr(node, "parquet_row_group_size", 122880))
         try:
             if storage.is_remote(path):
@@ -274,13 +274,26 @@ def _hash_produce(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeConte
     n = node.npartitions
     con = new_connection(rt.threads)
     try:
-        src = merge_datasets(inputs).sql_source(con)
+        if node.pre_sql is not None:  # the optimizer folded a SQL step into this shuffle
+            sources = []
+            for i, ds in enumerate(inputs):
+                con.execute(f"CREATE TEMP VIEW __input{i} AS SELECT * FROM {ds.sql_source(con)}")
+                sources.append(f"__input{i}")
+            try:
+                for name, q in node.pre_views:
+                    con.execute(f"CREATE TEMP VIEW {name} AS {_format_query(q, sources, rt, 0)}")
+                con.execute(f"CREATE TEMP VIEW __pre AS {_format_query(node.pre_sql, sources, rt, 0)}")
+            except Exception as exc:
+                raise _sql_error(task, node.pre_sql, exc) from None
+            src = "__pre"
+        else:
+            src = merge_datasets(inputs).sql_source(con)
         key_sql = "0" if node.random_shuffle else node.key_expression()
         query = f"select *, {key_sql} as __openinfra_key__ from {src}"
         try:
             table = arrow_of(con, query)
         except Exception as exc:
-            raise _sql_error(task, f"partition key {key_sql}", exc) from None
+            raise _sql_error(task, node.pre_sql or f"partition key {key_sql}", exc) from None
     finally:
         con.close()
     if node.random_shuffle:  # numpy with the task's seed: the same rows go to the same partitions on a retry
@@ -385,8 +398,8 @@ def _run_user(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext) 
 def _parquet_writer(path: str, schema: pa.Schema) -> pq.ParquetWriter:
     if storage.is_remote(path):
         fs, p = storage.filesystem(path)
-        return pq.ParquetWriter(p, schema, filesystem=fs, compression="zstd")
-    return pq.ParquetWriter(path, schema, compression="zstd")
+        return pq.ParquetWriter(p, schema, filesystem=fs, compression="lz4")
+    return pq.ParquetWriter(path, schema, compression="lz4")
 
 
 def _rebatch(ds: DataSet, batch_size: int):

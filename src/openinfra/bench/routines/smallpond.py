@@ -50,7 +50,9 @@ _GRAYSORT = textwrap.dedent("""
     sp = smallpond.init(data_root=sys.argv[2]{extra})
     df = sp.read_parquet(sys.argv[1] + "/*.parquet")
     df = df.repartition(int(sys.argv[5]))
-    df = df.repartition(n, by=f"(('0x' || substr(hex(key), 1, 4))::INTEGER * {{n}}) // 65536")
+    # smallpond 0.15 takes a column name in by=, so the range partition is computed as a column first
+    df = df.map(f"key, value, (('0x' || substr(hex(key), 1, 4))::INTEGER * {{n}}) // 65536 as part")
+    df = df.repartition(n, by="part")
     df = df.partial_sort(by="key")
     df.write_parquet(sys.argv[3])
     print(json.dumps({{"seconds": time.perf_counter() - t0}}))
