@@ -21,16 +21,20 @@ NUM_TOKENS, HIDDEN, NUM_TOPK = 64, 256, 4
 
 
 def _all_reduce_(t: torch.Tensor) -> None:
-    """Sum over ranks in place, through host memory (gloo's CUDA support varies by collective)."""
+    """Sum over ranks in place (gloo: through host memory, its CUDA support varies by collective)."""
+    if dist.get_backend() == "nccl":
+        dist.all_reduce(t)
+        return
     host = t.cpu()
     dist.all_reduce(host)
     t.copy_(host)
 
 
 def _all_gather(t: torch.Tensor) -> torch.Tensor:
-    """[R, *t.shape]: every rank's t, through host memory."""
-    parts = [torch.empty_like(t, device="cpu") for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.cpu())
+    """[R, *t.shape]: every rank's t (gloo: through host memory)."""
+    on = t.device if dist.get_backend() == "nccl" else "cpu"
+    parts = [torch.empty_like(t, device=on) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.to(on))
     return torch.stack(parts).to(t.device)
 
 
@@ -452,6 +456,10 @@ def validation_checks(rank: int, num_ranks: int, device: str) -> int:
     n += _raises(TypeError, "normal-mode dispatch handle", buffer.dispatch, x, handle=(1, 2))
     n += _raises(ValueError, "must be a positive int", Config, 0)
     n += _raises(ValueError, "must be even", Config, 3)
+    # the symmetric-memory fast path: off on gloo, with the reason; required -> a clear error
+    assert buffer.transport == "all_to_all_single" and "gloo" in buffer.transport_reason
+    n += _raises(ValueError, "use_symmetric_memory=True but .*backend is gloo", Buffer, dist.group.WORLD,
+                 use_symmetric_memory=True)
     # the group still works after all that
     recv_x2 = buffer.dispatch(x, handle=handle)[0]
     assert torch.equal(recv_x, recv_x2)

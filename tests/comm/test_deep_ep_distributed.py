@@ -42,4 +42,24 @@ def _autograd_async_validation(rank: int, num_ranks: int, device: str) -> tuple[
 
 @pytest.mark.distributed
 def test_autograd_async_validation(distributed):
-    assert distributed(_autograd_async_validation, 3, "cpu", timeout=280) == [(3, 1, 24)] * 3
+    assert distributed(_autograd_async_validation, 3, "cpu", timeout=280) == [(3, 1, 25)] * 3
+
+
+def _nccl_suites(rank: int, num_ranks: int) -> tuple[str, int, int]:
+    torch.cuda.set_device(rank)
+    from openinfra.comm.deep_ep import Buffer
+    import torch.distributed as dist
+
+    transport = Buffer(dist.group.WORLD).transport
+    device = f"cuda:{rank}"
+    return transport, intranode_checks(rank, num_ranks, device), low_latency_checks(rank, num_ranks, device)
+
+
+@pytest.mark.multigpu
+def test_suites_on_nccl(distributed):
+    """NCCL over every visible GPU (2-8): the same suites; symmetric memory where the machine has it."""
+    num_ranks = min(torch.cuda.device_count(), 8)
+    env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    results = distributed(_nccl_suites, num_ranks, backend="nccl", timeout=280, env=env)
+    assert [r[1:] for r in results] == [(24, 16)] * num_ranks
+    assert len({r[0] for r in results}) == 1

@@ -56,6 +56,12 @@ class Buffer:
         group: the process group.
         num_nvl_bytes / num_rdma_bytes: as passed (informational, see the module docstring).
         low_latency_mode: as passed; low-latency calls work either way.
+        transport: "all_to_all_vdev" (symmetric memory) or "all_to_all_single"; transport_reason says why.
+
+    ``use_symmetric_memory``: None picks symmetric memory where the capability check and a self-test
+    pass (CUDA, NCCL, one host, NVSHMEM in the build), True requires it (ValueError naming the missing
+    piece otherwise), False never uses it. It serves the host-sync-free padded exchanges (low-latency
+    and worst-token modes); split-size exchanges always use ``all_to_all_single``.
     """
 
     num_sms: int = 20
@@ -70,6 +76,7 @@ class Buffer:
         allow_nvlink_for_low_latency_mode: bool = True,
         allow_mnnvl: bool = False,
         explicitly_destroy: bool = False,
+        use_symmetric_memory: bool | None = None,
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("Buffer needs an initialised torch.distributed process group (dist.init_process_group)")
@@ -86,6 +93,32 @@ class Buffer:
         self._ll_combine_buffers: dict[tuple, list[torch.Tensor]] = {}
         self._ll_buffer_idx = 0
         self._destroyed = False
+        self._symm = None
+        self.transport, self.transport_reason = "all_to_all_single", "use_symmetric_memory=False"
+        if use_symmetric_memory is not False:
+            self._setup_symmetric_memory(bool(use_symmetric_memory))
+
+    def _setup_symmetric_memory(self, required: bool) -> None:
+        # Collective (all ranks construct the Buffer together): capability check, then a self-test
+        # exchange compared with all_to_all_single; any failure falls back, with the reason kept.
+        from openinfra.comm.deep_ep.symm_mem import SymmetricTransport, symmetric_memory_status
+
+        device = (torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" and torch.cuda.is_available()
+                  else torch.device("cpu"))
+        ok, why = symmetric_memory_status(self.group, device)
+        if ok:
+            try:
+                transport = SymmetricTransport(self.group, device)
+                error = transport.self_test()
+            except Exception as e:  # noqa: BLE001 - any failure of the optional path means "fall back"
+                error = f"{type(e).__name__}: {e}"
+            if error is None:
+                self._symm, self.transport = transport, "all_to_all_vdev"
+            else:
+                ok, why = False, error
+        self.transport_reason = why
+        if required and not ok:
+            raise ValueError(f"use_symmetric_memory=True but symmetric memory is unavailable: {why}")
 
     # --- DeepEP's static helpers -------------------------------------------------------------
 
@@ -154,12 +187,14 @@ class Buffer:
     def _run(self, device, issue, previous_event, async_finish, inputs=()) -> EventOverlap:
         if previous_event is not None and not isinstance(previous_event, EventOverlap):
             raise TypeError(f"previous_event must be an EventOverlap or None, got {type(previous_event).__name__}")
-        return run_op(self.group, device, self._comm_stream(device), issue, previous_event, async_finish, inputs)
+        return run_op(self.group, device, self._comm_stream(device), issue, previous_event, async_finish, inputs,
+                      self._symm)
 
     def destroy(self) -> None:
         """Release cached buffers and streams; later calls raise."""
         self._ll_combine_buffers.clear()
         self._streams.clear()
+        self._symm = None
         self._destroyed = True
 
     # --- layout -----------------------------------------------------------------------------
@@ -464,7 +499,7 @@ class Buffer:
         if return_recv_hook:
             if async_finish:
                 raise ValueError("return_recv_hook and async_finish exclude each other: the hook is the receive")
-            return issue_only(self.group, issue), EventOverlap(None)
+            return issue_only(self.group, issue, self._symm), EventOverlap(None)
         return (lambda: None), self._run(device, issue, None, async_finish, inputs)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:

@@ -31,8 +31,9 @@ Finish = Callable[[], list[torch.Tensor]]
 class Collectives:
     """Issues the collectives of one operation on ``group``; keeps their work handles."""
 
-    def __init__(self, group: dist.ProcessGroup) -> None:
+    def __init__(self, group: dist.ProcessGroup, symm: Any = None) -> None:
         self.group = group
+        self.symm = symm  # a SymmetricTransport, or None
         self.works: list[Any] = []
         # gloo moves CUDA tensors only for some collectives; stage those through host memory
         # (gloo + CUDA is a correctness set-up, one GPU shared by several ranks, not a fast path)
@@ -54,6 +55,18 @@ class Collectives:
         out, inp = self._stage(_wire(out), _wire(inp))
         work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group, async_op=True)
         self.works.append(work)
+
+    def all_to_all_blocks(self, out: torch.Tensor, inp: torch.Tensor, counts: torch.Tensor, fill: int = 0) -> None:
+        """Padded-block all-to-all: ``inp`` [R * M, C] is R blocks of M rows, only ``counts[d]`` (device
+        tensor) rows of block d are real; ``out`` gets source s's block at rows [s * M, (s + 1) * M).
+
+        Over symmetric memory only the real rows move and empty slots hold ``fill``; over
+        ``all_to_all_single`` whole blocks move (empty slots hold whatever the sender had there).
+        """
+        if self.symm is not None and out.is_cuda:
+            self.symm.all_to_all_blocks(_wire(out), _wire(inp), counts, fill)
+            return
+        self.all_to_all(out, inp)
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> None:
         """``out`` (flat, R x inp.numel()) = every rank's ``inp``."""
@@ -86,9 +99,10 @@ def run_op(
     previous_event: EventOverlap | None,
     async_finish: bool,
     inputs: tuple[torch.Tensor | None, ...] = (),
+    symm: Any = None,
 ) -> EventOverlap:
     """Run ``issue`` then ``finish`` as the module docstring says; returns the operation's event."""
-    coll = Collectives(group)
+    coll = Collectives(group, symm)
     if device.type == "cuda":
         compute = torch.cuda.current_stream(device)
         if previous_event is not None and previous_event.event is not None:
@@ -125,9 +139,9 @@ def run_op(
     return EventOverlap(None)
 
 
-def issue_only(group: dist.ProcessGroup, issue: Callable[[Collectives], Finish]) -> Callable[[], None]:
+def issue_only(group: dist.ProcessGroup, issue: Callable[[Collectives], Finish], symm: Any = None) -> Callable[[], None]:
     """Issue now (current stream); the returned hook waits for the data and finishes."""
-    coll = Collectives(group)
+    coll = Collectives(group, symm)
     finish = issue(coll)
     done = False
 

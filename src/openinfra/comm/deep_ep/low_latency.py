@@ -42,6 +42,7 @@ class LowLatencyHandle(NamedTuple):
         recv_row_of_slot: [R * M] int64, flat row (``e * R * Tmax + j``) where each received slot landed, -1 empty.
         send_slot: [T, K] int64, the send slot of each (token, top-k) message, -1 for ``topk_idx == -1``.
         num_tokens: T at the origin.
+        recv_counts_per_rank: [R] int64, messages received from each rank (the combine's block counts).
     """
 
     recv_src_info: torch.Tensor
@@ -52,6 +53,7 @@ class LowLatencyHandle(NamedTuple):
     recv_row_of_slot: torch.Tensor
     send_slot: torch.Tensor
     num_tokens: int
+    recv_counts_per_rank: torch.Tensor | None = None
 
 
 class LowLatencyOutputs:
@@ -87,6 +89,11 @@ def ll_dispatch_issue(
 
     def issue(coll: Collectives) -> Finish:
         send_slot = _message_slots(topk_idx, num_ranks, experts, slots)
+        valid = topk_idx >= 0
+        dest = torch.where(valid, topk_idx.long() // experts, torch.full_like(topk_idx, num_ranks, dtype=torch.int64))
+        send_counts = torch.zeros(num_ranks + 1, dtype=torch.int64, device=device)
+        send_counts.scatter_add_(0, dest.view(-1), torch.ones(dest.numel(), dtype=torch.int64, device=device))
+        send_counts = send_counts[:num_ranks]
         total = num_ranks * slots
         payload = torch.empty(total, hidden, dtype=torch.float8_e4m3fn if use_fp8 else x.dtype, device=device)
         side = torch.full((total, 2 + groups), -1, dtype=torch.int32, device=device)
@@ -98,8 +105,8 @@ def ll_dispatch_issue(
         scatter_rows(meta.view(-1, 2), send_slot.view(-1, 1), side[:, :2])
         recv_payload = torch.empty_like(payload)
         recv_side = torch.empty_like(side)
-        coll.all_to_all(recv_payload, payload)
-        coll.all_to_all(recv_side, side)
+        coll.all_to_all_blocks(recv_payload, payload, send_counts)
+        coll.all_to_all_blocks(recv_side, side, send_counts, fill=-1)
 
         recv_x = torch.empty(experts, capacity, hidden, dtype=payload.dtype, device=device)
         if use_fp8 and use_ue8m0:
@@ -115,6 +122,7 @@ def ll_dispatch_issue(
             num_max_dispatch_tokens_per_rank=max_tokens, hidden=hidden, num_experts=num_experts,
             recv_row_of_slot=torch.empty(total, dtype=torch.int64, device=device),
             send_slot=send_slot, num_tokens=num_tokens,
+            recv_counts_per_rank=torch.empty(num_ranks, dtype=torch.int64, device=device),
         )
 
         def finish() -> list[torch.Tensor]:
@@ -126,6 +134,7 @@ def ll_dispatch_issue(
             onehot.scatter_(2, ebin.unsqueeze(2), 1)
             within = (torch.cumsum(onehot, 1) - 1).gather(2, ebin.unsqueeze(2)).squeeze(2)  # [R, M]
             counts = onehot.sum(1)[:, :experts]  # [R, L]: messages from rank s to local expert e
+            h.recv_counts_per_rank.copy_(onehot.sum(1)[:, :experts].sum(1))
             begins = torch.cumsum(counts, 0) - counts
             pos = begins.gather(1, ebin.clamp(max=experts - 1)) + within
             ok = valid & (pos < capacity)
@@ -168,7 +177,7 @@ def ll_combine_issue(
         flat = x.reshape(-1, x.shape[-1])
         send = gather_reduce(flat, handle.recv_row_of_slot.unsqueeze(1))
         back = torch.empty_like(send)
-        coll.all_to_all(back, send)
+        coll.all_to_all_blocks(back, send, handle.recv_counts_per_rank)
         weights = topk_weights.masked_fill(topk_idx < 0, 0.0).contiguous()
 
         def finish() -> list[torch.Tensor]:

@@ -46,6 +46,8 @@ class DispatchHandle(NamedTuple):
         slots_per_rank: worst-token mode's fixed block per rank pair (0 otherwise).
         recv_row_of_slot: worst-token mode, [R * slots_per_rank] int64: recv_x row of each slot (-1 empty).
         num_tokens: T, tokens at this rank before dispatch.
+        block_counts_send / block_counts_recv: worst-token mode, [R] int64 device tensors: real rows in
+            each rank pair's block, sent / received (what the symmetric-memory transport moves).
     """
 
     rank_prefix_matrix: torch.Tensor
@@ -58,6 +60,8 @@ class DispatchHandle(NamedTuple):
     slots_per_rank: int
     recv_row_of_slot: torch.Tensor | None
     num_tokens: int
+    block_counts_send: torch.Tensor | None = None
+    block_counts_recv: torch.Tensor | None = None
 
 
 class DispatchOutputs:
@@ -90,7 +94,7 @@ def _send_rows(coll: Collectives, src: torch.Tensor, handle: DispatchHandle) -> 
     send = torch.empty(num_slots, width, dtype=src.dtype, device=src.device)
     scatter_rows(src, handle.send_index, send)
     landing = torch.empty(num_slots, width, dtype=src.dtype, device=src.device)
-    coll.all_to_all(landing, send)
+    coll.all_to_all_blocks(landing, send, handle.block_counts_send)
     out = torch.zeros(handle.num_recv_tokens, width, dtype=src.dtype, device=src.device)
 
     def finish() -> None:
@@ -108,7 +112,7 @@ def _return_rows(coll: Collectives, rows: torch.Tensor, handle: DispatchHandle) 
         return back
     packed = gather_reduce(rows.contiguous(), handle.recv_row_of_slot.unsqueeze(1))
     back = torch.empty_like(packed)
-    coll.all_to_all(back, packed)
+    coll.all_to_all_blocks(back, packed, handle.block_counts_recv)
     return back
 
 
@@ -268,6 +272,8 @@ def _new_layout(coll, rank, num_ranks, num_tokens_per_rank, is_token_in_rank, nu
         send_counts=None, recv_counts=None, num_recv_tokens=num_worst_tokens,
         slots_per_rank=slots, recv_row_of_slot=torch.empty(num_ranks * slots, dtype=torch.int64, device=device),
         num_tokens=num_tokens,
+        block_counts_send=num_tokens_per_rank.to(torch.int64),
+        block_counts_recv=torch.empty(num_ranks, dtype=torch.int64, device=device),
     )
 
     def fill() -> None:
@@ -275,6 +281,7 @@ def _new_layout(coll, rank, num_ranks, num_tokens_per_rank, is_token_in_rank, nu
         matrix = gathered.view(num_ranks, num_ranks)
         handle.rank_prefix_matrix.copy_(matrix.cumsum(0))
         counts = matrix[:, rank].to(torch.int64)
+        handle.block_counts_recv.copy_(counts)
         starts = torch.cumsum(counts, 0) - counts
         i = torch.arange(slots, device=device, dtype=torch.int64).unsqueeze(0)
         row = starts.unsqueeze(1) + i
