@@ -16,6 +16,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist every worker is its own process: one intra-op thread each keeps N workers on
+# N cores from oversubscribing them (two threads per worker on 2 cores made CPU tests ~10x slower).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 from openinfra.testing.distributed import run_on_ranks  # noqa: E402
 
 

@@ -1,0 +1,314 @@
+"""The training job: a small DeepSeek-V3 trained with DualPipeV across pipeline ranks.
+
+One function, :func:`train_worker`, is what every rank runs (``torchrun`` on real machines sets
+RANK / WORLD_SIZE; :func:`train` spawns local gloo ranks). With ``pp == 1`` it is the plain
+single-process loop over the same stage code, which is also the oracle the pipelined run must match.
+
+Per step: the batch for ``step`` (recomputable, see :mod:`openinfra.training.data`) is split into
+micro-batches and run through DualPipeV (rank r holds stages r and 2·pp−1−r of a 2·pp-stage cut);
+AdamW updates each rank's own parameters; every MoE gate nudges its selection bias toward balance
+(aux-loss-free balancing); every ``eplb_every`` steps the expert loads observed since the last plan
+are gathered and EPLB computes an expert placement for ``ep_gpus`` GPUs, reporting balancedness
+before and after; every ``checkpoint_every`` steps each rank writes its stages and optimizer state.
+A killed run restarted with ``resume=True`` continues from the last checkpoint and repeats the same
+loss curve bit for bit. At the end rank 0 writes the whole model in DeepSeek-V3's safetensors naming
+for serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from openinfra.model import Transformer, get_config
+from openinfra.model.loader import save_checkpoint
+from openinfra.training.data import TokenStream, read_token_shards
+from openinfra.training.stages import TransformerStage, chunk_criterion, split_stages
+
+__all__ = ["TrainConfig", "TrainResult", "train", "train_worker", "default_corpus_tokens"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; paths are local directories (3FS paths go through the demo stage)."""
+
+    model: str = "tiny"
+    n_layers: int = 0                 # override the config's layer count (0: keep it)
+    steps: int = 20
+    batch_size: int = 8
+    seq_len: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    pp: int = 1                       # pipeline ranks (DualPipeV); 1 = single process
+    num_chunks: int = 0               # micro-batches per step; 0 = 2 * pp * 2 when pp > 1, else 1
+    shards: list[str] = field(default_factory=list)  # token shards (.parquet / .npy); empty = this package's source
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 10
+    resume: bool = False
+    eplb_every: int = 10
+    ep_gpus: int = 4                  # GPUs the EPLB plan places experts on
+    ep_redundant: int = 0             # extra expert replicas (0: one per GPU)
+    bias_update_rate: float = 1e-3
+    trace_dir: str | None = None      # schedule + profiler traces per rank
+    stop_after_step: int | None = None  # simulate a crash after this step (tests)
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "pp", "checkpoint_every", "eplb_every", "ep_gpus"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {v!r}")
+        if self.lr <= 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        chunks = self.chunks()
+        if self.batch_size % chunks:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by num_chunks={chunks}")
+        n_layers = self.model_config().n_layers
+        if self.pp > 1 and 2 * self.pp > n_layers:
+            raise ValueError(f"pp={self.pp} needs {2 * self.pp} stages but model {self.model!r} has {n_layers} layers")
+
+    def model_config(self):
+        return get_config(self.model, **({"n_layers": self.n_layers} if self.n_layers else {}))
+
+    def chunks(self) -> int:
+        return self.num_chunks or (4 * self.pp if self.pp > 1 else 1)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]
+    step_seconds: list[float]
+    tokens_per_s: float
+    start_step: int
+    eplb: list[dict]
+    checkpoint: str | None
+    final_checkpoint: str | None
+    traces: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_corpus_tokens() -> torch.Tensor:
+    """Byte tokens of openinfra's own source files: a real text corpus that is on every machine."""
+    from openinfra.serving.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    root = Path(__file__).resolve().parents[1]
+    ids: list[int] = []
+    for path in sorted(root.rglob("*.py"))[:200]:
+        ids += tok.encode(path.read_text(errors="replace")) + [tok.EOS]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def _latest_step(ckpt: Path) -> int | None:
+    marker = ckpt / "latest"
+    return int(marker.read_text()) if marker.exists() else None
+
+
+def _save(ckpt: Path, rank: int, step: int, modules, opt, losses, times, eplb, group) -> None:
+    d = ckpt / f"step_{step:06d}"
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f"rank{rank}.pt.tmp"
+    torch.save({"step": step, "modules": [m.state_dict() for m in modules], "opt": opt.state_dict(),
+                "losses": losses, "times": times, "eplb": eplb}, tmp)
+    os.replace(tmp, d / f"rank{rank}.pt")  # a crash mid-write never leaves a half file under the real name
+    if group is not None:
+        dist.barrier(group)
+    if rank == 0:
+        marker_tmp = ckpt / "latest.tmp"
+        marker_tmp.write_text(str(step))
+        os.replace(marker_tmp, ckpt / "latest")
+
+
+def _load(ckpt: Path, rank: int, modules, opt) -> tuple[int, list, list, list]:
+    step = _latest_step(ckpt)
+    if step is None:
+        return 0, [], [], []
+    state = torch.load(ckpt / f"step_{step:06d}" / f"rank{rank}.pt", weights_only=False)
+    for m, sd in zip(modules, state["modules"]):
+        m.load_state_dict(sd)
+    opt.load_state_dict(state["opt"])
+    return step + 1, state["losses"], state["times"], state["eplb"]
+
+
+# --- EPLB ----------------------------------------------------------------------------------------
+
+def _moe_gates(modules: list[TransformerStage]):
+    return [layer.ffn.gate for m in modules for layer in m.layers if layer.is_moe]
+
+
+def _eplb_plan(loads: torch.Tensor, cfg: TrainConfig, n_groups: int) -> dict:
+    from openinfra.parallel.eplb import balancedness, rebalance_experts
+
+    layers, experts = loads.shape
+    gpus = cfg.ep_gpus
+    replicas = experts + cfg.ep_redundant
+    if replicas % gpus:
+        replicas += gpus - replicas % gpus
+    weight = loads.double() + 1e-6  # an expert nobody used still has to live somewhere
+    phy2log, _, logcnt = rebalance_experts(weight, replicas, n_groups, 1, gpus)
+    static = torch.arange(experts).repeat(layers, 1)  # experts laid out in order, E / gpus per GPU
+    before = balancedness(static, weight, gpus) if experts % gpus == 0 else None
+    after = balancedness(phy2log, weight, gpus)
+    return {
+        "layers": layers, "experts": experts, "gpus": gpus, "replicas": replicas,
+        "balancedness_before": float(before.mean()) if before is not None else None,
+        "balancedness_after": float(after.mean()),
+        "phy2log": phy2log.tolist(),
+        "tokens": int(loads.sum()),
+    }
+
+
+# --- the worker ----------------------------------------------------------------------------------
+
+def train_worker(rank: int, world_size: int, cfg: TrainConfig, tokens: torch.Tensor | None = None) -> dict:
+    """Run the job on this rank (the process group is already initialised when world_size > 1)."""
+    cfg.validate()
+    if world_size != cfg.pp:
+        raise ValueError(f"world_size={world_size} must equal pp={cfg.pp}")
+    torch.manual_seed(cfg.seed)
+    model_cfg = cfg.model_config()
+    model = Transformer(model_cfg)
+    group = dist.group.WORLD if world_size > 1 else None
+    if world_size == 1:
+        modules = split_stages(model, 1)
+        pipe = None
+    else:
+        from openinfra.parallel.dualpipe import DualPipeV, ScheduleRecorder
+
+        stages = split_stages(model, 2 * world_size)
+        modules = [stages[rank], stages[2 * world_size - 1 - rank]]
+        recorder = ScheduleRecorder() if cfg.trace_dir else None
+        mb = cfg.batch_size // cfg.chunks()
+        pipe = DualPipeV(tuple(modules), p2p_shapes=[(mb, cfg.seq_len, model_cfg.dim)], p2p_dtypes=torch.float32,
+                         recorder=recorder)
+    del model
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    stream = TokenStream(tokens if tokens is not None else _tokens(cfg), cfg.seq_len, model_cfg.vocab_size, cfg.seed)
+
+    ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    start, losses, times, eplb = (0, [], [], [])
+    if ckpt is not None and cfg.resume:
+        start, losses, times, eplb = _load(ckpt, rank, modules, opt)
+    gates = _moe_gates(modules)
+    load_acc = torch.zeros(len(gates), model_cfg.n_routed_experts, dtype=torch.int64)
+    criterion = chunk_criterion(cfg.chunks())
+    traces: list[str] = []
+    last_saved = None
+
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        inputs, targets = stream.batch(step, cfg.batch_size)
+        opt.zero_grad(set_to_none=True)
+        profile = cfg.trace_dir is not None and step == start
+        prof = _profiler() if profile else None
+        if prof is not None:
+            prof.__enter__()
+        if pipe is None:
+            loss = torch.zeros(())
+            for x, y in zip(inputs.chunk(cfg.chunks()), targets.chunk(cfg.chunks())):
+                chunk_loss = criterion(modules[0](x), y)
+                chunk_loss.backward()
+                loss += chunk_loss.detach()
+        else:
+            first = pipe.is_first_rank
+            loss_chunks, _ = pipe.step(inputs if first else None, num_chunks=cfg.chunks(),
+                                       criterion=criterion if first else None, labels=(targets,) if first else ())
+            loss = loss_chunks.sum().detach() if first else torch.zeros(())
+            dist.broadcast(loss, src=pipe.first_rank)
+        opt.step()
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            traces.append(_export_traces(prof, pipe, cfg, rank))
+        for i, gate in enumerate(gates):
+            load_acc[i] += gate.load.cpu()
+            gate.update_bias(cfg.bias_update_rate)
+        losses.append(float(loss))
+        times.append(time.perf_counter() - t0)
+        if (step + 1) % cfg.eplb_every == 0:
+            plan = _gather_eplb(load_acc, cfg, model_cfg.n_expert_groups, group)
+            if plan is not None:
+                plan["step"] = step
+                eplb.append(plan)
+            load_acc.zero_()
+        if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            _save(ckpt, rank, step, modules, opt, losses, times, eplb, group)
+            last_saved = step
+        if cfg.stop_after_step is not None and step >= cfg.stop_after_step:
+            break
+
+    final = None
+    if ckpt is not None and len(losses) == cfg.steps:
+        final = _export_final(modules, model_cfg, ckpt / "final", rank, group)
+    measured = times[1:] or times
+    tokens_per_s = cfg.batch_size * cfg.seq_len / (sum(measured) / len(measured)) if measured else 0.0
+    return TrainResult(losses, times, tokens_per_s, start, eplb,
+                       str(ckpt / f"step_{last_saved:06d}") if ckpt is not None and last_saved is not None else None,
+                       final, traces).to_dict()
+
+
+def _tokens(cfg: TrainConfig) -> torch.Tensor:
+    return read_token_shards(cfg.shards) if cfg.shards else default_corpus_tokens()
+
+
+def _gather_eplb(load_acc: torch.Tensor, cfg: TrainConfig, n_groups: int, group) -> dict | None:
+    if group is None:
+        return _eplb_plan(load_acc, cfg, n_groups) if load_acc.numel() else None
+    parts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, load_acc)
+    loads = torch.cat([p for p in parts if p.numel()], dim=0)
+    return _eplb_plan(loads, cfg, n_groups) if dist.get_rank(group) == 0 and loads.numel() else None
+
+
+def _export_final(modules, model_cfg, path: Path, rank: int, group) -> str | None:
+    state: dict[str, torch.Tensor] = {}
+    for m in modules:
+        state.update(m.qualified_state_dict())
+    if group is not None:
+        parts: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, state)
+        state = {k: v for p in parts for k, v in p.items()}
+    if rank != 0:
+        return None
+    model = Transformer(model_cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "rope" not in k]:
+        raise RuntimeError(f"final export: missing {missing}, unexpected {unexpected}")
+    save_checkpoint(model, path)
+    return str(path)
+
+
+def _profiler():
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
+
+def _export_traces(prof, pipe, cfg: TrainConfig, rank: int) -> str:
+    d = Path(cfg.trace_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"train_rank{rank}.json"
+    prof.export_chrome_trace(str(path))
+    if pipe is not None and pipe.recorder is not None:
+        (d / f"schedule_rank{rank}.json").write_text(json.dumps(pipe.recorder.trace()))
+    return str(path)
+
+
+# --- launching -----------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, tokens: torch.Tensor | None = None, timeout: float = 1800.0) -> dict:
+    """Run the job: in this process when ``pp == 1``, else on ``pp`` spawned gloo ranks.
+    Returns rank 0's result."""
+    cfg.validate()
+    if cfg.pp == 1:
+        return train_worker(0, 1, cfg, tokens)
+    from openinfra.testing.distributed import run_on_ranks
+
+    return run_on_ranks(train_worker, cfg.pp, cfg, tokens, timeout=timeout)[0]
