@@ -13,7 +13,8 @@ per configuration and distribution, averaged over seeds:
   scratch (replicas that land on a GPU that did not hold them), ours is
   ``rebalance_with_migration`` with a 1-point budget;
 * runtime on the CPU: a plain-Python implementation with the original's loop structure (our
-  oracle in ``eplb/reference.py``), the faithful mode, ``fast``, ``best`` and ``portfolio``.
+  oracle in ``eplb/reference.py``), the faithful mode, ``fast``, ``best`` and ``portfolio``; and
+  one migration-aware rebalance after the drift.
 """
 
 from __future__ import annotations
@@ -127,6 +128,10 @@ def bench_eplb(args: argparse.Namespace) -> BenchResult:
             "best s": cpu_time_s(lambda: rebalance_experts(w, *cfg), repeat=args.repeat),
             "portfolio s": cpu_time_s(lambda: rebalance_experts(w, *cfg, solver="portfolio"), repeat=args.repeat),
         }
+        g = torch.Generator().manual_seed(1000)
+        w_drift = w * torch.exp(torch.randn(w.shape, generator=g, dtype=torch.float64) * args.drift)
+        placed = rebalance_experts(w, *cfg)[0]
+        times["migration s"] = cpu_time_s(lambda: rebalance_with_migration(w_drift, placed, *cfg, budget=args.budget), repeat=max(1, args.repeat // 2))
         rows.append({"config": name, "loads": "runtime", **{k: round(v, 4) for k, v in times.items()},
                      "best / reference": times["best s"] / times["reference loop s"]})
         per_config[name] = {
