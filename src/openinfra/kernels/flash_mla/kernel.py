@@ -149,19 +149,33 @@ def _mla_attn_kernel(
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, D_V], tl.float32)
-            for start in range(lo, tl.minimum(hi, length), BLOCK_N):
+            stop = tl.minimum(hi, length)
+            # The page index (dense) or token indices (sparse) of each K tile are loaded one tile
+            # ahead and carried through the loop: when the cache load's address came from a load in
+            # the same iteration, Triton's software pipeliner kept a single buffer and waited on it
+            # every tile (seen in the TTGIR for sm_90); carried, the tile loads get multi-buffered.
+            if SPARSE:
+                idx_row = idx_ptr + bi.to(tl.int64) * stride_ib + (req % s_q) * stride_is
+                tok_next = tl.load(idx_row + lo + offs_n, mask=lo + offs_n < length, other=-1)
+            else:
+                bt_row = bt_ptr + bi.to(tl.int64) * stride_btb
+                page_next = tl.load(bt_row + lo // page_size)
+            for start in range(lo, stop, BLOCK_N):
                 pos = start + offs_n
                 in_len = pos < length
                 if SPARSE:
-                    tok = tl.load(idx_ptr + bi.to(tl.int64) * stride_ib + (req % s_q) * stride_is + pos,
-                                  mask=in_len, other=-1)
+                    tok = tok_next
+                    tok_next = tl.load(idx_row + BLOCK_N + pos, mask=BLOCK_N + pos < length, other=-1)
                     valid = in_len & (tok >= 0) & (tok < n_tokens)
                     tok = tl.where(valid, tok, 0)
                     page = tok // page_size
                     slot = tok % page_size
                 else:
+                    # a tile never straddles pages: BLOCK_N divides the 64-token page
+                    page = page_next
+                    nxt = start + BLOCK_N
+                    page_next = tl.load(bt_row + nxt // page_size, mask=nxt < stop, other=0)
                     valid = in_len
-                    page = tl.load(bt_ptr + bi.to(tl.int64) * stride_btb + pos // page_size, mask=valid, other=0)
                     slot = pos % page_size
                 krow = kv_ptr + page.to(tl.int64) * stride_kb + slot.to(tl.int64) * stride_kt + kvh * stride_kh
                 if FP8:
@@ -265,11 +279,12 @@ def _mla_combine_kernel(
 class KernelConfig:
     """Launch parameters of the attention kernel; ``None`` picks the default for the row count.
 
-    Defaults come from the compiler's resource report for sm_90 (ptxas -v on the kernel compiled
-    for the H200 without a device): with 16-32 rows per tile, 8 warps and 32-token K tiles in three
-    cp.async stages fit in 214 registers without spills; with 64 rows the [64, 512] fp32
-    accumulator alone takes 128 registers per thread at 8 warps, and two stages of 32 tokens fit
-    shared memory next to the 73 KB q tile (see benchmarks/notes/flash_mla.md for the timings).
+    Defaults come from the compiler's resource report for sm_90 (Triton's TTGIR and ptxas -v of the
+    kernel compiled for the H200 without a device; numbers in benchmarks/notes/flash_mla.md): with
+    16-32 rows per tile, 8 warps and 64-token K tiles double-buffered by the pipeliner (three
+    stages) fit in ~200 registers and 168-188 KB of shared memory; with 64 rows the [64, 512] fp32
+    accumulator alone takes 128 registers per thread at 8 warps, and the 73 KB q tile leaves room
+    for double-buffered 32-token tiles only (64-token ones need 295 KB).
     """
 
     def __init__(self, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
@@ -283,9 +298,9 @@ class KernelConfig:
     def resolve(self, rows: int) -> tuple[int, int, int, int]:
         """(block_m, block_n, num_warps, num_stages) for tiles of ``rows`` query rows."""
         bm = self.block_m or min(BLOCK_M, max(16, triton.next_power_of_2(rows)))
-        bn = self.block_n or 32
+        bn = self.block_n or (32 if bm >= 64 else 64)
         nw = self.num_warps or 8
-        ns = self.num_stages or (2 if bm >= 64 else 3)
+        ns = self.num_stages or 3
         return bm, bn, nw, ns
 
     def __repr__(self) -> str:
