@@ -63,9 +63,11 @@ def test_prefill_then_decode_matches_training_forward():
     mgr.advance([0, 1], 7)
     pieces.append(model(tokens[:, 7:10], cache=mgr.batch([0, 1]), mode="prefill"))  # prefix reuse: prefill on top of a cache
     mgr.advance([0, 1], 3)
-    for t in range(10, 13):
-        pieces.append(model(tokens[:, t:t + 1], cache=mgr.batch([0, 1])))  # auto -> decode (absorbed)
-        mgr.advance([0, 1], 1)
+    pieces.append(model(tokens[:, 10:11], cache=mgr.batch([0, 1])))  # auto -> decode (absorbed)
+    mgr.advance([0, 1], 1)
+    pieces.append(model(tokens[:, 11:13], cache=mgr.batch([0, 1])))  # two tokens at once (MTP-style), causal
+    mgr.advance([0, 1], 2)
+    assert model.layers[0].attn.last_decode_backend == "reference"
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-9, atol=1e-9)
 
 
