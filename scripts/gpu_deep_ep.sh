@@ -22,5 +22,5 @@ timeout 150 "$PY" -m pytest -q -m gpu tests/comm/test_deep_ep_kernels.py tests/c
     --junitxml="$OUT/deep_ep_gpu_tests.xml" 2>&1 | tee "$OUT/deep_ep_gpu_tests.log" | tail -25 || rc=1
 
 export OPENINFRA_RESULTS_DIR="$OUT"
-timeout 70 "$PY" -m openinfra bench deep_ep --num-warps 4 8 --save 2>&1 | tee "$OUT/deep_ep_bench.log" || rc=1
+timeout 80 "$PY" -m openinfra bench deep_ep --num-warps 2 4 --block-groups 8 16 --save 2>&1 | tee "$OUT/deep_ep_bench.log" || rc=1
 exit $rc

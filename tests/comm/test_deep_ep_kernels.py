@@ -277,9 +277,10 @@ def test_benchmark_routine_smoke(monkeypatch):
     calls = []
     monkeypatch.setattr(routine, "gpu_time_ms", lambda fn: (fn(), calls.append(1), 1.0)[2])
     monkeypatch.setattr(routine, "copy_bandwidth_gbps", lambda device: 100.0)
-    args = argparse.Namespace(tokens=8, hidden=256, topk=2, experts=8, ranks=2, num_warps=[4], device="cpu")
+    args = argparse.Namespace(tokens=8, hidden=256, topk=2, experts=8, ranks=2, num_warps=[4], block_groups=[None, 1],
+                              device="cpu")
     result = routine.bench_deep_ep(args)
-    assert len(result.rows) == 6 and len(calls) == 12
+    assert len(result.rows) == 10 and len(calls) == 16  # 4 permutes x 2 tile variants + 2 unpermutes; 6 peers
     assert result.summary["goal_over_copy"] == 0.8 and result.summary["messages_ll"] == 16
 
 

@@ -30,6 +30,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", type=int, default=256, help="experts (E)")
     p.add_argument("--ranks", type=int, default=8, help="simulated EP ranks (R)")
     p.add_argument("--num-warps", type=int, nargs="*", default=[4], help="kernel warps per program (variants)")
+    p.add_argument("--block-groups", type=int, nargs="*", default=[None],
+                   help="permute kernels: 128-channel groups per program, powers of two (variants; default auto = 8)")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # tests smoke-run it on CPU
 
 
@@ -60,12 +62,16 @@ def bench_deep_ep(args: argparse.Namespace) -> BenchResult:
     copy = copy_bandwidth_gbps(dev)
     rows = []
 
-    def add(name: str, nbytes: int, ours, torch_peer, warps: int) -> None:
+    peer_cache: dict[str, float] = {}
+
+    def add(name: str, nbytes: int, ours, torch_peer, warps: int, groups: int | None = None) -> None:
         ms = gpu_time_ms(ours)
-        peer_ms = gpu_time_ms(torch_peer)
+        if name not in peer_cache:  # the PyTorch peer does not depend on the kernel variant
+            peer_cache[name] = gpu_time_ms(torch_peer)
+        peer_ms = peer_cache[name]
         gbps = nbytes / (ms * 1e-3) / 1e9
-        rows.append({"kernel": name, "warps": warps, "MB": nbytes / 1e6, "us": ms * 1e3, "GB/s": gbps,
-                     "/copy": gbps / copy, "torch us": peer_ms * 1e3, "x torch": peer_ms / ms})
+        rows.append({"kernel": name, "warps": warps, "groups": groups or "auto", "MB": nbytes / 1e6, "us": ms * 1e3,
+                     "GB/s": gbps, "/copy": gbps / copy, "torch us": peer_ms * 1e3, "x torch": peer_ms / ms})
 
     idx_bytes_normal = normal_index.numel() * 8
     idx_bytes_ll = ll_index.numel() * 8
@@ -80,18 +86,20 @@ def bench_deep_ep(args: argparse.Namespace) -> BenchResult:
     out = torch.empty(T, H, dtype=torch.bfloat16, device=dev)
 
     for w in args.num_warps:
-        add("permute normal bf16", T * H * 2 + n_normal * H * 2 + idx_bytes_normal,
-            lambda: scatter_rows_triton(x, normal_index, send_normal, num_warps=w),
-            lambda: scatter_rows_reference(x, normal_index, send_normal), w)
-        add("permute normal +fp8", T * H * 2 + n_normal * (H + groups * 4) + idx_bytes_normal,
-            lambda: scatter_rows_triton(x, normal_index, send_normal_fp8, sf_normal, cast_fp8=True, num_warps=w),
-            lambda: scatter_rows_reference(x, normal_index, send_normal_fp8, sf_normal, cast_fp8=True), w)
-        add("permute LL bf16", T * H * 2 + n_ll * H * 2 + idx_bytes_ll,
-            lambda: scatter_rows_triton(x, ll_index, send_ll, num_warps=w),
-            lambda: scatter_rows_reference(x, ll_index, send_ll), w)
-        add("permute LL +fp8", T * H * 2 + n_ll * (H + groups * 4) + idx_bytes_ll,
-            lambda: scatter_rows_triton(x, ll_index, send_ll_fp8, sf_ll, cast_fp8=True, num_warps=w),
-            lambda: scatter_rows_reference(x, ll_index, send_ll_fp8, sf_ll, cast_fp8=True), w)
+        for g in args.block_groups:
+            add("permute normal bf16", T * H * 2 + n_normal * H * 2 + idx_bytes_normal,
+                lambda: scatter_rows_triton(x, normal_index, send_normal, num_warps=w, block_groups=g),
+                lambda: scatter_rows_reference(x, normal_index, send_normal), w, g)
+            add("permute normal +fp8", T * H * 2 + n_normal * (H + groups * 4) + idx_bytes_normal,
+                lambda: scatter_rows_triton(x, normal_index, send_normal_fp8, sf_normal, cast_fp8=True, num_warps=w,
+                                            block_groups=g),
+                lambda: scatter_rows_reference(x, normal_index, send_normal_fp8, sf_normal, cast_fp8=True), w, g)
+            add("permute LL bf16", T * H * 2 + n_ll * H * 2 + idx_bytes_ll,
+                lambda: scatter_rows_triton(x, ll_index, send_ll, num_warps=w, block_groups=g),
+                lambda: scatter_rows_reference(x, ll_index, send_ll), w, g)
+            add("permute LL +fp8", T * H * 2 + n_ll * (H + groups * 4) + idx_bytes_ll,
+                lambda: scatter_rows_triton(x, ll_index, send_ll_fp8, sf_ll, cast_fp8=True, num_warps=w, block_groups=g),
+                lambda: scatter_rows_reference(x, ll_index, send_ll_fp8, sf_ll, cast_fp8=True), w, g)
         add("unpermute normal +bias", n_normal * H * 2 + 2 * T * H * 2 + idx_bytes_normal,
             lambda: gather_reduce_triton(recv_normal, normal_index, None, bias, None, out, num_warps=w),
             lambda: gather_reduce_reference(recv_normal, normal_index, None, bias, None, out), w)

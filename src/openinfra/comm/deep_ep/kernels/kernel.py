@@ -106,14 +106,16 @@ def _block_groups(hidden: int) -> int:
 
 def scatter_rows_triton(
     src: torch.Tensor, index: torch.Tensor, out: torch.Tensor, out_scales: torch.Tensor | None = None,
-    cast_fp8: bool = False, round_scale: bool = False, num_warps: int = 4,
+    cast_fp8: bool = False, round_scale: bool = False, num_warps: int = 4, block_groups: int | None = None,
 ) -> None:
-    """Launch ``_scatter_rows_kernel``; shapes and semantics as ``scatter_rows_reference``."""
+    """Launch ``_scatter_rows_kernel``; shapes and semantics as ``scatter_rows_reference``.
+
+    ``block_groups`` (a power of two) overrides the 128-channel groups per program (tuning only)."""
     n, hidden = src.shape
     slots = index.shape[1]
     if n == 0 or slots == 0 or hidden == 0:
         return
-    block_g = _block_groups(hidden)
+    block_g = block_groups or _block_groups(hidden)
     grid = (n, ceil_div(ceil_div(hidden, GROUP_SIZE), block_g))
     sf = out_scales if cast_fp8 else out
     _scatter_rows_kernel[grid](
