@@ -1,0 +1,36 @@
+"""A real GPU trace: kernels on the device timeline are classified and summarized."""
+
+import pytest
+import torch
+
+from openinfra.profiling import load_trace, phase, plot_timeline, record_trace, summarize
+
+pytestmark = pytest.mark.gpu
+
+
+def test_gpu_trace_of_a_model_step(tmp_path):
+    from openinfra.model import Transformer, get_config
+
+    torch.manual_seed(0)
+    model = Transformer(get_config("small")).cuda().to(torch.bfloat16)
+    tokens = torch.randint(0, 8192, (4, 512), device="cuda")
+    model.loss(tokens, tokens).backward()  # warm-up outside the trace
+    torch.cuda.synchronize()
+    with record_trace(tmp_path / "gpu.json", rank=0):
+        with phase("F"):
+            loss = model.loss(tokens, tokens)
+        with phase("B"):
+            loss.backward()
+        torch.cuda.synchronize()
+    trace = load_trace(tmp_path / "gpu.json")
+    ivs = trace.intervals[0]
+    assert any(iv.source == "kernel" and iv.device for iv in ivs)
+    dev = summarize(trace)  # auto -> device timeline
+    host = summarize(trace, source="host")
+    r = dev.ranks[0]
+    print(f"device: compute {r.compute_us:.0f} us, idle {r.idle_us:.0f} us of {dev.window_us:.0f}; "
+          f"host phases {sorted(k for k in host.phases)[:8]}")
+    assert r.source == "device" and r.compute_us > 0 and r.comm_us == 0
+    assert 0 < r.compute_us <= dev.window_us
+    assert {"F", "B", "attn", "mlp", "dispatch", "combine"} <= set(host.phases)
+    assert plot_timeline(trace, tmp_path / "gpu.png").stat().st_size > 2000
