@@ -6,7 +6,7 @@ Each service calls :func:`start_metrics` once with its name; the endpoint serves
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["ServiceMetrics", "start_metrics"]
 
@@ -18,10 +18,19 @@ class ServiceMetrics:
     bytes: object
     gauge: object
     address: str = ""
+    _children: dict = field(default_factory=dict, repr=False)
 
     def on_request(self, method: str, status: str, seconds: float) -> None:
-        self.requests.labels(method=method, status=status).inc()
-        self.latency.labels(method=method).observe(seconds)
+        # Label lookups cost microseconds each; cache the children (methods x statuses is small).
+        key = (method, status)
+        pair = self._children.get(key)
+        if pair is None:
+            if len(self._children) > 10_000:  # garbage method names from bad clients: stop caching
+                self._children.clear()
+            pair = self._children[key] = (self.requests.labels(method=method, status=status),
+                                          self.latency.labels(method=method))
+        pair[0].inc()
+        pair[1].observe(seconds)
 
 
 def start_metrics(service: str, host: str = "127.0.0.1", port: int | None = 0) -> ServiceMetrics:

@@ -198,8 +198,9 @@ class RpcServer:
             if timeout <= 0:
                 raise make_error(Code.RPC_TIMEOUT, f"{method}: deadline already passed")
             try:
-                result = await asyncio.wait_for(m.fn(**args), timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
+                    result = await m.fn(**args)
+            except TimeoutError:
                 raise make_error(Code.RPC_TIMEOUT, f"{method}: deadline of {timeout:.3g} s passed") from None
             reply = [_REPLY, rid, None, result]
         except FsError as exc:
@@ -266,9 +267,10 @@ class _Connection:
         fut = asyncio.get_running_loop().create_future()
         self.pending[rid] = fut
         try:
-            await _send(self.writer, [_REQUEST, rid, method, timeout, args])
-            code, payload = await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                await _send(self.writer, [_REQUEST, rid, method, timeout, args])
+                code, payload = await fut
+        except TimeoutError:
             raise make_error(Code.RPC_TIMEOUT, f"{method} on {self.address}: no reply within {timeout:.3g} s") from None
         except (ConnectionError, RuntimeError, OSError) as exc:
             if isinstance(exc, FsError):

@@ -123,7 +123,7 @@ class KVEngine(abc.ABC):
                 if attempt == max_retries - 1:
                     raise
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, 0.1)
+                delay = min(delay * 2, 0.02)
             except BaseException:
                 if txn is not None:
                     await txn.cancel()

@@ -99,7 +99,7 @@ class PostgresKV(KVEngine):
         self._all: list = []
 
     @classmethod
-    async def connect(cls, url: str, pool_size: int = 4) -> "PostgresKV":
+    async def connect(cls, url: str, pool_size: int = 8) -> "PostgresKV":
         try:
             import psycopg
         except ImportError as exc:  # pragma: no cover - psycopg is a declared extra
@@ -132,6 +132,10 @@ class PostgresKV(KVEngine):
     async def begin(self, read_only: bool = False) -> Transaction:
         conn = await self._pool.get()
         return _PgTxn(self, conn, read_only)
+
+    async def run(self, fn, *, read_only: bool = False, max_retries: int = 200, backoff_s: float = 0.001):
+        # SSI aborts are frequent under contention (predicate locks are page-grained): retry often.
+        return await super().run(fn, read_only=read_only, max_retries=max_retries, backoff_s=backoff_s)
 
     async def close(self) -> None:
         for conn in self._all:

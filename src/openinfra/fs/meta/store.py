@@ -13,6 +13,7 @@ table_version, chunk_size, stripe, chains``; chunk i of a file is on ``chains[i 
 
 from __future__ import annotations
 
+import asyncio
 import random
 import struct
 import time
@@ -121,6 +122,7 @@ class MetaStore:
     chain_table: Any = None
     policy: LayoutPolicy = field(default_factory=LayoutPolicy)
     _ids: list[int] = field(default_factory=list)
+    _id_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     id_block: int = 256
 
     # --- setup and ids -------------------------------------------------------------------------
@@ -141,6 +143,10 @@ class MetaStore:
 
     async def alloc_inode(self) -> int:
         """A fresh inode id; ids come in blocks so concurrent creates do not all fight over one key."""
+        async with self._id_lock:
+            return await self._alloc_locked()
+
+    async def _alloc_locked(self) -> int:
         if not self._ids:
             block = self.id_block
 
@@ -249,8 +255,8 @@ class MetaStore:
         return out
 
     async def _new_entry(self, txn: Transaction, path: str, user: User, ino: int, kind: str, mode: int,
-                         extra: dict, exist_ok: bool = False) -> tuple[dict, bool]:
-        parent, name, node = await self.resolve(txn, path, user, follow=False)
+                         extra: dict, exist_ok: bool = False, resolved: tuple | None = None) -> tuple[dict, bool]:
+        parent, name, node = resolved or await self.resolve(txn, path, user, follow=False)
         if not name:
             raise _err(Code.EEXIST, "/ exists")
         if node is not None:
@@ -294,8 +300,8 @@ class MetaStore:
         if node is None:
             if not create:
                 raise _err(Code.ENOENT, f"{path} does not exist")
-            node, _ = await self._new_entry(txn, path if name else path, user, ino, "file", mode,
-                                            {"chunk_size": chunk_size, "stripe": stripe})
+            node, _ = await self._new_entry(txn, path, user, ino, "file", mode,
+                                            {"chunk_size": chunk_size, "stripe": stripe}, resolved=(parent, name, None))
         else:
             if create and exclusive:
                 raise _err(Code.EEXIST, f"{path} exists")

@@ -2,12 +2,12 @@
 atomic metadata commit after the data is durable.
 
 On disk (``<target>/``): ``chunks/<xx>/<inode>.<index>.<version>`` data files and ``meta.db``
-(SQLite, WAL) with one row per chunk: the committed version (file, length, CRC32C) and at most
-one pending version. An update never touches the committed file: it writes the new content to a
-new file, syncs it, then records it as pending; commit swaps pending to committed in one SQLite
-transaction and only then unlinks the old file. A crash at any point leaves either the old or the
-new version, never a torn chunk; :meth:`ChunkStore.recover` drops pending versions (never
-acknowledged) and files no row points to.
+(SQLite, WAL) with one row per committed chunk (version, file, length, CRC32C). An update never
+touches the committed file: it writes the new content to a new file and syncs it; that file is
+the chunk's pending version, known only in memory (a pending version was never acknowledged, so
+a crash may forget it). Commit points the row at the new file in one SQLite transaction and only
+then unlinks the old file. A crash at any point leaves either the old or the new version, never a
+torn chunk; :meth:`ChunkStore.recover` deletes the files no row points to.
 
 The table ``dedup`` keeps, per (client, channel), the last applied sequence number and its result,
 committed in the same transaction as the chunk, so a retried write is applied once.
@@ -51,7 +51,7 @@ class ChunkMeta:
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS chunks (inode INTEGER, idx INTEGER, ver INTEGER, len INTEGER, crc INTEGER,
-       file TEXT, pver INTEGER, pfile TEXT, plen INTEGER, pcrc INTEGER, PRIMARY KEY (inode, idx)) WITHOUT ROWID""",
+       file TEXT, PRIMARY KEY (inode, idx)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS dedup (client TEXT, channel INTEGER, seq INTEGER, result BLOB,
        PRIMARY KEY (client, channel)) WITHOUT ROWID""",
 ]
@@ -69,6 +69,8 @@ class ChunkStore:
         self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         for stmt in _SCHEMA:
             self.db.execute(stmt)
+        # Pending versions: (inode, index) -> (version, file, length, crc). In memory on purpose.
+        self._pending: dict[tuple[int, int], tuple[int, str, int, int]] = {}
         self.recover()
 
     def close(self) -> None:
@@ -111,20 +113,24 @@ class ChunkStore:
     # --- metadata ------------------------------------------------------------------------------
 
     def get(self, inode: int, index: int) -> ChunkMeta | None:
-        row = self.db.execute("SELECT inode, idx, ver, len, crc, file, pver, pfile, plen, pcrc FROM chunks "
-                              "WHERE inode = ? AND idx = ?", (inode, index)).fetchone()
-        return None if row is None else ChunkMeta(*row[:6], pending_version=row[6], pending_file=row[7],
-                                                  pending_length=row[8] or 0, pending_crc=row[9] or 0)
+        row = self.db.execute("SELECT inode, idx, ver, len, crc, file FROM chunks WHERE inode = ? AND idx = ?",
+                              (inode, index)).fetchone()
+        pending = self._pending.get((inode, index))
+        if row is None and pending is None:
+            return None
+        meta = ChunkMeta(*row) if row is not None else ChunkMeta(inode, index, 0, 0, 0, None)
+        if pending is not None:
+            meta.pending_version, meta.pending_file, meta.pending_length, meta.pending_crc = pending
+        return meta
 
     def list(self, inode: int | None = None, from_index: int = 0) -> list[ChunkMeta]:
-        sql = "SELECT inode, idx, ver, len, crc, file, pver, pfile, plen, pcrc FROM chunks WHERE ver > 0"
+        """Committed chunks (of ``inode`` from ``from_index``, or all), in (inode, index) order."""
+        sql = "SELECT inode, idx, ver, len, crc, file FROM chunks WHERE ver > 0"
         params: tuple = ()
         if inode is not None:
             sql += " AND inode = ? AND idx >= ?"
             params = (inode, from_index)
-        rows = self.db.execute(sql + " ORDER BY inode, idx", params).fetchall()
-        return [ChunkMeta(*r[:6], pending_version=r[6], pending_file=r[7], pending_length=r[8] or 0,
-                          pending_crc=r[9] or 0) for r in rows]
+        return [ChunkMeta(*r) for r in self.db.execute(sql + " ORDER BY inode, idx", params).fetchall()]
 
     def last_chunk(self, inode: int) -> tuple[int, int] | None:
         """``(index, length)`` of the highest committed chunk of ``inode``, or None."""
@@ -191,12 +197,7 @@ class ChunkStore:
             rel += ".r"  # re-applying the committed version number: never overwrite committed data
         await asyncio.to_thread(self._write_file, rel, content)
         old_pending = meta.pending_file if meta is not None else None
-        if meta is None:
-            self.db.execute("INSERT INTO chunks VALUES (?, ?, 0, 0, 0, NULL, ?, ?, ?, ?)",
-                            (inode, index, version, rel, len(content), crc))
-        else:
-            self.db.execute("UPDATE chunks SET pver = ?, pfile = ?, plen = ?, pcrc = ? WHERE inode = ? AND idx = ?",
-                            (version, rel, len(content), crc, inode, index))
+        self._pending[(inode, index)] = (version, rel, len(content), crc)
         if old_pending and old_pending != rel and old_pending != (meta.file if meta else None):
             self._unlink(old_pending)  # an earlier attempt that never committed
         return content, crc
@@ -208,29 +209,26 @@ class ChunkStore:
             raise RuntimeError(f"chunk {inode}:{index}: no pending version {version} to commit")
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.execute("UPDATE chunks SET ver = pver, len = plen, crc = pcrc, file = pfile, pver = NULL, "
-                            "pfile = NULL, plen = NULL, pcrc = NULL WHERE inode = ? AND idx = ?", (inode, index))
+            self.db.execute("INSERT OR REPLACE INTO chunks (inode, idx, ver, len, crc, file) VALUES (?, ?, ?, ?, ?, ?)",
+                            (inode, index, version, meta.pending_length, meta.pending_crc, meta.pending_file))
             if dedup is not None:
                 self.db.execute("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)", dedup)
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        if meta.file != meta.pending_file:
+        del self._pending[(inode, index)]
+        if meta.file and meta.file != meta.pending_file:
             self._unlink(meta.file)
 
     def abort(self, inode: int, index: int) -> None:
         """Drop a pending version (its write failed downstream and will be retried or abandoned)."""
-        meta = self.get(inode, index)
-        if meta is None or meta.pending_version is None:
+        pending = self._pending.pop((inode, index), None)
+        if pending is None:
             return
-        if meta.version == 0:
-            self.db.execute("DELETE FROM chunks WHERE inode = ? AND idx = ?", (inode, index))
-        else:
-            self.db.execute("UPDATE chunks SET pver = NULL, pfile = NULL, plen = NULL, pcrc = NULL "
-                            "WHERE inode = ? AND idx = ?", (inode, index))
-        if meta.pending_file != meta.file:
-            self._unlink(meta.pending_file)
+        row = self.db.execute("SELECT file FROM chunks WHERE inode = ? AND idx = ?", (inode, index)).fetchone()
+        if row is None or row[0] != pending[1]:
+            self._unlink(pending[1])
 
     def remove(self, inode: int, index: int, dedup: tuple[str, int, int, bytes] | None = None) -> bool:
         """Delete a chunk (committed and pending); returns whether it existed."""
@@ -244,9 +242,11 @@ class ChunkStore:
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
+        self._pending.pop((inode, index), None)
         if meta is not None:
             self._unlink(meta.file)
-            self._unlink(meta.pending_file)
+            if meta.pending_file != meta.file:
+                self._unlink(meta.pending_file)
         return meta is not None and meta.version > 0
 
     async def replace(self, inode: int, index: int, version: int, content: bytes) -> int:
@@ -256,22 +256,15 @@ class ChunkStore:
         return crc
 
     def recover(self) -> int:
-        """Drop pending versions and unreferenced files (after a crash); returns files removed."""
-        rows = self.db.execute("SELECT inode, idx, ver, file, pfile FROM chunks").fetchall()
-        keep = set()
-        for inode, idx, ver, file, pfile in rows:
-            if pfile is not None:
-                self.abort(inode, idx)
-            if ver and file:
-                keep.add(file)
+        """Delete files no committed row points to (pending versions of a crashed process)."""
+        self._pending.clear()
+        keep = {f for (f,) in self.db.execute("SELECT file FROM chunks WHERE ver > 0 AND file IS NOT NULL")}
         removed = 0
-        chunks = self.path / "chunks"
-        for sub in chunks.iterdir():
+        for sub in (self.path / "chunks").iterdir():
             if not sub.is_dir():
                 continue
             for f in sub.iterdir():
-                rel = f"chunks/{sub.name}/{f.name}"
-                if rel not in keep:
+                if f"chunks/{sub.name}/{f.name}" not in keep:
                     f.unlink()
                     removed += 1
         return removed
