@@ -21,6 +21,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when visible)")
     p.add_argument("--fp8", action="store_true", help="also time the model with gemm='fp8' (Hopper + deep_gemm)")
     p.add_argument("--repeat", type=int, default=3, help="CPU timing repeats (median)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads (default: torch's; 1 gives stable numbers on a shared machine)")
 
 
 @routine("model", "DeepSeek-V3-architecture model: forward+backward tokens/s vs the same model in plain PyTorch ops",
@@ -32,6 +34,10 @@ def bench_model(args: argparse.Namespace) -> BenchResult:
     from openinfra.model.layers import fp8_gemm_available
     from openinfra.model.reference import plain_loss
 
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise ValueError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.startswith("cuda")
     names = args.configs or (["tiny", "small", "medium"] if gpu else ["tiny", "small"])
