@@ -212,3 +212,15 @@ def test_optimizer_folds_sql_into_shuffle_producers(sp):
     got = sorted((r["b"], r["n"], r["s"]) for r in per_part.take_all())
     want = sorted((k, len([a for a in range(8, 40) if a % 4 == k]), sum(a * a for a in range(8, 40) if a % 4 == k)) for k in range(4))
     assert got == want
+
+
+def my_gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def test_python_udf_in_sql(sp):
+    df = sp.from_items([{"a": 12 * i, "b": 18} for i in range(1, 30)]).repartition(3, by_rows=True)
+    got = [r["g"] for r in df.map("my_gcd(a, b) as g", udfs=[my_gcd]).take_all()]
+    assert got == [my_gcd(12 * i, 18) for i in range(1, 30)]

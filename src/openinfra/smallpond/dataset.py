@@ -62,16 +62,23 @@ _PROCESS_DB: dict[int, Any] = {}
 _INHERITED: list[Any] = []
 
 
-def new_connection(threads: int | None = None) -> Any:
-    """A fresh DuckDB connection (own temp views and registrations) with large Arrow buffers."""
+def new_connection(threads: int | None = None, private: bool = False) -> Any:
+    """A fresh DuckDB connection (own temp views and registrations) with large Arrow buffers.
+
+    ``private`` gives a connection to a database of its own, for tasks that register functions
+    (a function name is global to a database, so tasks sharing one would collide).
+    """
     import duckdb
 
-    pid = os.getpid()
-    if pid not in _PROCESS_DB:
-        _INHERITED.extend(_PROCESS_DB.values())  # from a parent across fork: keep alive, never touch
-        _PROCESS_DB.clear()
-        _PROCESS_DB[pid] = duckdb.connect(":memory:")
-    con = _PROCESS_DB[pid].cursor()
+    if private:
+        con = duckdb.connect(":memory:")
+    else:
+        pid = os.getpid()
+        if pid not in _PROCESS_DB:
+            _INHERITED.extend(_PROCESS_DB.values())  # from a parent across fork: keep alive, never touch
+            _PROCESS_DB.clear()
+            _PROCESS_DB[pid] = duckdb.connect(":memory:")
+        con = _PROCESS_DB[pid].cursor()
     con.execute("SET arrow_large_buffer_size = true")  # large_string / large_binary, as smallpond's DuckDB gave
     if threads:
         con.execute(f"SET threads = {int(threads)}")

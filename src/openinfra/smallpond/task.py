@@ -231,7 +231,7 @@ def _setup_udfs(con, node) -> None:
 
 def _run_sql(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext, queries: list[str]) -> None:
     node = task.node
-    con = new_connection(rt.threads)
+    con = new_connection(rt.threads, private=bool(getattr(node, "udfs", None)))
     try:
         _setup_udfs(con, node)
         sources = []
@@ -516,5 +516,6 @@ def load_checkpoint(job_root: str, key: str) -> DataSet | None:
 
 def describe_error(exc: BaseException) -> dict:
     """A picklable description of a task error for the driver."""
-    retryable = not isinstance(exc, (SqlError, TypeError, ValueError, FileNotFoundError))
+    deterministic = type(exc).__name__ in ("ParserException", "BinderException", "CatalogException", "ConversionException")
+    retryable = not (deterministic or isinstance(exc, (SqlError, TypeError, ValueError, FileNotFoundError)))
     return {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc(), "retryable": retryable}
