@@ -48,28 +48,39 @@ class MaskedLayout:
 
 
 def _sorted_pairs(indices: torch.Tensor, num_experts: int):
+    """Sort (token, slot) pairs by expert. Returns token, slot, expert, rank-within-expert, counts [E]
+    and the host copy of ``[counts..., min index, max index]`` (one device-to-host transfer: on a GPU
+    every sync stalls the launch queue, so the range check and the layout sizes share it)."""
     if indices.dim() != 2:
         raise ValueError(f"indices must be [tokens, topk], got shape {tuple(indices.shape)}")
     flat = indices.flatten()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
-        raise ValueError(f"indices must lie in [0, {num_experts}), got range [{int(flat.min())}, {int(flat.max())}]")
+    # Out-of-range ids must not reach bincount (it would grow the histogram): clamp, check on the host.
+    counts = torch.bincount(flat.clamp(0, num_experts - 1), minlength=num_experts)
+    if flat.numel():
+        lo_hi = torch.stack([flat.min(), flat.max()])
+    else:
+        lo_hi = torch.zeros(2, dtype=flat.dtype, device=flat.device)
+    host = torch.cat([counts, lo_hi.to(counts.dtype)]).tolist()
+    if flat.numel() and (host[-2] < 0 or host[-1] >= num_experts):
+        raise ValueError(f"indices must lie in [0, {num_experts}), got range [{host[-2]}, {host[-1]}]")
     order = torch.argsort(flat, stable=True)  # stable: tokens keep their order inside an expert
     expert = flat[order]
-    counts = torch.bincount(flat, minlength=num_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(flat.numel(), device=flat.device) - starts[expert]
     k = indices.shape[1]
-    return order // k, order % k, expert, rank, counts
+    return order // k, order % k, expert, rank, counts, host[:num_experts]
 
 
 def contiguous_layout(indices: torch.Tensor, num_experts: int, alignment: int = 1) -> ContiguousLayout:
     """Build the contiguous layout for routing ``indices`` [T, topk] (alignment 128 for DeepGEMM)."""
     if alignment <= 0:
         raise ValueError(f"alignment must be positive, got {alignment}")
-    token, slot, expert, rank, counts = _sorted_pairs(indices, num_experts)
+    token, slot, expert, rank, counts, host_counts = _sorted_pairs(indices, num_experts)
     padded = (counts + alignment - 1) // alignment * alignment
     starts = torch.cumsum(padded, 0) - padded
-    offsets = [0] + torch.cumsum(padded, 0).tolist()
+    offsets = [0]
+    for c in host_counts:
+        offsets.append(offsets[-1] + (c + alignment - 1) // alignment * alignment)
     m = offsets[-1]
     rows = starts[expert] + rank
     dev = indices.device
@@ -82,10 +93,10 @@ def contiguous_layout(indices: torch.Tensor, num_experts: int, alignment: int = 
 def masked_layout(indices: torch.Tensor, num_experts: int, max_m: int | None = None) -> MaskedLayout:
     """Build the masked layout for ``indices`` [T, topk]; ``max_m`` defaults to T (an expert gets a
     token at most once). More than ``max_m`` tokens for one expert raises ValueError (never dropped)."""
-    token, slot, expert, rank, counts = _sorted_pairs(indices, num_experts)
+    token, slot, expert, rank, counts, host_counts = _sorted_pairs(indices, num_experts)
     max_m = indices.shape[0] if max_m is None else max_m
-    if counts.numel() and int(counts.max()) > max_m:
-        raise ValueError(f"an expert received {int(counts.max())} tokens, more than max_m={max_m}")
+    if host_counts and max(host_counts) > max_m:
+        raise ValueError(f"an expert received {max(host_counts)} tokens, more than max_m={max_m}")
     dev = indices.device
     token_index = torch.full((num_experts, max_m), -1, dtype=torch.int64, device=dev)
     slots = torch.full((num_experts, max_m), -1, dtype=torch.int64, device=dev)
