@@ -51,47 +51,73 @@ def _best_swap(slot_w: torch.Tensor, load: torch.Tensor, peak: torch.Tensor, hot
     return score.view(rows, -1).min(1)
 
 
-def _best_replica_move(weight: torch.Tensor, slot2exp: torch.Tensor, count: torch.Tensor, load: torch.Tensor,
-                       hot: torch.Tensor, per_gpu: int, candidates: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best replica move per row: (new max GPU load [X], gainer slot on the hot GPU [X], donor slot [X])."""
+def _eval_replica_moves(weight: torch.Tensor, slot2exp: torch.Tensor, count: torch.Tensor, load: torch.Tensor,
+                        gain_e: torch.Tensor, donor: torch.Tensor, per_gpu: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score every (gainer expert, donor slot) pair: the donor slot's replica (of an expert f
+    with >= 2 copies) becomes an extra replica of the gainer e.
+
+    gain_e [X, A] expert ids, donor [X, B] slot ids. Returns the best per row: (max load over the
+    GPUs the move touches [X] (inf: no valid move), gainer expert [X], donor slot [X]).
+    """
     rows, slots = slot2exp.shape
     gpus = slots // per_gpu
-    ar = torch.arange(rows)
     layout = slot2exp.view(rows, gpus, per_gpu)
-    gain_e = layout[ar, hot]  # [X, S] experts on the hottest GPU
     c_e = count.gather(1, gain_e).to(weight.dtype)
     w_e = weight.gather(1, gain_e)
-    # Donor slots: only replicas of experts with >= 2 copies can give one up; keep the
-    # `candidates` donors whose remaining copies grow least (a bounded candidate set).
-    c_all = count.gather(1, slot2exp)
-    w_all = weight.gather(1, slot2exp)
-    grow = torch.where(c_all >= 2, w_all / (c_all - 1).clamp(min=1), torch.full_like(w_all, float("inf")))
-    k = min(candidates, slots)
-    donor = grow.topk(k, dim=1, largest=False).indices  # [X, K]
     f = slot2exp.gather(1, donor)
     c_f = count.gather(1, f).to(weight.dtype)
     w_f = weight.gather(1, f)
     valid_f = c_f >= 2
-    d_e = w_e / (c_e + 1) - w_e / c_e  # [X, S] change of each e-replica's load (< 0)
-    d_f = torch.where(valid_f, w_f / (c_f - 1).clamp(min=1) - w_f / c_f, torch.zeros_like(w_f))  # [X, K] (> 0)
+    d_e = w_e / (c_e + 1) - w_e / c_e  # [X, A] change of each e-replica's load (< 0)
+    f_after = torch.where(valid_f, w_f / (c_f - 1).clamp(min=1), w_f)  # [X, B] f's replicas afterwards
+    d_f = f_after - w_f / c_f  # [X, B] (> 0)
     # Copies per GPU of each gainer and each donor expert.
-    on_gpu_e = (layout.unsqueeze(1) == gain_e.view(rows, -1, 1, 1)).sum(-1).to(weight.dtype)  # [X, S, G]
-    on_gpu_f = (layout.unsqueeze(1) == f.view(rows, -1, 1, 1)).sum(-1).to(weight.dtype)  # [X, K, G]
-    donor_gpu = torch.nn.functional.one_hot(donor // per_gpu, gpus).to(weight.dtype)  # [X, K, G]
-    # The donor slot now holds an e replica (w_e/(c_e+1)) instead of an f replica (w_f/(c_f-1) after the change).
-    swap_in = (w_e / (c_e + 1)).unsqueeze(2) - torch.where(valid_f, w_f / (c_f - 1).clamp(min=1), w_f).unsqueeze(1)  # [X, S, K]
+    on_gpu_e = (layout.unsqueeze(1) == gain_e.view(rows, -1, 1, 1)).sum(-1).to(weight.dtype)  # [X, A, G]
+    on_gpu_f = (layout.unsqueeze(1) == f.view(rows, -1, 1, 1)).sum(-1).to(weight.dtype)  # [X, B, G]
+    donor_gpu = torch.nn.functional.one_hot(donor // per_gpu, gpus).to(weight.dtype)  # [X, B, G]
+    # The donor slot ends up holding an e replica (w_e/(c_e+1)) instead of an f replica
+    # (which the d_f term already raised to w_f/(c_f-1)).
+    swap_in = (w_e / (c_e + 1)).unsqueeze(2) - f_after.unsqueeze(1)  # [X, A, B]
     new = (load.view(rows, 1, 1, gpus)
            + on_gpu_e.unsqueeze(2) * d_e.view(rows, -1, 1, 1)
            + on_gpu_f.unsqueeze(1) * d_f.view(rows, 1, -1, 1)
-           + donor_gpu.unsqueeze(1) * swap_in.unsqueeze(3))  # [X, S, K, G]
+           + donor_gpu.unsqueeze(1) * swap_in.unsqueeze(3))  # [X, A, B, G]
     # Score only the GPUs the move touches (as for swaps): another GPU tied at the max stays
     # where it was, and the next iteration works on it.
     touched = (on_gpu_e.unsqueeze(2) + on_gpu_f.unsqueeze(1) + donor_gpu.unsqueeze(1)) > 0
-    new = new.masked_fill(~touched, float("-inf")).amax(-1)  # [X, S, K]
+    new = new.masked_fill(~touched, float("-inf")).amax(-1)  # [X, A, B]
     bad = ~valid_f.unsqueeze(1) | (gain_e.unsqueeze(2) == f.unsqueeze(1))
     new = new.masked_fill(bad, float("inf"))
     best, flat = new.view(rows, -1).min(1)
-    return best, flat // k, donor.gather(1, (flat % k).view(-1, 1)).squeeze(1)
+    b = donor.shape[1]
+    return best, gain_e.gather(1, (flat // b).view(-1, 1)).squeeze(1), donor.gather(1, (flat % b).view(-1, 1)).squeeze(1)
+
+
+def _best_replica_move(weight: torch.Tensor, slot2exp: torch.Tensor, count: torch.Tensor, load: torch.Tensor,
+                       hot: torch.Tensor, per_gpu: int, candidates: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best replica move per row: (new max load of the touched GPUs [X], gainer expert [X], donor slot [X]).
+
+    Two families, both relieving the hottest GPU:
+    * an expert on the hottest GPU gains a replica, taken from one of the ``candidates`` donor
+      slots whose expert's remaining copies would grow least;
+    * a multi-replica expert on the hottest GPU gives that replica up to one of the
+      ``candidates`` experts with the highest load per replica (e.g. 9 copies of a hot expert
+      on 8 GPUs put two on one GPU; 8 copies do not).
+    """
+    rows, slots = slot2exp.shape
+    hot_slots = hot.unsqueeze(1) * per_gpu + torch.arange(per_gpu)  # [X, S]
+    on_hot = slot2exp.gather(1, hot_slots)
+    c_all = count.gather(1, slot2exp)
+    w_all = weight.gather(1, slot2exp)
+    grow = torch.where(c_all >= 2, w_all / (c_all - 1).clamp(min=1), torch.full_like(w_all, float("inf")))
+    k = min(candidates, slots)
+    donors = grow.topk(k, dim=1, largest=False).indices  # [X, K]
+    best_a, gain_a, donor_a = _eval_replica_moves(weight, slot2exp, count, load, on_hot, donors, per_gpu)
+    per_replica = weight / count.clamp(min=1)
+    gainers = per_replica.masked_fill(count == 0, float("-inf")).topk(min(candidates, weight.shape[1]), dim=1).indices
+    best_b, gain_b, donor_b = _eval_replica_moves(weight, slot2exp, count, load, gainers, hot_slots, per_gpu)
+    use_b = best_b < best_a
+    return torch.where(use_b, best_b, best_a), torch.where(use_b, gain_b, gain_a), torch.where(use_b, donor_b, donor_a)
 
 
 def refine_placement(weight: torch.Tensor, slot2exp: torch.Tensor, num_gpus: int, *, replica_moves: bool = True,
@@ -129,20 +155,21 @@ def refine_placement(weight: torch.Tensor, slot2exp: torch.Tensor, num_gpus: int
     # Rows where no swap helps wait here for a (costlier) replica-move evaluation, done in
     # batches: when no row is left swapping, or every 4th iteration.
     stuck = torch.zeros(rows, dtype=torch.bool)
-    # Donor slots for replica moves: all replicas of multi-replica experts, at most 2 * (P - n).
-    candidates = min(candidates, slots, 2 * max(slots - weight.shape[1], 0))
-    replica_moves = replica_moves and candidates > 0
+    # Replica moves need a redundant slot somewhere (P > n); the donor candidates are bounded
+    # by the replicas of multi-replica experts, at most 2 * (P - n).
+    replica_moves = replica_moves and slots > weight.shape[1]
+    candidates = max(1, min(candidates, slots, 2 * max(slots - weight.shape[1], 0)))
     for it in range(max_iters):
         if replica_moves and bool(stuck.any()) and (not bool(live.any()) or it % 4 == 3):
             q = stuck.nonzero().squeeze(1)
             w, s2e = weight[q], slot2exp[q]
             count, _, load = placement_loads(w, s2e, num_gpus)
             peak, hot = load.max(1)
-            move_new, gain_i, donor = _best_replica_move(w, s2e, count, load, hot, per_gpu, candidates)
+            move_new, gainer, donor = _best_replica_move(w, s2e, count, load, hot, per_gpu, candidates)
             ok = move_new < peak * (1 - _REL_TOL)
             if bool(ok.any()):
                 r = ok.nonzero().squeeze(1)
-                s2e[r, donor[r]] = s2e[r, hot[r] * per_gpu + gain_i[r]]
+                s2e[r, donor[r]] = gainer[r]
                 slot2exp[q] = s2e
             stuck[q] = False
             live[q[ok]] = True  # moved rows go back to swapping
