@@ -3,18 +3,19 @@
 State per row (a layer, or a (layer, node) pair): ``slot2exp [X, P]`` GPU-major (GPU g owns
 slots ``[g*S, (g+1)*S)``), expert loads ``weight [X, n]``; a replica carries its expert's load
 divided by the expert's replica count. Each iteration looks at every row's hottest GPU and
-applies, in all rows at once, the best of two kinds of move if it lowers that GPU's load
-without making any GPU as hot:
+applies, in all rows at once, the best move that lowers that GPU's load without making any GPU
+it touches as hot:
 
 * swap: exchange a replica on the hottest GPU with a lighter replica on another GPU
   (the counts per GPU stay equal);
-* replica move: turn one replica of an expert that has two or more into an extra replica of an
-  expert on the hottest GPU (replica counts chosen jointly with placement; every affected GPU's
-  new load is computed exactly).
+* replica move (tried where no swap helps): one replica of an expert that has two or more
+  becomes an extra replica of another expert, either an expert on the hottest GPU gaining a
+  copy, or a surplus copy on the hottest GPU going to a hot expert elsewhere. Replica counts are
+  thus chosen jointly with the placement; every touched GPU's new load is computed exactly.
 
 Every accepted move strictly lowers the row's (max load, number of GPUs at the max) pair, so the
 search never makes a row worse and stops; it is also capped at ``max_iters`` iterations.
-With ``frozen`` rows it doubles as the migration-aware search (see ``migration.py``).
+With ``target`` / ``active`` it doubles as the migration-aware search (see ``migration.py``).
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def refine_placement(weight: torch.Tensor, slot2exp: torch.Tensor, num_gpus: int
         replica_moves: also move replicas between experts (changes replica counts; every
             expert keeps at least one replica).
         max_iters: iteration cap (default 4 * G + 16).
-        candidates: donor slots examined per row for replica moves.
+        candidates: donor slots (and gainer experts) examined per row for replica moves.
         target: [X] optional max-load target per row: a row stops once its max GPU load is
             at or below it (the migration-aware mode's "good enough").
         active: [X] bool, rows to work on (default all).
