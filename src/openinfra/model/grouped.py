@@ -124,9 +124,16 @@ def _fp8_ok(x: torch.Tensor, w: torch.Tensor, kind: str) -> bool:
 
 
 def _quantize_weight(dg, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-quantize the [E, N, K] expert weights, cached on the tensor until it changes (its version
+    counter moves on every in-place update, e.g. an optimizer step): decode reuses one quantization."""
+    cached = getattr(w, "_oi_fp8", None)
+    if cached is not None and cached[0] == (w.data_ptr(), w._version):
+        return cached[1], cached[2]
     e, n, k = w.shape
     wq, ws = dg.per_block_cast_to_fp8(w.detach().reshape(e * n, k))  # 128-row blocks never straddle experts
-    return wq.view(e, n, k), ws.view(e, n // 128, -1)
+    wq, ws = wq.view(e, n, k), ws.view(e, n // 128, -1)
+    w._oi_fp8 = ((w.data_ptr(), w._version), wq, ws)
+    return wq, ws
 
 
 def _segment_mm(x: torch.Tensor, w: torch.Tensor, offsets: list[int]) -> torch.Tensor:
