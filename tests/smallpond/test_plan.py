@@ -224,3 +224,27 @@ def test_python_udf_in_sql(sp):
     df = sp.from_items([{"a": 12 * i, "b": 18} for i in range(1, 30)]).repartition(3, by_rows=True)
     got = [r["g"] for r in df.map("my_gcd(a, b) as g", udfs=[my_gcd]).take_all()]
     assert got == [my_gcd(12 * i, 18) for i in range(1, 30)]
+
+
+def test_storage_through_fsspec(tmp_path):
+    # "local://" goes through fsspec (as 3fs:// does): DuckDB reads via register_filesystem, tasks
+    # commit with fs.mv, sinks copy through fsspec.
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"k": [i % 3 for i in range(30)], "v": list(range(30))}), tmp_path / "in" / "a.parquet")
+    url = f"local://{tmp_path}"
+    with smallpond.init(data_root=f"{url}/root", num_executors=2) as sp:
+        df = sp.read_parquet(f"{url}/in/*.parquet").repartition(2, hash_by="k")
+        df = sp.partial_sql("select k, sum(v) as s from {0} group by k", df)
+        df.write_parquet(f"{url}/out")
+        assert sorted((r["k"], r["s"]) for r in df.take_all()) == [(0, 135), (1, 145), (2, 155)]
+        assert sorted(r["k2"] for r in df.map(lambda r: {"k2": r["k"] * 2}).take_all()) == [0, 2, 4]
+        assert any(n.startswith("sql-") for n in os.listdir(tmp_path / "root" / sp.config.job_id / "tasks"))
+    assert sum(pq.read_table(tmp_path / "out").column("s").to_pylist()) == 435
+
+
+def test_progress_bar(tmp_path, capsys):
+    with smallpond.init(data_root=str(tmp_path), num_executors=2, progress=True) as sp:
+        assert sp.from_items(list(range(10))).repartition(2, by_rows=True).map("item + 1 as x").count() == 10
+    err = capsys.readouterr()
+    text = err.out + err.err
+    assert "5/5" in text, text  # materialize + 2 row splits + 2 fused maps, all shown done

@@ -255,18 +255,30 @@ def _run_sql(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext, q
         path = out.path(name)
         comp = str(getattr(node, "parquet_compression", "lz4") or "lz4").lower()
         rgs = int(getattr(node, "parquet_row_group_size", 122880))
+        storage.register_with_duckdb(con, [path])  # a remote output (3fs://...) is written through fsspec
         try:
-            if storage.is_remote(path):
-                out.write_table(arrow_of(con, text), name, comp, rgs)
-                return
             rows = con.execute(f"COPY ({text}) TO '{path}' (FORMAT parquet, COMPRESSION {comp}, ROW_GROUP_SIZE {rgs})").fetchone()
         except Exception as exc:
             raise _sql_error(task, last, exc) from None
         out.files.append(name)
-        out.rows += int(rows[0]) if rows else pq.read_metadata(path).num_rows
-        out.schema = pq.read_schema(path)
+        out.schema = _read_schema(path)
+        out.rows += int(rows[0]) if rows else 0
     finally:
         con.close()
+
+
+def _read_metadata(path: str):
+    if storage.is_remote(path):
+        fs, p = storage.filesystem(path)
+        return pq.read_metadata(p, filesystem=fs)
+    return pq.read_metadata(path)
+
+
+def _read_schema(path: str) -> pa.Schema:
+    if storage.is_remote(path):
+        fs, p = storage.filesystem(path)
+        return pq.read_schema(p, filesystem=fs)
+    return pq.read_schema(path)
 
 
 def _hash_produce(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext) -> None:
@@ -389,8 +401,8 @@ def _run_user(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext) 
             if name.endswith(".parquet"):
                 p = out.path(name)
                 out.files.append(name)
-                out.rows += pq.read_metadata(p).num_rows if not storage.is_remote(p) else 0
-                out.schema = out.schema or (pq.read_schema(p) if not storage.is_remote(p) else None)
+                out.rows += _read_metadata(p).num_rows
+                out.schema = out.schema or _read_schema(p)
     else:
         raise ValueError(f"unknown task kind {kind!r}")
 
