@@ -265,3 +265,17 @@ def test_sparse_validation():
         flash_mla_sparse_fwd(q, kv.half(), idx, 0.1)
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
         flash_mla_sparse_fwd(q.numpy() if False else [1], kv, idx, 0.1)
+
+
+def test_docs_example_runs():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "flash_mla.md").read_text()
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(code, "docs/flash_mla.md", "exec"), scope)
+    out, lse = scope["out"], scope["lse"]
+    assert out.shape == (2, 2, 16, 512) and lse.shape == (2, 16, 2)
+    ref_out, ref_lse = mla_decode_reference(scope["q"], scope["k_cache"], scope["block_table"], scope["cache_seqlens"],
+                                            512, None, True)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
