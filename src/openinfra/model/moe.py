@@ -57,8 +57,13 @@ class MoE(nn.Module):
         self.gate = Gate(cfg)
         self.experts = GroupedExperts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, fp8)
         self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, fp8) if cfg.n_shared_experts else None
+        #: Rows per expert block in the contiguous layout; None picks 1 on CPU, 16 for torch._grouped_mm,
+        #: 128 for deep_gemm's FP8 kernels.
+        self.alignment: int | None = None
 
     def _alignment(self, x: torch.Tensor) -> int:
+        if self.alignment is not None:
+            return self.alignment
         if not x.is_cuda:
             return 1  # no kernel constraint on CPU; padding would be wasted work
         return 128 if self.experts.fp8 else 16  # DeepGEMM's M alignment / torch._grouped_mm's
@@ -66,15 +71,20 @@ class MoE(nn.Module):
     def dispatch_contiguous(self, x: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, ContiguousLayout]:
         """x [T, dim] -> (rows [M, dim] in the contiguous layout, layout); padding rows are zero."""
         layout = contiguous_layout(indices, self.cfg.n_routed_experts, self._alignment(x))
+        if layout.alignment == 1:  # no padding rows: a plain gather
+            return x[layout.row_token], layout
         valid = layout.row_token >= 0
         rows = x[layout.row_token.clamp(min=0)] * valid[:, None].to(x.dtype)
         return rows, layout
 
     def combine_contiguous(self, rows: torch.Tensor, weights: torch.Tensor, layout: ContiguousLayout, num_tokens: int) -> torch.Tensor:
         """Weighted sum of each token's expert outputs: rows [M, dim] -> [T, dim]."""
+        out = rows.new_zeros(num_tokens, rows.shape[1])
+        if layout.alignment == 1:
+            w = weights[layout.row_token, layout.row_slot]
+            return out.index_add(0, layout.row_token, rows * w[:, None].to(rows.dtype))
         valid = layout.row_token >= 0
         w = weights[layout.row_token.clamp(min=0), layout.row_slot.clamp(min=0)] * valid.to(weights.dtype)
-        out = rows.new_zeros(num_tokens, rows.shape[1])
         return out.index_add(0, layout.row_token.clamp(min=0), rows * w[:, None].to(rows.dtype))
 
     def dispatch_masked(self, x: torch.Tensor, indices: torch.Tensor, max_m: int | None = None) -> tuple[torch.Tensor, MaskedLayout]:
