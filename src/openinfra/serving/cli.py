@@ -14,7 +14,8 @@ def build_engine(config: str = "tiny", checkpoint: str | None = None, num_blocks
     """The engine the CLI and the demo use: a checkpoint when given, else a seeded fresh model."""
     import torch
 
-    from openinfra.model import Transformer, get_config, load_checkpoint
+    from openinfra.model import Transformer, get_config
+    from openinfra.model.loader import load_checkpoint
     from openinfra.serving.engine import Engine
     from openinfra.serving.prefix_cache import MemoryBlockStore
 

@@ -17,7 +17,10 @@ __all__ = ["TokenStream", "read_token_shards"]
 
 
 def read_token_shards(paths: list[str | Path], filesystem=None) -> torch.Tensor:
-    """One int64 tensor of every shard's tokens, in the order given (``filesystem``: an fsspec FS)."""
+    """One int64 tensor of every shard's tokens, in the order given.
+
+    ``filesystem`` is an fsspec filesystem for remote paths (``3fs://...``); None reads local files.
+    """
     if not paths:
         raise ValueError("no token shards given")
     parts = []

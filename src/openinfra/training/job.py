@@ -102,7 +102,7 @@ def default_corpus_tokens() -> torch.Tensor:
     root = Path(__file__).resolve().parents[1]
     ids: list[int] = []
     for path in sorted(root.rglob("*.py"))[:200]:
-        ids += tok.encode(path.read_text(errors="replace")) + [tok.EOS]
+        ids += tok.encode(path.read_text(errors="replace")) + [tok.EOS]  # the data stage's layout
     return torch.tensor(ids, dtype=torch.int64)
 
 
