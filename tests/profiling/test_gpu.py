@@ -30,7 +30,11 @@ def test_gpu_trace_of_a_model_step(tmp_path):
     r = dev.ranks[0]
     print(f"device: compute {r.compute_us:.0f} us, idle {r.idle_us:.0f} us of {dev.window_us:.0f}; "
           f"host phases {sorted(k for k in host.phases)[:8]}")
-    assert r.source == "device" and r.compute_us > 0 and r.comm_us == 0
-    assert 0 < r.compute_us <= dev.window_us
+    assert r.source == "device" and 0 < r.compute_us <= dev.window_us
+    # one GPU, no NCCL: the only communication is the MoE dispatch/combine phases (their GPU-side
+    # ranges), which run in line with compute, so all of it counts as overlapped
+    kinds = {(iv.kind, iv.source) for iv in ivs if iv.device}
+    assert ("comm", "kernel") not in kinds and ("comm", "annotation") in kinds
+    assert r.comm_us > 0 and r.overlap_us == pytest.approx(r.comm_us)
     assert {"F", "B", "attn", "mlp", "dispatch", "combine"} <= set(host.phases)
     assert plot_timeline(trace, tmp_path / "gpu.png").stat().st_size > 2000
