@@ -454,6 +454,10 @@ def validation_checks(rank: int, num_ranks: int, device: str) -> int:
     n += _raises(ValueError, "exclude each other", buffer.low_latency_dispatch, x, topk_idx, num_tokens, num_experts,
                  async_finish=True, return_recv_hook=True)
     n += _raises(TypeError, "normal-mode dispatch handle", buffer.dispatch, x, handle=(1, 2))
+    fp8_x = (torch.zeros(num_tokens, hidden, dtype=torch.float8_e4m3fn, device=device),
+             torch.ones(num_tokens, hidden // 128, device=device))
+    n += _raises(ValueError, "autograd through an FP8 dispatch", buffer.dispatch, fp8_x, topk_idx=topk_idx,
+                 topk_weights=torch.ones(num_tokens, num_topk, device=device, requires_grad=True), **layout)
     n += _raises(ValueError, "must be a positive int", Config, 0)
     n += _raises(ValueError, "must be even", Config, 3)
     # the symmetric-memory fast path: off on gloo, with the reason; required -> a clear error
@@ -464,3 +468,33 @@ def validation_checks(rank: int, num_ranks: int, device: str) -> int:
     recv_x2 = buffer.dispatch(x, handle=handle)[0]
     assert torch.equal(recv_x, recv_x2)
     return n
+
+
+def triton_round_trip_checks(rank: int, num_ranks: int) -> int:
+    """Normal and low-latency round trips with the kernels forced to Triton (its CPU interpreter)."""
+    import os
+
+    gen = torch.Generator().manual_seed(6000 + rank)
+    num_tokens, hidden, num_experts = 6, 256, 4 * num_ranks
+    buffer = Buffer(dist.group.WORLD)
+    topk_idx = routing(num_tokens, num_experts, 2, 2, "cpu", gen)
+    x = torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16)
+    w = torch.rand(num_tokens, 2, generator=gen)
+    previous = os.environ.get("OPENINFRA_KERNELS")
+    os.environ["OPENINFRA_KERNELS"] = "triton"
+    try:
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+        recv_x, _, _, _, handle, _ = buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                                     num_tokens_per_expert=per_expert, topk_idx=topk_idx)
+        y, _, _ = buffer.combine(recv_x, handle)
+        (rx, sf), _, h, _, _ = buffer.low_latency_dispatch(x, topk_idx, num_tokens, num_experts, use_fp8=True)
+        deq = (rx.float().view(*rx.shape[:2], -1, 128) * sf.unsqueeze(-1)).view(rx.shape).to(torch.bfloat16)
+        out, _, _ = buffer.low_latency_combine(deq, topk_idx, w, h)
+    finally:
+        if previous is None:
+            del os.environ["OPENINFRA_KERNELS"]
+        else:
+            os.environ["OPENINFRA_KERNELS"] = previous
+    assert calc_diff(y.float() / in_rank.sum(1, keepdim=True), x) < 5e-6
+    assert calc_diff(x * w.masked_fill(topk_idx < 0, 0).sum(1, keepdim=True), out) < 9e-4
+    return 1

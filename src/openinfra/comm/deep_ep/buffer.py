@@ -282,6 +282,8 @@ class Buffer:
         wants_grad = torch.is_grad_enabled() and (
             (isinstance(x, torch.Tensor) and x.requires_grad)
             or (isinstance(topk_weights, torch.Tensor) and topk_weights.requires_grad))
+        if wants_grad and isinstance(x, tuple):
+            raise ValueError("autograd through an FP8 dispatch is not supported: dispatch bf16, or detach topk_weights")
         if not wants_grad:
             return self._dispatch_impl(x=x, topk_weights=topk_weights, **kwargs)
         holder: dict = {}
