@@ -90,3 +90,15 @@ def test_missing_file_and_bad_previous(tmp_path, loads_json, capsys):
     bad.write_text(json.dumps({"phy2log": [[0, 1, 2]]}))
     assert main(["eplb", "plan", "--loads", str(loads_json), *TOPOLOGY, "--previous", str(bad)]) == 2
     assert "previous must have shape [layers=2, replicas=16]" in capsys.readouterr().err
+
+
+def test_bench_routine_smoke(capsys):
+    # `openinfra bench eplb` at a tiny scale: the table and the last JSON line with the goals.
+    assert main(["bench", "eplb", "--layers", "2", "--seeds", "1", "--repeat", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["benchmark"] == "eplb" and summary["never_worse"] is True
+    assert set(summary["configs"]) == {"prefill EP32", "decode EP144"}
+    for cfg in summary["configs"].values():
+        assert cfg["moves_ratio"] <= 1.0 and cfg["best_s"] > 0
+    assert any("prefill EP32" in line and "zipf" in line for line in lines)
