@@ -210,6 +210,7 @@ def low_latency_checks(rank: int, num_ranks: int, device: str) -> int:
                 for round_scale in (False, True) if dispatch_use_fp8 else (False,):
                     for use_ue8m0 in (False, True) if round_scale else (False,):
                         num_times += 1
+                        previous = None
                         for _ in range((num_times % 2) + 1):
                             stats = torch.zeros(num_local_experts, dtype=torch.int32, device=device)
                             packed_recv_x, packed_recv_count, handle, event, hook = buffer.low_latency_dispatch(
@@ -217,6 +218,13 @@ def low_latency_checks(rank: int, num_ranks: int, device: str) -> int:
                                 round_scale=round_scale, use_ue8m0=use_ue8m0, cumulative_local_expert_recv_stats=stats,
                                 async_finish=not return_recv_hook, return_recv_hook=return_recv_hook)
                             hook() if return_recv_hook else event.current_stream_wait()
+                            # a repeated dispatch is deterministic (DeepEP's hash check): same valid rows, bit for bit
+                            values = packed_recv_x[0] if dispatch_use_fp8 else packed_recv_x
+                            valid = [values[i, : int(packed_recv_count[i])].contiguous().view(torch.uint8)
+                                     for i in range(num_local_experts)]
+                            if previous is not None:
+                                assert all(torch.equal(a, b) for a, b in zip(previous, valid))
+                            previous = valid
                         if dispatch_use_fp8:
                             assert packed_recv_x[1].stride(1) == 1 or packed_recv_x[1].stride(-2) == 1  # column-major scales
                             packed_recv_x = (packed_recv_x[0], packed_recv_x[1].contiguous())
