@@ -169,3 +169,38 @@ def test_cache_errors():
         model(torch.full((1, 3), cfg.vocab_size))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, cfg.max_seq_len + 1, dtype=torch.long))
+
+
+def test_fp8_latent_cache_decode_close_to_bf16_cache():
+    pytest.importorskip("openinfra.kernels.flash_mla", reason="the FP8 cache layout comes from openinfra.kernels.flash_mla")
+    torch.manual_seed(4)
+    cfg = get_config("tiny", n_layers=1, n_dense_layers=1, dim=64, n_heads=2, kv_lora_rank=512, qk_rope_head_dim=64,
+                     qk_nope_head_dim=16, v_head_dim=16, q_lora_rank=0)
+    model = Transformer(cfg).to(torch.bfloat16)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 70))
+    outs = {}
+    for fp8 in (False, True):
+        cache = PagedMLACache(cfg, num_blocks=6, page_size=64, dtype=torch.bfloat16, fp8=fp8)
+        mgr = KVCacheManager(cache)
+        for i in (0, 1):
+            mgr.add(i)
+            mgr.reserve(i, 70)
+        model(tokens[:, :69], cache=mgr.batch([0, 1]), mode="prefill")
+        mgr.advance([0, 1], 69)
+        batch = mgr.batch([0, 1])
+        for backend in ("reference", "flash_mla"):
+            model.layers[0].attn.decode_backend = backend
+            outs[fp8, backend] = model(tokens[:, 69:], cache=batch, mode="decode").detach().float()
+        if fp8:
+            assert cache.storage.dtype == torch.float8_e4m3fn and cache.storage.shape[-1] == 656
+            assert cache.bytes() == 1 * 6 * 64 * 656
+            assert cache.gather(0, batch.block_table, 69).dtype == torch.bfloat16
+
+    def calc_diff(x, y):
+        x, y = x.double(), y.double()
+        return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
+
+    assert calc_diff(outs[True, "reference"], outs[True, "flash_mla"]) < 1e-5   # same FP8 rows, two readers
+    assert calc_diff(outs[True, "reference"], outs[False, "reference"]) < 1e-3  # e4m3 latent vs bf16 latent
+    with pytest.raises(ValueError, match="kv_lora_rank 512"):
+        PagedMLACache(get_config("tiny"), num_blocks=2, fp8=True)

@@ -36,22 +36,37 @@ def _flash_mla():
     return mod if hasattr(mod, "flash_mla_with_kvcache") and hasattr(mod, "get_mla_metadata") else None
 
 
+def _is_fp8_cache(k_cache: torch.Tensor) -> bool:
+    return k_cache.dtype in (torch.float8_e4m3fn, torch.uint8) and k_cache.shape[-1] == 656
+
+
 def flash_mla_usable(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether ``openinfra.kernels.flash_mla`` exists and takes this problem: bf16/fp16, 64-token
-    pages, 576-wide rows (the kernel's fixed width). Checked per call, the kernel being optional."""
-    return (_flash_mla() is not None and q.dtype in (torch.bfloat16, torch.float16) and k_cache.dtype == q.dtype
-            and k_cache.shape[1] == 64 and k_cache.shape[-1] == 576)
+    """Whether ``openinfra.kernels.flash_mla`` exists and takes this problem: bf16/fp16 queries, 64-token
+    pages, 576-wide rows in q's dtype or FlashMLA's 656-byte FP8 rows (with bf16 queries). Checked per
+    call, the kernel being optional."""
+    if _flash_mla() is None or q.shape[-1] != 576 or k_cache.shape[1] != 64:
+        return False
+    if _is_fp8_cache(k_cache):
+        return q.dtype == torch.bfloat16
+    return q.dtype in (torch.bfloat16, torch.float16) and k_cache.dtype == q.dtype and k_cache.shape[-1] == 576
 
 
 def _reference_attention(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
                          seqlens: torch.Tensor, head_dim_v: int, scale: float) -> torch.Tensor:
-    """Causal MQA over gathered pages, in (at least) float32. Query i of s attends keys [0, seqlen - s + i]."""
+    """Causal MQA over gathered pages, in (at least) float32. Query i of s attends keys [0, seqlen - s + i].
+    An FP8 cache (656-byte rows) is dequantized row by row as it is gathered."""
     b, s, h, d = q.shape
     page = k_cache.shape[1]
     length = int(seqlens.max())
     pos = torch.arange(length, device=q.device)
     compute = torch.promote_types(q.dtype, torch.float32)
-    rows = k_cache[block_table.long()[:, pos // page], (pos % page)[None, :], 0].to(compute)  # [b, L, d]
+    rows = k_cache[block_table.long()[:, pos // page], (pos % page)[None, :], 0]
+    if _is_fp8_cache(k_cache):
+        fm = _flash_mla()
+        if fm is None:
+            raise RuntimeError("reading an FP8 KV cache needs openinfra.kernels.flash_mla")
+        rows = fm.dequantize_kv_cache_fp8(rows)
+    rows = rows.to(compute)  # [b, L, d]
     valid = pos[None, :] < seqlens[:, None]                                            # [b, L]
     rows = torch.where(valid[..., None], rows, 0.0)  # pages past a request's length may hold anything
     scores = torch.einsum("bshd,btd->bsht", q.to(compute), rows) * scale
@@ -69,7 +84,7 @@ def paged_latent_attention(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
 
     Args:
         q: [b, s, h, c + rope] absorbed queries.
-        k_cache: [num_blocks, page_size, 1, c + rope] one layer's pages.
+        k_cache: [num_blocks, page_size, 1, c + rope] one layer's pages (or [..., 656] FP8 bytes).
         block_table: [b, max_blocks] int32; seqlens: [b] int32, tokens cached *including* the s new ones.
         head_dim_v: c (the value is the first c columns of each row).
         backend: ``auto`` (flash_mla when usable, else the reference), ``flash_mla`` or ``reference``.
@@ -92,7 +107,8 @@ def paged_latent_attention(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         md["schedule"] = fm.get_mla_metadata(seqlens, q.shape[1] * q.shape[2], 1)
     tile_md, num_splits = md["schedule"]
     out, _lse = fm.flash_mla_with_kvcache(q, k_cache, block_table.to(torch.int32), seqlens, head_dim_v,
-                                          tile_md, num_splits, softmax_scale=scale, causal=True)
+                                          tile_md, num_splits, softmax_scale=scale, causal=True,
+                                          is_fp8_kvcache=_is_fp8_cache(k_cache))
     return out, "flash_mla"
 
 

@@ -53,6 +53,16 @@ class BlockAllocator:
         self._free.sort(reverse=True)
 
 
+def _fp8_cache_module():
+    try:
+        from openinfra.kernels import flash_mla
+    except ImportError as exc:
+        raise RuntimeError(f"an FP8 KV cache needs openinfra.kernels.flash_mla ({exc})") from None
+    if not hasattr(flash_mla, "quantize_kv_cache_fp8"):
+        raise RuntimeError("an FP8 KV cache needs openinfra.kernels.flash_mla.quantize_kv_cache_fp8")
+    return flash_mla
+
+
 class PagedMLACache:
     """The page pool for every layer: ``k_cache(layer)`` is [num_blocks, page_size, 1, latent_dim].
 
@@ -61,21 +71,37 @@ class PagedMLACache:
         num_blocks: physical pages in the pool.
         page_size: tokens per page (64 is what the flash_mla kernel takes).
         dtype, device: storage (bf16 on GPU; the model's dtype on CPU).
+        fp8: store FlashMLA's FP8 layout instead: 656 bytes per token (512 e4m3 latent values, four
+            power-of-two fp32 scales, 64 bf16 rope values) against 1152 in bf16. Needs the V3 widths
+            (kv_lora 512 + rope 64) and ``openinfra.kernels.flash_mla``; rows are quantized on write,
+            ``dtype`` (bf16) is then the dtype rows are read back in.
     """
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, page_size: int = 64,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", fp8: bool = False):
         if not isinstance(page_size, int) or page_size <= 0:
             raise ValueError(f"page_size must be a positive int, got {page_size!r}")
-        self.cfg, self.page_size, self.num_blocks = cfg, page_size, num_blocks
+        self.cfg, self.page_size, self.num_blocks, self.fp8 = cfg, page_size, num_blocks, fp8
         self.kv_lora_rank, self.rope_dim = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self._row_dtype = dtype
+        width = cfg.latent_dim
+        if fp8:
+            if (cfg.kv_lora_rank, cfg.qk_rope_head_dim) != (512, 64):
+                raise ValueError("fp8=True needs kv_lora_rank 512 and qk_rope_head_dim 64 (FlashMLA's FP8 layout), "
+                                 f"got {cfg.kv_lora_rank} + {cfg.qk_rope_head_dim}")
+            if dtype != torch.bfloat16:
+                raise ValueError(f"fp8=True reads rows back as bfloat16; dtype must be torch.bfloat16, got {dtype}")
+            self._fp8 = _fp8_cache_module()
+            width = 656
+            dtype = torch.float8_e4m3fn
         # One allocation for all layers keeps the pool contiguous and easy to ship (3FS KVCache).
-        self.storage = torch.zeros(cfg.n_layers, num_blocks, page_size, 1, cfg.latent_dim, dtype=dtype, device=device)
+        self.storage = torch.zeros(cfg.n_layers, num_blocks, page_size, 1, width, dtype=dtype, device=device)
         self.allocator = BlockAllocator(num_blocks)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.storage.dtype
+        """The dtype rows are written and read in (bf16 for an FP8 cache; ``storage.dtype`` holds the bytes)."""
+        return self._row_dtype
 
     @property
     def device(self) -> torch.device:
@@ -91,13 +117,17 @@ class PagedMLACache:
         pages = torch.gather(block_table.long(), 1, positions // self.page_size)
         offsets = positions % self.page_size
         rows = torch.cat([latent, k_rope], dim=-1).to(self.dtype)
+        if self.fp8:
+            rows = self._fp8.quantize_kv_cache_fp8(rows)
         self.storage[layer, pages, offsets, 0] = rows
 
     def gather(self, layer: int, block_table: torch.Tensor, length: int) -> torch.Tensor:
-        """Rows 0..length-1 of each request, [b, length, latent_dim] (rows past a request's own length are whatever the page holds)."""
+        """Rows 0..length-1 of each request, [b, length, latent_dim] in :attr:`dtype` (rows past a
+        request's own length are whatever the page holds)."""
         pos = torch.arange(length, device=block_table.device)
         pages = block_table.long()[:, pos // self.page_size]
-        return self.storage[layer][pages, (pos % self.page_size)[None, :], 0]
+        rows = self.storage[layer][pages, (pos % self.page_size)[None, :], 0]
+        return self._fp8.dequantize_kv_cache_fp8(rows) if self.fp8 else rows
 
     def bytes(self) -> int:
         return self.storage.numel() * self.storage.element_size()
