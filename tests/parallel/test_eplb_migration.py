@@ -111,3 +111,24 @@ def test_migration_errors():
         rebalance_with_migration(w, prev, 16, 4, 2, 8, budget=2.0)
     with pytest.raises(TypeError, match="previous must be an integer tensor"):
         rebalance_with_migration(w, prev.double(), 16, 4, 2, 8)
+
+
+def test_previous_that_spans_nodes_is_resolved_under_the_hierarchical_policy():
+    # A global-policy plan puts a group's replicas on several nodes; under the hierarchical
+    # policy such a layer is neither kept nor searched node by node but re-solved (aligned), so
+    # every group ends up on one node again.
+    w = _lognormal(4, 64, 8)
+    prev, _, _ = rebalance_experts(w, 96, 1, 1, 16)  # global: replicas anywhere
+    node_of_slot = torch.arange(96) // 24
+
+    def spans(plan, layer):
+        homes = {}
+        for e, n in zip(plan[layer].tolist(), node_of_slot.tolist()):
+            homes.setdefault(e // 8, set()).add(n)
+        return any(len(v) > 1 for v in homes.values())
+
+    assert all(spans(prev, layer) for layer in range(4))
+    m = rebalance_with_migration(w, prev, 96, 8, 4, 16, budget=0.05)
+    assert m.source.tolist() == [2, 2, 2, 2]
+    assert not any(spans(m.phy2log, layer) for layer in range(4))
+    assert bool((m.balancedness_after >= m.balancedness_fresh - 1e-9).all())

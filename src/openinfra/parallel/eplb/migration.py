@@ -266,14 +266,18 @@ def rebalance_with_migration(weight: torch.Tensor, previous: torch.Tensor, num_r
     # The max GPU load that meets the goal, per layer (a little slack for float rounding).
     target = torch.where(goal > 0, mean_load / goal.clamp(min=1e-12), torch.full_like(mean_load, float("inf")))
 
-    # Local search from the current placement, inside each node (rows are (layer, node)); a layer
-    # whose current placement has an expert on two nodes cannot be searched node by node.
+    # Local search from the current placement, inside each node (rows are (layer, node)).
     slots_node = num_replicas // nodes
     gpus_node = num_gpus // nodes
     node_of_slot = torch.arange(num_replicas) // slots_node
-    home = torch.full((layers, experts), -1, dtype=torch.int64).scatter_reduce_(1, prev, node_of_slot.expand(layers, -1), "amax")
-    low = torch.full((layers, experts), nodes, dtype=torch.int64).scatter_reduce_(1, prev, node_of_slot.expand(layers, -1), "amin")
-    searchable = (home == low).all(1) & (bal_prev < goal)
+    # A layer conforms to the policy when each expert group (hierarchical) lives on one node;
+    # only conforming layers may be kept or searched, the others are re-solved.
+    unit = prev // (experts // num_groups) if hierarchical else torch.zeros_like(prev)
+    units = num_groups if hierarchical else 1
+    home = torch.full((layers, units), -1, dtype=torch.int64).scatter_reduce_(1, unit, node_of_slot.expand(layers, -1), "amax")
+    low = torch.full((layers, units), nodes, dtype=torch.int64).scatter_reduce_(1, unit, node_of_slot.expand(layers, -1), "amin")
+    conforming = (home == low).all(1)
+    searchable = conforming & (bal_prev < goal)
     rows_w = w64.repeat_interleave(nodes, dim=0)
     rows_prev = prev.view(layers * nodes, slots_node)
     rows_target = target.repeat_interleave(nodes) * (1 + 1e-12)
@@ -310,7 +314,7 @@ def rebalance_with_migration(weight: torch.Tensor, previous: torch.Tensor, num_r
 
     # Per layer: keep if good enough; else the candidate meeting the goal with fewer moves.
     moves_fresh = count_moves(prev, fresh, num_gpus, experts)
-    keep = bal_prev >= goal - tol
+    keep = conforming & (bal_prev >= goal - tol)
     search_ok = search_ok & (search_moves <= moves_fresh)
     source = torch.where(keep, 0, torch.where(search_ok, 1, 2))
     phy2log = torch.where((source == 0).unsqueeze(1), prev, torch.where((source == 1).unsqueeze(1), searched, fresh))
