@@ -138,25 +138,27 @@ class _ViewStage(nn.Module):
         return self.lin(x)[..., :4]  # a view of a bigger tensor
 
 
-def _bad_stage_rank(rank: int, world: int, what: str):
+def _bad_stage_rank(rank: int, world: int):
     """Rank 0 must raise before any communication (rank 1 does nothing, so nothing can hang)."""
     if rank != 0:
         return None
     x = torch.randn(8, 4)
-    if what == "view":
-        pipe = DualPipeV((_ViewStage(), _ViewStage()), p2p_shapes=[(2, 4)])
-    else:
-        pipe = DualPipeV(_pair(), p2p_shapes=[(2, 5)])
-    try:
-        pipe.step(x, num_chunks=4, criterion=mse_criterion, labels=(x,))
-    except ValueError as exc:
-        return str(exc)
-    return "no error"
+    msgs = {}
+    for what in ("view", "shape"):
+        if what == "view":
+            pipe = DualPipeV((_ViewStage(), _ViewStage()), p2p_shapes=[(2, 4)])
+        else:
+            pipe = DualPipeV(_pair(), p2p_shapes=[(2, 5)])
+        try:
+            pipe.step(x, num_chunks=4, criterion=mse_criterion, labels=(x,))
+            msgs[what] = "no error"
+        except ValueError as exc:
+            msgs[what] = str(exc)
+    return msgs
 
 
 @pytest.mark.distributed
 def test_view_and_mismatched_shapes_raise(distributed):
-    msg = distributed(_bad_stage_rank, 2, "view", timeout=60)[0]
-    assert "returned a view" in msg, msg
-    msg = distributed(_bad_stage_rank, 2, "shape", timeout=60)[0]
-    assert "p2p_shapes/p2p_dtypes declare (2, 5)" in msg, msg
+    msgs = distributed(_bad_stage_rank, 2, timeout=120)[0]
+    assert "returned a view" in msgs["view"], msgs
+    assert "p2p_shapes/p2p_dtypes declare (2, 5)" in msgs["shape"], msgs

@@ -121,7 +121,13 @@ class _Join(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, anchor: torch.Tensor, stage: "MoEStage", record: _ChunkRecord) -> torch.Tensor:
         ctx.stage, ctx.record = stage, record
-        return record.layers[-1].out.detach()
+        root = record.layers[-1].out
+        out = root.detach()
+        # The root stays only as the start of backward (the raw engine call needs its grad_fn, not
+        # its values): hand its storage to the returned tensor, so that a pipeline freeing the
+        # sent activation really frees it, as DeepSeek's DualPipe does with stage outputs.
+        root.data = torch.empty(0, dtype=root.dtype, device=root.device)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
