@@ -189,3 +189,14 @@ def test_list_input_and_device_agnostic_dtype():
     a = rebalance_experts(README_WEIGHT.tolist(), 16, 4, 2, 8, solver="faithful")
     b = rebalance_experts(README_WEIGHT.to(torch.bfloat16), 16, 4, 2, 8, solver="faithful")
     assert a[0].tolist() == README_PHY2LOG and b[0].tolist() == README_PHY2LOG
+
+
+def test_non_contiguous_and_half_precision_inputs():
+    w = _lognormal(12, 6, seed=13).t()  # [6, 12] view with strides (1, 6)
+    assert not w.is_contiguous()
+    for solver in ("faithful", "best"):
+        a = rebalance_experts(w, 16, 4, 2, 8, solver=solver)
+        b = rebalance_experts(w.contiguous(), 16, 4, 2, 8, solver=solver)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    h = README_WEIGHT.to(torch.float16)
+    assert rebalance_experts(h, 16, 4, 2, 8, solver="faithful")[0].tolist() == README_PHY2LOG

@@ -13,10 +13,10 @@ from openinfra.parallel.eplb.migration import (
     DEEPSEEK_V3_EXPERT_BYTES, MigrationPlan, align_to_previous, count_moves, rebalance_with_migration,
 )
 from openinfra.parallel.eplb.tracker import ExpertLoadTracker
-from openinfra.parallel.eplb.solver import DEFAULT_SOLVER, SOLVERS, choose_policy, rebalance_experts
+from openinfra.parallel.eplb.solver import DEFAULT_SOLVER, SOLVERS, choose_policy, rebalance_experts, solve_placement
 
 __all__ = [
-    "rebalance_experts", "SOLVERS", "DEFAULT_SOLVER", "choose_policy",
+    "rebalance_experts", "solve_placement", "SOLVERS", "DEFAULT_SOLVER", "choose_policy",
     "balancedness", "gpu_loads", "logical_to_physical", "replica_counts",
     "rebalance_with_migration", "MigrationPlan", "count_moves", "align_to_previous", "DEEPSEEK_V3_EXPERT_BYTES",
     "ExpertLoadTracker", "read_loads", "read_plan", "write_plan",
