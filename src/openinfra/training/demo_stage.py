@@ -49,7 +49,8 @@ def run_stage(ctx) -> dict[str, object]:
     traces = ctx.data_dir / "train" / "traces"
     cfg = TrainConfig(model="tiny", n_layers=4, steps=6 if ctx.quick else 40, batch_size=8, seq_len=64, lr=3e-3,
                       pp=2, num_chunks=8, checkpoint_dir=str(ckpt), checkpoint_every=5 if ctx.quick else 20,
-                      eplb_every=3 if ctx.quick else 10, ep_gpus=4, trace_dir=str(traces))
+                      eplb_every=3 if ctx.quick else 10, ep_gpus=4, ep_redundant=4,
+                      trace_dir=str(traces))
     ctx.log(f"training on {source}: {cfg.steps} steps, DualPipeV over {cfg.pp} ranks, {cfg.chunks()} micro-batches")
     result = train(cfg, tokens)
     (ctx.data_dir / "train.json").write_text(json.dumps(result, indent=1))

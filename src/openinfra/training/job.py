@@ -158,7 +158,11 @@ def _eplb_plan(loads: torch.Tensor, cfg: TrainConfig, n_groups: int) -> dict:
     static = torch.arange(experts).repeat(layers, 1)  # experts laid out in order, E / gpus per GPU
     before = balancedness(static, weight, gpus) if experts % gpus == 0 else None
     after = balancedness(phy2log, weight, gpus)
+    from openinfra.parallel.eplb import gpu_loads
+
     return {
+        "gpu_loads_before": gpu_loads(static, weight, gpus).tolist() if before is not None else None,
+        "gpu_loads_after": gpu_loads(phy2log, weight, gpus).tolist(),
         "layers": layers, "experts": experts, "gpus": gpus, "replicas": replicas,
         "balancedness_before": float(before.mean()) if before is not None else None,
         "balancedness_after": float(after.mean()),
@@ -209,7 +213,7 @@ def train_worker(rank: int, world_size: int, cfg: TrainConfig, tokens: torch.Ten
         t0 = time.perf_counter()
         inputs, targets = stream.batch(step, cfg.batch_size)
         opt.zero_grad(set_to_none=True)
-        profile = cfg.trace_dir is not None and step == start
+        profile = cfg.trace_dir is not None and step == cfg.steps - 1  # a warm step
         prof = _profiler() if profile else None
         if prof is not None:
             prof.__enter__()
@@ -292,12 +296,16 @@ def _profiler():
 
 
 def _export_traces(prof, pipe, cfg: TrainConfig, rank: int) -> str:
+    """This rank's torch.profiler Chrome trace, and (rank 0) every rank's DualPipe schedule events."""
+    from openinfra.profiling.trace import export_chrome_trace
+
     d = Path(cfg.trace_dir)
     d.mkdir(parents=True, exist_ok=True)
-    path = d / f"train_rank{rank}.json"
-    prof.export_chrome_trace(str(path))
+    path = export_chrome_trace(prof, d / f"train_rank{rank}.json", rank=rank)
     if pipe is not None and pipe.recorder is not None:
-        (d / f"schedule_rank{rank}.json").write_text(json.dumps(pipe.recorder.trace()))
+        events = pipe.recorder.gather()  # collective: every rank calls it
+        if rank == 0:
+            pipe.recorder.to_json(d / "schedule.json", events)
     return str(path)
 
 
