@@ -59,9 +59,8 @@ def _refine_step(tokens: torch.Tensor, slot2exp: torch.Tensor, gpus: int) -> tor
 
 _FAITHFUL = Steps(greedy_pack, greedy_replicate, greedy_pack)
 _FAST = Steps(_refine_groups(round_pack), waterfill_replicate, round_pack, _refine_step)
-# The faithful steps with local search on top. Its group -> node packing is the original's, and
-# the search only ever lowers a node's hottest GPU, so every layer is at least as balanced as
-# the original's.
+
+
 def _pairs_or_greedy(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """With at most two items per pack, heaviest-with-lightest pairing (one vectorised pass) is
     optimal, so it is never worse than the greedy; otherwise the original's greedy."""
@@ -70,6 +69,9 @@ def _pairs_or_greedy(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
     return greedy_pack(weight, num_packs)
 
 
+# The faithful steps with local search on top. Its group -> node packing is the original's, and
+# the search only ever lowers a node's hottest GPU, so every layer is at least as balanced as
+# the original's.
 _SEEDED = Steps(greedy_pack, greedy_replicate, _pairs_or_greedy, _refine_step)
 
 
