@@ -200,3 +200,25 @@ def test_non_contiguous_and_half_precision_inputs():
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     h = README_WEIGHT.to(torch.float16)
     assert rebalance_experts(h, 16, 4, 2, 8, solver="faithful")[0].tolist() == README_PHY2LOG
+
+
+def test_never_worse_sweep_of_small_topologies_with_ties():
+    # Random small clusters (both policies, 1-4 slots per GPU and more) with integer loads full
+    # of ties and zeros: the default and portfolio solvers never fall below the original.
+    g = torch.Generator().manual_seed(99)
+    checked = 0
+    while checked < 40:
+        nodes = int(torch.randint(1, 4, (1,), generator=g))
+        gpus = nodes * int(torch.randint(1, 4, (1,), generator=g))
+        groups = int(torch.randint(1, 5, (1,), generator=g))
+        experts = groups * int(torch.randint(1, 5, (1,), generator=g))
+        replicas = gpus * int(torch.randint(1, 6, (1,), generator=g))
+        if replicas < experts:
+            continue
+        w = torch.randint(0, 8, (3, experts), generator=g)
+        base = balancedness(rebalance_experts(w, replicas, groups, nodes, gpus, solver="faithful")[0], w, gpus)
+        for solver in ("best", "portfolio"):
+            out = rebalance_experts(w, replicas, groups, nodes, gpus, solver=solver)
+            _check_invariants(w.double(), *out, replicas, groups, nodes, gpus)
+            assert bool((balancedness(out[0], w, gpus) >= base - 1e-12).all()), (solver, experts, replicas, groups, nodes, gpus)
+        checked += 1
