@@ -161,27 +161,27 @@ def test_sparse_prefill_reference_matches_naive(topk_len, sink):
 def test_schedule_covers_every_block_exactly_once(lens, parts):
     lengths = torch.tensor(lens, dtype=torch.int32)
     meta, splits = build_schedule(lengths, parts)
-    assert meta.shape == (parts, 8) and meta.dtype == torch.int32 and splits.shape == (len(lens) + 1,)
+    assert meta.shape == (len(lens) + parts, 8) and meta.dtype == torch.int32 and splits.shape == (len(lens) + 1,)
     nblk = [(n + 63) // 64 for n in lens]
     seen = {r: [] for r in range(len(lens))}
-    for i in range(parts):
-        br, bb, er, eb, bs = meta[i, :5].tolist()
-        for r in range(br, er + 1):
-            lo = bb if r == br else 0
-            hi = eb if r == er else nblk[r]
-            if lo < hi:
-                seen[r].append((lo, hi, bs if r == br else 0))
+    for row in meta.tolist():
+        req, lo, hi, k, part = row[:5]
+        if req < 0:
+            continue
+        seen[req].append((lo, min(hi, nblk[req]), k, part))
+    per_part = {}
     for r, pieces in seen.items():
-        blocks = sorted(b for lo, hi, _ in pieces for b in range(lo, hi))
+        blocks = sorted(b for lo, hi, _, _ in pieces for b in range(lo, hi))
         assert blocks == list(range(nblk[r])), f"request {r}: blocks {blocks}"
+        assert all(lo < hi for lo, hi, _, _ in pieces), "no empty piece"
         assert splits[r + 1] - splits[r] == len(pieces)
         assert sorted(p[2] for p in pieces) == list(range(len(pieces))), "split indices must be 0..n-1"
-    # balance: no chunk holds much more than its share of blocks + overhead
+        for lo, hi, _, part in pieces:
+            per_part[part] = per_part.get(part, 0) + hi - lo + 5
+    # balance: no chunk holds much more than its share of blocks + per-request overhead
     total = sum(n + 5 for n in nblk)
-    for i in range(parts):
-        br, bb, er, eb, _ = meta[i, :5].tolist()
-        work = sum(((eb if r == er else nblk[r]) - (bb if r == br else 0)) for r in range(br, er + 1))
-        assert work <= -(-total // parts)
+    assert all(0 <= p < parts for p in per_part)
+    assert max(per_part.values(), default=0) <= -(-total // parts) + 5
 
 
 def test_metadata_call_styles():

@@ -13,7 +13,7 @@ import torch
 
 from openinfra.kernels.backend import use_triton
 from openinfra.kernels.flash_mla.layout import FP8_BYTES_PER_TOKEN, HEAD_DIM_QK, HEAD_DIM_V, PAGE_BLOCK_SIZE
-from openinfra.kernels.flash_mla.metadata import FlashMLASchedMeta, build_schedule, default_num_sm_parts
+from openinfra.kernels.flash_mla.metadata import TO_END, FlashMLASchedMeta, build_schedule, default_num_sm_parts
 from openinfra.kernels.flash_mla.reference import (
     mla_decode_reference, mla_sparse_decode_reference, mla_sparse_prefill_reference,
 )
@@ -324,14 +324,15 @@ def flash_mla_sparse_fwd(
     indices = _unit_last_stride(indices)
     lengths = (topk_length.clamp(0, topk) if topk_length is not None
                else torch.full((s_q,), topk, dtype=torch.int32, device=dev)).to(torch.int32)
-    # One chunk per query token and no splitting (plenty of parallelism in prefill), so max_logits
-    # never needs merging.
-    nblk = (lengths + PAGE_BLOCK_SIZE - 1) // PAGE_BLOCK_SIZE
+    # No splitting (plenty of parallelism in prefill), so max_logits never needs merging.
+    # one piece per query token with at least one index; tokens without any are written by the
+    # combine kernel (output 0, lse +inf, max_logits -inf)
+    has = lengths > 0
     meta = torch.zeros(s_q, 8, dtype=torch.int32, device=dev)
-    ar = torch.arange(s_q, dtype=torch.int32, device=dev)
-    meta[:, 0], meta[:, 2], meta[:, 3] = ar, ar, nblk
+    meta[:, 0] = torch.where(has, torch.arange(s_q, dtype=torch.int32, device=dev), -1)
+    meta[:, 2] = TO_END
     splits = torch.zeros(s_q + 1, dtype=torch.int32, device=dev)
-    splits[1:] = torch.cumsum((nblk > 0).to(torch.int32), 0)
+    splits[1:] = torch.cumsum(has.to(torch.int32), 0)
     out = torch.empty(s_q, h_q, HEAD_DIM_V, dtype=q.dtype, device=dev)
     lse = torch.empty(s_q, h_q, dtype=torch.float32, device=dev)
     max_logits = torch.empty(s_q, h_q, dtype=torch.float32, device=dev)

@@ -1,7 +1,7 @@
 """Triton kernels of MLA decoding: split-KV attention over the paged cache, and the combine.
 
-``_mla_attn_kernel``: program (chunk, KV head x row tile) walks the pieces of requests its chunk
-of the tile schedule owns (see :mod:`metadata`). Query rows of one KV head are folded into the M
+``_mla_attn_kernel``: one program per (piece of the tile schedule, KV head x row tile) computes its
+request's keys in the piece's block range (see :mod:`metadata`). Query rows of one KV head are folded into the M
 dimension of the tile (``rows = s_q * h_q / h_kv``: query token major, head minor), so one K/V
 tile read from the cache serves up to 64 rows. K is the 576-dim latent row, loaded as its 512
 "nope" dims and 64 rope dims; V is the same 512-dim tile (one load serves both matrix products).
@@ -16,7 +16,7 @@ cache's 16-bit type. Constexpr flags pick the variants:
 - ``HAS_SINK``: attention-sink scaling of the final output; ``WRITE_MAX``: also store the max logit.
 
 A piece that covers its whole request writes the final output and lse; pieces of a request cut by
-chunk boundaries write fp32 partials (output normalized by its own sum, lse in base 2), which
+the schedule's chunk boundaries write fp32 partials (output normalized by its own sum, lse in base 2), which
 ``_mla_combine_kernel`` merges and which also writes the empty requests (output 0, lse +inf).
 """
 
@@ -103,7 +103,7 @@ def _mla_attn_kernel(
     HAS_SINK: tl.constexpr, WRITE_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     SCALE_OFF: tl.constexpr, ROPE_OFF: tl.constexpr, FP8_TILE: tl.constexpr,
 ):
-    part = tl.program_id(0)
+    piece = tl.program_id(0)
     pid1 = tl.program_id(1)
     kvh = pid1 % h_kv
     mb = pid1 // h_kv
@@ -115,120 +115,115 @@ def _mla_attn_kernel(
     rcols = tl.arange(0, D_R)
     offs_n = tl.arange(0, BLOCK_N)
 
-    meta = sched_ptr + part * 8
-    begin_req = tl.load(meta + 0)
-    begin_blk = tl.load(meta + 1)
-    end_req = tl.load(meta + 2)
-    end_blk = tl.load(meta + 3)
-    begin_split = tl.load(meta + 4)
+    meta = sched_ptr + piece * 8
+    req = tl.load(meta + 0)
+    if req < 0:  # unused row of the piece table
+        return
+    lo = tl.load(meta + 1) * SCHED_BLOCK
+    hi = tl.load(meta + 2) * SCHED_BLOCK
+    split_id = tl.load(meta + 3)
+    length = tl.load(len_ptr + req)
+    split_base = tl.load(splits_ptr + req)
+    n_split = tl.load(splits_ptr + req + 1) - split_base
+    if n_split == 0:  # defensive: the schedule lists no piece of an empty request
+        return
+    if SPARSE:
+        bi = req // s_q
+        si = r_s * 0 + req % s_q
+    else:
+        bi = req
+        si = r_s
+    q_row = q_ptr + bi.to(tl.int64) * stride_qb + si.to(tl.int64) * stride_qs + head.to(tl.int64) * stride_qh
+    q_nope = tl.load(q_row[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0)
+    q_pe = tl.load(q_row[:, None] + D_V + rcols[None, :], mask=row_ok[:, None], other=0.0)
+    if INTERPRET:  # the interpreter's 16-bit dot is wrong: compute it in fp32
+        q_nope = q_nope.to(tl.float32)
+        q_pe = q_pe.to(tl.float32)
+    if CAUSAL:
+        last_key = length - s_q + si  # [BM]: the last key each row may see
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_V], tl.float32)
+    stop = tl.minimum(hi, length)
+    # The page index (dense) or token indices (sparse) of each K tile are loaded one tile
+    # ahead and carried through the loop: when the cache load's address came from a load in
+    # the same iteration, Triton's software pipeliner kept a single buffer and waited on it
+    # every tile (seen in the TTGIR for sm_90); carried, the tile loads get multi-buffered.
+    if SPARSE:
+        idx_row = idx_ptr + bi.to(tl.int64) * stride_ib + (req % s_q) * stride_is
+        tok_next = tl.load(idx_row + lo + offs_n, mask=(lo + offs_n < stop), other=-1)
+    else:
+        bt_row = bt_ptr + bi.to(tl.int64) * stride_btb
+        page_next = tl.load(bt_row + lo // page_size, mask=lo < stop, other=0)
+    for start in range(lo, stop, BLOCK_N):
+        pos = start + offs_n
+        in_len = pos < length
+        if SPARSE:
+            tok = tok_next
+            tok_next = tl.load(idx_row + BLOCK_N + pos, mask=BLOCK_N + pos < length, other=-1)
+            valid = in_len & (tok >= 0) & (tok < n_tokens)
+            tok = tl.where(valid, tok, 0)
+            page = tok // page_size
+            slot = tok % page_size
+        else:
+            # a tile never straddles pages: BLOCK_N divides the 64-token page
+            page = page_next
+            nxt = start + BLOCK_N
+            page_next = tl.load(bt_row + nxt // page_size, mask=nxt < stop, other=0)
+            valid = in_len
+            slot = pos % page_size
+        krow = kv_ptr + page.to(tl.int64) * stride_kb + slot.to(tl.int64) * stride_kt + kvh * stride_kh
+        if FP8:
+            raw = tl.load(krow[:, None] + cols[None, :], mask=valid[:, None], other=0)
+            vals = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            sptr = (krow[:, None] + SCALE_OFF + 4 * tl.arange(0, D_V // FP8_TILE)[None, :]).to(
+                tl.pointer_type(tl.float32))
+            sc = tl.load(sptr, mask=valid[:, None], other=0.0)
+            vals = tl.reshape(tl.reshape(vals, [BLOCK_N, D_V // FP8_TILE, FP8_TILE]) * sc[:, :, None],
+                              [BLOCK_N, D_V])
+            k_nope = vals.to(tl.bfloat16)  # exact: e4m3 times a power of two fits bf16
+            rptr = (krow[:, None] + ROPE_OFF + 2 * rcols[None, :]).to(tl.pointer_type(tl.bfloat16))
+            k_pe = tl.load(rptr, mask=valid[:, None], other=0.0)
+        else:
+            k_nope = tl.load(krow[:, None] + cols[None, :], mask=valid[:, None], other=0.0)
+            k_pe = tl.load(krow[:, None] + D_V + rcols[None, :], mask=valid[:, None], other=0.0)
+        if INTERPRET:
+            k_nope_mm = k_nope.to(tl.float32)
+            k_pe_mm = k_pe.to(tl.float32)
+        else:
+            k_nope_mm = k_nope
+            k_pe_mm = k_pe
+        s = tl.dot(q_nope, tl.trans(k_nope_mm))
+        s = tl.dot(q_pe, tl.trans(k_pe_mm), s)
+        s = s * scale_log2
+        keep = valid[None, :] & row_ok[:, None]
+        if CAUSAL:
+            keep = keep & (pos[None, :] <= last_key[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p16 = _to_16bit(p, k_nope.dtype, INTERPRET)
+        if INTERPRET:
+            acc = acc * alpha[:, None] + tl.dot(p16.to(tl.float32), k_nope_mm)
+        else:
+            acc = tl.dot(p16, k_nope, acc * alpha[:, None])
+        m_i = m_new
 
-    for req in range(begin_req, end_req + 1):
-        length = tl.load(len_ptr + req)
-        split_base = tl.load(splits_ptr + req)
-        n_split = tl.load(splits_ptr + req + 1) - split_base
-        # The piece of this request in this chunk, in tokens. Its existence is decided by the schedule
-        # alone (a chunk's last request ends at end_blk, every other piece runs to the request's end),
-        # so that each split the schedule counted is written even if the lengths shrank since.
-        lo = tl.where(req == begin_req, begin_blk, 0) * SCHED_BLOCK
-        hi = tl.where(req == end_req, end_blk * SCHED_BLOCK, 2147483647)
-        if (lo < hi) & (n_split > 0):
-            if SPARSE:
-                bi = req // s_q
-                si = r_s * 0 + req % s_q
-            else:
-                bi = req
-                si = r_s
-            q_row = q_ptr + bi.to(tl.int64) * stride_qb + si.to(tl.int64) * stride_qs + head.to(tl.int64) * stride_qh
-            q_nope = tl.load(q_row[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0)
-            q_pe = tl.load(q_row[:, None] + D_V + rcols[None, :], mask=row_ok[:, None], other=0.0)
-            if INTERPRET:  # the interpreter's 16-bit dot is wrong: compute it in fp32
-                q_nope = q_nope.to(tl.float32)
-                q_pe = q_pe.to(tl.float32)
-            if CAUSAL:
-                last_key = length - s_q + si  # [BM]: the last key each row may see
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, D_V], tl.float32)
-            stop = tl.minimum(hi, length)
-            # The page index (dense) or token indices (sparse) of each K tile are loaded one tile
-            # ahead and carried through the loop: when the cache load's address came from a load in
-            # the same iteration, Triton's software pipeliner kept a single buffer and waited on it
-            # every tile (seen in the TTGIR for sm_90); carried, the tile loads get multi-buffered.
-            if SPARSE:
-                idx_row = idx_ptr + bi.to(tl.int64) * stride_ib + (req % s_q) * stride_is
-                tok_next = tl.load(idx_row + lo + offs_n, mask=lo + offs_n < length, other=-1)
-            else:
-                bt_row = bt_ptr + bi.to(tl.int64) * stride_btb
-                page_next = tl.load(bt_row + lo // page_size)
-            for start in range(lo, stop, BLOCK_N):
-                pos = start + offs_n
-                in_len = pos < length
-                if SPARSE:
-                    tok = tok_next
-                    tok_next = tl.load(idx_row + BLOCK_N + pos, mask=BLOCK_N + pos < length, other=-1)
-                    valid = in_len & (tok >= 0) & (tok < n_tokens)
-                    tok = tl.where(valid, tok, 0)
-                    page = tok // page_size
-                    slot = tok % page_size
-                else:
-                    # a tile never straddles pages: BLOCK_N divides the 64-token page
-                    page = page_next
-                    nxt = start + BLOCK_N
-                    page_next = tl.load(bt_row + nxt // page_size, mask=nxt < stop, other=0)
-                    valid = in_len
-                    slot = pos % page_size
-                krow = kv_ptr + page.to(tl.int64) * stride_kb + slot.to(tl.int64) * stride_kt + kvh * stride_kh
-                if FP8:
-                    raw = tl.load(krow[:, None] + cols[None, :], mask=valid[:, None], other=0)
-                    vals = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                    sptr = (krow[:, None] + SCALE_OFF + 4 * tl.arange(0, D_V // FP8_TILE)[None, :]).to(
-                        tl.pointer_type(tl.float32))
-                    sc = tl.load(sptr, mask=valid[:, None], other=0.0)
-                    vals = tl.reshape(tl.reshape(vals, [BLOCK_N, D_V // FP8_TILE, FP8_TILE]) * sc[:, :, None],
-                                      [BLOCK_N, D_V])
-                    k_nope = vals.to(tl.bfloat16)  # exact: e4m3 times a power of two fits bf16
-                    rptr = (krow[:, None] + ROPE_OFF + 2 * rcols[None, :]).to(tl.pointer_type(tl.bfloat16))
-                    k_pe = tl.load(rptr, mask=valid[:, None], other=0.0)
-                else:
-                    k_nope = tl.load(krow[:, None] + cols[None, :], mask=valid[:, None], other=0.0)
-                    k_pe = tl.load(krow[:, None] + D_V + rcols[None, :], mask=valid[:, None], other=0.0)
-                if INTERPRET:
-                    k_nope_mm = k_nope.to(tl.float32)
-                    k_pe_mm = k_pe.to(tl.float32)
-                else:
-                    k_nope_mm = k_nope
-                    k_pe_mm = k_pe
-                s = tl.dot(q_nope, tl.trans(k_nope_mm))
-                s = tl.dot(q_pe, tl.trans(k_pe_mm), s)
-                s = s * scale_log2
-                keep = valid[None, :] & row_ok[:, None]
-                if CAUSAL:
-                    keep = keep & (pos[None, :] <= last_key[:, None])
-                s = tl.where(keep, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                p16 = _to_16bit(p, k_nope.dtype, INTERPRET)
-                if INTERPRET:
-                    acc = acc * alpha[:, None] + tl.dot(p16.to(tl.float32), k_nope_mm)
-                else:
-                    acc = tl.dot(p16, k_nope, acc * alpha[:, None])
-                m_i = m_new
-
-            if n_split == 1:
-                o_rows = out_ptr + bi.to(tl.int64) * stride_ob + si.to(tl.int64) * stride_os + head.to(tl.int64) * stride_oh
-                l_off = bi.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + si.to(tl.int64) * stride_ls
-                _finish_rows(acc, m_i, l_i, head, sink_ptr, o_rows[:, None] + cols[None, :], lse_ptr + l_off,
-                             max_ptr + l_off, row_ok, HAS_SINK, WRITE_MAX, D_V, INTERPRET)
-            else:
-                split = split_base + tl.where(req == begin_req, begin_split, 0)
-                slot_row = (split.to(tl.int64) * h_kv + kvh) * R + rows
-                empty = l_i == 0.0
-                l_safe = tl.where(empty, 1.0, l_i)
-                tl.store(oacc_ptr + slot_row[:, None] * D_V + cols[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
-                tl.store(lacc_ptr + slot_row, tl.where(empty, float("-inf"), m_i + tl.log2(l_safe)), mask=row_ok)
+    if n_split == 1:
+        o_rows = out_ptr + bi.to(tl.int64) * stride_ob + si.to(tl.int64) * stride_os + head.to(tl.int64) * stride_oh
+        l_off = bi.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + si.to(tl.int64) * stride_ls
+        _finish_rows(acc, m_i, l_i, head, sink_ptr, o_rows[:, None] + cols[None, :], lse_ptr + l_off,
+                     max_ptr + l_off, row_ok, HAS_SINK, WRITE_MAX, D_V, INTERPRET)
+    else:
+        split = split_base + split_id
+        slot_row = (split.to(tl.int64) * h_kv + kvh) * R + rows
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        tl.store(oacc_ptr + slot_row[:, None] * D_V + cols[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
+        tl.store(lacc_ptr + slot_row, tl.where(empty, float("-inf"), m_i + tl.log2(l_safe)), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["s_q", "h_kv", "G", "R", "stride_lb", "stride_lh", "stride_ls"])
@@ -342,11 +337,11 @@ def mla_attention_triton(
     rows = g if sparse else s_q * g
     bm, bn, num_warps, num_stages = config.resolve(rows)
     m_blocks = ceil_div(rows, bm)
-    parts = tile_scheduler_metadata.shape[0]
+    pieces = tile_scheduler_metadata.shape[0]
     n_req = lengths.shape[0]
     dev = q.device
-    # Partials: at most one extra split per chunk boundary.
-    cap = n_req + parts
+    # Partials: at most one per row of the piece table.
+    cap = pieces
     oacc = torch.empty(cap * h_kv * rows * HEAD_DIM_V, dtype=torch.float32, device=dev)
     lacc = torch.empty(cap * h_kv * rows, dtype=torch.float32, device=dev)
     dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -357,7 +352,7 @@ def mla_attention_triton(
     mx = max_logits if max_logits is not None else lse
     kv_arg = kv.view(torch.uint8) if is_fp8 else kv
     interpret = interpreter_enabled()
-    _mla_attn_kernel[(parts, h_kv * m_blocks)](
+    _mla_attn_kernel[(pieces, h_kv * m_blocks)](
         q, kv_arg, bt, lengths, idx, tile_scheduler_metadata, num_splits, sink,
         out, lse, mx, oacc, lacc,
         s_q, n_tokens, page, h_kv, g, rows, softmax_scale * _LOG2E,

@@ -1,18 +1,22 @@
-"""The tile scheduler: how the KV blocks of a decode step are cut among the GPU's SMs.
+"""The tile scheduler: how the KV blocks of a decode step are cut into balanced pieces of work.
 
 Work unit: a 64-token block of one request, for one tile of up to 64 query rows of one KV head.
 Each request costs its blocks plus a fixed ``SCHEDULE_OVERHEAD_BLOCKS`` (starting a request: load
 q, write an output); the requests are laid end to end and the line is cut into ``num_sm_parts``
-equal, contiguous chunks. A request cut by a chunk boundary is computed in pieces ("splits"), each
-writing an fp32 partial output and its lse, and the combine kernel merges them; a request that
-falls in one chunk is written directly.
+equal, contiguous chunks, one per SM's worth of work (FlashMLA's scheme). A request cut by chunk
+boundaries is computed in pieces ("splits"), each writing an fp32 partial output and its lse, which
+the combine kernel merges; a request inside one chunk is one piece and writes its output directly.
 
-``tile_scheduler_metadata`` [num_sm_parts, 8] int32, one row per chunk:
-``[begin_req, begin_block, end_req, end_block, begin_split, 0, 0, 0]``: the chunk covers blocks
-``[begin_block, ...)`` of ``begin_req`` up to blocks ``[..., end_block)`` of ``end_req``;
-``begin_split`` is the split index of its piece of ``begin_req`` (pieces of the other requests are
-their first split). ``num_splits`` [num_requests + 1] int32 is the running count of splits:
-request i owns partial slots ``[num_splits[i], num_splits[i + 1])`` (0 splits: empty request).
+The kernel runs one program per piece, so ``tile_scheduler_metadata`` lists the pieces:
+[num_requests + num_sm_parts, 8] int32 (an upper bound on their number: each chunk boundary adds at
+most one piece), row ``[req, begin_block, end_block, split, chunk, 0, 0, 0]`` for piece ``split`` of
+request ``req`` covering blocks ``[begin_block, end_block)``; unused rows have ``req = -1``. The last
+piece of a request has ``end_block = 2^24`` (to the request's end). ``num_splits`` [num_requests + 1]
+int32 is the running count of pieces: request i owns partial slots ``[num_splits[i], num_splits[i + 1])``
+(0 pieces: an empty request, written by the combine kernel as output 0, lse +inf).
+
+(A first version ran one program per chunk looping over its requests, as FlashMLA does; ptxas then
+spilled ~0.8 KB per thread at 64 rows per tile, and none without the outer loop.)
 
 Everything is computed with tensor ops on the lengths' device, with no host synchronisation, so a
 decode step under CUDA graphs can rebuild it.
@@ -27,7 +31,7 @@ import torch
 
 from openinfra.kernels.flash_mla.layout import BLOCK_M, PAGE_BLOCK_SIZE, SCHEDULE_OVERHEAD_BLOCKS, ceil_div
 
-__all__ = ["FlashMLASchedMeta", "get_mla_metadata", "build_schedule", "default_num_sm_parts", "METADATA_WIDTH"]
+__all__ = ["FlashMLASchedMeta", "get_mla_metadata", "build_schedule", "default_num_sm_parts", "METADATA_WIDTH", "TO_END"]
 
 METADATA_WIDTH = 8
 
@@ -51,7 +55,7 @@ class FlashMLASchedMeta:
 
     have_initialized: bool = False
     config: Optional[Config] = None
-    tile_scheduler_metadata: Optional[torch.Tensor] = None  # [num_sm_parts, 8] int32
+    tile_scheduler_metadata: Optional[torch.Tensor] = None  # [num_requests + num_sm_parts, 8] int32
     num_splits: Optional[torch.Tensor] = None  # [num_requests + 1] int32
 
 
@@ -67,55 +71,51 @@ def default_num_sm_parts(device: torch.device, num_heads_k: int, num_q_tokens_pe
     return max(_sm_count(device) // (num_heads_k * m_blocks), 1)
 
 
+TO_END = 1 << 24  # end_block of a request's last piece: run to its end, whatever its length
+
+
 def build_schedule(
     lengths: torch.Tensor, num_sm_parts: int, block_tokens: int = PAGE_BLOCK_SIZE,
     overhead_blocks: int = SCHEDULE_OVERHEAD_BLOCKS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut requests of ``lengths`` tokens ([n] int) into ``num_sm_parts`` balanced contiguous chunks.
+    """Cut requests of ``lengths`` tokens ([n] int) into pieces of ``num_sm_parts`` balanced chunks.
 
-    Returns ``(tile_scheduler_metadata [num_sm_parts, 8] int32, num_splits [n + 1] int32)`` on
+    Returns ``(tile_scheduler_metadata [n + num_sm_parts, 8] int32, num_splits [n + 1] int32)`` on
     ``lengths``' device (see the module docstring for their meaning).
     """
     if num_sm_parts < 1:
         raise ValueError(f"num_sm_parts must be >= 1, got {num_sm_parts}")
     dev = lengths.device
     n = lengths.shape[0]
+    cap = n + num_sm_parts
+    meta = torch.zeros(cap, METADATA_WIDTH, dtype=torch.int32, device=dev)
+    num_splits = torch.zeros(n + 1, dtype=torch.int32, device=dev)
+    if n == 0:
+        meta[:, 0] = -1
+        return meta, num_splits
     lens = lengths.to(torch.int64).clamp(min=0)
     nblk = (lens + block_tokens - 1) // block_tokens
     cost = nblk + overhead_blocks
     c_end = torch.cumsum(cost, 0)
     c_begin = c_end - cost
-    total = c_end[-1:] if n else torch.zeros(1, dtype=torch.int64, device=dev)
-    per_part = torch.clamp((total + num_sm_parts - 1) // num_sm_parts, min=1)  # [1]
-    part = torch.arange(num_sm_parts, device=dev, dtype=torch.int64)
-    x = part * per_part  # first position of each chunk
-    y = x + per_part  # one past its last position
-
-    def locate(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # (request holding position pos, clamped to n - 1; block of pos within it, may be < 0)
-        req = torch.searchsorted(c_end, pos, right=True).clamp(max=max(n - 1, 0))
-        return req, pos - c_begin[req] - overhead_blocks if n else pos
-
-    begin_req, begin_off = locate(x)
-    end_req, end_off = locate(y - 1)
-    if n:
-        begin_blk = begin_off.clamp(min=0)
-        end_blk = torch.minimum((end_off + 1).clamp(min=0), nblk[end_req])
-        first_part = (c_begin + overhead_blocks) // per_part  # chunk holding each request's block 0
-        last_part = (c_begin + overhead_blocks + nblk - 1) // per_part
-        splits = torch.where(nblk > 0, last_part - first_part + 1, 0)
-        begin_split = (part - first_part[begin_req]).clamp(min=0)
-        empty = x >= total  # chunks past the end of the work
-        begin_req = torch.where(empty, n, begin_req)
-        end_req = torch.where(empty, n - 1, end_req)
-    else:
-        begin_blk = end_blk = begin_split = torch.zeros_like(part)
-        splits = torch.zeros(0, dtype=torch.int64, device=dev)
-        begin_req, end_req = torch.zeros_like(part), torch.full_like(part, -1)
-    meta = torch.zeros(num_sm_parts, METADATA_WIDTH, dtype=torch.int32, device=dev)
-    meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3], meta[:, 4] = begin_req, begin_blk, end_req, end_blk, begin_split
-    num_splits = torch.zeros(n + 1, dtype=torch.int32, device=dev)
-    num_splits[1:] = torch.cumsum(splits, 0)
+    per_part = torch.clamp((c_end[-1:] + num_sm_parts - 1) // num_sm_parts, min=1)  # [1]
+    start = c_begin + overhead_blocks  # position of each request's block 0
+    first_part = start // per_part
+    last_part = (start + nblk - 1) // per_part
+    splits = torch.where(nblk > 0, last_part - first_part + 1, 0)
+    cum = torch.cumsum(splits, 0)
+    num_splits[1:] = cum
+    piece = torch.arange(cap, device=dev, dtype=torch.int64)
+    req = torch.searchsorted(cum, piece, right=True)  # the request owning each piece
+    used = req < n
+    req = req.clamp(max=n - 1)
+    k = piece - (cum[req] - splits[req])  # split index within the request
+    part = first_part[req] + k
+    lo = (part * per_part - start[req]).clamp(min=0)
+    hi = torch.minimum((part + 1) * per_part - start[req], nblk[req])
+    hi = torch.where(k == splits[req] - 1, TO_END, hi)
+    meta[:, 0] = torch.where(used, req, -1)
+    meta[:, 1], meta[:, 2], meta[:, 3], meta[:, 4] = lo, hi, k, part
     return meta, num_splits
 
 
@@ -136,7 +136,7 @@ def get_mla_metadata(
     call from the real inputs (including ``topk_length`` for sparse decoding) and reused after.
 
     Classic style: ``get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)`` returns
-    ``(tile_scheduler_metadata [num_sm_parts, 8] int32, num_splits [b + 1] int32)``, computed once
+    ``(tile_scheduler_metadata [b + num_sm_parts, 8] int32, num_splits [b + 1] int32)``, computed once
     per decode step and passed to every layer. For sparse decoding pass ``num_heads_q`` and ``topk``:
     each (request, query token) is then scheduled as ``topk`` tokens.
 
