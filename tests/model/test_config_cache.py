@@ -14,6 +14,8 @@ def test_named_configs():
     # DeepSeek-V3: 671B parameters, 37B activated (without the 14B multi-token-prediction module)
     assert v3.num_params() == pytest.approx(671e9, rel=0.01)
     assert v3.num_params(active=True) == pytest.approx(37e9, rel=0.03)
+    # the released checkpoint: 685B with the MTP module and its stored copies of embedding and head
+    assert v3.num_params(mtp=True) + 2 * v3.vocab_size * v3.dim == pytest.approx(685e9, rel=0.005)
     assert v3.kv_cache_bytes_per_token() == 61 * 576 * 2
     for name in ("small", "medium", "v3"):  # GPU configs keep the decode kernel's width
         cfg = get_config(name)

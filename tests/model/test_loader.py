@@ -124,3 +124,29 @@ def test_loader_errors(tmp_path):
         load_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="missing"):
         load_checkpoint(tmp_path, cfg=get_config("tiny"))
+
+
+def test_round_trip_with_multi_token_prediction_layer(tmp_path):
+    cfg = get_config("tiny", n_mtp_layers=1)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    save_checkpoint(model, tmp_path)
+    names = set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"])
+    n = cfg.n_layers  # V3 numbering: the MTP layer follows the main stack (layer 61 at V3 size)
+    for own in ("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens",
+                "self_attn.kv_b_proj", "mlp.gate"):
+        assert f"model.layers.{n}.{own}.weight" in names, own
+    loaded, report = load_checkpoint(tmp_path)
+    assert loaded.cfg.n_mtp_layers == 1 and not report["skipped"]
+    a, b = model.state_dict(), loaded.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 9))
+    torch.testing.assert_close(loaded.mtp_logits(tokens)[0], model.mtp_logits(tokens)[0], rtol=0, atol=0)
+    # the MTP layer's head copy must equal the main head
+    from safetensors.torch import load_file
+    shard = next(f for f in tmp_path.glob("*.safetensors") if f"model.layers.{n}.shared_head.head.weight" in load_file(str(f)))
+    tensors = load_file(str(shard))
+    tensors[f"model.layers.{n}.shared_head.head.weight"] += 1
+    save_file(tensors, str(shard))
+    with pytest.raises(ValueError, match="differs from the main model"):
+        load_checkpoint(tmp_path)

@@ -71,3 +71,36 @@ def test_model_equals_plain_pytorch_reference(name_kw):
     plain_loss(model, tokens, tokens).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(ours[n], p.grad, rtol=1e-9, atol=1e-10, msg=n)
+
+
+def test_multi_token_prediction_depths_are_causal_and_train():
+    torch.manual_seed(0)
+    cfg = get_config("tiny", n_mtp_layers=2)
+    model = Transformer(cfg).double()  # float64: expert batch sizes shift with routing, rounding with them
+    tokens = torch.randint(0, 64, (2, 12))
+    logits = model.mtp_logits(tokens)
+    assert [tuple(lg.shape) for lg in logits] == [(2, 11, cfg.vocab_size), (2, 10, cfg.vocab_size)]
+    # depth k at position i sees tokens up to i + k only
+    changed = tokens.clone()
+    changed[:, 8] = (changed[:, 8] + 1) % 64
+    after = model.mtp_logits(changed)
+    for k, (a, b) in enumerate(zip(logits, after), start=1):
+        cut = 8 - k  # positions < cut never see token 8
+        torch.testing.assert_close(a[:, :cut], b[:, :cut], rtol=0, atol=1e-12)
+        assert not torch.allclose(a[:, cut], b[:, cut])
+    assert len(model.moe_layers()) == cfg.n_moe_layers + 2  # the MTP blocks are MoE blocks too
+    model = model.float()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(1)).repeat(1, 5)[:, :33]
+    first = None
+    for _ in range(25):
+        loss = model.loss(data[:, :-1], data[:, 1:], mtp_weight=0.3)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    mtp_ce = torch.nn.functional.cross_entropy(model.mtp_logits(data[:, :-1])[0].flatten(0, 1), data[:, 2:].flatten())
+    assert loss.item() < 0.5 * first and mtp_ce.item() < 2.0, (first, loss.item(), mtp_ce.item())
+    assert model.mtp[0].eh_proj.weight.grad is not None
+    with pytest.raises(ValueError, match="n_mtp_layers"):
+        Transformer(get_config("tiny")).loss(data[:, :-1], data[:, 1:], mtp_weight=0.3)

@@ -60,6 +60,8 @@ class ModelConfig:
     # Linear layers: "bf16" keeps every GEMM in the parameter dtype; "fp8" runs them through
     # deep_gemm's block-scaled FP8 GEMM where a Hopper GPU and the kernels are present.
     gemm: Literal["bf16", "fp8"] = "bf16"
+    # Multi-token prediction (V3: one module predicting the token after next); 0 = none.
+    n_mtp_layers: int = 0
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "kv_lora_rank",
@@ -70,6 +72,8 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
         if not 0 <= self.n_dense_layers <= self.n_layers:
             raise ValueError(f"ModelConfig.n_dense_layers must be in [0, n_layers={self.n_layers}], got {self.n_dense_layers}")
+        if not isinstance(self.n_mtp_layers, int) or self.n_mtp_layers < 0:
+            raise ValueError(f"ModelConfig.n_mtp_layers must be an int >= 0, got {self.n_mtp_layers!r}")
         if self.q_lora_rank < 0:
             raise ValueError(f"ModelConfig.q_lora_rank must be >= 0 (0 = no query compression), got {self.q_lora_rank}")
         if self.qk_rope_head_dim % 2:
@@ -78,7 +82,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.score_func must be 'sigmoid' or 'softmax', got {self.score_func!r}")
         if self.gemm not in ("bf16", "fp8"):
             raise ValueError(f"ModelConfig.gemm must be 'bf16' or 'fp8', got {self.gemm!r}")
-        if self.n_dense_layers < self.n_layers:  # there are MoE layers: check the routing shape
+        if self.n_dense_layers < self.n_layers or self.n_mtp_layers:  # MoE layers exist: check the routing shape
             e, g = self.n_routed_experts, self.n_expert_groups
             if e <= 0 or g <= 0 or e % g:
                 raise ValueError(f"ModelConfig.n_routed_experts ({e}) must be a positive multiple of n_expert_groups ({g})")
@@ -128,8 +132,9 @@ class ModelConfig:
         """Bytes of MLA latent cache per token across all layers (bf16 by default)."""
         return self.n_layers * self.latent_dim * bytes_per_value
 
-    def num_params(self, active: bool = False) -> int:
-        """Values stored in a checkpoint (embedding, head and the gates' bias included); ``active=True`` counts only the routed
+    def num_params(self, active: bool = False, mtp: bool = False) -> int:
+        """Values stored in a checkpoint (embedding, head and the gates' bias included; the MTP modules
+        only with ``mtp=True``, V3's 671B excludes them); ``active=True`` counts only the routed
         experts a token uses, the figure papers quote as "activated parameters"."""
         d, h = self.dim, self.n_heads
         if self.q_lora_rank:
@@ -142,6 +147,8 @@ class ModelConfig:
         experts = self.n_activated_experts if active else self.n_routed_experts
         moe = 3 * d * self.moe_inter_dim * (experts + self.n_shared_experts) + self.n_routed_experts * (d + 1)
         body = self.n_layers * attn + self.n_dense_layers * dense + self.n_moe_layers * moe
+        if mtp:  # each MTP module: a MoE block, enorm, hnorm, eh_proj [d, 2d] and its final norm
+            body += self.n_mtp_layers * (attn + moe + 2 * d * d + 3 * d)
         return body + 2 * self.vocab_size * d + d
 
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -177,6 +184,7 @@ class ModelConfig:
                 qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
                 max_seq_len=hf.get("max_position_embeddings", 4096), rope_theta=float(hf.get("rope_theta", 10000.0)),
                 norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                n_mtp_layers=int(hf.get("num_nextn_predict_layers") or 0),
             )
         except KeyError as exc:
             raise ValueError(f"Hugging Face config is missing {exc.args[0]!r}") from None
@@ -208,6 +216,7 @@ class ModelConfig:
             "q_lora_rank": self.q_lora_rank or None, "kv_lora_rank": self.kv_lora_rank,
             "qk_nope_head_dim": self.qk_nope_head_dim, "qk_rope_head_dim": self.qk_rope_head_dim,
             "v_head_dim": self.v_head_dim, "max_position_embeddings": self.max_seq_len,
+            "num_nextn_predict_layers": self.n_mtp_layers,
             "rope_theta": self.rope_theta, "rms_norm_eps": self.norm_eps, "tie_word_embeddings": False,
         }
         if self.rope_factor > 1:
@@ -243,7 +252,7 @@ CONFIGS: dict[str, ModelConfig] = {
         vocab_size=129280, dim=7168, inter_dim=18432, moe_inter_dim=2048, n_layers=61, n_dense_layers=3, n_heads=128,
         n_routed_experts=256, n_shared_experts=1, n_activated_experts=8, n_expert_groups=8, n_limited_groups=4,
         route_scale=2.5, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-        v_head_dim=128, max_seq_len=16384, original_seq_len=4096, rope_factor=40.0, gemm="fp8",
+        v_head_dim=128, max_seq_len=16384, original_seq_len=4096, rope_factor=40.0, gemm="fp8", n_mtp_layers=1,
     ),
 }
 

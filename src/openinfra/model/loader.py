@@ -5,7 +5,10 @@ The naming (``model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight``, ``mlp.expe
 :data:`HF_TO_OURS`); per-expert matrices are stacked into our [E, ...] grouped weights. FP8
 checkpoints store e4m3 weights with ``weight_scale_inv`` [ceil(N/128), ceil(K/128)] float32 per
 128x128 block (value = e4m3 * scale_inv); the loader dequantizes them into the model dtype. Layers
-at or past ``n_layers`` (V3's multi-token-prediction layer 61) are skipped and reported.
+``n_layers .. n_layers + n_mtp_layers - 1`` are the multi-token-prediction modules (V3's layer 61:
+``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm`` and a MoE block; its ``embed_tokens`` and
+``shared_head.head`` are copies of the main ones and are checked, not loaded); layers past those are
+skipped and reported.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ _EXPERT_PROJ = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|e_score_correction_bias)$")
 _EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|down_proj|up_proj)$")
 _TOP = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "head.weight"}
+#: The MTP layer's own modules (beyond a regular block's), HF name -> ours inside ``mtp.{j}``.
+_MTP_OWN = {"enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj", "shared_head.norm": "norm"}
+#: The MTP layer's copies of shared tensors -> the main model's name they must equal.
+_MTP_SHARED = {"embed_tokens": "embed.weight", "shared_head.head": "head.weight"}
 _BLOCK = 128
 
 
@@ -108,7 +115,8 @@ def convert_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> tupl
     """HF-named tensors -> our state dict (experts stacked). Returns (state_dict, skipped HF names)."""
     ours: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
-    experts: dict[tuple[int, str], dict[int, torch.Tensor]] = defaultdict(dict)
+    shared: dict[str, str] = {}
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = defaultdict(dict)
     for name, t in hf.items():
         if name in _TOP:
             ours[_TOP[name]] = t
@@ -118,7 +126,17 @@ def convert_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> tupl
             skipped.append(name)
             continue
         layer, module, kind = int(m.group(1)), m.group(2), m.group(3)
-        if layer >= cfg.n_layers:
+        if layer < cfg.n_layers:
+            prefix = f"layers.{layer}."
+        elif layer < cfg.n_layers + cfg.n_mtp_layers:
+            prefix = f"mtp.{layer - cfg.n_layers}.block."
+            if module in _MTP_OWN:
+                ours[f"mtp.{layer - cfg.n_layers}.{_MTP_OWN[module]}.weight"] = t
+                continue
+            if module in _MTP_SHARED:
+                shared[name] = _MTP_SHARED[module]
+                continue
+        else:
             skipped.append(name)
             continue
         em = _EXPERT_RE.match(module)
@@ -126,18 +144,21 @@ def convert_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> tupl
             j = int(em.group(1))
             if j >= cfg.n_routed_experts:
                 raise ValueError(f"{name}: expert {j} is past n_routed_experts={cfg.n_routed_experts}")
-            experts[(layer, _EXPERT_PROJ[em.group(2)])][j] = t
+            experts[(prefix, _EXPERT_PROJ[em.group(2)])][j] = t
             continue
         if module not in HF_TO_OURS:
             skipped.append(name)
             continue
         suffix = "bias" if kind == "e_score_correction_bias" else "weight"
-        ours[f"layers.{layer}.{HF_TO_OURS[module]}.{suffix}"] = t
-    for (layer, proj), per_expert in experts.items():
+        ours[f"{prefix}{HF_TO_OURS[module]}.{suffix}"] = t
+    for (prefix, proj), per_expert in experts.items():
         missing = [j for j in range(cfg.n_routed_experts) if j not in per_expert]
         if missing:
-            raise ValueError(f"layer {layer} {proj}: experts {missing[:8]} missing from the checkpoint")
-        ours[f"layers.{layer}.ffn.experts.{proj}"] = torch.stack([per_expert[j] for j in range(cfg.n_routed_experts)])
+            raise ValueError(f"{prefix}{proj}: experts {missing[:8]} missing from the checkpoint")
+        ours[f"{prefix}ffn.experts.{proj}"] = torch.stack([per_expert[j] for j in range(cfg.n_routed_experts)])
+    for name, main in shared.items():  # the MTP layer's copies must be the main model's tensors
+        if main in ours and not torch.equal(hf[name].to(ours[main].dtype), ours[main]):
+            raise ValueError(f"{name} differs from the main model's {main}; this model shares them")
     return ours, skipped
 
 
@@ -216,10 +237,19 @@ def to_hf_state_dict(model: Transformer, fp8: bool = False) -> dict[str, torch.T
         if name in top:
             put(top[name], t, False)
             continue
+        mt = re.match(r"^mtp\.(\d+)\.(enorm|hnorm|eh_proj|norm)\.weight$", name)
+        if mt is not None:
+            hf_own = {v: k for k, v in _MTP_OWN.items()}[mt.group(2)]
+            put(f"model.layers.{cfg.n_layers + int(mt.group(1))}.{hf_own}.weight", t, mt.group(2) == "eh_proj")
+            continue
         m = re.match(r"^layers\.(\d+)\.(.+)\.(weight|bias|w1|w2|w3)$", name)
-        if m is None:
+        mb = re.match(r"^mtp\.(\d+)\.block\.(.+)\.(weight|bias|w1|w2|w3)$", name)
+        if m is None and mb is None:
             raise ValueError(f"no DeepSeek-V3 name for parameter {name}")
-        layer, module, kind = m.groups()
+        if m is not None:
+            layer, module, kind = m.groups()
+        else:
+            layer, module, kind = str(cfg.n_layers + int(mb.group(1))), mb.group(2), mb.group(3)
         if module == "ffn.experts":
             hf_proj = {v: k for k, v in _EXPERT_PROJ.items()}[kind]
             for j in range(cfg.n_routed_experts):
@@ -230,6 +260,10 @@ def to_hf_state_dict(model: Transformer, fp8: bool = False) -> dict[str, torch.T
             out[f"model.layers.{layer}.{hf_module}.e_score_correction_bias"] = t.detach().cpu().float().contiguous()
         else:
             put(f"model.layers.{layer}.{hf_module}.weight", t, "norm" not in module and module != "ffn.gate")
+    sd = model.state_dict()
+    for j in range(cfg.n_mtp_layers):  # V3's MTP layer carries copies of the shared embedding and head
+        for hf_name, main in _MTP_SHARED.items():
+            out[f"model.layers.{cfg.n_layers + j}.{hf_name}.weight"] = sd[main].detach().cpu().clone()  # own storage: safetensors refuses aliases
     return out
 
 

@@ -69,6 +69,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         nn.init.normal_(self.head.weight, std=cfg.dim ** -0.5)
+        from openinfra.model.mtp import MTPModule
+
+        self.mtp = nn.ModuleList(MTPModule(k + 1, cfg) for k in range(cfg.n_mtp_layers))
         self.register_buffer("rope_freqs", rope_frequencies(cfg), persistent=False)
 
     def _apply(self, fn, recurse=True):
@@ -102,7 +105,7 @@ class Transformer(nn.Module):
     # --- forward -----------------------------------------------------------------------------------
 
     def forward(self, tokens: torch.Tensor, cache: CacheBatch | None = None, mode: Mode = "auto") -> torch.Tensor:
-        """Logits [b, s, vocab] for tokens [b, s].
+        """Logits [b, s, vocab] for tokens [b, s] (the main head; see :meth:`mtp_logits` for MTP depths).
 
         Args:
             tokens: int64 / int32 token ids.
@@ -130,24 +133,65 @@ class Transformer(nn.Module):
             if needed > cache.block_table.shape[1]:
                 raise ValueError(f"block_table has {cache.block_table.shape[1]} pages per request, "
                                  f"position {int(positions.max())} needs {needed}")
+        return self.logits(self._run_layers(h, positions, cache, run_mode))
+
+    def _run_layers(self, h: torch.Tensor, positions: torch.Tensor, cache: CacheBatch | None,
+                    mode: Literal["prefill", "decode"]) -> torch.Tensor:
         cos, sin = self.rope_tables(positions)
         for layer in self.layers:
-            h = layer(h, cos, sin, cache, run_mode)
-        return self.logits(h)
+            h = layer(h, cos, sin, cache, mode)
+        return h
 
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy (float32) of logits(tokens) against targets [b, s]."""
-        logits = self(tokens)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [b, s, dim] (before the final norm) of the training path."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
+        return self._run_layers(self.embed_tokens(tokens), positions, None, "prefill")
+
+    def mtp_logits(self, tokens: torch.Tensor, h: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Logits of each MTP depth k = 1..n_mtp_layers: [b, s - k, vocab], position i predicting
+        token ``tokens[:, i + k + 1]`` (i.e. ``targets[:, i + k]``). ``h`` = :meth:`hidden` when known."""
+        if not len(self.mtp):
+            return []
+        h = self.hidden(tokens) if h is None else h
+        emb = self.embed_tokens(tokens)
+        out = []
+        for k, module in enumerate(self.mtp, start=1):
+            s = tokens.shape[1] - k
+            if s <= 0:
+                raise ValueError(f"MTP depth {k} needs sequences longer than {k} tokens, got {tokens.shape[1]}")
+            cos, sin = self.rope_tables(torch.arange(s, device=tokens.device)[None, :])
+            h = module(h[:, :s], emb[:, k:k + s], cos, sin)
+            out.append(self.head(module.norm(h)))
+        return out
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+             mtp_weight: float = 0.0) -> torch.Tensor:
+        """Mean next-token cross-entropy (float32) of logits(tokens) against targets [b, s], plus
+        ``mtp_weight / D * sum_k CE_k`` over the D MTP depths when ``mtp_weight > 0``."""
+        if mtp_weight < 0:
+            raise ValueError(f"mtp_weight must be >= 0, got {mtp_weight}")
+        if mtp_weight > 0 and not len(self.mtp):
+            raise ValueError("mtp_weight > 0 needs a config with n_mtp_layers > 0")
+        h = self.hidden(tokens)
+        loss = F.cross_entropy(self.logits(h).float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+        if mtp_weight > 0:
+            extra = [F.cross_entropy(lg.float().flatten(0, 1), targets[:, k:].flatten(), ignore_index=ignore_index)
+                     for k, lg in enumerate(self.mtp_logits(tokens, h), start=1)]
+            loss = loss + mtp_weight * torch.stack(extra).mean()
+        return loss
 
     # --- MoE bookkeeping ---------------------------------------------------------------------------
 
     def moe_layers(self) -> list[MoE]:
-        return [blk.ffn for blk in self.layers if isinstance(blk.ffn, MoE)]
+        """MoE layers of the main stack, then those of the MTP modules."""
+        blocks = [*self.layers, *(m.block for m in self.mtp)]
+        return [blk.ffn for blk in blocks if isinstance(blk.ffn, MoE)]
 
     def expert_load(self) -> torch.Tensor:
-        """Tokens routed to each expert since the last reset: [n_moe_layers, n_routed_experts] int64
-        (the input of EPLB's load tracker)."""
+        """Tokens routed to each expert since the last reset: [n_moe_layers (+ n_mtp_layers),
+        n_routed_experts] int64, rows in :meth:`moe_layers` order (the input of EPLB's load tracker)."""
         moes = self.moe_layers()
         if not moes:
             return torch.zeros(0, self.cfg.n_routed_experts, dtype=torch.int64)
