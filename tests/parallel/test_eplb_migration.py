@@ -132,3 +132,18 @@ def test_previous_that_spans_nodes_is_resolved_under_the_hierarchical_policy():
     assert m.source.tolist() == [2, 2, 2, 2]
     assert not any(spans(m.phy2log, layer) for layer in range(4))
     assert bool((m.balancedness_after >= m.balancedness_fresh - 1e-9).all())
+
+
+def test_repair_counts_changes_only_surplus_slots():
+    from openinfra.parallel.eplb.migration import repair_counts
+
+    g = torch.Generator().manual_seed(10)
+    prev = torch.stack([torch.randperm(24, generator=g) % 16 for _ in range(5)])  # experts 0..7 twice
+    want = torch.ones(5, 16, dtype=torch.int64)
+    want[:, 15] += 8  # expert 15 should hold all 8 redundant slots
+    out = repair_counts(prev, want)
+    have = torch.zeros(5, 16, dtype=torch.int64).scatter_add_(1, out, torch.ones_like(out))
+    assert torch.equal(have, want)
+    changed = (out != prev).sum(1)
+    assert changed.tolist() == [8] * 5  # exactly the 8 surplus copies moved, nothing else
+    assert torch.equal(repair_counts(out, want), out)  # already right: untouched
