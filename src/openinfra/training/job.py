@@ -153,7 +153,7 @@ def _eplb_plan(loads: torch.Tensor, cfg: TrainConfig, n_groups: int) -> dict:
     replicas = experts + cfg.ep_redundant
     if replicas % gpus:
         replicas += gpus - replicas % gpus
-    weight = loads.double() + 1e-6  # an expert nobody used still has to live somewhere
+    weight = loads.double()
     phy2log, _, logcnt = rebalance_experts(weight, replicas, n_groups, 1, gpus)
     static = torch.arange(experts).repeat(layers, 1)  # experts laid out in order, E / gpus per GPU
     before = balancedness(static, weight, gpus) if experts % gpus == 0 else None
