@@ -506,3 +506,51 @@ def triton_round_trip_checks(rank: int, num_ranks: int) -> int:
     assert calc_diff(y.float() / in_rank.sum(1, keepdim=True), x) < 5e-6
     assert calc_diff(x * w.masked_fill(topk_idx < 0, 0).sum(1, keepdim=True), out) < 9e-4
     return 1
+
+
+def edge_checks(rank: int, num_ranks: int, device: str) -> int:
+    """Empty sides: a rank with no tokens, ranks that receive nothing, tokens that go nowhere."""
+    gen = torch.Generator().manual_seed(7000 + rank)
+    hidden, num_topk, num_experts = 256, 2, 2 * num_ranks
+    num_tokens = 0 if rank == 1 else 5
+    buffer = Buffer(dist.group.WORLD)
+    # every selected expert lives on rank 0; token 0 selects nothing at all
+    topk_idx = torch.randint(0, 2, (num_tokens, num_topk), generator=gen)
+    if num_tokens:
+        topk_idx[0] = -1
+        topk_idx[1] = torch.tensor([0, 1])
+    topk_idx = topk_idx.to(device)
+    x = torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16).to(device)
+    w = torch.rand(num_tokens, num_topk, generator=gen).to(device)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    for worst in (0, 5 * num_ranks):
+        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=w,
+                                                                      num_worst_tokens=worst, **layout)
+        expected_rows = 4 * (num_ranks - 1) if rank == 0 else 0  # ranks other than 1 send 4 tokens each
+        if worst:
+            assert recv_x.shape[0] == worst and bool((recv_idx[expected_rows:] == -1).all())
+        else:
+            assert recv_x.shape[0] == expected_rows
+            totals = [_all_gather_count(topk_idx, e) for e in range(2)]  # collective: every rank calls it
+            assert counts == (totals if rank == 0 else [0, 0])
+        y, yw, _ = buffer.combine(recv_x, handle, topk_weights=recv_w)
+        assert y.shape == (num_tokens, hidden)
+        if num_tokens:
+            assert bool((y[0] == 0).all())  # sent nowhere: comes back as zeros
+            assert torch.equal(y[1:], x[1:]) and torch.allclose(yw[1:], w[1:])
+    (rx, cnt, h, _, _) = buffer.low_latency_dispatch(x, topk_idx, 5, num_experts, use_fp8=False)
+    if rank != 0:
+        assert int(cnt.sum()) == 0
+    out, _, _ = buffer.low_latency_combine(rx, topk_idx, w, h)
+    if num_tokens:
+        ref = x.float() * w.masked_fill(topk_idx < 0, 0).sum(1, keepdim=True)
+        assert bool((out[0] == 0).all()) and calc_diff(ref, out) < 1e-5
+    return 1
+
+
+def _all_gather_count(topk_idx: torch.Tensor, expert: int) -> int:
+    """Tokens-with-expert count summed over ranks (each selection counts once)."""
+    c = torch.tensor([int((topk_idx == expert).sum())], device=topk_idx.device if topk_idx.is_cuda else "cpu")
+    _all_reduce_(c)
+    return int(c)

@@ -41,14 +41,15 @@ def test_intranode_and_low_latency_gloo_cuda(distributed, num_ranks):
 def _autograd_async_validation(rank: int, num_ranks: int, device: str) -> tuple[int, int, int]:
     if device == "cuda":
         torch.cuda.set_device(0)
-    from tests.comm.deep_ep_suites import async_checks, autograd_checks, validation_checks
+    from tests.comm.deep_ep_suites import async_checks, autograd_checks, edge_checks, validation_checks
 
-    return autograd_checks(rank, num_ranks, device), async_checks(rank, num_ranks, device), validation_checks(rank, num_ranks, device)
+    return (autograd_checks(rank, num_ranks, device), async_checks(rank, num_ranks, device),
+            validation_checks(rank, num_ranks, device), edge_checks(rank, num_ranks, device))
 
 
 @pytest.mark.distributed
-def test_autograd_async_validation(distributed):
-    assert distributed(_autograd_async_validation, 3, "cpu", timeout=280) == [(3, 1, 26)] * 3
+def test_autograd_async_validation_edges(distributed):
+    assert distributed(_autograd_async_validation, 3, "cpu", timeout=280) == [(3, 1, 26, 1)] * 3
 
 
 def _nccl_suites(rank: int, num_ranks: int) -> tuple[str, int, int]:
