@@ -4,7 +4,8 @@
 would be written to parquet and read back between them. Fused, the outer query reads the inner one
 as a subquery and DuckDB plans both at once. A SQL node is folded into its consumer when it is a
 plain single query (no UDFs, no per-partition placeholders other than its inputs), is not a
-``LimitNode`` (whose merge step changes partitioning), is used by exactly one node of the plan, and
+``LimitNode`` (whose merge step changes partitioning; a LimitNode may be the consumer), is used by
+exactly one node of the plan, and
 was not already computed (its outputs are reused instead). A SQL node feeding a shuffle
 (``HashPartitionNode``) is folded into the shuffle's producers the same way.
 """
@@ -54,7 +55,9 @@ class Optimizer:
             self._memo[node.id] = self.exclude[node]
             return self.exclude[node]
         new_deps = tuple(self._rewrite(d) for d in node.input_deps)
-        if isinstance(node, SqlEngineNode) and not isinstance(node, LimitNode) and len(node.sql_queries) == 1:
+        if isinstance(node, SqlEngineNode) and len(node.sql_queries) == 1:
+            # (a LimitNode may absorb its input: the limit then runs inside the input's query, where
+            # DuckDB stops reading early; its merge step keeps a plain limit, see the planner)
             fused = self._fuse(node, new_deps)
             if fused is not None:
                 self._memo[node.id] = fused

@@ -95,10 +95,14 @@ class Planner:
                 producers = [self._task("hash_partition", node, [t], i, len(flat)) for i, t in enumerate(flat)]
             return [self._task("shuffle_consumer", node, producers, k, n) for k in range(n)]
         if isinstance(node, LimitNode):
+            if not flat:  # it absorbed an input-less query (partial_sql("select ... from range(n)"))
+                return [self._task("sql", node, [], 0, 1)]
             per_part = [self._task("sql", node, [t], i, len(flat)) for i, t in enumerate(flat)]
             if len(per_part) == 1:
                 return per_part
-            return [self._task("sql", node, per_part, 0, 1, tag="_merge", merge_inputs=True)]
+            # the merge runs a plain limit (not the node's query, which may hold a fused input query)
+            return [self._task("sql", node, per_part, 0, 1, tag="_merge", merge_inputs=True,
+                               query=f"select * from {{0}} limit {node.limit}")]
         if isinstance(node, SqlEngineNode):
             count = inputs[0].__len__() if inputs else 1
             return [self._task("sql", node, [ts[i] for ts in inputs], i, count) for i in range(count)]

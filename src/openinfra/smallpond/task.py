@@ -229,7 +229,8 @@ def _setup_udfs(con, node) -> None:
             con.execute(f"LOAD '{entry[1]}'")
 
 
-def _run_sql(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext, queries: list[str]) -> None:
+def _run_sql(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext, queries: list[str],
+             views: list[tuple[str, str]]) -> None:
     node = task.node
     con = new_connection(rt.threads, private=bool(getattr(node, "udfs", None)))
     try:
@@ -239,7 +240,7 @@ def _run_sql(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext, q
             # Named views, so queries may write ``{0}.column``; DuckDB inlines them when planning.
             con.execute(f"CREATE TEMP VIEW __input{i} AS SELECT * FROM {ds.sql_source(con)}")
             sources.append(f"__input{i}")
-        for name, q in getattr(node, "views", []):
+        for name, q in views:
             try:
                 con.execute(f"CREATE TEMP VIEW {name} AS {_format_query(q, sources, rt, 0)}")
             except Exception as exc:
@@ -301,6 +302,9 @@ def _hash_produce(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeConte
         else:
             src = merge_datasets(inputs).sql_source(con)
         key_sql = "0" if node.random_shuffle else node.key_expression()
+        if not node.random_shuffle and not storage.is_remote(out.dir):
+            _hash_produce_duckdb(task, con, src, key_sql, out)
+            return
         query = f"select *, {key_sql} as __openinfra_key__ from {src}"
         try:
             table = arrow_of(con, query)
@@ -332,6 +336,35 @@ def _hash_produce(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeConte
             out.write_table(ordered.slice(offset, c), name, comp)
             out.parts[k] = [name]
         offset += c
+
+
+def _hash_produce_duckdb(task: Task, con, src: str, key_sql: str, out: _Out) -> None:
+    """Shuffle producer on local disk: one DuckDB ``COPY ... PARTITION_BY`` writes a file per partition
+    (no round trip through Arrow; the key column lives only in the directory names)."""
+    node = task.node
+    col = node.data_partition_column
+    try:
+        columns = [d[0] for d in con.execute(f"select * from {src} limit 0").description]
+        star = f"* exclude ({_quote(col)})" if node.drop_partition_column and col in columns else "*"
+        extra = f", {key_sql} as {_quote(col)}" if not node.drop_partition_column and col not in columns and not node.shuffle_only else ""
+        select = f"select {star}{extra}, {key_sql} as __openinfra_key__ from {src}"
+        out.schema = arrow_of(con, f"select * exclude (__openinfra_key__) from ({select}) limit 0").schema
+        rows = con.execute(f"COPY ({select}) TO '{out.path('shuffle')}' (FORMAT parquet, COMPRESSION lz4, "
+                           f"PARTITION_BY (__openinfra_key__))").fetchone()
+    except Exception as exc:
+        raise _sql_error(task, node.pre_sql or f"partition key {key_sql}", exc) from None
+    out.rows = int(rows[0]) if rows else 0
+    out.parts = {}
+    shuffle_dir = out.path("shuffle")
+    for sub in storage.listdir(shuffle_dir):
+        k = int(sub.split("=", 1)[1])
+        names = [f"shuffle/{sub}/{f}" for f in storage.listdir(storage.join(shuffle_dir, sub)) if f.endswith(".parquet")]
+        out.parts[k] = names
+        out.files.extend(names)
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _split_rows(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext) -> None:
@@ -485,7 +518,10 @@ def execute_task(task: Task, inputs: list[DataSet], attempt: int, job_root: str,
     if kind == "sql":
         if task.params.get("merge_inputs"):  # a LimitNode's final step reads every partition as one
             inputs = [merge_datasets(inputs)]
-        _run_sql(task, inputs, out, rt, task.node.sql_queries)
+        if "query" in task.params:
+            _run_sql(task, inputs, out, rt, [task.params["query"]], [])
+        else:
+            _run_sql(task, inputs, out, rt, task.node.sql_queries, getattr(task.node, "views", []))
     elif kind == "hash_partition":
         _hash_produce(task, inputs, out, rt)
     elif kind == "split_rows":
