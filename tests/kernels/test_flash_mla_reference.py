@@ -279,3 +279,19 @@ def test_docs_example_runs():
     ref_out, ref_lse = mla_decode_reference(scope["q"], scope["k_cache"], scope["block_table"], scope["cache_seqlens"],
                                             512, None, True)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+def test_kernel_config_defaults_and_validation():
+    from openinfra.kernels.flash_mla.kernel import KernelConfig
+    from openinfra.kernels.flash_mla.warmup import default_variants
+
+    assert KernelConfig().resolve(16) == (16, 64, 8, 3)
+    assert KernelConfig().resolve(2) == (16, 64, 8, 3)  # at least 16 rows: the smallest tensor-core tile
+    assert KernelConfig().resolve(128) == (64, 32, 8, 3)  # 64-token tiles at 64 rows need 295 KB of smem
+    assert KernelConfig(block_n=16, num_stages=4).resolve(40) == (64, 16, 8, 4)
+    with pytest.raises(ValueError, match="block_n"):
+        KernelConfig(block_n=48)
+    with pytest.raises(ValueError, match="block_m"):
+        KernelConfig(block_m=128)
+    variants = default_variants([16, 64])
+    assert len(variants) == len(set(variants)) and any(v.fp8 and v.sparse for v in variants)

@@ -20,13 +20,23 @@ import torch
 from openinfra.bench.harness import BenchResult, copy_bandwidth_gbps, gpu_time_ms, routine
 
 
+def _config_spec(text: str) -> str:
+    parts = text.split(",")
+    if len(parts) != 4 or not all(x.strip().isdigit() for x in parts):
+        raise argparse.ArgumentTypeError(f"expected block_m,block_n,num_warps,num_stages (0 = default), got {text!r}")
+    bm, bn = int(parts[0]), int(parts[1])
+    if bm not in (0, 16, 32, 64) or bn not in (0, 16, 32, 64):
+        raise argparse.ArgumentTypeError(f"block_m and block_n must be 0, 16, 32 or 64, got {text!r}")
+    return text
+
+
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=int, default=128, help="requests per decode step")
     p.add_argument("--sq", type=int, nargs="+", default=[1, 2], help="query tokens per request")
     p.add_argument("--hq", type=int, nargs="+", default=[16, 32, 64, 128], help="query heads (h_kv = 1)")
     p.add_argument("--sk", type=int, nargs="+", default=[4096, 8192, 16384, 32768], help="mean cache length")
     p.add_argument("--modes", nargs="+", default=["fixed", "varlen"], choices=["fixed", "varlen"])
-    p.add_argument("--configs", nargs="+", default=["0,0,0,0"],
+    p.add_argument("--configs", nargs="+", default=["0,0,0,0"], type=_config_spec,
                    help="kernel variants block_m,block_n,num_warps,num_stages (0 = the default)")
     p.add_argument("--parts-per-sm", type=int, nargs="+", default=[1], help="schedule chunks per SM (variants)")
     p.add_argument("--no-peer", action="store_true", help="skip the plain-PyTorch peer (faster sweeps)")
