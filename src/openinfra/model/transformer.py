@@ -83,19 +83,23 @@ class Transformer(nn.Module):
 
     # --- pieces the training job stages across pipeline ranks -------------------------------------
 
-    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [..., rope/2] float32 at integer ``positions`` [...] (each < max_seq_len)."""
-        if positions.numel() and int(positions.max()) >= self.cfg.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} is past max_seq_len={self.cfg.max_seq_len}")
+    def rope_tables(self, positions: torch.Tensor, max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [..., rope/2] float32 at integer ``positions`` [...] (each < max_seq_len).
+        ``max_position``: the largest position when the caller knows it (saves a device sync)."""
+        if max_position is None and positions.numel():
+            max_position = int(positions.max())
+        if max_position is not None and max_position >= self.cfg.max_seq_len:
+            raise ValueError(f"position {max_position} is past max_seq_len={self.cfg.max_seq_len}")
         angles = positions.float()[..., None] * self.rope_freqs.to(positions.device)
         return angles.cos(), angles.sin()
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
-            raise ValueError(f"token ids must lie in [0, vocab_size={self.cfg.vocab_size}), got "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        if tokens.numel():
+            lo, hi = torch.stack([tokens.min(), tokens.max()]).tolist()  # one host sync, not two
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                raise ValueError(f"token ids must lie in [0, vocab_size={self.cfg.vocab_size}), got [{lo}, {hi}]")
         return self.embed(tokens)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -121,6 +125,7 @@ class Transformer(nn.Module):
         h = self.embed_tokens(tokens)
         if cache is None:
             positions = torch.arange(s, device=tokens.device)[None, :]
+            max_position = s - 1
             run_mode: Literal["prefill", "decode"] = "prefill"
         else:
             if cache.block_table.shape[0] != b:
@@ -129,15 +134,16 @@ class Transformer(nn.Module):
             if mode not in ("auto", "prefill", "decode"):
                 raise ValueError(f"mode must be 'auto', 'prefill' or 'decode', got {mode!r}")
             run_mode = ("decode" if s <= 2 else "prefill") if mode == "auto" else mode
-            needed = int(positions.max()) // cache.cache.page_size + 1
+            max_position = int(positions.max())
+            needed = max_position // cache.cache.page_size + 1
             if needed > cache.block_table.shape[1]:
                 raise ValueError(f"block_table has {cache.block_table.shape[1]} pages per request, "
-                                 f"position {int(positions.max())} needs {needed}")
-        return self.logits(self._run_layers(h, positions, cache, run_mode))
+                                 f"position {max_position} needs {needed}")
+        return self.logits(self._run_layers(h, positions, cache, run_mode, max_position))
 
     def _run_layers(self, h: torch.Tensor, positions: torch.Tensor, cache: CacheBatch | None,
-                    mode: Literal["prefill", "decode"]) -> torch.Tensor:
-        cos, sin = self.rope_tables(positions)
+                    mode: Literal["prefill", "decode"], max_position: int | None = None) -> torch.Tensor:
+        cos, sin = self.rope_tables(positions, max_position)
         for layer in self.layers:
             h = layer(h, cos, sin, cache, mode)
         return h
@@ -147,7 +153,7 @@ class Transformer(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
         positions = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
-        return self._run_layers(self.embed_tokens(tokens), positions, None, "prefill")
+        return self._run_layers(self.embed_tokens(tokens), positions, None, "prefill", tokens.shape[1] - 1)
 
     def mtp_logits(self, tokens: torch.Tensor, h: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Logits of each MTP depth k = 1..n_mtp_layers: [b, s - k, vocab], position i predicting
@@ -161,7 +167,7 @@ class Transformer(nn.Module):
             s = tokens.shape[1] - k
             if s <= 0:
                 raise ValueError(f"MTP depth {k} needs sequences longer than {k} tokens, got {tokens.shape[1]}")
-            cos, sin = self.rope_tables(torch.arange(s, device=tokens.device)[None, :])
+            cos, sin = self.rope_tables(torch.arange(s, device=tokens.device)[None, :], s - 1)
             h = module(h[:, :s], emb[:, k:k + s], cos, sin)
             out.append(self.head(module.norm(h)))
         return out
