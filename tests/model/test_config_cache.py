@@ -86,3 +86,20 @@ def test_kv_cache_manager_pages_and_batch():
     rows = torch.arange(2 * cfg.latent_dim, dtype=torch.float32).view(1, 2, -1)
     cache.write(0, torch.tensor([[3, 4]]), torch.tensor([[3, 4]]), rows[..., : cfg.kv_lora_rank], rows[..., cfg.kv_lora_rank:])
     assert torch.equal(cache.gather(0, torch.tensor([[3, 4]]), 5)[0, 3:], rows[0])
+
+
+def test_forward_refuses_to_write_past_reserved_pages():
+    from openinfra.model import Transformer
+
+    cfg = get_config("tiny")
+    model = Transformer(cfg)
+    mgr = KVCacheManager(PagedMLACache(cfg, num_blocks=4, page_size=4, dtype=torch.float32))
+    mgr.add("a")
+    mgr.add("b")
+    mgr.reserve("a", 8)
+    mgr.reserve("b", 4)  # one full page
+    mgr.advance(["b"], 4)
+    with pytest.raises(ValueError, match="request 1: writing tokens 4..5"):
+        model(torch.zeros(2, 2, dtype=torch.long), cache=mgr.batch(["a", "b"]))
+    mgr.reserve("b", 2)
+    model(torch.zeros(2, 2, dtype=torch.long), cache=mgr.batch(["a", "b"]))

@@ -145,6 +145,11 @@ class CacheBatch:
     block_table: torch.Tensor
     cache_seqlens: torch.Tensor
     flash_metadata: dict = field(default_factory=dict)  # per-step flash_mla schedule, shared by layers
+    #: Per request, the tokens its reserved pages hold (host ints). When set, a forward that would
+    #: write past it raises instead of writing into a padding page that another request owns.
+    capacity: list[int] | None = None
+    #: Per request, the tokens cached before this call (host ints), when the caller knows them.
+    lengths: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.block_table.dim() != 2 or self.block_table.dtype not in (torch.int32, torch.int64):
@@ -209,6 +214,8 @@ class KVCacheManager:
         table = torch.full((len(seq_ids), width), pad_page, dtype=torch.int32)
         for i, s in enumerate(seq_ids):
             table[i, : len(self._pages[s])] = torch.tensor(self._pages[s], dtype=torch.int32)
-        lens = torch.tensor([self._lengths[s] for s in seq_ids], dtype=torch.int32)
+        lengths = [self._lengths[s] for s in seq_ids]
+        lens = torch.tensor(lengths, dtype=torch.int32)
         dev = self.cache.device
-        return CacheBatch(self.cache, table.to(dev), lens.to(dev))
+        capacity = [len(self._pages[s]) * self.cache.page_size for s in seq_ids]
+        return CacheBatch(self.cache, table.to(dev), lens.to(dev), capacity=capacity, lengths=lengths)

@@ -134,7 +134,16 @@ class Transformer(nn.Module):
             if mode not in ("auto", "prefill", "decode"):
                 raise ValueError(f"mode must be 'auto', 'prefill' or 'decode', got {mode!r}")
             run_mode = ("decode" if s <= 2 else "prefill") if mode == "auto" else mode
-            max_position = int(positions.max())
+            if cache.lengths is not None:  # known on the host: no device sync
+                max_position = max(cache.lengths) + s - 1
+            else:
+                max_position = int(positions.max())
+            if cache.capacity is not None:
+                ends = cache.lengths if cache.lengths is not None else cache.cache_seqlens.tolist()
+                for i, (end, cap) in enumerate(zip(ends, cache.capacity)):
+                    if end + s > cap:
+                        raise ValueError(f"request {i}: writing tokens {end}..{end + s - 1} needs more than its "
+                                         f"{cap} reserved token slots (call KVCacheManager.reserve first)")
             needed = max_position // cache.cache.page_size + 1
             if needed > cache.block_table.shape[1]:
                 raise ValueError(f"block_table has {cache.block_table.shape[1]} pages per request, "
