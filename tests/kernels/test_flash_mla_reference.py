@@ -295,3 +295,21 @@ def test_kernel_config_defaults_and_validation():
         KernelConfig(block_m=128)
     variants = default_variants([16, 64])
     assert len(variants) == len(set(variants)) and any(v.fp8 and v.sparse for v in variants)
+
+
+@pytest.mark.parametrize("rows,flags", [(16, {}), (32, {"causal": True}), (128, {}), (128, {"sparse": True, "fp8": True})])
+def test_default_configs_fit_sm90(rows, flags):
+    """The launch defaults compile for sm_90 within its shared memory, keep 2+ K tiles in flight and,
+    for the bf16 variants, do not spill (the compiler's report; see benchmarks/notes/flash_mla.md)."""
+    import os
+
+    from openinfra.kernels.flash_mla.kernel import KernelConfig
+    from openinfra.kernels.flash_mla.resource_report import SMEM_LIMIT_SM90, ptxas_path, resource_report
+
+    if not os.path.exists(ptxas_path()):
+        pytest.skip(f"Triton's bundled ptxas is missing at {ptxas_path()}; cannot build for sm_90 here")
+    rep = resource_report(*KernelConfig().resolve(rows), **flags)
+    assert rep.shared_bytes <= SMEM_LIMIT_SM90, rep
+    assert rep.k_buffers >= 2, f"K tiles not multi-buffered: {rep}"
+    if not flags.get("fp8"):
+        assert rep.spill_store_bytes <= 16, rep
