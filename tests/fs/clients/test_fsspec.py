@@ -25,6 +25,8 @@ def test_url_parsing_and_instance_from_url(cluster, monkeypatch):
     assert ThreeFSFileSystem._strip_protocol(f"3fs://{cluster.address}/a/b/") == "/a/b"
     assert ThreeFSFileSystem._strip_protocol("3fs:///a") == "/a"
     assert ThreeFSFileSystem._strip_protocol("a/b") == "/a/b"
+    assert ThreeFSFileSystem._strip_protocol("3fs://a/b") == "/a/b"  # not an address: a path component
+    assert ThreeFSFileSystem._strip_protocol(f"threefs://{cluster.address}/c") == "/c"
     fs, path = fsspec.core.url_to_fs(f"3fs://{cluster.address}/x/y")
     assert isinstance(fs, ThreeFSFileSystem) and path == "/x/y" and fs.mgmtd == [cluster.address]
     assert fs.unstrip_protocol("/x") == f"3fs://{cluster.address}/x"
@@ -74,7 +76,8 @@ def test_basic_api_roundtrip(fs, workdir):
     with pytest.raises(FileNotFoundError):
         fs.info(f"{workdir}/nope")
     with pytest.raises(FileNotFoundError):
-        fs.open(f"{workdir}/nodir/x", "wb")
+        fsspec_nomk = type(fs)(mgmtd=fs.mgmtd, auto_mkdir=False, skip_instance_cache=True)
+        fsspec_nomk.open(f"{workdir}/nodir/x", "wb")
     with pytest.raises(ValueError, match="mode"):
         fs.open(f"{workdir}/x", "r+b")
     fs2 = pickle.loads(pickle.dumps(fs))
@@ -85,12 +88,20 @@ def test_pandas_csv_and_parquet(fs, cluster, workdir):
     pd = pytest.importorskip("pandas")
     df = pd.DataFrame({"a": np.arange(10_000), "b": np.random.default_rng(1).random(10_000),
                        "s": [f"row{i}" for i in range(10_000)]})
-    url = f"3fs://{cluster.address}{workdir}"
+    # pandas takes only letter-led schemes for URLs: threefs:// is the same filesystem as 3fs://.
+    url = f"threefs://{cluster.address}{workdir}"
     df.to_parquet(f"{url}/t.parquet")
     df.to_csv(f"{url}/t.csv", index=False)
     pd.testing.assert_frame_equal(pd.read_parquet(f"{url}/t.parquet"), df)
     pd.testing.assert_frame_equal(pd.read_csv(f"{url}/t.csv"), df)
     assert fs.size(f"{workdir}/t.parquet") > 0
+    # With a 3fs:// filesystem object: parquet through filesystem=, CSV through an open file.
+    df.to_parquet(f"{workdir}/u.parquet", filesystem=fs)
+    pd.testing.assert_frame_equal(pd.read_parquet(f"{workdir}/u.parquet", filesystem=fs), df)
+    with fs.open(f"3fs://{cluster.address}{workdir}/u.csv", "w") as f:
+        df.to_csv(f, index=False)
+    with fs.open(f"{workdir}/u.csv", "r") as f:
+        pd.testing.assert_frame_equal(pd.read_csv(f), df)
 
 
 def test_pyarrow_dataset_write_and_read(fs, workdir):
