@@ -38,7 +38,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-hidden", type=int, default=128)
     p.add_argument("--steps", type=int, default=3, help="timed steps per schedule (after one warm-up)")
     p.add_argument("--schedules", nargs="*", default=list(TORCH + OURS), help="subset to run")
-    p.add_argument("--trace-dir", default=None, help="write our schedules' traces and timelines here")
+    p.add_argument("--trace-dir", default=None, type=str, help="write our schedules' traces and timelines here")
     p.add_argument("--timeout", type=float, default=580, help="seconds before the ranks are killed")
 
 
