@@ -14,7 +14,7 @@ PyTorch's caching allocator per call.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,12 @@ from openinfra.comm.deep_ep.low_latency import LowLatencyHandle, LowLatencyOutpu
 from openinfra.comm.deep_ep.normal import DispatchHandle, DispatchOutputs, combine_issue, dispatch_issue
 
 __all__ = ["Buffer"]
+
+Tensor = torch.Tensor
+#: recv_x: a tensor, or the (e4m3 values, scales) pair of an FP8 dispatch
+RecvX = Union[Tensor, tuple[Tensor, Tensor]]
+DispatchResult = tuple[RecvX, Optional[Tensor], Optional[Tensor], Optional[list], Optional[DispatchHandle], EventOverlap]
+LayoutResult = tuple[Tensor, None, Tensor, Tensor, EventOverlap]
 
 _INT_DTYPES = (torch.int32, torch.int64)
 
@@ -158,7 +164,8 @@ class Buffer:
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                        num_experts: int) -> int:
-        """Bytes one low-latency round moves per rank here (bf16 payload, send + receive, both directions)."""
+        """Bytes the padded low-latency exchange allocates per rank here (bf16 payload and side rows, send and
+        receive buffers, dispatch and combine), for top-k up to 9; DeepEP's own RDMA hint sizes its buffer."""
         for name, v in (("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank), ("hidden", hidden),
                         ("num_ranks", num_ranks), ("num_experts", num_experts)):
             _int_arg(name, v, 1)
@@ -200,7 +207,7 @@ class Buffer:
     # --- layout -----------------------------------------------------------------------------
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event: EventOverlap | None = None,
-                            async_finish: bool = False, allocate_on_comm_stream: bool = False):
+                            async_finish: bool = False, allocate_on_comm_stream: bool = False) -> LayoutResult:
         """Per-rank and per-expert token counts from the routing.
 
         Args:
@@ -246,7 +253,7 @@ class Buffer:
         previous_event: EventOverlap | None = None,
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
-    ):
+    ) -> DispatchResult:
         """Send each token once to every rank that owns one of its experts.
 
         Args:
@@ -367,7 +374,7 @@ class Buffer:
         previous_event: EventOverlap | None = None,
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
-    ):
+    ) -> tuple[Tensor, Optional[Tensor], EventOverlap]:
         """Send each received row back to its origin and sum the copies there (no weights).
 
         Args:
@@ -441,7 +448,7 @@ class Buffer:
         use_ue8m0: bool = False,
         async_finish: bool = False,
         return_recv_hook: bool = False,
-    ):
+    ) -> tuple[RecvX, Tensor, LowLatencyHandle, EventOverlap, Callable[[], None]]:
         """Send one message per (token, expert), received expert-major for a masked grouped GEMM.
 
         Args:
@@ -526,7 +533,7 @@ class Buffer:
         return_recv_hook: bool = False,
         out: torch.Tensor | None = None,
         combine_wait_recv_cost_stats: torch.Tensor | None = None,
-    ):
+    ) -> tuple[Tensor, EventOverlap, Callable[[], None]]:
         """Send each expert's rows back and reduce them at the origin, weighted by ``topk_weights``.
 
         Args:

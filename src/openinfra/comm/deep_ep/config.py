@@ -47,12 +47,15 @@ class Config:
             )
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of NVLink buffer DeepEP would allocate for rows of ``hidden_bytes`` over ``num_ranks``."""
+        """An estimate of DeepEP's NVLink buffer for rows of ``hidden_bytes`` over ``num_ranks`` (intranode):
+        per channel and rank, a few counters and a ring of ``num_max_nvl_chunked_recv_tokens`` rows of
+        payload, source index, top-k ids / weights (up to 128) and scales (up to 128). Nothing is
+        allocated from it here; it is for sizing code that ports to DeepEP."""
         if hidden_bytes <= 0 or num_ranks <= 0:
             raise ValueError(f"hidden_bytes and num_ranks must be positive, got {hidden_bytes}, {num_ranks}")
         channels = self.num_sms // 2
-        per_token = hidden_bytes + 4 + 128 * 4 + 128 * 8  # payload, source index, scales, top-k
-        size = num_ranks * num_ranks * 4 * 2 + channels * num_ranks * (4 * 4 + self.num_max_nvl_chunked_recv_tokens * per_token)
+        per_token = hidden_bytes + 8 + 128 * 8 + 128 * 4 + 128 * 4  # payload, source meta, top-k ids, weights, scales
+        size = channels * num_ranks * (5 * 4 + self.num_max_nvl_chunked_recv_tokens * per_token)
         return (size + 127) // 128 * 128
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
