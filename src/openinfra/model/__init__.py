@@ -15,13 +15,16 @@ from openinfra.model.grouped import (ContiguousLayout, MaskedLayout, contiguous_
                                      grouped_linear_masked, masked_layout)
 from openinfra.model.kv_cache import BlockAllocator, CacheBatch, KVCacheManager, PagedMLACache
 from openinfra.model.layers import MLP, Linear, RMSNorm, fp8_gemm_available
+from openinfra.model.loader import load_checkpoint, save_checkpoint
 from openinfra.model.moe import GroupedExperts, MoE
+from openinfra.model.mtp import MTPModule
 from openinfra.model.rope import apply_rope, rope_cos_sin, rope_frequencies
 from openinfra.model.transformer import Block, Transformer
 
 __all__ = [
     "ModelConfig", "CONFIGS", "get_config", "config_names",
-    "Transformer", "Block", "MLA", "MoE", "Gate", "GroupedExperts", "MLP", "Linear", "RMSNorm",
+    "Transformer", "Block", "MLA", "MoE", "Gate", "GroupedExperts", "MLP", "Linear", "RMSNorm", "MTPModule",
+    "load_checkpoint", "save_checkpoint",
     "route", "paged_latent_attention", "flash_mla_usable", "fp8_gemm_available",
     "ContiguousLayout", "MaskedLayout", "contiguous_layout", "masked_layout",
     "grouped_linear_contiguous", "grouped_linear_masked",
