@@ -377,7 +377,17 @@ def autograd_checks(rank: int, num_ranks: int, device: str) -> int:
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(w.grad, wr.grad.masked_fill(topk_idx < 0, 0), rtol=1e-5, atol=1e-5)
-    return checks + 1
+
+    # only x requires grad: the weights get none (and their collective is skipped), x's is still exact
+    x = torch.randn(num_tokens, hidden, generator=gen).to(device).requires_grad_()
+    w = torch.rand(num_tokens, num_topk, generator=gen).to(device)
+    recv_x, _, recv_w, _, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, topk_weights=w, **layout)
+    upstream = recv_w.sum(1, keepdim=True).expand_as(recv_x).contiguous()
+    (recv_x * upstream).sum().backward()
+    with torch.no_grad():
+        expect_x = buffer.combine(upstream, handle)[0]
+    assert w.grad is None and torch.equal(x.grad, expect_x)
+    return checks + 2
 
 
 def async_checks(rank: int, num_ranks: int, device: str) -> int:

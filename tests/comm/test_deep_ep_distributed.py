@@ -49,7 +49,7 @@ def _autograd_async_validation(rank: int, num_ranks: int, device: str) -> tuple[
 
 @pytest.mark.distributed
 def test_autograd_async_validation_edges(distributed):
-    assert distributed(_autograd_async_validation, 3, "cpu", timeout=280) == [(3, 1, 26, 1)] * 3
+    assert distributed(_autograd_async_validation, 3, "cpu", timeout=280) == [(4, 1, 26, 1)] * 3
 
 
 def _nccl_suites(rank: int, num_ranks: int) -> tuple[str, int, int]:

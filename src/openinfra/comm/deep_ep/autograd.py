@@ -5,7 +5,8 @@
 - combine: ``y = C(x) + bias``, ``y_w = C(w)``. Its adjoint sends the origin's gradient to every rank
   the token went to: ``grad_x = D_cached(grad_y)``, ``grad_w = D_cached(grad_y_w)``, ``grad_bias = grad_y``.
 
-Both backward passes are collectives, so every rank must run backward through the same calls.
+Both backward passes are collectives, so every rank must run backward through the same calls, with
+the same inputs requiring grad (a rank that skips one leaves the others waiting).
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ class DispatchFunction(torch.autograd.Function):
         if grad_recv_x is None:
             grad_recv_x = torch.zeros(handle.num_recv_tokens, ctx.hidden, dtype=ctx.x_dtype, device=ctx.device)
         w = None
-        if ctx.has_w:
+        # needs_input_grad is the same on every rank when every rank runs the same program, so the
+        # collectives below stay matched
+        if ctx.has_w and ctx.needs_input_grad[4]:
             if grad_recv_w is None:
                 grad_recv_w = torch.zeros(recv_idx.shape, dtype=torch.float32, device=recv_idx.device)
             w = grad_recv_w.masked_fill(recv_idx < 0, 0.0).contiguous()
         grad_x, grad_w, _ = ctx.buffer._combine_impl(x=grad_recv_x.contiguous(), handle=handle, topk_weights=w)
-        return None, None, None, grad_x, (grad_w if ctx.has_w else None)
+        return None, None, None, grad_x, (grad_w if w is not None else None)
 
 
 class CombineFunction(torch.autograd.Function):
@@ -68,7 +71,7 @@ class CombineFunction(torch.autograd.Function):
         grad_x = grad_w = None
         if grad_y is not None:
             grad_x = ctx.buffer._dispatch_impl(x=grad_y.to(ctx.x_dtype).contiguous(), handle=handle)[0]
-        if has_w and grad_yw is not None:
+        if has_w and grad_yw is not None and ctx.needs_input_grad[4]:
             grad_w = ctx.buffer._dispatch_impl(x=grad_yw.contiguous(), handle=handle)[0]
         return (None, None, None, grad_x, grad_w,
                 grad_y if has_b0 else None, grad_y if has_b1 else None)
