@@ -26,22 +26,22 @@ def test_cow_update_commit_and_checksums(tmp_path):
         meta = s.get(7, 0)
         assert meta.version == 0 and meta.pending_version == 1
         assert (await s.read(7, 0, 0, 100))[0] == b""     # nothing committed yet
-        s.commit(7, 0, 1)
+        await s.commit(7, 0, 1)
         old_file = s.get(7, 0).file
         await s.prepare(7, 0, 2, "write", 500, b"b" * 10)
         # the committed file is untouched while version 2 is pending
         assert (tmp_path / old_file).read_bytes() == b"a" * 1000
         assert (await s.read(7, 0, 0, 2000))[0] == b"a" * 1000
-        s.commit(7, 0, 2, ("client", 1, 5, b"result"))
+        await s.commit(7, 0, 2, ("client", 1, 5, b"result"))
         data, meta = await s.read(7, 0, 0, 2000)
         assert data == b"a" * 500 + b"b" * 10 + b"a" * 490 and meta.version == 2
         assert not (tmp_path / old_file).exists()
         assert s.dedup_get("client", 1) == (5, b"result")
         await s.prepare(7, 0, 3, "truncate", length=10)
-        s.commit(7, 0, 3)
+        await s.commit(7, 0, 3)
         assert (await s.read(7, 0, 0, 100))[0] == b"a" * 10
         assert s.last_chunk(7) == (0, 10)
-        assert s.remove(7, 0) and s.get(7, 0) is None
+        assert await s.remove(7, 0) and s.get(7, 0) is None
 
     run(main())
 
@@ -51,7 +51,7 @@ def test_crash_before_commit_recovers_to_committed(tmp_path):
 
     async def main():
         await s.prepare(1, 3, 1, "write", 0, b"old")
-        s.commit(1, 3, 1)
+        await s.commit(1, 3, 1)
         await s.prepare(1, 3, 2, "write", 0, b"new")  # "crash" here: never committed
         (tmp_path / "chunks" / "01" / "stray.9.9").write_bytes(b"orphan")  # a file no row points at
 
@@ -70,7 +70,7 @@ def test_corruption_is_detected_by_crc(tmp_path):
 
     async def main():
         await s.prepare(2, 0, 1, "write", 0, b"x" * 4096)
-        s.commit(2, 0, 1)
+        await s.commit(2, 0, 1)
         path = tmp_path / s.get(2, 0).file
         raw = bytearray(path.read_bytes())
         raw[100] ^= 0xFF
@@ -97,3 +97,22 @@ def test_replace_and_abort(tmp_path):
         assert [m.index for m in s.list(5)] == [1]
 
     run(main())
+
+
+def test_concurrent_commits_share_transactions(tmp_path):
+    """Group commit: many updates committing at once all land, each exactly once."""
+    s = ChunkStore(tmp_path, fsync=True)
+
+    async def one(i):
+        await s.prepare(9, i, 1, "write", 0, bytes([i]) * 1000)
+        await s.commit(9, i, 1, ("c", i, 1, b"r"))
+
+    async def main():
+        await asyncio.gather(*(one(i) for i in range(40)))
+        assert [m.index for m in s.list(9)] == list(range(40))
+        for i in (0, 17, 39):
+            assert (await s.read(9, i, 0, 2000))[0] == bytes([i]) * 1000
+            assert s.dedup_get("c", i) == (1, b"r")
+
+    run(main())
+    s.close()

@@ -64,13 +64,13 @@ async def _meta_ops(address: str, n: int, concurrency: int) -> dict[str, float]:
 @routine("fs", "3FS: sequential read/write (R=1, R=3) vs dd on the same disk; metadata ops/s on SQLite and PostgreSQL",
          _add_arguments)
 def bench_fs(args: argparse.Namespace) -> BenchResult:
-    import asyncio
     import os
     import shutil
     import tempfile
     from pathlib import Path
 
     from openinfra.fs.cluster import ClusterSpec, LocalCluster
+    from openinfra.fs.rpc import run_loop  # uvloop when installed, as the services use
 
     if args.size_mib < 1 or args.meta_ops < 1 or args.meta_concurrency < 1:
         raise ValueError("--size-mib, --meta-ops and --meta-concurrency must be >= 1")
@@ -110,7 +110,7 @@ def bench_fs(args: argparse.Namespace) -> BenchResult:
                 summary[f"write_R{r}_over_dd"] = w / dd_w
                 summary[f"read_R{r}_over_dd"] = rd / dd_r
                 if r == 1:
-                    meta = asyncio.run(_meta_ops(cluster.services["meta-1"]["address"], args.meta_ops,
+                    meta = run_loop(_meta_ops(cluster.services["meta-1"]["address"], args.meta_ops,
                                                  args.meta_concurrency))
                     for op, v in meta.items():
                         rows.append({"test": f"meta {op} (SQLite)", "ops/s": v, "goal": ">= 2000" if op == "create" else ""})
@@ -130,7 +130,7 @@ def bench_fs(args: argparse.Namespace) -> BenchResult:
                                        meta_db=pg.create_database("bench"))
                     cluster = LocalCluster.start(spec, timeout=120)
                     try:
-                        meta = asyncio.run(_meta_ops(cluster.services["meta-1"]["address"], args.meta_ops,
+                        meta = run_loop(_meta_ops(cluster.services["meta-1"]["address"], args.meta_ops,
                                                      args.meta_concurrency))
                     finally:
                         cluster.stop()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,17 +65,69 @@ class ChunkStore:
         self.path = Path(path)
         self.fsync = fsync
         (self.path / "chunks").mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path / "meta.db", isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        # Two connections: reads on the caller's thread, writes on one helper thread, where
+        # commits that arrive together share one transaction and one fsync (group commit).
+        self.db = self._connect()
         for stmt in _SCHEMA:
             self.db.execute(stmt)
+        self._wdb = self._connect()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="chunk-db")
+        self._queue: list[tuple[list[tuple[str, tuple]], asyncio.Future]] = []
+        self._flushing = False
         # Pending versions: (inode, index) -> (version, file, length, crc). In memory on purpose.
         self._pending: dict[tuple[int, int], tuple[int, str, int, int]] = {}
         self.recover()
 
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path / "meta.db", isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
+        db.execute("PRAGMA busy_timeout=5000")
+        return db
+
     def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self._wdb.close()
         self.db.close()
+
+    async def _write(self, stmts: list[tuple[str, tuple]]) -> None:
+        """Apply ``stmts`` atomically; returns once they are committed (durable with fsync=True)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((stmts, fut))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.ensure_future(self._flush())
+        await fut
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    await loop.run_in_executor(self._executor, self._apply, [stmts for stmts, _ in batch])
+                except Exception as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                else:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_result(None)
+        finally:
+            self._flushing = False
+
+    def _apply(self, batch: list[list[tuple[str, tuple]]]) -> None:
+        db = self._wdb
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for stmts in batch:
+                for sql, params in stmts:
+                    db.execute(sql, params)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     # --- files ---------------------------------------------------------------------------------
 
@@ -202,22 +255,20 @@ class ChunkStore:
             self._unlink(old_pending)  # an earlier attempt that never committed
         return content, crc
 
-    def commit(self, inode: int, index: int, version: int, dedup: tuple[str, int, int, bytes] | None = None) -> None:
-        """Make pending ``version`` the committed one (one SQLite transaction), then drop the old file."""
+    async def commit(self, inode: int, index: int, version: int,
+                     dedup: tuple[str, int, int, bytes] | None = None) -> None:
+        """Make pending ``version`` the committed one (one SQLite transaction, shared with the commits
+        that arrive together), then drop the old file."""
         meta = self.get(inode, index)
         if meta is None or meta.pending_version != version:
             raise RuntimeError(f"chunk {inode}:{index}: no pending version {version} to commit")
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            self.db.execute("INSERT OR REPLACE INTO chunks (inode, idx, ver, len, crc, file) VALUES (?, ?, ?, ?, ?, ?)",
-                            (inode, index, version, meta.pending_length, meta.pending_crc, meta.pending_file))
-            if dedup is not None:
-                self.db.execute("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)", dedup)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        del self._pending[(inode, index)]
+        stmts = [("INSERT OR REPLACE INTO chunks (inode, idx, ver, len, crc, file) VALUES (?, ?, ?, ?, ?, ?)",
+                  (inode, index, version, meta.pending_length, meta.pending_crc, meta.pending_file))]
+        if dedup is not None:
+            stmts.append(("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)", dedup))
+        await self._write(stmts)
+        if self._pending.get((inode, index), (None,))[0] == version:
+            del self._pending[(inode, index)]
         if meta.file and meta.file != meta.pending_file:
             self._unlink(meta.file)
 
@@ -230,18 +281,13 @@ class ChunkStore:
         if row is None or row[0] != pending[1]:
             self._unlink(pending[1])
 
-    def remove(self, inode: int, index: int, dedup: tuple[str, int, int, bytes] | None = None) -> bool:
+    async def remove(self, inode: int, index: int, dedup: tuple[str, int, int, bytes] | None = None) -> bool:
         """Delete a chunk (committed and pending); returns whether it existed."""
         meta = self.get(inode, index)
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            self.db.execute("DELETE FROM chunks WHERE inode = ? AND idx = ?", (inode, index))
-            if dedup is not None:
-                self.db.execute("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)", dedup)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+        stmts = [("DELETE FROM chunks WHERE inode = ? AND idx = ?", (inode, index))]
+        if dedup is not None:
+            stmts.append(("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)", dedup))
+        await self._write(stmts)
         self._pending.pop((inode, index), None)
         if meta is not None:
             self._unlink(meta.file)
@@ -252,7 +298,7 @@ class ChunkStore:
     async def replace(self, inode: int, index: int, version: int, content: bytes) -> int:
         """Sync: install ``content`` as committed ``version`` whatever was there; returns the CRC."""
         _, crc = await self.prepare(inode, index, version, "write", full=content)
-        self.commit(inode, index, version)
+        await self.commit(inode, index, version)
         return crc
 
     def recover(self) -> int:

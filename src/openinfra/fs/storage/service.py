@@ -227,7 +227,7 @@ class StorageNode:
                                                         index=index, op="remove", client=client, channel=channel,
                                                         seq=seq, update_version=current + 1))
                 result = {"version": 0, "crc": 0, "length": 0}
-                store.remove(inode, index, self._dedup(client, channel, seq, result))
+                await store.remove(inode, index, self._dedup(client, channel, seq, result))
                 return result
             if update_version is None:
                 u = current + 1
@@ -254,7 +254,7 @@ class StorageNode:
                     store.abort(inode, index)  # never acknowledged: leave the committed version
                     raise
             result = {"version": u, "crc": crc, "length": len(content)}
-            store.commit(inode, index, u, self._dedup(client, channel, seq, result))
+            await store.commit(inode, index, u, self._dedup(client, channel, seq, result))
         if self.metrics is not None and op == "write":
             self.metrics.bytes.labels(direction="write").inc(len(data))
         return result
@@ -346,7 +346,7 @@ class StorageNode:
         store = self.stores[target_id]
         async with self._lock(target_id, inode, index):
             if content is None:
-                store.remove(inode, index)
+                await store.remove(inode, index)
             else:
                 await store.replace(inode, index, version, content)
         return {"ok": True}
