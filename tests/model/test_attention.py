@@ -204,3 +204,31 @@ def test_fp8_latent_cache_decode_close_to_bf16_cache():
     assert calc_diff(outs[True, "reference"], outs[False, "reference"]) < 1e-3  # e4m3 latent vs bf16 latent
     with pytest.raises(ValueError, match="kv_lora_rank 512"):
         PagedMLACache(get_config("tiny"), num_blocks=2, fp8=True)
+
+
+def test_ragged_prefill_equals_separate_requests():
+    torch.manual_seed(5)
+    cfg = _cfg(n_layers=2, n_dense_layers=1)
+    model = Transformer(cfg).double()
+    a, b = torch.randint(0, cfg.vocab_size, (1, 6)), torch.randint(0, cfg.vocab_size, (1, 10))
+    ref_a, ref_b = model(a), model(b)
+    cache = PagedMLACache(cfg, num_blocks=8, page_size=4, dtype=torch.float64)
+    cache.storage.fill_(float("nan"))
+    mgr = KVCacheManager(cache)
+    for sid, n in (("a", 6), ("b", 10)):
+        mgr.add(sid)
+        mgr.reserve(sid, n)
+    padded = torch.zeros(2, 9, dtype=torch.long)  # one call: a's 5 prompt tokens and b's 9, right-padded
+    padded[0, :5], padded[1, :9] = a[0, :5], b[0, :9]
+    model.reset_expert_load()
+    out = model(padded, cache=mgr.batch(["a", "b"], new_lengths=[5, 9]), mode="prefill")
+    assert int(model.expert_load().sum()) == (5 + 9) * cfg.n_activated_experts  # padding is not routed
+    torch.testing.assert_close(out[0, :5], ref_a[0, :5], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out[1, :9], ref_b[0, :9], rtol=1e-9, atol=1e-9)
+    mgr.advance(["a", "b"], [5, 9])
+    step = model(torch.cat([a[:, 5:], b[:, 9:]]), cache=mgr.batch(["a", "b"]), mode="decode")
+    torch.testing.assert_close(step[:, 0], torch.cat([ref_a[:, 5], ref_b[:, 9]]), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="new_lengths must give"):
+        model(padded, cache=mgr.batch(["a", "b"], new_lengths=[0, 9]), mode="prefill")
+    with pytest.raises(ValueError, match="prefill mode only"):
+        model(padded[:, :1], cache=mgr.batch(["a", "b"], new_lengths=[1, 1]), mode="decode")

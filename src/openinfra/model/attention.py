@@ -182,9 +182,18 @@ class MLA(nn.Module):
                                                is_causal=True, scale=self.softmax_scale).transpose(1, 2)
             return self.wo(o.flatten(2))
 
+        if mode not in ("prefill", "decode"):
+            raise ValueError(f"mode must be 'prefill' or 'decode', got {mode!r}")
+        if mode == "decode" and cache.new_lengths is not None:  # checked before anything is written
+            raise ValueError("new_lengths (ragged prefill) works in prefill mode only")
         positions = cache.cache_seqlens.long()[:, None] + torch.arange(s, device=x.device)[None, :]
-        cache.cache.write(layer, cache.block_table, positions, latent, k_pe)
-        seqlens = cache.cache_seqlens.to(torch.int32) + s
+        if cache.new_lengths is None:
+            valid, added = None, s
+        else:  # ragged prefill: only the first new_lengths[i] tokens of request i are real
+            added = torch.tensor(cache.new_lengths, dtype=torch.int32, device=x.device)
+            valid = torch.arange(s, device=x.device)[None, :] < added[:, None]
+        cache.cache.write(layer, cache.block_table, positions, latent, k_pe, valid)
+        seqlens = cache.cache_seqlens.to(torch.int32) + added
         if mode == "decode":
             w_uk, w_uv = self.absorbed_weights()
             q_abs = torch.einsum("bshd,hdc->bshc", q_nope, w_uk.to(q_nope.dtype))
@@ -195,8 +204,6 @@ class MLA(nn.Module):
             self.last_decode_backend = used
             o = torch.einsum("bshc,hdc->bshd", o_lat.to(x.dtype), w_uv.to(x.dtype))
             return self.wo(o.flatten(2))
-        if mode != "prefill":
-            raise ValueError(f"mode must be 'prefill' or 'decode', got {mode!r}")
         length = int(seqlens.max())
         rows = cache.cache.gather(layer, cache.block_table, length).to(x.dtype)  # [b, L, c + rope]
         pos = torch.arange(length, device=x.device)
@@ -205,6 +212,8 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, rows[..., None, self.kv_lora_rank:].expand(-1, -1, self.n_heads, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         visible = pos[None, None, :] <= positions[..., None]          # [b, s, L]: causal within each request
+        if valid is not None:  # padding queries see key 0 only (their outputs are discarded; no empty softmax)
+            visible = visible & valid[..., None] | (pos[None, None, :] == 0)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=visible[:, None], scale=self.softmax_scale).transpose(1, 2)
         return self.wo(o.flatten(2))

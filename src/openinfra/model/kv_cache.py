@@ -112,11 +112,14 @@ class PagedMLACache:
         return self.storage[layer]
 
     def write(self, layer: int, block_table: torch.Tensor, positions: torch.Tensor,
-              latent: torch.Tensor, k_rope: torch.Tensor) -> None:
-        """Store rows at token ``positions`` [b, s] of each request: latent [b, s, kv_lora], k_rope [b, s, rope]."""
-        pages = torch.gather(block_table.long(), 1, positions // self.page_size)
+              latent: torch.Tensor, k_rope: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Store rows at token ``positions`` [b, s] of each request: latent [b, s, kv_lora], k_rope [b, s, rope];
+        ``valid`` [b, s] bool keeps padding tokens (ragged prefill) out of the cache."""
+        pages = torch.gather(block_table.long(), 1, (positions // self.page_size).clamp(max=block_table.shape[1] - 1))
         offsets = positions % self.page_size
         rows = torch.cat([latent, k_rope], dim=-1).to(self.dtype)
+        if valid is not None:
+            pages, offsets, rows = pages[valid], offsets[valid], rows[valid]
         if self.fp8:
             rows = self._fp8.quantize_kv_cache_fp8(rows)
         self.storage[layer, pages, offsets, 0] = rows
@@ -150,6 +153,9 @@ class CacheBatch:
     capacity: list[int] | None = None
     #: Per request, the tokens cached before this call (host ints), when the caller knows them.
     lengths: list[int] | None = None
+    #: Ragged prefill: request i contributes only its first ``new_lengths[i]`` tokens of the call
+    #: (the rest of its row is padding: not cached, not routed, its logits meaningless). None = all s.
+    new_lengths: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.block_table.dim() != 2 or self.block_table.dtype not in (torch.int32, torch.int64):
@@ -206,8 +212,9 @@ class KVCacheManager:
         self.cache.allocator.free(self._pages.pop(self._check(seq_id)))
         del self._lengths[seq_id]
 
-    def batch(self, seq_ids: list, pad_page: int = 0) -> CacheBatch:
-        """A :class:`CacheBatch` for ``seq_ids`` (unused block-table slots hold ``pad_page``)."""
+    def batch(self, seq_ids: list, pad_page: int = 0, new_lengths: list[int] | None = None) -> CacheBatch:
+        """A :class:`CacheBatch` for ``seq_ids`` (unused block-table slots hold ``pad_page``);
+        ``new_lengths`` for a ragged prefill (see :class:`CacheBatch`)."""
         if not seq_ids:
             raise ValueError("seq_ids must not be empty")
         width = max(1, max(len(self._pages[self._check(s)]) for s in seq_ids))
@@ -218,4 +225,5 @@ class KVCacheManager:
         lens = torch.tensor(lengths, dtype=torch.int32)
         dev = self.cache.device
         capacity = [len(self._pages[s]) * self.cache.page_size for s in seq_ids]
-        return CacheBatch(self.cache, table.to(dev), lens.to(dev), capacity=capacity, lengths=lengths)
+        return CacheBatch(self.cache, table.to(dev), lens.to(dev), capacity=capacity, lengths=lengths,
+                          new_lengths=list(new_lengths) if new_lengths is not None else None)

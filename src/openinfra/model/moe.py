@@ -102,9 +102,16 @@ class MoE(nn.Module):
         out = groups.new_zeros(num_tokens, groups.shape[-1])
         return out.index_add(0, tok, groups.flatten(0, 1) * w[:, None].to(groups.dtype))
 
-    def forward(self, x: torch.Tensor, layout: Layout = "auto") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: Layout = "auto", token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., dim] -> [..., dim]. ``layout``: contiguous (training/prefill), masked (decode), or
-        auto (masked when there are at most as many tokens as experts, i.e. a decode batch)."""
+        auto (masked when there are at most as many tokens as experts, i.e. a decode batch).
+        ``token_mask`` [...] bool: only these tokens are routed and computed (padding gives zeros)."""
+        if token_mask is not None:
+            flat = x.reshape(-1, self.cfg.dim)
+            keep = token_mask.reshape(-1)
+            out = flat.new_zeros(flat.shape)
+            out[keep] = self.forward(flat[keep], layout)
+            return out.view(x.shape)
         shape = x.shape
         x = x.reshape(-1, self.cfg.dim)
         t = x.shape[0]

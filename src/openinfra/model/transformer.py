@@ -45,7 +45,11 @@ class Block(nn.Module):
         with phase("attn"):
             x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer_id, mode)
         if self.is_moe:
-            x = x + self.ffn(self.ffn_norm(x), "masked" if mode == "decode" else "contiguous")
+            mask = None
+            if cache is not None and cache.new_lengths is not None:
+                lens = torch.tensor(cache.new_lengths, device=x.device)
+                mask = torch.arange(x.shape[1], device=x.device)[None, :] < lens[:, None]
+            x = x + self.ffn(self.ffn_norm(x), "masked" if mode == "decode" else "contiguous", mask)
         else:
             with phase("mlp"):
                 x = x + self.ffn(self.ffn_norm(x))
@@ -134,17 +138,23 @@ class Transformer(nn.Module):
             if mode not in ("auto", "prefill", "decode"):
                 raise ValueError(f"mode must be 'auto', 'prefill' or 'decode', got {mode!r}")
             run_mode = ("decode" if s <= 2 else "prefill") if mode == "auto" else mode
+            new = [s] * b
+            if cache.new_lengths is not None:
+                new = list(cache.new_lengths)
+                if len(new) != b or any(not 1 <= n <= s for n in new):
+                    raise ValueError(f"new_lengths must give 1..{s} tokens for each of the {b} requests, got {new}")
             if cache.lengths is not None:  # known on the host: no device sync
                 max_position = max(cache.lengths) + s - 1
             else:
                 max_position = int(positions.max())
             if cache.capacity is not None:
                 ends = cache.lengths if cache.lengths is not None else cache.cache_seqlens.tolist()
-                for i, (end, cap) in enumerate(zip(ends, cache.capacity)):
-                    if end + s > cap:
-                        raise ValueError(f"request {i}: writing tokens {end}..{end + s - 1} needs more than its "
+                for i, (end, cap, n) in enumerate(zip(ends, cache.capacity, new)):
+                    if end + n > cap:
+                        raise ValueError(f"request {i}: writing tokens {end}..{end + n - 1} needs more than its "
                                          f"{cap} reserved token slots (call KVCacheManager.reserve first)")
-            needed = max_position // cache.cache.page_size + 1
+            needed = (max_position if cache.new_lengths is None else max(
+                e + n for e, n in zip(cache.lengths or cache.cache_seqlens.tolist(), new)) - 1) // cache.cache.page_size + 1
             if needed > cache.block_table.shape[1]:
                 raise ValueError(f"block_table has {cache.block_table.shape[1]} pages per request, "
                                  f"position {max_position} needs {needed}")
