@@ -17,6 +17,9 @@ from openinfra.comm.deep_ep.layout import compute_layout, send_index_from_mask
 from openinfra.comm.deep_ep.low_latency import _message_slots
 from openinfra.kernels.deep_gemm.cast.reference import per_token_cast_to_fp8_reference
 
+# Triton's interpreter reads a scalar tl.load result through a 1-element numpy array (numpy >= 1.25 warns)
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
+
 
 def _slots(num_rows: int, num_slots: int, num_out: int, holes: int, gen: torch.Generator) -> torch.Tensor:
     """[num_rows, num_slots] distinct destination rows in [0, num_out), ``holes`` of them -1."""
