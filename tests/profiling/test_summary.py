@@ -123,3 +123,25 @@ def test_errors(tmp_path):
     b = write_chrome_trace([_ev("F", 0, 1, 1)], tmp_path / "x" / "r0b.json", ranks={1: 0})
     with pytest.raises(ValueError, match="two trace files"):
         load_trace([a, b])
+
+
+def test_step_selection(tmp_path, capsys):
+    from openinfra.cli import main
+
+    events = [
+        {"name": "ProfilerStep#1", "ts": 0, "dur": 100, "pid": 1, "tid": 1, "cat": "cpu_op"},
+        {"name": "ProfilerStep#2", "ts": 100, "dur": 100, "pid": 1, "tid": 1, "cat": "cpu_op"},
+        _ev("F", 10, 40, 1), _ev("F", 90, 60, 1), _ev("dispatch", 120, 20, 1, tid=2),
+    ]
+    p = write_chrome_trace(events, tmp_path / "steps.json", ranks={1: 0})
+    whole = summarize(p)
+    assert whole.window_us == 140 and "ProfilerStep#1" not in whole.phases
+    s2 = summarize(p, step=2)  # [100, 200): F clipped to 100..150, dispatch 120..140
+    assert s2.window_us == 50 and s2.ranks[0].compute_us == 50 and s2.ranks[0].overlap_us == 20
+    s1 = summarize(p, step=1)  # [0, 100): F 10..50 and 90..100
+    assert s1.ranks[0].compute_us == 50 and s1.ranks[0].comm_us == 0
+    with pytest.raises(ValueError, match=r"no ProfilerStep#7; steps present: \[1, 2\]"):
+        summarize(p, step=7)
+    assert main(["profile", "summary", str(p), "--step", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["window_us"] == 50
+    assert main(["profile", "summary", str(p), "--step", "7"]) == 2

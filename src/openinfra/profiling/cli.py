@@ -1,7 +1,7 @@
 """``openinfra profile ...``: read Chrome traces and report overlap, bubble and idle time, or draw them.
 
-    openinfra profile summary TRACE [TRACE ...] [--source auto|host|device] [--json]
-    openinfra profile timeline TRACE [TRACE ...] --png OUT [--title T]
+    openinfra profile summary TRACE [TRACE ...] [--source auto|host|device] [--step N] [--json]
+    openinfra profile timeline TRACE [TRACE ...] --png OUT [--step N] [--title T]
     openinfra profile merge TRACE [TRACE ...] --out MERGED.json
 
 TRACE is a torch.profiler Chrome trace (.json or .json.gz), several of them (one per rank) or a
@@ -32,7 +32,7 @@ def _summary(args: argparse.Namespace) -> int:
     from openinfra.profiling.summary import format_summary, summarize
 
     try:
-        s = summarize(args.trace, source=args.source)
+        s = summarize(args.trace, source=args.source, step=args.step)
     except (ValueError, FileNotFoundError) as exc:
         return _fail(str(exc))
     print(json.dumps(s.to_dict(), indent=2) if args.json else format_summary(s, args.phases))
@@ -43,7 +43,7 @@ def _timeline(args: argparse.Namespace) -> int:
     from openinfra.profiling.timeline import plot_timeline
 
     try:
-        out = plot_timeline(args.trace, args.png, source=args.source, title=args.title)
+        out = plot_timeline(args.trace, args.png, source=args.source, title=args.title, step=args.step)
     except (ValueError, FileNotFoundError) as exc:
         return _fail(str(exc))
     print(f"wrote {out}")
@@ -80,6 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.add_argument("--source", choices=("auto", "host", "device"), default="auto",
                        help="count GPU-timeline events (device), our annotations + comm ops on the CPU (host), "
                             "or device where a rank has GPU events (auto, default)")
+        q.add_argument("--step", type=int, default=None,
+                       help="only torch.profiler's ProfilerStep#STEP (events clipped to it); default: the whole trace")
 
     s = sub.add_parser("summary", help="compute/communication overlap, pipeline bubble and idle time per rank")
     traces(s)

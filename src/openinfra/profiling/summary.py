@@ -125,10 +125,16 @@ def _chosen(ivs: list[Interval], source: Source) -> tuple[list[Interval], str]:
     return [iv for iv in ivs if iv.device == use_device], "device" if use_device else "host"
 
 
-def summarize(trace: Trace | str | os.PathLike | list, source: Source = "auto") -> TraceSummary:
-    """Compute the :class:`TraceSummary` of a trace (or of the trace files / directory given)."""
+def summarize(trace: Trace | str | os.PathLike | list, source: Source = "auto", step: int | None = None) -> TraceSummary:
+    """Compute the :class:`TraceSummary` of a trace (or of the trace files / directory given).
+
+    ``step``: only the span of torch.profiler's ``ProfilerStep#<step>`` (earliest start to latest end
+    over the ranks), events clipped to it; None = the whole trace.
+    """
     if not isinstance(trace, Trace):
         trace = load_trace(trace)
+    if step is not None:
+        trace = trace.clipped(*trace.step_window(step))
     chosen = {r: _chosen(trace.intervals[r], source) for r in trace.ranks}
     counted = [iv for ivs, _ in chosen.values() for iv in ivs if iv.kind != "other"]
     if not counted:

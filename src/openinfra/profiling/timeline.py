@@ -22,8 +22,9 @@ _KERNEL_COLOR = {"compute": "#4c72b0", "comm": "#c44e52", "other": "#bbbbbb"}
 
 
 def plot_timeline(trace: Trace | str | os.PathLike | list, png: str | os.PathLike, source: Source = "auto",
-                  title: str | None = None, width: float = 14.0, dpi: int = 120) -> Path:
-    """Draw ``trace`` to ``png`` and return its path. Times on the x axis in ms from the window start."""
+                  title: str | None = None, width: float = 14.0, dpi: int = 120, step: int | None = None) -> Path:
+    """Draw ``trace`` (or one ``ProfilerStep#step`` of it) to ``png`` and return its path. Times on the x
+    axis in ms from the window start."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on CI or the GPU box
@@ -32,6 +33,8 @@ def plot_timeline(trace: Trace | str | os.PathLike | list, png: str | os.PathLik
 
     if not isinstance(trace, Trace):
         trace = load_trace(trace)
+    if step is not None:
+        trace = trace.clipped(*trace.step_window(step))
     summary = summarize(trace, source)
     ranks = trace.ranks
     chosen = {r: _chosen(trace.intervals[r], source)[0] for r in ranks}

@@ -13,6 +13,7 @@ Each interval is classified ``compute``, ``comm`` or ``other`` (see :func:`class
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import json
 import os
@@ -34,6 +35,7 @@ Kind = Literal["compute", "comm", "other"]
 _COMM_RE = re.compile(r"(nccl|gloo|c10d|record_param_comms|all_to_all|alltoall|all_reduce|allreduce|all_gather|"
                       r"allgather|reduce_scatter|broadcast|isend|irecv|send|recv)", re.IGNORECASE)
 _DEVICE_CATS = frozenset({"kernel", "gpu_user_annotation", "gpu_memcpy", "gpu_memset"})
+_STEP_RE = re.compile(r"^ProfilerStep#(\d+)$")
 _RANK_NAME_RE = re.compile(r"rank[ _-]?(\d+)", re.IGNORECASE)
 
 
@@ -62,6 +64,26 @@ class Trace:
 
     intervals: dict[int, list[Interval]] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    #: torch.profiler's step ranges (``ProfilerStep#N``, host side) per rank: {rank: {N: (start_us, end_us)}}
+    steps: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)
+
+    def step_window(self, step: int) -> tuple[float, float]:
+        """From the earliest start to the latest end of ``ProfilerStep#step`` over the ranks that have it."""
+        spans = [st[step] for st in self.steps.values() if step in st]
+        if not spans:
+            have = sorted({n for st in self.steps.values() for n in st})
+            raise ValueError(f"the trace has no ProfilerStep#{step}; steps present: {have or 'none'}")
+        return min(a for a, _ in spans), max(b for _, b in spans)
+
+    def clipped(self, start_us: float, end_us: float) -> "Trace":
+        """A copy holding only the parts of intervals inside ``[start_us, end_us)``."""
+        out = Trace(files=list(self.files), steps=self.steps)
+        for r, ivs in self.intervals.items():
+            kept = [dataclasses.replace(iv, start_us=max(iv.start_us, start_us), end_us=min(iv.end_us, end_us))
+                    for iv in ivs if iv.end_us > start_us and iv.start_us < end_us]
+            if kept:
+                out.intervals[r] = kept
+        return out
 
     @property
     def ranks(self) -> list[int]:
@@ -117,7 +139,8 @@ def _pid_ranks(events: list[dict]) -> dict[object, int]:
     return out
 
 
-def _events_to_intervals(data: dict, default_rank: int, path: Path) -> dict[int, list[Interval]]:
+def _events_to_intervals(data: dict, default_rank: int, path: Path,
+                         steps: dict[int, dict[int, tuple[float, float]]] | None = None) -> dict[int, list[Interval]]:
     events = data["traceEvents"]
     base_us = float(data.get("baseTimeNanoseconds", 0)) / 1e3  # aligns files of different processes
     file_rank = None
@@ -135,12 +158,16 @@ def _events_to_intervals(data: dict, default_rank: int, path: Path) -> dict[int,
     def add(e: dict, start: float, dur: float) -> None:
         if dur < 0:
             raise ValueError(f"{path}: event {e.get('name')!r} has negative duration {dur}")
-        hit = classify(str(e.get("name", "")), str(e.get("cat", "")))
-        if hit is None:
-            return
         rank = file_rank if file_rank is not None else pid_rank.get(e.get("pid"))
         if rank is None:
             return  # a process that is not a rank (torch's "Spans" / "Traces" rows)
+        sm = _STEP_RE.match(str(e.get("name", "")))
+        if sm is not None and steps is not None and str(e.get("cat", "")) not in _DEVICE_CATS:
+            steps.setdefault(rank, {})[int(sm.group(1))] = (base_us + start, base_us + start + dur)
+            return
+        hit = classify(str(e.get("name", "")), str(e.get("cat", "")))
+        if hit is None:
+            return
         kind, ph, source = hit
         lane = f"{e.get('pid')}:{e.get('tid')}"
         device = str(e.get("cat", "")) in _DEVICE_CATS
@@ -185,7 +212,7 @@ def load_trace(paths: str | os.PathLike | list[str | os.PathLike]) -> Trace:
     trace = Trace(files=[str(f) for f in files])
     owner: dict[int, Path] = {}
     for i, f in enumerate(files):
-        for rank, ivs in _events_to_intervals(_open_json(f), i, f).items():
+        for rank, ivs in _events_to_intervals(_open_json(f), i, f, trace.steps).items():
             if owner.setdefault(rank, f) != f:
                 raise ValueError(f"rank {rank} appears in two trace files: {owner[rank]} and {f}")
             trace.intervals.setdefault(rank, []).extend(ivs)
