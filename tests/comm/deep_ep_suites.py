@@ -38,10 +38,10 @@ def _all_gather(t: torch.Tensor) -> torch.Tensor:
     return torch.stack(parts).to(t.device)
 
 
-def intranode_checks(rank: int, num_ranks: int, device: str) -> int:
+def intranode_checks(rank: int, num_ranks: int, device: str, buffer: Buffer | None = None) -> int:
     gen = torch.Generator().manual_seed(1000 + rank)
     num_tokens, hidden, num_topk, num_experts = NUM_TOKENS, HIDDEN, NUM_TOPK, 16 * num_ranks
-    buffer = Buffer(dist.group.WORLD)
+    buffer = buffer or Buffer(dist.group.WORLD)
     group = dist.group.WORLD
 
     x = torch.ones(num_tokens, hidden, dtype=torch.bfloat16, device=device) * rank
@@ -183,11 +183,13 @@ def intranode_checks(rank: int, num_ranks: int, device: str) -> int:
 
 
 
-def low_latency_checks(rank: int, num_ranks: int, device: str) -> int:
+def low_latency_checks(rank: int, num_ranks: int, device: str, buffer: Buffer | None = None) -> int:
     gen = torch.Generator().manual_seed(2000 + rank)
     num_tokens, hidden, num_topk, num_experts = NUM_TOKENS, HIDDEN, NUM_TOPK, 16 * num_ranks
     num_local_experts = num_experts // num_ranks
-    buffer = Buffer(dist.group.WORLD, low_latency_mode=True)
+    buffer = buffer or Buffer(dist.group.WORLD, low_latency_mode=True)
+    # as DeepEP's intranode test does before reusing a normal-mode buffer for low latency
+    buffer.clean_low_latency_buffer(num_tokens, hidden, num_experts)
 
     # integers above 256 are not exact in bf16: sources are told apart by (rank - 128)
     rank_offset = 128

@@ -18,7 +18,13 @@ from tests.comm.deep_ep_suites import intranode_checks, low_latency_checks, trit
 def _both(rank: int, num_ranks: int, device: str) -> tuple[int, ...]:
     if device == "cuda":
         torch.cuda.set_device(0)
-    counts = (intranode_checks(rank, num_ranks, device), low_latency_checks(rank, num_ranks, device))
+    import torch.distributed as dist
+
+    from openinfra.comm.deep_ep import Buffer
+
+    # one buffer for both modes, as DeepEP's intranode test checks low-latency compatibility
+    buffer = Buffer(dist.group.WORLD, low_latency_mode=True)
+    counts = (intranode_checks(rank, num_ranks, device, buffer), low_latency_checks(rank, num_ranks, device, buffer))
     if device == "cpu" and num_ranks == 2 and interpreter_enabled():
         # the Triton kernels inside dispatch / combine, on this spawn (start-up dominates on 2 cores)
         counts += (triton_round_trip_checks(rank, num_ranks),)
