@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from openinfra.comm.deep_ep.autograd import CombineFunction, DispatchFunction
 from openinfra.comm.deep_ep.checks import (
-    HIDDEN_DTYPES, check_expert_ids, check_fp8_pair, check_hidden, check_tensor, check_topk_idx, check_topk_weights,
+    check_expert_ids, check_fp8_pair, check_hidden, check_tensor, check_topk_idx, check_topk_weights,
 )
 from openinfra.comm.deep_ep.config import Config
 from openinfra.comm.deep_ep.event import EventHandle, EventOverlap
