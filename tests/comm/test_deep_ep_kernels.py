@@ -158,6 +158,25 @@ def test_scatter_fp8_cast_kernel_matches_reference(triton_kernels, rows, hidden,
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("block_groups, num_warps", [(1, 4), (2, 2), (16, 4)])
+def test_scatter_tile_variants_match_reference(block_groups, num_warps):
+    """The tile widths the benchmark sweeps (incl. 16 groups over a 10-group row) stay exact."""
+    from openinfra.comm.deep_ep.kernels.kernel import scatter_rows_triton
+
+    gen = torch.Generator().manual_seed(block_groups)
+    src = (torch.randn(5, 1280, generator=gen) * 3).to(torch.bfloat16)
+    index = _slots(5, 3, 17, 2, gen)
+    for cast in (False, True):
+        dtype = torch.float8_e4m3fn if cast else torch.bfloat16
+        out, ref = torch.zeros(17, 1280, dtype=dtype), torch.zeros(17, 1280, dtype=dtype)
+        sf, ref_sf = torch.zeros(17, 10), torch.zeros(17, 10)
+        scatter_rows_triton(src, index, out, sf if cast else None, cast_fp8=cast, num_warps=num_warps,
+                            block_groups=block_groups)
+        scatter_rows_reference(src, index, ref, ref_sf if cast else None, cast_fp8=cast)
+        assert torch.equal(_bits(out), _bits(ref)) and torch.equal(sf, ref_sf)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("rows, hidden, slots", [(1, 128, 1), (6, 200, 4), (4, 2100, 2)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("weighted, num_bias", [(False, 0), (True, 0), (False, 2), (True, 1)])
