@@ -49,12 +49,35 @@ def _make_local(full: nn.Sequential, idx: tuple[int, int], overlapped: bool):
     return nn.Sequential(*mods)
 
 
-def _run(rank: int, world: int, kind: str, modes: tuple[bool, ...]):
-    """Several code paths (overlapped F&B, plain F-then-B) in one set of ranks: spawning is the cost."""
-    return {ov: _run_one(rank, world, kind, ov) for ov in modes}
+def _sizes_rank(rank: int, world: int, kind: str):
+    """Every pipeline size of one schedule inside one set of 4 ranks (spawning is the cost):
+    DualPipe PP 4 and PP 2 (twice, side by side); DualPipeV PP 4, PP 3 (+ PP 1 on the spare rank)
+    and PP 2 (twice). Subgroups exercise ``process_group``; the second PP-2 pipeline numbers its
+    ranks backwards through ``rank_mapping``."""
+    assert world == 4
+    g3 = dist.new_group([0, 1, 2])
+    g2 = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    g1 = [dist.new_group([r]) for r in range(4)]
+    pair = g2[rank // 2]
+    mapping = [0, 1] if rank < 2 else [1, 0]
+    out = {}
+    if kind == "dualpipe":
+        out[4] = {ov: _run_one(None, kind, ov) for ov in (True, False)}
+        out[2] = {True: _run_one(pair, kind, True, mapping)}
+    else:
+        out[4] = {True: _run_one(None, kind, True)}
+        if rank < 3:
+            out[3] = {ov: _run_one(g3, kind, ov) for ov in (True, False)}
+        else:
+            out[1] = {True: _run_one(g1[3], kind, True)}
+        out[2] = {True: _run_one(pair, kind, True, mapping)}
+    return out
 
 
-def _run_one(rank: int, world: int, kind: str, overlapped: bool, num_chunks: int = CHUNKS):
+def _run_one(group, kind: str, overlapped: bool, mapping=None, num_chunks: int = CHUNKS):
+    group_rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rank = mapping[group_rank] if mapping else group_rank  # pipeline rank
+    mirror_group_rank = (mapping or list(range(world))).index(world - 1 - rank)
     torch.manual_seed(233)
     num_stages = world if kind == "dualpipe" else 2 * world
     full = nn.Sequential(*[MLPStage(HIDDEN) for _ in range(num_stages)])
@@ -69,7 +92,8 @@ def _run_one(rank: int, world: int, kind: str, overlapped: bool, num_chunks: int
     local = _make_local(full, idx, overlapped)
     rec = ScheduleRecorder()
     cls = DualPipe if kind == "dualpipe" else DualPipeV
-    pipe = cls(local, p2p_shapes=[(MB, SEQ, HIDDEN)], p2p_dtypes=torch.float32, recorder=rec)
+    pipe = cls(local, process_group=group, rank_mapping=mapping, p2p_shapes=[(MB, SEQ, HIDDEN)],
+               p2p_dtypes=torch.float32, recorder=rec)
 
     if kind == "dualpipe":
         if rank == 0:
@@ -104,10 +128,10 @@ def _run_one(rank: int, world: int, kind: str, overlapped: bool, num_chunks: int
         for p0, p1 in zip(list(local[0].parameters()), list(local[1].parameters())):
             g0 = [torch.empty_like(p0.grad) for _ in range(world)]
             g1 = [torch.empty_like(p1.grad) for _ in range(world)]
-            dist.all_gather(g0, p0.grad)
-            dist.all_gather(g1, p1.grad)
-            p0.grad += g1[world - 1 - rank]
-            p1.grad += g0[world - 1 - rank]
+            dist.all_gather(g0, p0.grad, group=group)
+            dist.all_gather(g1, p1.grad, group=group)
+            p0.grad += g1[mirror_group_rank]
+            p1.grad += g0[mirror_group_rank]
         assert n0 * 2 == len(params)
     ref_params = [p for i in idx for p in full[i].parameters()]
     diffs = [calc_diff(p.grad, r.grad) for p, r in zip(params, ref_params)]
@@ -128,7 +152,7 @@ def _run_one(rank: int, world: int, kind: str, overlapped: bool, num_chunks: int
         # One more recorded training step, gathered: the whole schedule as every rank ran it.
         rec.enabled = True
         pipe.step(inp, num_chunks=num_chunks, criterion=mse_criterion, labels=(lab,))
-        events = rec.gather()
+        events = rec.gather(group)
         if rank == 0:
             out["trace"] = rec.trace(events)
     return out
@@ -147,25 +171,37 @@ def _expected_per_phase(kind: str, world: int, rank: int, overlapped: bool) -> d
 
 
 # The plain F-then-B path (no overlapped_forward_backward) is checked at one size per schedule.
-@pytest.mark.parametrize("kind,world,modes", [
-    ("dualpipe", 2, (True,)), ("dualpipe", 4, (True, False)), ("dualpipev", 1, (True,)),
-    ("dualpipev", 2, (True,)), ("dualpipev", 3, (True, False)), ("dualpipev", 4, (True,)),
-])
-def test_matches_single_process_reference(distributed, kind, world, modes):
-    results = distributed(_run, world, kind, modes, timeout=170)
-    for overlapped in modes:
-        for rank, by_mode in enumerate(results):
-            res = by_mode[overlapped]
-            want = compute_counts(kind, world, CHUNKS, rank, overlapped=overlapped)
-            got = {k: res["counts"].get(k, 0) for k in ("F", "B", "W", "F&B")}
-            assert got == want, (overlapped, rank, got, want)
-            assert res["per_phase"] == _expected_per_phase(kind, world, rank, overlapped), (rank, res["per_phase"])
-            assert res["max_diff"] < 1e-13
-            # forward-only: one F per micro-batch per arm, no backward work at all
-            per_dir = CHUNKS // 2 if kind == "dualpipe" else CHUNKS
-            assert res["fwd_counts"].get("F", 0) == 2 * per_dir
-            assert not {"B", "W", "F&B"} & set(res["fwd_counts"])
-    _check_trace(results[0][True]["trace"], kind, world)
+SIZES = {"dualpipe": {4: (True, False), 2: (True,)}, "dualpipev": {4: (True,), 3: (True, False), 2: (True,), 1: (True,)}}
+
+
+@pytest.mark.parametrize("kind", ["dualpipe", "dualpipev"])
+def test_matches_single_process_reference(distributed, kind):
+    by_rank = distributed(_sizes_rank, 4, kind, timeout=170)
+    for world, modes in SIZES[kind].items():
+        for overlapped in modes:
+            # which global ranks ran this size, in pipeline-rank order
+            if world == 4:
+                members = [[0, 1, 2, 3]]
+            elif world == 3:
+                members = [[0, 1, 2]]
+            elif world == 2:
+                members = [[0, 1], [3, 2]]  # the second pair runs with rank_mapping [1, 0]
+            else:
+                members = [[3]]
+            for ranks in members:
+                results = [by_rank[g][world][overlapped] for g in ranks]
+                for rank, res in enumerate(results):
+                    want = compute_counts(kind, world, CHUNKS, rank, overlapped=overlapped)
+                    got = {k: res["counts"].get(k, 0) for k in ("F", "B", "W", "F&B")}
+                    assert got == want, (world, overlapped, rank, got, want)
+                    assert res["per_phase"] == _expected_per_phase(kind, world, rank, overlapped), (world, rank)
+                    assert res["max_diff"] < 1e-13
+                    # forward-only: one F per micro-batch per arm, no backward work at all
+                    per_dir = CHUNKS // 2 if kind == "dualpipe" else CHUNKS
+                    assert res["fwd_counts"].get("F", 0) == 2 * per_dir
+                    assert not {"B", "W", "F&B"} & set(res["fwd_counts"])
+                if overlapped:
+                    _check_trace(results[0]["trace"], kind, world)
 
 
 def _check_trace(trace, kind: str, world: int) -> None:

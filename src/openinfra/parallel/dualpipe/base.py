@@ -285,7 +285,7 @@ class DualPipeBase(nn.Module):
         peer = self._fwd_peer(m, sending=False)
         tensors = self._spec.append_irecv(self.comm_ops, peer, self.group, self.device, not self.forward_only,
                                           self._staged if self._stage_on_host else None)
-        self._comm_meta += [dict(kind="recv", module=m, chunk=cid, peer=peer, nbytes=t.nbytes) for t in tensors]
+        self._comm_meta += [dict(kind="recv", module=m, chunk=cid, peer=self.rank_mapping[peer], nbytes=t.nbytes) for t in tensors]
         self.input_chunks[m].append(tensors)
 
     def _send_forward(self, phase: int) -> None:
@@ -298,7 +298,7 @@ class DualPipeBase(nn.Module):
         self._spec.check(tensors, f"{self.schedule_name} rank {self.rank}: output of module {m}, chunk {cid}")
         peer = self._fwd_peer(m, sending=True)
         P2PSpec.append_isend(self.comm_ops, tensors, peer, self.group, self._stage_on_host)
-        self._comm_meta += [dict(kind="send", module=m, chunk=cid, peer=peer, nbytes=t.nbytes) for t in tensors]
+        self._comm_meta += [dict(kind="send", module=m, chunk=cid, peer=self.rank_mapping[peer], nbytes=t.nbytes) for t in tensors]
         if not self.return_outputs:
             for t in tensors:
                 if t._base is not None:
@@ -318,7 +318,7 @@ class DualPipeBase(nn.Module):
         peer = self._fwd_peer(m, sending=True)
         tensors = self._spec.append_irecv(self.comm_ops, peer, self.group, self.device, False,
                                           self._staged if self._stage_on_host else None)
-        self._comm_meta += [dict(kind="recv", module=m, chunk=cid, peer=peer, nbytes=t.nbytes) for t in tensors]
+        self._comm_meta += [dict(kind="recv", module=m, chunk=cid, peer=self.rank_mapping[peer], nbytes=t.nbytes) for t in tensors]
         self.output_grad_chunks[m].append(tensors)
 
     def _send_backward(self, phase: int) -> None:
@@ -336,7 +336,7 @@ class DualPipeBase(nn.Module):
                  for g, s, d in zip(grads, self._spec.shapes, self._spec.dtypes)]
         peer = self._fwd_peer(m, sending=False)
         P2PSpec.append_isend(self.comm_ops, grads, peer, self.group, self._stage_on_host)
-        self._comm_meta += [dict(kind="send", module=m, chunk=cid, peer=peer, nbytes=t.nbytes) for t in grads]
+        self._comm_meta += [dict(kind="send", module=m, chunk=cid, peer=self.rank_mapping[peer], nbytes=t.nbytes) for t in grads]
 
     def _free_tensors(self) -> None:
         for t in self.to_free:
