@@ -103,3 +103,25 @@ def test_forward_refuses_to_write_past_reserved_pages():
         model(torch.zeros(2, 2, dtype=torch.long), cache=mgr.batch(["a", "b"]))
     mgr.reserve("b", 2)
     model(torch.zeros(2, 2, dtype=torch.long), cache=mgr.batch(["a", "b"]))
+
+
+def test_reads_deepseek_v3_config_json():
+    """The fields of DeepSeek-V3's published config.json (as released with the checkpoint)."""
+    hf = {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "first_k_dense_replace": 3,
+        "hidden_act": "silu", "hidden_size": 7168, "intermediate_size": 18432, "kv_lora_rank": 512,
+        "max_position_embeddings": 163840, "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8,
+        "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128,
+        "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128,
+        "num_nextn_predict_layers": 1, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                "weight_block_size": [128, 128]},
+        "rms_norm_eps": 1e-06, "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "v_head_dim": 128,
+        "vocab_size": 129280,
+    }
+    cfg = ModelConfig.from_hf_config(hf)
+    assert cfg == get_config("v3", max_seq_len=163840)
+    assert cfg.yarn and cfg.gemm == "fp8" and cfg.n_mtp_layers == 1
