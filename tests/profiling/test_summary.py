@@ -38,6 +38,8 @@ def test_known_overlap_bubble_and_idle(tmp_path):
     assert r0.bubble == pytest.approx(1 - 250 / 350) and r1.bubble == pytest.approx(1 - 200 / 350)
     assert s.bubble == pytest.approx((100 / 350 + 150 / 350) / 2)
     assert s.phases["F"]["count"] == 2 and s.phases["F"]["total_us"] == 200  # the ":mb0" tag folds into F
+    assert r0.phases == {"B": 100, "F": 100, "W": 50, "attn": 30, "dispatch": 40}
+    assert s.to_dict()["ranks"][1]["phases"] == {"B": 100, "F": 100, "recv": 20}
     assert "aten::mm" not in s.phases
     text = format_summary(s)
     assert "bubble 35.7%" in text and "50.0% of communication hidden" in text

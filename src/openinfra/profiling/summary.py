@@ -77,6 +77,8 @@ class RankSummary:
     idle_us: float
     bubble: float
     pipeline_busy_us: float
+    #: Time in each of our phases on this rank (union of its intervals, µs): dispatch, combine, F, ...
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def overlap_fraction(self) -> float | None:
@@ -157,8 +159,13 @@ def summarize(trace: Trace | str | os.PathLike | list, source: Source = "auto", 
         mine = [(iv.start_us, iv.end_us) for iv in pipe if iv.rank == r]
         pipe_busy = union_length(mine)
         bubble = 1.0 - pipe_busy / (p1 - p0) if p1 > p0 else 0.0
+        by_phase: dict[str, list[tuple[float, float]]] = {}
+        for iv in ivs:
+            if iv.phase is not None:
+                by_phase.setdefault(iv.phase, []).append((iv.start_us, iv.end_us))
         rows.append(RankSummary(r, used, union_length(comp), union_length(comm), intersection_length(comp, comm), busy,
-                                window - busy, bubble, pipe_busy))
+                                window - busy, bubble, pipe_busy,
+                                {k: union_length(v) for k, v in sorted(by_phase.items())}))
     phases: dict[str, dict[str, float]] = {}
     for ivs, _ in chosen.values():
         for iv in ivs:
