@@ -102,7 +102,8 @@ def test_bar2_unacknowledged_write_is_all_or_nothing(make_cluster):
 
 def test_bar3_sigstop_tail_reads_never_mix(make_cluster):
     cluster = make_cluster(storage_nodes=3, replication=3, stripe=1)
-    with cluster.client(retry_s=60) as fs, cluster.client(retry_s=60) as reader:
+    # The reader gives up on a frozen replica after 1 s and retries another one.
+    with cluster.client(retry_s=60) as fs, cluster.client(retry_s=60, io_timeout_s=1.0) as reader:
         fs.write_bytes("/mix", b"a" * MiB)
         st = fs.stat("/mix")
         chain = cluster.routing().chain(st.layout["chains"][0])
@@ -135,7 +136,7 @@ def test_bar3_sigstop_tail_reads_never_mix(make_cluster):
             t.join(60)
             assert not errors, errors
             # The write had to wait for the frozen tail to be failed (T): reads ran meanwhile.
-            assert time.monotonic() - t0 > cluster.spec.failure_timeout_s / 2 and reads >= 2
+            assert time.monotonic() - t0 > cluster.spec.failure_timeout_s / 2 and reads >= 1
             assert reader.read_bytes("/mix") == b"b" * MiB
         finally:
             cluster.kill(tail_name, signal.SIGCONT)
