@@ -147,5 +147,7 @@ def test_open_kv_rejects_bad_urls():
             await open_kv("mysql://x")
         with pytest.raises(ValueError, match="prefix"):
             prefix_end(b"\xff\xff")
+        with pytest.raises(ValueError, match="pool"):
+            await open_kv("postgresql://postgres@127.0.0.1:1/db?pool=0")
 
     run(main())

@@ -19,15 +19,22 @@ def __getattr__(name: str):
 
 async def open_kv(url: str) -> KVEngine:
     """Open a backend by URL: ``memory://``, ``sqlite:///abs/path.db`` (or a plain file path),
-    ``postgresql://user@host:port/db``."""
+    ``postgresql://user@host:port/db`` (``?pool=N``: N connections per process, default 1)."""
     if not isinstance(url, str) or not url:
         raise ValueError(f"url: expected a KV URL (memory://, sqlite:///path, postgresql://...), got {url!r}")
     if url == "memory://":
         return MemoryKV()
     if url.startswith(("postgresql://", "postgres://")):
+        from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
         from openinfra.fs.kv.postgres import PostgresKV
 
-        return await PostgresKV.connect(url)
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        pool = query.pop("pool", "1")  # ours, not libpq's: connections per process
+        if not pool.isdigit() or int(pool) < 1:
+            raise ValueError(f"url: pool must be a positive integer, got {pool!r}")
+        return await PostgresKV.connect(urlunsplit(parts._replace(query=urlencode(query))), pool_size=int(pool))
     if url.startswith("sqlite://"):
         path = url[len("sqlite://"):]
         if not path:
