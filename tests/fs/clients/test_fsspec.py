@@ -123,16 +123,16 @@ def test_duckdb_reads_and_writes(fs, cluster, workdir):
     duckdb = pytest.importorskip("duckdb")
     pd = pytest.importorskip("pandas")
     url = f"3fs://{cluster.address}{workdir}"
-    pd.DataFrame({"x": np.arange(1000), "g": np.arange(1000) % 7}).to_parquet(f"{url}/in.parquet")
+    pd.DataFrame({"x": np.arange(1000), "g": np.arange(1000) % 7}).to_parquet(f"{workdir}/in.parquet", filesystem=fs)
     con = duckdb.connect()
     con.register_filesystem(fs)
-    assert con.sql(f"SELECT count(*), sum(x) FROM '{url}/in.parquet'").fetchone() == (1000, 499500)
-    con.sql(f"COPY (SELECT g, count(*) AS n FROM '{url}/in.parquet' GROUP BY g ORDER BY g) "
+    assert con.execute(f"SELECT count(*), sum(x) FROM '{url}/in.parquet'").fetchone() == (1000, 499500)
+    con.execute(f"COPY (SELECT g, count(*) AS n FROM '{url}/in.parquet' GROUP BY g ORDER BY g) "
             f"TO '{url}/out.parquet' (FORMAT parquet)")
-    con.sql(f"COPY (SELECT * FROM range(5) t(i)) TO '{url}/out.csv' (FORMAT csv, HEADER)")
+    con.execute(f"COPY (SELECT * FROM range(5) t(i)) TO '{url}/out.csv' (FORMAT csv, HEADER)")
     assert fs.exists(f"{workdir}/out.parquet")
-    got = con.sql(f"SELECT * FROM '{url}/out.parquet' ORDER BY g").fetchall()
+    got = con.execute(f"SELECT * FROM '{url}/out.parquet' ORDER BY g").fetchall()
     assert got == [(g, len(range(g, 1000, 7))) for g in range(7)]
-    assert con.sql(f"SELECT sum(i) FROM read_csv('{url}/out.csv')").fetchone() == (10,)
-    assert con.sql(f"SELECT count(*) FROM '{url}/*.parquet'").fetchone() == (1007,)
+    assert con.execute(f"SELECT sum(i) FROM read_csv('{url}/out.csv')").fetchone() == (10,)
+    assert con.execute(f"SELECT count(*) FROM '{url}/*.parquet'").fetchone() == (1007,)
     con.close()

@@ -28,6 +28,7 @@ write into fresh directories).
 from __future__ import annotations
 
 import re
+import threading
 import time
 from typing import Any
 
@@ -307,6 +308,21 @@ class ThreeFSFile(AbstractBufferedFile):
         finally:
             if not self._native.closed:
                 self._native.close()
+
+    def __del__(self):
+        # Garbage collection may run this on any thread, the client's event-loop thread included,
+        # where a blocking close would wait for itself. Read opens hold no server state (3FS does
+        # not track them), so dropping one needs no request; an unclosed writer is closed here
+        # unless we are on the loop thread (its write session then expires on the meta service).
+        if getattr(self, "closed", True) or self._native is None:
+            return
+        if self.mode == "rb" or threading.current_thread() is getattr(self.fs.client, "_thread", None):
+            self.closed = True
+            return
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def discard(self) -> None:
         if self._native is not None and not self._native.closed:
