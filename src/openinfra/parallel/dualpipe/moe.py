@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .recorder import ScheduleRecorder
 from .utils import run_backward
+from .weight_grad import ZeroBubbleLinear
 
 __all__ = ["MoEConfig", "MoEStage"]
 
@@ -73,14 +74,17 @@ class MoEConfig:
 
 
 class _Layer(nn.Module):
-    def __init__(self, cfg: MoEConfig, num_local: int) -> None:
+    def __init__(self, cfg: MoEConfig, num_local: int, zero_bubble: bool) -> None:
         super().__init__()
         h = cfg.hidden
+        # ZeroBubbleLinear defers its weight gradient to the schedule's W steps; torch's own
+        # zero-bubble schedules split the backward themselves and need stock nn.Linear.
+        linear = ZeroBubbleLinear if zero_bubble else nn.Linear
         self.norm1 = nn.RMSNorm(h)
-        self.qkv = nn.Linear(h, 3 * h, bias=False)
-        self.proj = nn.Linear(h, h, bias=False)
+        self.qkv = linear(h, 3 * h, bias=False)
+        self.proj = linear(h, h, bias=False)
         self.norm2 = nn.RMSNorm(h)
-        self.gate = nn.Linear(h, cfg.num_experts, bias=False)
+        self.gate = linear(h, cfg.num_experts, bias=False)
         scale = 1 / math.sqrt(h)
         self.w1 = nn.Parameter(torch.randn(num_local, h, cfg.expert_hidden) * scale)
         self.w2 = nn.Parameter(torch.randn(num_local, cfg.expert_hidden, h) / math.sqrt(cfg.expert_hidden))
@@ -181,7 +185,7 @@ class MoEStage(nn.Module):
         if cfg.num_experts % self.ep_size:
             raise ValueError(f"num_experts ({cfg.num_experts}) must be divisible by the EP group size ({self.ep_size})")
         self.num_local = cfg.num_experts // self.ep_size
-        self.layers = nn.ModuleList(_Layer(cfg, self.num_local) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(_Layer(cfg, self.num_local, segmented) for _ in range(cfg.num_layers))
         if device is not None:
             self.to(device)
         self.recorder = recorder
