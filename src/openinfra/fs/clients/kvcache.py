@@ -1,0 +1,354 @@
+"""KVCache on 3FS: KV blocks (torch tensors) stored by key, batched, read straight into tensors.
+
+Like 3FS's KVCache for inference, each block is one file named by a hash of its key, spread over
+256 shard directories, so any client of the cluster can reuse what another stored::
+
+    from openinfra.fs.clients import KVCache
+    kv = KVCache("127.0.0.1:8000", root="/kvcache", capacity_bytes=8 << 30, max_age_s=3600)
+    kv.put_batch([b"k1", b"k2"], [t1, t2])                       # tensors of any dtype/shape
+    out = [torch.empty_like(t1), torch.empty_like(t2)]
+    hits = kv.get_into([b"k1", b"k2"], out)                      # [True, True]: read into ``out``
+    kv.gc()                                                      # drop blocks by age and capacity
+
+Block file: a 128-byte header (magic, dtype, shape, payload size, key digest) then the raw bytes.
+Keys name content (the serving engine's keys are hashes of the token prefix), so a block never
+changes once written: ``put`` creates exclusively and skips keys that exist, and a reader may keep
+a key's inode and layout and read the chunks directly next time (one storage request per block,
+no metadata request). A block deleted since is noticed by its header check and looked up again.
+``get_into`` copies each payload once, from the reply into the caller's tensor (CPU or CUDA).
+GC removes blocks older than ``max_age_s`` (time since put) and then the oldest until the total
+is under ``capacity_bytes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import struct
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import msgpack
+import torch
+
+from openinfra.fs.client.native import AsyncClient, AsyncFile, Client
+from openinfra.fs.clients.common import resolve_mgmtd
+from openinfra.fs.meta.paths import split_path
+
+__all__ = ["KVCache", "KVCacheBlockStore", "GCResult", "HEADER_BYTES"]
+
+HEADER_BYTES = 128
+_MAGIC = b"OIKV"
+_PREFIX = struct.Struct("<4sI")  # magic, msgpack length
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8, torch.int16,
+    torch.int32, torch.int64, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2)}
+
+
+@dataclass(frozen=True)
+class GCResult:
+    """One GC pass: blocks removed (``by_age`` + ``by_capacity``), bytes freed, what remains."""
+
+    by_age: int
+    by_capacity: int
+    freed_bytes: int
+    remaining_blocks: int
+    remaining_bytes: int
+
+
+def _digest(key: bytes) -> str:
+    if not isinstance(key, (bytes, bytearray, memoryview)):
+        raise TypeError(f"key: expected bytes, got {type(key).__name__}")
+    if len(key) == 0:
+        raise ValueError("key: expected non-empty bytes")
+    return hashlib.blake2b(bytes(key), digest_size=16).hexdigest()
+
+
+def _header(t: torch.Tensor, digest: str) -> bytes:
+    dtype = str(t.dtype).removeprefix("torch.")
+    if dtype not in _DTYPES:
+        raise TypeError(f"value: dtype {t.dtype} is not supported; use one of {sorted(_DTYPES)}")
+    body = msgpack.packb({"d": dtype, "s": list(t.shape), "n": t.numel() * t.element_size(), "k": digest})
+    if _PREFIX.size + len(body) > HEADER_BYTES:
+        raise ValueError(f"value: shape {tuple(t.shape)} has too many dimensions for the block header")
+    return (_PREFIX.pack(_MAGIC, len(body)) + body).ljust(HEADER_BYTES, b"\0")
+
+
+def _parse_header(raw: bytes, digest: str) -> dict | None:
+    if len(raw) < HEADER_BYTES:
+        return None
+    magic, n = _PREFIX.unpack_from(raw)
+    if magic != _MAGIC or n > HEADER_BYTES - _PREFIX.size:
+        return None
+    try:
+        h = msgpack.unpackb(raw[_PREFIX.size:_PREFIX.size + n])
+    except Exception:
+        return None
+    if not isinstance(h, dict) or h.get("k") != digest or h.get("d") not in _DTYPES:
+        return None
+    if len(raw) < HEADER_BYTES + h["n"]:
+        return None  # a block still being written, or cut short
+    return h
+
+
+def _payload_view(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bytes as a flat uint8 tensor (``t`` must be contiguous)."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _as_bytes_tensor(raw: bytes, start: int, n: int) -> torch.Tensor:
+    """A read-only uint8 view of ``raw[start:start + n]`` (no copy; only ever read from)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we never write it
+        return torch.frombuffer(memoryview(raw)[start:start + n], dtype=torch.uint8)
+
+
+def _check_tensor(t: object, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor")
+    return t
+
+
+class KVCache:
+    """KV blocks in 3FS under ``root``. ``mgmtd``: the cluster (see :func:`resolve_mgmtd`), or pass
+    ``client=`` (a connected :class:`Client`). ``concurrency``: requests in flight per batch.
+    ``capacity_bytes`` / ``max_age_s``: the defaults of :meth:`gc` (None: no limit)."""
+
+    def __init__(self, mgmtd: str | list[str] | None = None, *, root: str = "/kvcache", client: Client | None = None,
+                 capacity_bytes: int | None = None, max_age_s: float | None = None, concurrency: int = 64,
+                 location_cache: int = 1 << 16):
+        split_path(root, "root")
+        if client is not None and not isinstance(client, Client):
+            raise TypeError(f"client: expected an openinfra.fs.Client, got {type(client).__name__}")
+        for name, v in (("capacity_bytes", capacity_bytes), ("max_age_s", max_age_s)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+                raise ValueError(f"{name}: expected a number >= 0 or None, got {v!r}")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency: expected an int >= 1, got {concurrency!r}")
+        self._own = client is None
+        self.client = client or Client(resolve_mgmtd(mgmtd))
+        self.root = root.rstrip("/") or "/"
+        self.capacity_bytes, self.max_age_s, self.concurrency = capacity_bytes, max_age_s, concurrency
+        self._dirs: set[str] = set()
+        self._where: OrderedDict[str, dict] = OrderedDict()  # digest -> inode (layout, length)
+        self._where_max = location_cache
+
+    def close(self) -> None:
+        if self._own:
+            self.client.close()
+
+    def __enter__(self) -> "KVCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- paths and helpers ---------------------------------------------------------------------
+
+    def _dir(self, digest: str) -> str:
+        return f"{self.root.rstrip('/')}/{digest[:2]}"
+
+    def _path(self, digest: str) -> str:
+        return f"{self._dir(digest)}/{digest}"
+
+    @property
+    def _aio(self) -> AsyncClient:
+        return self.client.aio
+
+    async def _gather(self, coros) -> list:
+        sem = asyncio.Semaphore(self.concurrency)
+
+        async def one(c):
+            async with sem:
+                return await c
+
+        return await asyncio.gather(*(one(c) for c in coros))
+
+    def _remember(self, digest: str, node: dict) -> None:
+        self._where[digest] = node
+        self._where.move_to_end(digest)
+        while len(self._where) > self._where_max:
+            self._where.popitem(last=False)
+
+    # --- put -----------------------------------------------------------------------------------
+
+    async def _put_one(self, key: bytes, t: torch.Tensor, overwrite: bool) -> bool:
+        digest = _digest(key)
+        head = _header(t, digest)
+        payload = _payload_view(t.detach().to("cpu", copy=False).contiguous())
+        d = self._dir(digest)
+        if d not in self._dirs:
+            await self._aio.mkdir(d, parents=True, exist_ok=True)
+            self._dirs.add(d)
+        try:
+            f = await self._aio.open(self._path(digest), "wb" if overwrite else "xb")
+        except FileExistsError:
+            return False  # stored already (keys name content)
+        try:
+            await f.pwrite(head + payload.numpy().tobytes(), 0)
+        finally:
+            await f.close()
+        self._where.pop(digest, None)
+        return True
+
+    def put_batch(self, keys: Sequence[bytes], values: Sequence[torch.Tensor], *, overwrite: bool = False) -> list[bool]:
+        """Store ``values[i]`` under ``keys[i]``; returns per key whether it was written (False: it
+        existed and ``overwrite`` is off)."""
+        if len(keys) != len(values):
+            raise ValueError(f"values: expected {len(keys)} tensors (one per key), got {len(values)}")
+        ts = [_check_tensor(v, f"values[{i}]") for i, v in enumerate(values)]
+        return self.client._run(self._gather(self._put_one(k, t, overwrite) for k, t in zip(keys, ts)))
+
+    def put(self, key: bytes, value: torch.Tensor) -> None:
+        """Store one block (no-op when ``key`` is stored already)."""
+        self.put_batch([key], [value])
+
+    # --- get -----------------------------------------------------------------------------------
+
+    async def _read_block(self, digest: str) -> tuple[dict, bytes] | None:
+        """``(header, raw bytes)`` of a block, or None if it does not exist (or is incomplete)."""
+        node = self._where.get(digest)
+        if node is not None:
+            raw = await AsyncFile(self._aio, self._path(digest), node, None, True, False).pread(node["length"], 0)
+            h = _parse_header(raw, digest)
+            if h is not None:
+                return h, raw
+            self._where.pop(digest, None)  # deleted since: ask meta again
+        try:
+            f = await self._aio.open(self._path(digest), "rb")
+        except FileNotFoundError:
+            return None
+        try:
+            raw = await f.pread(f.length, 0)
+        finally:
+            await f.close()
+        h = _parse_header(raw, digest)
+        if h is not None:
+            self._remember(digest, f.node | {"length": len(raw)})
+            return h, raw
+        return None
+
+    async def _get_into_one(self, key: bytes, out: torch.Tensor, name: str) -> bool:
+        got = await self._read_block(_digest(key))
+        if got is None:
+            return False
+        h, raw = got
+        want = out.numel() * out.element_size()
+        if h["n"] != want:
+            raise ValueError(f"{name}: block holds {h['n']} bytes ({h['d']} {tuple(h['s'])}), "
+                             f"the tensor has {want} bytes ({out.dtype} {tuple(out.shape)})")
+        if want:
+            _payload_view(out).copy_(_as_bytes_tensor(raw, HEADER_BYTES, want))
+        return True
+
+    def get_into(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[bool]:
+        """Read block ``keys[i]`` into ``outs[i]`` (same byte size; any device); per key: found?"""
+        if len(keys) != len(outs):
+            raise ValueError(f"outs: expected {len(keys)} tensors (one per key), got {len(outs)}")
+        ts = [_check_tensor(o, f"outs[{i}]") for i, o in enumerate(outs)]
+        return self.client._run(self._gather(
+            self._get_into_one(k, t, f"outs[{i}]") for i, (k, t) in enumerate(zip(keys, ts))))
+
+    async def _get_one(self, key: bytes) -> torch.Tensor | None:
+        got = await self._read_block(_digest(key))
+        if got is None:
+            return None
+        h, raw = got
+        t = torch.empty(h["s"], dtype=_DTYPES[h["d"]])
+        if h["n"]:
+            _payload_view(t).copy_(_as_bytes_tensor(raw, HEADER_BYTES, h["n"]))
+        return t
+
+    def get_batch(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
+        """New CPU tensors (dtype and shape as stored), None where a key is missing."""
+        return self.client._run(self._gather(self._get_one(k) for k in keys))
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        return self.get_batch([key])[0]
+
+    # --- exists / delete -----------------------------------------------------------------------
+
+    def exists_batch(self, keys: Sequence[bytes]) -> list[bool]:
+        paths = [self._path(_digest(k)) for k in keys]
+        return self.client._run(self._gather(self._aio.exists(p) for p in paths))
+
+    def exists(self, key: bytes) -> bool:
+        return self.exists_batch([key])[0]
+
+    async def _delete_one(self, digest: str) -> bool:
+        self._where.pop(digest, None)
+        try:
+            await self._aio.remove(self._path(digest))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def delete_batch(self, keys: Sequence[bytes]) -> list[bool]:
+        """Remove blocks; per key whether it existed."""
+        digests = [_digest(k) for k in keys]
+        return self.client._run(self._gather(self._delete_one(d) for d in digests))
+
+    def delete(self, key: bytes) -> bool:
+        return self.delete_batch([key])[0]
+
+    # --- listing and GC ------------------------------------------------------------------------
+
+    async def _blocks(self) -> list[tuple[float, int, str]]:
+        """``(mtime, size, digest)`` of every block."""
+        if not await self._aio.exists(self.root):
+            return []
+        shards = [n for n in await self._aio.listdir(self.root) if len(n) == 2]
+        listings = await self._gather(self._aio.listdir(f"{self.root.rstrip('/')}/{s}", detail=True) for s in shards)
+        return [(st.mtime, st.size, name) for entries in listings for name, st in entries if st.is_file]
+
+    def stats(self) -> dict:
+        """``{"blocks", "bytes"}`` stored under ``root`` (bytes include the 128-byte headers)."""
+        blocks = self.client._run(self._blocks())
+        return {"blocks": len(blocks), "bytes": sum(b[1] for b in blocks)}
+
+    def gc(self, *, max_age_s: float | None = None, capacity_bytes: int | None = None,
+           now: float | None = None) -> GCResult:
+        """Remove blocks put more than ``max_age_s`` ago, then the oldest ones until the total size
+        is at most ``capacity_bytes``. Arguments default to the constructor's."""
+        max_age_s = self.max_age_s if max_age_s is None else max_age_s
+        capacity_bytes = self.capacity_bytes if capacity_bytes is None else capacity_bytes
+        now = time.time() if now is None else now
+        blocks = sorted(self.client._run(self._blocks()))
+        old = [b for b in blocks if max_age_s is not None and now - b[0] > max_age_s]
+        keep = blocks[len(old):] if old else blocks
+        total = sum(b[1] for b in keep)
+        evict = []
+        if capacity_bytes is not None:
+            for b in keep:
+                if total <= capacity_bytes:
+                    break
+                evict.append(b)
+                total -= b[1]
+        gone = old + evict
+        self.client._run(self._gather(self._delete_one(d) for _, _, d in gone))
+        remaining = keep[len(evict):]
+        return GCResult(len(old), len(evict), sum(b[1] for b in gone), len(remaining), sum(b[1] for b in remaining))
+
+
+class KVCacheBlockStore:
+    """The serving engine's prefix-store protocol (``get``/``put``/``exists`` by bytes key) on a
+    :class:`KVCache`: ``openinfra.serving`` takes it wherever it takes a ``MemoryBlockStore``."""
+
+    def __init__(self, cache: KVCache):
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache: expected a KVCache, got {type(cache).__name__}")
+        self.cache = cache
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        return self.cache.get(key)
+
+    def put(self, key: bytes, value: torch.Tensor) -> None:
+        self.cache.put(key, value)
+
+    def exists(self, key: bytes) -> bool:
+        return self.cache.exists(key)

@@ -1,0 +1,104 @@
+"""KVCache against a real cluster: batched put/get/exists/delete, reads into tensors, GC."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.service
+
+
+@pytest.fixture
+def kv(fs_client, workdir):
+    from openinfra.fs.clients import KVCache
+
+    return KVCache(client=fs_client, root=f"{workdir}/kv", concurrency=16)
+
+
+def test_put_get_roundtrip_all_dtypes(kv):
+    g = torch.Generator().manual_seed(0)
+    vals = [torch.randn(4, 64, 32, generator=g), torch.randn(3, 5, generator=g).to(torch.bfloat16),
+            torch.randint(-100, 100, (1000,), generator=g, dtype=torch.int64),
+            torch.randn(70_000, generator=g).to(torch.float16),        # > 128 KiB, odd size
+            torch.randn(16, 16, generator=g).to(torch.float8_e4m3fn), torch.zeros(0)]
+    keys = [f"block-{i}".encode() for i in range(len(vals))]
+    assert kv.put_batch(keys, vals) == [True] * len(vals)
+    assert kv.put_batch(keys[:1], vals[:1]) == [False]               # exists: kept, not rewritten
+    got = kv.get_batch(keys + [b"missing"])
+    assert got[-1] is None
+    for v, t in zip(vals, got):
+        assert t.dtype == v.dtype and t.shape == v.shape
+        assert torch.equal(t.view(torch.uint8), v.view(torch.uint8))
+    outs = [torch.empty_like(v) for v in vals]
+    assert kv.get_into(keys, outs) == [True] * len(vals)
+    assert all(torch.equal(o.view(torch.uint8), v.view(torch.uint8)) for o, v in zip(outs, vals))
+    # A second read goes through the cached location (no metadata request) and gives the same bytes.
+    assert torch.equal(kv.get(keys[0]), vals[0])
+    assert kv.exists_batch(keys[:2] + [b"missing"]) == [True, True, False]
+
+
+def test_get_into_checks_sizes_and_types(kv):
+    kv.put(b"k", torch.ones(8))
+    with pytest.raises(ValueError, match="outs\\[0\\].*32 bytes"):
+        kv.get_into([b"k"], [torch.empty(9)])
+    with pytest.raises(ValueError, match="contiguous"):
+        kv.get_into([b"k"], [torch.empty(8, 2)[:, 0]])
+    with pytest.raises(ValueError, match="one per key"):
+        kv.get_into([b"k", b"j"], [torch.empty(8)])
+    with pytest.raises(TypeError, match="key"):
+        kv.put("text key", torch.ones(1))
+    with pytest.raises(ValueError, match="key"):
+        kv.put(b"", torch.ones(1))
+    with pytest.raises(TypeError, match="values\\[0\\]"):
+        kv.put_batch([b"x"], [[1, 2]])
+    # Same byte size, other dtype: allowed (the caller's buffer decides the interpretation).
+    out = torch.empty(16, dtype=torch.float16)
+    assert kv.get_into([b"k"], [out]) == [True]
+    assert torch.equal(out.view(torch.float32), torch.ones(8))
+
+
+def test_delete_and_stale_location(kv, fs_client):
+    from openinfra.fs.clients import KVCache
+
+    kv.put_batch([b"a", b"b"], [torch.arange(10.0), torch.arange(20.0)])
+    assert torch.equal(kv.get(b"a"), torch.arange(10.0))            # location now cached
+    other = KVCache(client=fs_client, root=kv.root)                  # another client deletes it
+    assert other.delete_batch([b"a", b"zzz"]) == [True, False]
+    fs_client._run(fs_client.aio._meta("gc", {}))                    # chunks reclaimed now
+    assert kv.get(b"a") is None and not kv.exists(b"a")
+    kv.put(b"a", torch.arange(5.0))                                  # a new block under the old key
+    assert torch.equal(kv.get(b"a"), torch.arange(5.0))
+    assert torch.equal(other.get(b"b"), torch.arange(20.0))
+
+
+def test_gc_by_age_and_capacity(kv):
+    import time
+
+    keys = [f"g{i}".encode() for i in range(6)]
+    for k in keys:  # distinct put times, oldest first
+        kv.put(k, torch.full((1024,), float(len(k))))
+        time.sleep(0.02)
+    block = kv.stats()["bytes"] // 6
+    assert kv.stats() == {"blocks": 6, "bytes": 6 * block}
+    r = kv.gc(capacity_bytes=4 * block)                              # two oldest evicted
+    assert (r.by_age, r.by_capacity, r.remaining_blocks, r.freed_bytes) == (0, 2, 4, 2 * block)
+    assert kv.exists_batch(keys) == [False, False, True, True, True, True]
+    r = kv.gc(max_age_s=3600)                                        # nothing is that old
+    assert r.by_age == 0 and r.remaining_blocks == 4
+    r = kv.gc(max_age_s=10, now=time.time() + 3600)                  # an hour later: all too old
+    assert r.by_age == 4 and r.remaining_blocks == 0 and kv.stats()["blocks"] == 0
+
+
+def test_block_store_protocol_with_prefix_keys(kv):
+    from openinfra.fs.clients import KVCacheBlockStore
+    from openinfra.serving.prefix_cache import page_keys
+
+    store = KVCacheBlockStore(kv)
+    keys = page_keys(list(range(256)), page_size=64)
+    rows = [torch.randn(2, 64, 16) for _ in keys]
+    for k, r in zip(keys, rows):
+        assert not store.exists(k)
+        store.put(k, r)
+    assert all(store.exists(k) for k in keys)
+    assert all(torch.equal(store.get(k), r) for k, r in zip(keys, rows))
+    assert store.get(b"\0" * 32) is None
