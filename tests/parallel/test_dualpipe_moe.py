@@ -65,6 +65,13 @@ def _run(rank: int, world: int):
         assert torch.equal(loss_o, loss_p)
     assert all(torch.equal(a, b) for a, b in zip(grads_o, grads_p))
 
+    # Forward-only (no segment graphs are built): the same losses, and outputs from rank 0.
+    with torch.no_grad():
+        loss_f, out_f = pipe.step(x if pp == 0 else None, num_chunks=CHUNKS, criterion=mse_criterion,
+                                  labels=(y if pp == 0 else None,), return_outputs=True)
+    if pp == 0:
+        assert torch.equal(loss_f, loss_o) and out_f.shape == x.shape and not out_f.requires_grad
+
     # Single-process reference: all experts in one model, every EP rank's data.
     for m in full:
         m.zero_grad()

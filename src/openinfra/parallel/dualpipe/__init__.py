@@ -10,6 +10,7 @@ See docs/dualpipe.md.
 from .base import DualPipeBase
 from .dualpipe import DualPipe
 from .dualpipev import DualPipeV
+from .moe import MoEConfig, MoEStage
 from .p2p import P2PSpec
 from .recorder import ScheduleEvent, ScheduleRecorder
 from .schedule import PHASES, bubble_formula, compute_counts, phase_counts
@@ -18,6 +19,6 @@ from .weight_grad import WeightGradStore, ZeroBubbleLinear
 
 __all__ = [
     "DualPipe", "DualPipeV", "DualPipeBase", "WeightGradStore", "ZeroBubbleLinear", "P2PSpec",
-    "ScheduleRecorder", "ScheduleEvent", "PHASES", "phase_counts", "compute_counts", "bubble_formula",
+    "ScheduleRecorder", "ScheduleEvent", "MoEConfig", "MoEStage", "PHASES", "phase_counts", "compute_counts", "bubble_formula",
     "run_backward", "scatter", "gather", "calc_diff",
 ]
