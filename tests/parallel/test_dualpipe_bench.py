@@ -43,3 +43,27 @@ def test_bench_argument_errors():
         bench_dualpipe(_args(pp=2, chunks=2))
     with pytest.raises(ValueError, match="unknown"):
         bench_dualpipe(_args(schedules=["GPipe"]))
+
+
+def _docs_example_rank(rank: int, world: int, code: str, workdir: str):
+    import os
+
+    os.chdir(workdir)
+    scope: dict = {}
+    exec(compile(code, "docs/dualpipe.md", "exec"), scope)
+    return None if scope["loss"] is None else scope["loss"].tolist()
+
+
+def test_docs_example_runs(distributed, tmp_path):
+    """The example in docs/dualpipe.md runs as written, and its trace feeds ``profile pipeline``."""
+    import re
+    from pathlib import Path
+
+    from openinfra.parallel.dualpipe.timeline import pipeline_report
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "dualpipe.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    losses = distributed(_docs_example_rank, 2, code, str(tmp_path), timeout=150)
+    assert len(losses[0]) == 20 and losses[1] is None
+    stats = pipeline_report(tmp_path / "trace.json", tmp_path / "timeline.png")
+    assert stats["ranks"] == 2 and (tmp_path / "timeline.png").exists()
