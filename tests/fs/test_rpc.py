@@ -161,3 +161,31 @@ def test_connect_failure_is_retriable_and_addresses_validated():
             await client.call("127.0.0.1:1", "echo", {}, timeout=0)
 
     asyncio.run(main())
+
+
+def test_large_binary_travels_outside_msgpack():
+    """Blobs >= 64 KiB go after the msgpack body and arrive as memoryviews; bad blob frames are
+    rejected as malformed."""
+
+    async def main():
+        server = await _server()
+        client = RpcClient()
+        loop = asyncio.get_running_loop()
+        try:
+            big, small = bytes(range(256)) * 1024, b"tiny"
+            value = {"a": big, "b": [small, big[:70_000]], "c": 3}
+            got = await client.call(server.address, "echo", {"value": value})
+            assert isinstance(got["a"], memoryview) and got["a"] == big
+            assert got["b"][0] == small and isinstance(got["b"][0], bytes) and got["b"][1] == big[:70_000]
+            frame = pack_frame([0, 9, "echo", 5.0, {"value": big}])
+            assert frame[4:5] == b"\xc1" and len(frame) > len(big)
+            for body in (b"\xc1\x00", b"\xc1\x00\x00\x00\x09abc", b"\xc1\x00\x00\x00\x01\xc0junk"):
+                replies = await loop.run_in_executor(None, _raw_exchange, server.address,
+                                                     struct.pack(">I", len(body)) + body)
+                assert replies[0][2] == Code.RPC_MALFORMED, body
+            assert await client.call(server.address, "echo", {"value": 1}) == 1
+        finally:
+            await client.close()
+            await server.close()
+
+    asyncio.run(main())

@@ -6,6 +6,9 @@ Wire format (one frame = 4-byte big-endian body length + msgpack body):
   caller still waits, so the server drops work nobody waits for)
 * reply ``[1, request_id, None, result]`` or ``[1, request_id, code, message]`` on error
 
+Binary values of 64 KiB or more travel after the msgpack body (see ``_encode``) and reach the
+handler or caller as ``memoryview``s.
+
 Several requests may be in flight on one connection; replies come back in completion order and
 are matched by id. A malformed body, an unknown method or bad arguments get an error reply and
 the connection stays up; a frame over the size limit gets an error reply and the connection is
@@ -69,18 +72,77 @@ def run_loop(main: Awaitable[Any]) -> Any:
     return uvloop.run(main)
 
 
+# Large binary values (chunk data) travel outside the msgpack body: the body then starts with
+# 0xc1 (a byte msgpack never uses), a 4-byte msgpack length, the msgpack with each blob replaced
+# by ExtType(1, 4-byte length), then the blobs in order. This saves a copy on each side of every
+# hop; the receiver gets the blobs as memoryviews into the frame.
+_BLOB_MARK = b"\xc1"
+_BLOB_EXT = 1
+_BLOB_MIN = 64 * 1024
+
+
+def _extract(obj: Any, blobs: list) -> Any:
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        n = obj.nbytes if isinstance(obj, memoryview) else len(obj)
+        if n >= _BLOB_MIN:
+            blobs.append(obj)
+            return msgpack.ExtType(_BLOB_EXT, _HEADER.pack(n))
+        return obj
+    if isinstance(obj, dict):
+        return {k: _extract(v, blobs) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_extract(v, blobs) for v in obj]
+    return obj
+
+
+def _encode(obj: Any) -> list:
+    """The pieces of one frame, header first (written back to back, never joined)."""
+    blobs: list = []
+    body = msgpack.packb(_extract(obj, blobs), use_bin_type=True)
+    if not blobs:
+        return [_HEADER.pack(len(body)), body]
+    total = 5 + len(body) + sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in blobs)
+    return [_HEADER.pack(total) + _BLOB_MARK + _HEADER.pack(len(body)), body, *blobs]
+
+
+def _decode(body: bytes) -> Any:
+    """Inverse of :func:`_encode` for one frame body; raises ValueError on malformed input."""
+    if body[:1] != _BLOB_MARK:
+        return msgpack.unpackb(body, raw=False, strict_map_key=False)
+    if len(body) < 5:
+        raise ValueError("blob frame shorter than its header")
+    (n,) = _HEADER.unpack_from(body, 1)
+    if 5 + n > len(body):
+        raise ValueError("blob frame: msgpack length past the end")
+    view = memoryview(body)
+    pos = [5 + n]
+
+    def hook(code: int, data: bytes):
+        if code != _BLOB_EXT or len(data) != 4:
+            return msgpack.ExtType(code, data)
+        (length,) = _HEADER.unpack(data)
+        start, end = pos[0], pos[0] + length
+        if end > len(body):
+            raise ValueError("blob past the end of the frame")
+        pos[0] = end
+        return view[start:end]
+
+    obj = msgpack.unpackb(view[5:5 + n], raw=False, strict_map_key=False, ext_hook=hook)
+    if pos[0] != len(body):
+        raise ValueError("blob frame: bytes left over after the blobs")
+    return obj
+
+
 def pack_frame(obj: Any) -> bytes:
-    """One frame: the 4-byte big-endian length and the msgpack body (for tests and tools)."""
-    body = msgpack.packb(obj, use_bin_type=True)
-    return _HEADER.pack(len(body)) + body
+    """One frame as bytes: the 4-byte big-endian length and the body (for tests and tools)."""
+    return b"".join(bytes(p) for p in _encode(obj))
 
 
 async def _send(writer: asyncio.StreamWriter, obj: Any) -> None:
-    body = msgpack.packb(obj, use_bin_type=True)
-    # Two synchronous write() calls with no await between them keep the frame contiguous even
-    # when several tasks reply on one connection; large bodies are not copied into the header.
-    writer.write(_HEADER.pack(len(body)))
-    writer.write(body)
+    # Synchronous write() calls with no await between them keep the frame contiguous even when
+    # several tasks reply on one connection; large pieces are not copied into one buffer.
+    for piece in _encode(obj):
+        writer.write(piece)
     await writer.drain()
 
 
@@ -179,7 +241,7 @@ class RpcServer:
         rid, method, status = 0, "?", "ok"
         try:
             try:
-                msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
+                msg = _decode(body)
             except Exception as exc:
                 raise make_error(Code.RPC_MALFORMED, f"body is not msgpack: {type(exc).__name__}") from None
             if (not isinstance(msg, list) or len(msg) != 5 or msg[0] != _REQUEST or not isinstance(msg[1], int)
@@ -241,7 +303,7 @@ class _Connection:
                 if length > self.max_frame:
                     error = make_error(Code.RPC_TOO_LARGE, f"reply of {length} bytes from {self.address}")
                     return
-                msg = msgpack.unpackb(await self.reader.readexactly(length), raw=False, strict_map_key=False)
+                msg = _decode(await self.reader.readexactly(length))
                 _, rid, code, payload = msg
                 fut = self.pending.pop(rid, None)
                 if fut is None:

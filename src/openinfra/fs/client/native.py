@@ -351,7 +351,7 @@ class AsyncFile:
         pieces = list(self._pieces(offset, size))
         parts = await self._gather(st.read_chunk(self.layout, self.inode, idx, within, n) for idx, within, _, n in pieces)
         if len(parts) == 1 and len(parts[0]) == size:
-            return parts[0]
+            return bytes(parts[0])
         out = []
         for (_, _, _, n), part in zip(pieces, parts):
             out.append(part)
