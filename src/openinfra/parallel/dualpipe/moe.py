@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -326,13 +326,14 @@ class MoEStage(nn.Module):
 
     # --- module API -----------------------------------------------------------------------------
 
-    def _forward_record(self, x: torch.Tensor, interleave=None) -> _ChunkRecord:
+    def _forward_record(self, x: torch.Tensor) -> _ChunkRecord:
+        """All layers' forward segments in order, blocking on each all-to-all."""
         record = _ChunkRecord(x, [])
         h = x
         for li in range(len(self.layers)):
             st = _LayerState(train=torch.is_grad_enabled())
             record.layers.append(st)
-            h = self._forward_layer(li, st, h, interleave(li) if interleave else None)
+            h = self._forward_layer(li, st, h, None)
         return record
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
