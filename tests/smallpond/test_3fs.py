@@ -52,11 +52,36 @@ def test_graysort_on_3fs(cluster, tmp_path):
 
 
 def test_dataframe_reads_3fs_input(cluster, tmp_path):
-    import pandas as pd
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    pd.DataFrame({"k": [i % 4 for i in range(100)], "v": range(100)}).to_parquet(
-        "3fs:///sp/in/t.parquet", storage_options={"mgmtd": cluster.address})
+    fs = fsspec.filesystem("3fs", mgmtd=cluster.address, skip_instance_cache=True)
+    try:
+        pq.write_table(pa.table({"k": [i % 4 for i in range(100)], "v": list(range(100))}), "/sp/in/t.parquet", filesystem=fs)
+    finally:
+        fs.client.close()
     with smallpond.init(data_root=str(tmp_path / "root"), num_executors=2) as sp:
         df = sp.read_parquet("3fs:///sp/in/*.parquet").repartition(2, hash_by="k")
         got = sp.partial_sql("select k, count(*) as n from {0} group by k", df).take_all()
     assert sorted((r["k"], r["n"]) for r in got) == [(k, 25) for k in range(4)]
+
+
+def test_demo_data_stage_writes_shards_to_3fs(cluster, tmp_path, monkeypatch):
+    import fsspec
+
+    from openinfra.demo import DemoContext
+    from openinfra.smallpond import corpus, demo_stage
+
+    files = corpus.stdlib_files()[:20]
+    monkeypatch.setattr(demo_stage, "stdlib_files", lambda limit=None: files)
+    ctx = DemoContext(data_dir=tmp_path / "demo", quick=True)
+    ctx.results["cluster"] = {"mgmtd": [cluster.address]}
+    summary = demo_stage.run_stage(ctx)
+    assert summary["storage"] == "3FS" and summary["shards_dir"].startswith("3fs://")
+    fs = fsspec.filesystem("3fs", mgmtd=cluster.address, skip_instance_cache=True)
+    try:
+        names = fs.ls("/demo/data/shards", detail=False)
+        assert any(n.endswith(".parquet") for n in names) and any(n.endswith("_meta.json") for n in names)
+    finally:
+        fs.client.close()

@@ -1,13 +1,16 @@
 """The demo's data stage: the standard library's ``.py`` files -> training shards (see ``corpus.py``).
 
-Shards go to 3FS through its fsspec filesystem when the cluster stage ran and reports an
-``fsspec_url`` (and ``openinfra.fs.clients.fsspec`` exists); otherwise under ``ctx.data_dir``. The
-summary says which. The training stage reads ``shards_dir``, ``seq_len``, ``vocab_size``, ``eos_id``.
+Shards go to 3FS (``3fs:///demo/data/shards``, through the fsspec filesystem
+``openinfra.fs.clients.fsspec``) when the cluster stage ran and reports its ``mgmtd`` addresses;
+``OPENINFRA_FS_MGMTD`` is set from them (if unset) so this process and its forked workers find the
+cluster. Otherwise the shards go under ``ctx.data_dir``. The summary says which. Intermediate data
+stays on local disk. The training stage reads ``shards_dir``, ``seq_len``, ``vocab_size``, ``eos_id``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 from openinfra import smallpond
 from openinfra.smallpond import storage
@@ -26,9 +29,10 @@ def _has_3fs_fsspec() -> bool:
 def shard_location(ctx) -> tuple[str, str]:
     """``(directory for the shards, "3FS" or "local disk")``."""
     cluster = ctx.results.get("cluster") or {}
-    url = cluster.get("fsspec_url") if isinstance(cluster, dict) else None
-    if url and _has_3fs_fsspec():
-        return storage.join(str(url), "data", "shards"), "3FS"
+    mgmtd = cluster.get("mgmtd") if isinstance(cluster, dict) else None
+    if mgmtd and _has_3fs_fsspec():
+        os.environ.setdefault("OPENINFRA_FS_MGMTD", mgmtd if isinstance(mgmtd, str) else ",".join(mgmtd))
+        return "3fs:///demo/data/shards", "3FS"
     return str(ctx.data_dir / "data" / "shards"), "local disk"
 
 
