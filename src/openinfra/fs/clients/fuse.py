@@ -1,0 +1,505 @@
+"""FUSE mount of 3FS (pyfuse3 on asyncio): ``openinfra fs mount MOUNTPOINT``.
+
+The mount process is one more client of the cluster: FUSE inode numbers are 3FS inode ids, and a
+request runs as the calling process's uid/gid (one native client per user; the kernel also checks
+mode bits, ``default_permissions``). Semantics follow 3FS's FUSE client:
+
+* writes are buffered per open file: contiguous writes collect up to ``write_buffer`` bytes and go
+  to the chains in one request (flushed on ``flush``/``fsync``/``release``, before a read of the same
+  handle, and when a write is not contiguous);
+* attributes and entries are cached by the kernel for ``attr_timeout`` seconds; while a file is
+  open for writing here its size is the largest end written; after close (or fsync) the length
+  recorded by meta is exact and other clients see it once their cache expires;
+* xattrs: read-only ``user.3fs.inode`` and ``user.3fs.layout`` (chunk size, stripe, chains);
+  setting xattrs is not supported (the meta service stores none);
+* statfs reports 4 KiB blocks and the namespace limits; the cluster exposes no capacity figure yet,
+  so the block counts are a fixed 1 PiB.
+
+    openinfra fs mount /mnt/3fs --mgmtd 127.0.0.1:8000      # foreground; Ctrl-C or fusermount3 -u
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat as _stat
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["mount", "register_mount", "FuseConfig"]
+
+log = logging.getLogger("openinfra.fs.fuse")
+_PB = 1 << 50
+
+
+@dataclass
+class FuseConfig:
+    """``attr_timeout``/``entry_timeout``: kernel cache lifetimes (s); ``write_buffer``: bytes."""
+
+    attr_timeout: float = 1.0
+    entry_timeout: float = 1.0
+    write_buffer: int = 4 << 20
+    allow_other: bool = True
+    debug: bool = False
+
+
+def _ops_class():
+    """The Operations subclass (built lazily: importing this module must not need pyfuse3)."""
+    import pyfuse3
+
+    from openinfra.fs.client.native import AsyncClient, AsyncFile, FileStat
+    from openinfra.fs.meta.store import User
+
+    def fuse_errors(fn):
+        @functools.wraps(fn)
+        async def wrapper(*args, **kwargs):
+            try:
+                return await fn(*args, **kwargs)
+            except pyfuse3.FUSEError:
+                raise
+            except OSError as exc:
+                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+            except (ValueError, TypeError) as exc:
+                log.debug("bad request: %s", exc)
+                raise pyfuse3.FUSEError(errno.EINVAL) from None
+            except Exception:
+                log.exception("%s failed", fn.__name__)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+        return wrapper
+
+    @dataclass
+    class Handle:
+        file: AsyncFile
+        inode: int
+        buf: bytearray = field(default_factory=bytearray)
+        buf_off: int = 0
+        append: bool = False
+        dirty: bool = False  # written since meta last recorded the length
+
+    class Ops(pyfuse3.Operations):
+        enable_writeback_cache = False
+
+        def __init__(self, mgmtd: list[str], cfg: FuseConfig):
+            super().__init__()
+            self.mgmtd, self.cfg = mgmtd, cfg
+            self.clients: dict[tuple[int, int], AsyncClient] = {}
+            self.paths: dict[int, str] = {pyfuse3.ROOT_INODE: "/"}
+            self.handles: dict[int, Handle] = {}
+            self.writing: dict[int, set[int]] = {}  # inode -> open write handles
+            self._next_fh = 1
+
+        async def client(self, ctx=None) -> AsyncClient:
+            key = (ctx.uid, ctx.gid) if ctx is not None else (0, 0)
+            c = self.clients.get(key)
+            if c is None:
+                c = AsyncClient(self.mgmtd, user=User(*key))
+                await c.connect()
+                self.clients[key] = c
+            return c
+
+        async def close(self) -> None:
+            for h in list(self.handles.values()):
+                try:
+                    await self._flush(h)
+                    await h.file.close()
+                except Exception:
+                    pass
+            for c in self.clients.values():
+                await c.close()
+
+        # --- helpers ---------------------------------------------------------------------------
+
+        def _path(self, inode: int) -> str:
+            p = self.paths.get(inode)
+            if p is None:
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            return p
+
+        def _child(self, parent: int, name: bytes) -> str:
+            n = os.fsdecode(name)
+            return self._path(parent).rstrip("/") + "/" + n
+
+        def _attrs(self, st: FileStat) -> "pyfuse3.EntryAttributes":
+            a = pyfuse3.EntryAttributes()
+            a.st_ino = st.inode
+            a.generation = 0
+            a.entry_timeout, a.attr_timeout = self.cfg.entry_timeout, self.cfg.attr_timeout
+            a.st_mode, a.st_nlink, a.st_uid, a.st_gid = st.mode, st.nlink, st.uid, st.gid
+            size = st.size
+            for fh in self.writing.get(st.inode, ()):  # our own unflushed/unreported writes
+                h = self.handles.get(fh)
+                if h is not None:
+                    size = max(size, h.file.length, h.buf_off + len(h.buf) if h.buf else 0)
+            if st.type == "symlink":
+                size = len(os.fsencode(st.target or ""))
+            a.st_size = size
+            a.st_blksize = 1 << 16
+            a.st_blocks = (size + 511) // 512
+            a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = (int(t * 1e9) for t in (st.atime, st.mtime, st.ctime))
+            return a
+
+        async def _stat(self, inode: int, ctx=None) -> FileStat:
+            c = await self.client(ctx)
+            try:
+                st = await c.stat(self._path(inode), follow_symlinks=False)
+                if st.inode == inode:
+                    return st
+            except FileNotFoundError:
+                pass
+            # The path moved or was unlinked (an open, deleted file): ask by inode.
+            return FileStat.from_inode(await c._meta("stat_inode", {"inode": inode}))
+
+        async def _entry(self, path: str, ctx) -> "pyfuse3.EntryAttributes":
+            st = await (await self.client(ctx)).stat(path, follow_symlinks=False)
+            self.paths[st.inode] = path
+            return self._attrs(st)
+
+        async def _flush(self, h: Handle) -> None:
+            if h.buf:
+                data, off = bytes(h.buf), h.buf_off
+                h.buf.clear()
+                await h.file.pwrite(data, off)
+                h.dirty = True
+
+        # --- namespace -------------------------------------------------------------------------
+
+        @fuse_errors
+        async def lookup(self, parent_inode, name, ctx=None):
+            if name == b".":
+                return await self.getattr(parent_inode, ctx)
+            if name == b"..":
+                parent = self._path(parent_inode).rsplit("/", 1)[0] or "/"
+                return await self._entry(parent, ctx)
+            return await self._entry(self._child(parent_inode, name), ctx)
+
+        @fuse_errors
+        async def getattr(self, inode, ctx=None):
+            return self._attrs(await self._stat(inode, ctx))
+
+        @fuse_errors
+        async def setattr(self, inode, attr, fields, fh, ctx):
+            c = await self.client(ctx)
+            path = self._path(inode)
+            if fields.update_size:
+                h = self.handles.get(fh) if fh is not None else None
+                if h is not None and h.file.writable:
+                    await self._flush(h)
+                    await h.file.truncate(attr.st_size)
+                else:
+                    await c.truncate(path, attr.st_size)
+                for other in self.writing.get(inode, ()):  # keep our open writers' view in step
+                    self.handles[other].file.length = attr.st_size
+            if fields.update_mode:
+                await c.chmod(path, _stat.S_IMODE(attr.st_mode))
+            if fields.update_uid or fields.update_gid:
+                await c.chown(path, attr.st_uid if fields.update_uid else None,
+                              attr.st_gid if fields.update_gid else None)
+            if fields.update_atime or fields.update_mtime:
+                await c.utime(path, attr.st_atime_ns / 1e9 if fields.update_atime else None,
+                              attr.st_mtime_ns / 1e9 if fields.update_mtime else None)
+            return self._attrs(await self._stat(inode, ctx))
+
+        @fuse_errors
+        async def readlink(self, inode, ctx):
+            return os.fsencode(await (await self.client(ctx)).readlink(self._path(inode)))
+
+        @fuse_errors
+        async def mkdir(self, parent_inode, name, mode, ctx):
+            path = self._child(parent_inode, name)
+            st = await (await self.client(ctx)).mkdir(path, mode=_stat.S_IMODE(mode))
+            self.paths[st.inode] = path
+            return self._attrs(st)
+
+        @fuse_errors
+        async def symlink(self, parent_inode, name, target, ctx):
+            path = self._child(parent_inode, name)
+            st = await (await self.client(ctx)).symlink(path, os.fsdecode(target))
+            self.paths[st.inode] = path
+            return self._attrs(st)
+
+        @fuse_errors
+        async def link(self, inode, new_parent_inode, new_name, ctx):
+            path = self._child(new_parent_inode, new_name)
+            st = await (await self.client(ctx)).link(self._path(inode), path)
+            return self._attrs(st)
+
+        async def _remove(self, parent_inode, name, ctx, want_dir: bool):
+            path = self._child(parent_inode, name)
+            c = await self.client(ctx)
+            st = await c.stat(path, follow_symlinks=False)
+            if want_dir and not st.is_dir:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            if not want_dir and st.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            await c.remove(path)
+
+        @fuse_errors
+        async def unlink(self, parent_inode, name, ctx):
+            await self._remove(parent_inode, name, ctx, want_dir=False)
+
+        @fuse_errors
+        async def rmdir(self, parent_inode, name, ctx):
+            await self._remove(parent_inode, name, ctx, want_dir=True)
+
+        @fuse_errors
+        async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                raise pyfuse3.FUSEError(errno.EINVAL)  # no atomic exchange in the meta service
+            src, dst = self._child(parent_inode_old, name_old), self._child(parent_inode_new, name_new)
+            c = await self.client(ctx)
+            if flags & pyfuse3.RENAME_NOREPLACE and await c.exists(dst):
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            await c.rename(src, dst)
+            prefix = src.rstrip("/") + "/"
+            for ino, p in list(self.paths.items()):  # the moved entry and everything under it
+                if p == src:
+                    self.paths[ino] = dst
+                elif p.startswith(prefix):
+                    self.paths[ino] = dst.rstrip("/") + "/" + p[len(prefix):]
+
+        @fuse_errors
+        async def opendir(self, inode, ctx):
+            st = await self._stat(inode, ctx)
+            if not st.is_dir:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            return inode
+
+        @fuse_errors
+        async def readdir(self, fh, start_id, token):
+            path = self._path(fh)
+            entries = await (await self.client()).listdir(path, detail=True)
+            base = path.rstrip("/")
+            for i, (name, st) in enumerate(entries[start_id:], start_id):
+                self.paths.setdefault(st.inode, f"{base}/{name}")
+                if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(st), i + 1):
+                    break
+
+        @fuse_errors
+        async def statfs(self, ctx):
+            s = pyfuse3.StatvfsData()
+            s.f_bsize = s.f_frsize = 4096
+            s.f_blocks = s.f_bfree = s.f_bavail = _PB // 4096
+            s.f_files = s.f_ffree = s.f_favail = 1 << 40
+            s.f_namemax = 255
+            return s
+
+        # --- xattrs (read-only layout information) --------------------------------------------
+
+        @fuse_errors
+        async def getxattr(self, inode, name, ctx):
+            st = await self._stat(inode, ctx)
+            if name == b"user.3fs.inode":
+                return str(st.inode).encode()
+            if name == b"user.3fs.layout" and st.layout:
+                lay = {k: st.layout[k] for k in ("chunk_size", "stripe", "chains", "table") if k in st.layout}
+                return json.dumps(lay).encode()
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+        @fuse_errors
+        async def listxattr(self, inode, ctx):
+            st = await self._stat(inode, ctx)
+            return [b"user.3fs.inode"] + ([b"user.3fs.layout"] if st.layout else [])
+
+        async def setxattr(self, inode, name, value, ctx):
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+        async def removexattr(self, inode, name, ctx):
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+        # --- files -----------------------------------------------------------------------------
+
+        def _new_handle(self, f: AsyncFile, flags: int = 0) -> "pyfuse3.FileInfo":
+            fh = self._next_fh
+            self._next_fh += 1
+            self.handles[fh] = Handle(f, f.inode, append=bool(flags & os.O_APPEND))
+            if f.writable:
+                self.writing.setdefault(f.inode, set()).add(fh)
+            fi = pyfuse3.FileInfo(fh=fh)
+            fi.keep_cache = False  # other clients may have changed the file: drop stale pages
+            return fi
+
+        @fuse_errors
+        async def open(self, inode, flags, ctx):
+            acc = flags & os.O_ACCMODE
+            mode = "rb" if acc == os.O_RDONLY else "r+b"
+            f = await (await self.client(ctx)).open(self._path(inode), mode)
+            if flags & os.O_TRUNC and acc != os.O_RDONLY and f.length:
+                await f.truncate(0)
+            return self._new_handle(f, flags)
+
+        @fuse_errors
+        async def create(self, parent_inode, name, mode, flags, ctx):
+            path = self._child(parent_inode, name)
+            c = await self.client(ctx)
+            perm = _stat.S_IMODE(mode)
+            try:
+                f = await c.open(path, "xb", perm=perm)
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                f = await c.open(path, "w+b" if flags & os.O_TRUNC else "r+b", perm=perm)
+            self.paths[f.inode] = path
+            fi = self._new_handle(f, flags)
+            return fi, self._attrs(FileStat.from_inode(f.node))
+
+        @fuse_errors
+        async def read(self, fh, off, size):
+            h = self.handles[fh]
+            await self._flush(h)  # read-your-writes on the same handle
+            return await h.file.pread(size, off)
+
+        @fuse_errors
+        async def write(self, fh, off, buf):
+            h = self.handles[fh]
+            if h.append:  # O_APPEND: the end as this client knows it, not the kernel's cached size
+                off = max(h.file.length, h.buf_off + len(h.buf) if h.buf else 0)
+            if h.buf and off == h.buf_off + len(h.buf) and len(h.buf) + len(buf) <= self.cfg.write_buffer:
+                h.buf += buf
+                return len(buf)
+            await self._flush(h)
+            if len(buf) >= self.cfg.write_buffer:
+                await h.file.pwrite(bytes(buf), off)
+                h.dirty = True
+            else:
+                h.buf_off = off
+                h.buf += buf
+            return len(buf)
+
+        @fuse_errors
+        async def flush(self, fh):
+            h = self.handles.get(fh)
+            if h is not None:
+                await self._flush(h)
+                if h.dirty:
+                    # close(2) waits for flush but not for release: make the length exact now, so
+                    # every client sees it as soon as close returns (3FS: exact length after close).
+                    await h.file.fsync()
+                    h.dirty = False
+
+        @fuse_errors
+        async def fsync(self, fh, datasync):
+            h = self.handles[fh]
+            await self._flush(h)
+            await h.file.fsync()
+
+        @fuse_errors
+        async def release(self, fh):
+            h = self.handles.get(fh)
+            if h is None:
+                return
+            try:
+                await self._flush(h)
+            finally:
+                try:
+                    await h.file.close()  # ends the write session: the length becomes exact
+                finally:
+                    # Only now: until meta has the exact length, getattr adds what we wrote.
+                    self.handles.pop(fh, None)
+                    ws = self.writing.get(h.inode)
+                    if ws is not None:
+                        ws.discard(fh)
+                        if not ws:
+                            del self.writing[h.inode]
+
+        async def releasedir(self, fh):
+            return None
+
+        async def forget(self, inode_list):
+            return None  # paths are kept (one string per inode seen) so later lookups by inode work
+
+    return Ops
+
+
+def mount(mountpoint: str, mgmtd: str | list[str] | None = None, cfg: FuseConfig | None = None) -> None:
+    """Mount the cluster at ``mountpoint`` and serve until unmounted (``fusermount3 -u``) or SIGINT/SIGTERM."""
+    import asyncio
+    import signal
+
+    import pyfuse3
+    import pyfuse3.asyncio
+
+    from openinfra.fs.clients.common import resolve_mgmtd
+
+    cfg = cfg or FuseConfig()
+    addrs = resolve_mgmtd(mgmtd)
+    if not os.path.isdir(mountpoint):
+        raise ValueError(f"mountpoint: {mountpoint} is not a directory")
+    if not os.path.exists("/dev/fuse"):
+        raise RuntimeError("/dev/fuse is missing: FUSE is not available here (install fuse3, load the fuse module)")
+    pyfuse3.asyncio.enable()
+    ops = _ops_class()(addrs, cfg)
+    options = set(pyfuse3.default_options) | {"fsname=3fs", "subtype=openinfra"}
+    if cfg.allow_other:
+        options.add("allow_other")
+    if cfg.debug:
+        options.add("debug")
+
+    async def main():
+        await ops.client()  # connect before the mount appears: fail early on a bad address
+        pyfuse3.init(ops, mountpoint, options)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, pyfuse3.terminate)
+        try:
+            await pyfuse3.main()
+        finally:
+            await ops.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception:
+            pass
+
+
+def _mount_cmd(args) -> int:
+    mgmtd = args.mgmtd
+    if not mgmtd and args.data_dir:
+        from openinfra.fs.cluster import LocalCluster
+
+        mgmtd = LocalCluster.attach(args.data_dir).mgmtd_addresses
+    cfg = FuseConfig(attr_timeout=args.attr_timeout, entry_timeout=args.attr_timeout,
+                     write_buffer=args.write_buffer, debug=args.debug)
+    try:
+        mount(args.mountpoint, mgmtd, cfg)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"openinfra fs mount: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register_mount(subparsers: Any) -> Any:
+    """Add ``mount`` to the ``openinfra fs`` subcommands (``subparsers`` of the fs parser)."""
+    p = subparsers.add_parser("mount", help="mount the cluster with FUSE (foreground; unmount: fusermount3 -u DIR)",
+                              description="Mount a 3FS cluster at MOUNTPOINT with FUSE (pyfuse3). Runs in the "
+                                          "foreground until unmounted or interrupted.")
+    p.add_argument("mountpoint", help="an existing empty directory")
+    p.add_argument("--mgmtd", help="mgmtd address(es) host:port[,host:port] (default: --data-dir's cluster, "
+                                   "$OPENINFRA_FS_MGMTD, $OPENINFRA_FS_DATA_DIR)")
+    p.add_argument("--data-dir", help="the directory of a cluster started by `openinfra fs start`")
+    p.add_argument("--attr-timeout", type=float, default=1.0, help="kernel attribute/entry cache lifetime, s (1.0)")
+    p.add_argument("--write-buffer", type=int, default=4 << 20, help="per-file write buffer, bytes (4 MiB)")
+    p.add_argument("--debug", action="store_true", help="FUSE debug output")
+    p.set_defaults(func=_mount_cmd)
+    return p
+
+
+def _main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m openinfra.fs.clients.fuse")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    register_mount(sub)
+    args = parser.parse_args(["mount", *argv])
+    logging.basicConfig(level=logging.WARNING)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

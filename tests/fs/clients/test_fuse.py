@@ -1,0 +1,232 @@
+"""FUSE mount against a real cluster: read-after-write, concurrency, rename and permission cases.
+
+Skips with the reason where /dev/fuse is missing or mounting is not permitted here.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+pytestmark = pytest.mark.service
+
+
+@pytest.fixture(scope="module")
+def mnt(cluster, tmp_path_factory):
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("/dev/fuse is missing: FUSE mounts are not possible on this machine")
+    pytest.importorskip("pyfuse3", reason="pyfuse3 is not installed")
+    # Directly under /tmp, not pytest's 0700 tree: the permission test runs as another user.
+    mountpoint = tempfile.mkdtemp(prefix="openinfra-mnt-", dir="/tmp")
+    os.chmod(mountpoint, 0o755)
+    proc = subprocess.Popen([sys.executable, "-m", "openinfra.fs.clients.fuse", mountpoint, "--mgmtd", cluster.address,
+                             "--attr-timeout", "0.2"], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not os.path.ismount(mountpoint):
+        if proc.poll() is not None:
+            os.rmdir(mountpoint)
+            pytest.skip(f"mounting is not permitted here: {proc.stderr.read().decode(errors='replace')[-500:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the FUSE mount did not appear within 30 s")
+        time.sleep(0.05)
+    yield mountpoint
+    subprocess.run(["fusermount3", "-u", mountpoint], check=False)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    proc.stderr.close()
+    os.rmdir(mountpoint)
+
+
+@pytest.fixture
+def mdir(mnt, workdir):
+    """The test's directory as seen through the mount."""
+    return mnt + workdir
+
+
+def test_read_after_write_random_files(mdir, fs_client, workdir):
+    rng = __import__("random").Random(0)
+    sizes = [0, 1, 4095, 4096, 65537, (1 << 20) + 13, 3 * (1 << 20) + 5]
+    blobs = {f"f{i}": rng.randbytes(s) for i, s in enumerate(sizes)}
+    for name, data in blobs.items():
+        with open(f"{mdir}/{name}", "wb") as f:
+            for i in range(0, len(data), 100_000):  # many small writes: buffered into few requests
+                f.write(data[i:i + 100_000])
+    for name, data in blobs.items():
+        assert fs_client.stat(f"{workdir}/{name}").size == len(data)  # exact after close
+        assert fs_client.read_bytes(f"{workdir}/{name}") == data
+        with open(f"{mdir}/{name}", "rb") as f:
+            assert f.read() == data
+        assert os.stat(f"{mdir}/{name}").st_size == len(data)
+    # Random-offset overwrite and reads through the mount.
+    p = f"{mdir}/f6"
+    data = bytearray(blobs["f6"])
+    with open(p, "r+b") as f:
+        for _ in range(20):
+            off, n = rng.randrange(len(data)), rng.randrange(1, 9000)
+            chunk = rng.randbytes(n)
+            f.seek(off)
+            f.write(chunk)
+            data[off:off + n] = chunk
+            data = data[:max(len(data), off + n)] if off + n <= len(data) else data
+        f.flush()
+        f.seek(0)
+        assert f.read() == bytes(data)  # read-your-writes on the same handle
+    assert fs_client.read_bytes(f"{workdir}/f6") == bytes(data)
+    with open(p, "ab") as f:
+        f.write(b"tail")
+    assert os.path.getsize(p) == len(data) + 4
+    os.truncate(p, 10)
+    assert open(p, "rb").read() == bytes(data[:10])
+    assert sorted(os.listdir(mdir)) == sorted(blobs)
+
+
+def test_namespace_ops(mdir, fs_client, workdir):
+    os.makedirs(f"{mdir}/a/b")
+    with open(f"{mdir}/a/b/x", "wb") as f:
+        f.write(b"hello")
+    os.symlink("b/x", f"{mdir}/a/lnk")
+    assert os.readlink(f"{mdir}/a/lnk") == "b/x"
+    assert fs_client.readlink(f"{workdir}/a/lnk") == "b/x"
+    os.link(f"{mdir}/a/b/x", f"{mdir}/a/hard")
+    assert os.stat(f"{mdir}/a/hard").st_nlink == 2 and open(f"{mdir}/a/hard", "rb").read() == b"hello"
+    os.chmod(f"{mdir}/a/b/x", 0o600)
+    assert fs_client.stat(f"{workdir}/a/b/x").mode & 0o777 == 0o600
+    os.utime(f"{mdir}/a/b/x", (1_000_000, 2_000_000))
+    assert os.stat(f"{mdir}/a/b/x").st_mtime == 2_000_000
+    with pytest.raises(OSError) as e:
+        os.rmdir(f"{mdir}/a")
+    assert e.value.errno == errno.ENOTEMPTY
+    os.unlink(f"{mdir}/a/hard")
+    os.unlink(f"{mdir}/a/lnk")
+    assert os.listdir(f"{mdir}/a") == ["b"]
+    ino = os.stat(f"{mdir}/a/b/x").st_ino
+    assert os.getxattr(f"{mdir}/a/b/x", "user.3fs.inode") == str(ino).encode()
+    assert b"chunk_size" in os.getxattr(f"{mdir}/a/b/x", "user.3fs.layout")
+    with pytest.raises(OSError) as e:
+        os.setxattr(f"{mdir}/a/b/x", "user.k", b"v")
+    assert e.value.errno == errno.ENOTSUP
+    sv = os.statvfs(mdir)
+    assert sv.f_bsize == 4096 and sv.f_namemax == 255
+    with pytest.raises(FileNotFoundError):
+        os.stat(f"{mdir}/nope")
+
+
+def test_rename_cases(mdir, fs_client, workdir):
+    os.makedirs(f"{mdir}/d1/sub")
+    with open(f"{mdir}/d1/sub/f", "wb") as f:
+        f.write(b"1")
+    os.rename(f"{mdir}/d1", f"{mdir}/d2")  # a directory moves with its children
+    assert open(f"{mdir}/d2/sub/f", "rb").read() == b"1" and not os.path.exists(f"{mdir}/d1")
+    with open(f"{mdir}/g", "wb") as f:
+        f.write(b"22")
+    os.rename(f"{mdir}/g", f"{mdir}/d2/sub/f")  # over an existing file
+    assert open(f"{mdir}/d2/sub/f", "rb").read() == b"22" and not os.path.exists(f"{mdir}/g")
+    with pytest.raises(OSError) as e:
+        os.rename(f"{mdir}/d2", f"{mdir}/d2/sub/inside")
+    assert e.value.errno == errno.EINVAL
+    os.mkdir(f"{mdir}/empty")
+    with pytest.raises(OSError):
+        os.rename(f"{mdir}/empty", f"{mdir}/d2/sub/f")  # a directory over a file
+    assert fs_client.listdir(f"{workdir}/d2/sub") == ["f"]
+    # A file renamed while open keeps working through its handle.
+    f = open(f"{mdir}/d2/sub/f", "r+b")
+    os.rename(f"{mdir}/d2/sub/f", f"{mdir}/moved")
+    f.write(b"AB")
+    f.close()
+    assert fs_client.read_bytes(f"{workdir}/moved") == b"AB"
+
+
+def test_concurrent_readers_and_writers(mdir, fs_client, workdir):
+    rng = __import__("random").Random(1)
+    shared = rng.randbytes(2 * (1 << 20))
+    fs_client.write_bytes(f"{workdir}/shared", shared)
+    errors: list[BaseException] = []
+
+    def writer(w: int):
+        try:
+            r = __import__("random").Random(w)
+            for i in range(4):
+                data = r.randbytes(r.randrange(1, 300_000))
+                with open(f"{mdir}/w{w}-{i}", "wb") as f:
+                    f.write(data)
+                with open(f"{mdir}/w{w}-{i}", "rb") as f:
+                    assert f.read() == data
+        except BaseException as exc:
+            errors.append(exc)
+
+    def reader(k: int):
+        try:
+            r = __import__("random").Random(100 + k)
+            with open(f"{mdir}/shared", "rb") as f:
+                for _ in range(30):
+                    off = r.randrange(len(shared) - 4096)
+                    assert os.pread(f.fileno(), 4096, off) == shared[off:off + 4096]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)]
+    threads += [threading.Thread(target=reader, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert len([n for n in os.listdir(mdir) if n.startswith("w")]) == 12
+
+
+def test_permissions(mdir, fs_client, workdir):
+    os.mkdir(f"{mdir}/private", 0o755)
+    with open(f"{mdir}/secret", "wb") as f:
+        f.write(b"s")
+    os.chmod(f"{mdir}/secret", 0o600)
+    os.mkdir(f"{mdir}/open", 0o777)
+    os.chmod(f"{mdir}/open", 0o777)
+    # A forked child as uid/gid 1000 (the venv's interpreter may not be executable by that user).
+    def as_user() -> list[int]:
+        def code(fn) -> int:
+            try:
+                fn()
+                return 0
+            except OSError as e:
+                return e.errno
+
+        r = [code(lambda: open(f"{mdir}/private/x", "wb").close()),
+             code(lambda: open(f"{mdir}/secret", "rb").read()),
+             code(lambda: os.chmod(f"{mdir}/secret", 0o644))]
+        with open(f"{mdir}/open/mine", "wb") as f:
+            f.write(b"mine")
+        r.append(code(lambda: os.rename(f"{mdir}/open/mine", f"{mdir}/private/stolen")))
+        return r
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no pytest machinery, only system calls, then _exit
+        try:
+            os.setgroups([])
+            os.setgid(1000)
+            os.setuid(1000)
+            os.write(wfd, repr(as_user()).encode())
+            os._exit(0)
+        except BaseException as exc:
+            os.write(wfd, repr(exc).encode())
+            os._exit(1)
+    os.close(wfd)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(rfd) as f:
+        out = f.read()
+    assert os.WEXITSTATUS(status) == 0, out
+    assert out == str([errno.EACCES, errno.EACCES, errno.EPERM, errno.EACCES])
+    st = fs_client.stat(f"{workdir}/open/mine")
+    assert (st.uid, st.gid, st.size) == (1000, 1000, 4)
+    assert fs_client.listdir(f"{workdir}/private") == []
