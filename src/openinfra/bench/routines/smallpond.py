@@ -68,7 +68,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=None, help="scratch directory on the disk to measure (default: a temp dir)")
     p.add_argument("--smallpond-venv", default=_DEFAULT_VENV, help="venv holding smallpond 0.15 (the peer)")
     p.add_argument("--install-smallpond", action="store_true", help="create that venv with pip if missing")
-    p.add_argument("--3fs-url", dest="fs_url", default=None, help="also run GraySort with data on this fsspec URL (3fs://...)")
+    p.add_argument("--3fs-url", dest="fs_url", default=None,
+                   help="also run GraySort with intermediate data and output on this URL (3fs://...; the cluster "
+                        "from OPENINFRA_FS_MGMTD)")
+    p.add_argument("--start-3fs", action="store_true",
+                   help="start an embedded 3FS cluster (2 storage nodes, R=1) in the scratch dir for the 3FS run")
     p.add_argument("--skip", nargs="*", default=[], choices=["readme", "graysort", "pandas", "smallpond"], help="leave parts out")
 
 
@@ -201,7 +205,16 @@ def bench_smallpond(args: argparse.Namespace) -> BenchResult:
     work = tempfile.mkdtemp(prefix="bench-smallpond-", dir=args.workdir)
     rows: list[dict] = []
     summary: dict = {"cpus": os.cpu_count()}
+    cluster = None
     try:
+        if args.start_3fs and not args.fs_url:
+            from openinfra.fs import ClusterSpec, LocalCluster
+
+            cluster = LocalCluster.start(ClusterSpec(os.path.join(work, "3fs"), storage_nodes=2, replication=1,
+                                                     stripe=2, chunk_size=4 << 20, fsync=False), timeout=120)
+            os.environ["OPENINFRA_FS_MGMTD"] = cluster.address  # the job subprocesses inherit it
+            args.fs_url = "3fs:///bench"
+            summary["3fs"] = "embedded cluster: 2 storage nodes, replication 1, on the same disk"
         sp_python, note = (None, "skipped") if "smallpond" in args.skip else _smallpond_python(args)
         summary["smallpond_peer"] = note
         if "readme" not in args.skip:
@@ -213,5 +226,7 @@ def bench_smallpond(args: argparse.Namespace) -> BenchResult:
             rows += r
             summary.update(s)
     finally:
+        if cluster is not None:
+            cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
     return BenchResult(rows, summary)
