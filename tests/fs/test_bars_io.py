@@ -125,6 +125,9 @@ def test_namespace_ops(fs):
     assert fs.readlink("/ns/link") == "/ns/a/b"
     fs.link("/ns/a/b/file", "/ns/hard")
     assert fs.stat("/ns/hard").nlink == 2
+    assert fs.stat_inode(fs.stat("/ns/hard").inode).nlink == 2
+    with pytest.raises(ValueError, match="inode"):
+        fs.stat_inode(0)
     fs.remove("/ns/a/b/file")
     assert fs.read_bytes("/ns/hard") == b"data" and fs.stat("/ns/hard").nlink == 1
     fs.rename("/ns/hard", "/ns/renamed")

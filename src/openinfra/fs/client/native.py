@@ -172,6 +172,11 @@ class AsyncClient:
         split_path(path)
         return FileStat.from_inode(await self._meta("stat", {"path": path, "follow": follow_symlinks}))
 
+    async def stat_inode(self, inode: int) -> FileStat:
+        """``stat`` by inode id (what FUSE and other inode-based clients need)."""
+        _check_int(inode, "inode", 1)
+        return FileStat.from_inode(await self._meta("stat_inode", {"inode": inode}))
+
     async def exists(self, path: str) -> bool:
         try:
             await self.stat(path)
@@ -450,6 +455,9 @@ class Client:
 
     def stat(self, path: str, follow_symlinks: bool = True) -> FileStat:
         return self._run(self.aio.stat(path, follow_symlinks))
+
+    def stat_inode(self, inode: int) -> FileStat:
+        return self._run(self.aio.stat_inode(inode))
 
     def exists(self, path: str) -> bool:
         return self._run(self.aio.exists(path))
