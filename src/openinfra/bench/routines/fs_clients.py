@@ -1,0 +1,226 @@
+"""``openinfra bench fs_clients``: 3FS client surfaces against their peers, in one run.
+
+1. 4 KiB random reads of one file: ring I/O (USRBIO model, batches of ``--ring-entries``) against
+   the FUSE mount (``os.pread`` from one thread and from ``--fuse-threads`` threads; readahead off
+   with ``POSIX_FADV_RANDOM``; every offset read once, so the page cache never answers).
+   Bar: ring >= 3x the best FUSE figure.
+2. KVCache ``get_into`` of 64 KiB blocks in batches (cold: first read of each key, one metadata
+   lookup per block; warm: block locations cached) against loopback TCP bandwidth measured in the
+   same run (a sender process streaming 64 KiB writes, the receiver ``recv_into`` a buffer).
+   Bar: KVCache get >= 0.7x loopback TCP.
+
+A fresh cluster (``--storage-nodes`` storage processes, replication ``--replication``, no fsync)
+is started under a temp directory and stopped at the end. FUSE needs /dev/fuse and root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+
+from openinfra.bench.harness import BenchResult, routine
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--file-mib", type=int, default=64, help="file for the random reads, MiB (default 64)")
+    p.add_argument("--reads", type=int, default=8000, help="4 KiB random reads per surface (default 8000)")
+    p.add_argument("--ring-entries", type=int, default=256, help="ring entries = reads per batch (default 256)")
+    p.add_argument("--fuse-threads", type=int, default=8, help="threads for the multi-threaded FUSE run (default 8)")
+    p.add_argument("--kv-blocks", type=int, default=1024, help="64 KiB KVCache blocks (default 1024)")
+    p.add_argument("--kv-batch", type=int, default=128, help="blocks per get_into batch (default 128)")
+    p.add_argument("--tcp-mib", type=int, default=1024, help="bytes for the loopback TCP peer, MiB (default 1024)")
+    p.add_argument("--storage-nodes", type=int, default=3, help="storage processes (default 3)")
+    p.add_argument("--replication", type=int, default=1, help="replicas per chain (default 1)")
+    p.add_argument("--dir", default=None, help="where the cluster goes (default: a temp dir)")
+    p.add_argument("--no-fuse", action="store_true", help="skip the FUSE run (no /dev/fuse here)")
+
+
+def _tcp_sender(port: int, nbytes: int, block: int) -> None:
+    import socket
+
+    buf = memoryview(os.urandom(block))
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sent = 0
+        while sent < nbytes:
+            s.sendall(buf)
+            sent += block
+
+
+def loopback_tcp_gbps(nbytes: int, block: int = 64 << 10) -> float:
+    """GB/s of one TCP stream over 127.0.0.1 from another process, received into one buffer."""
+    import multiprocessing as mp
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    proc = mp.get_context("spawn").Process(target=_tcp_sender, args=(port, nbytes, block))
+    proc.start()
+    conn, _ = srv.accept()
+    buf = bytearray(block)
+    view = memoryview(buf)
+    got = 0
+    t0 = time.perf_counter()
+    while got < nbytes:
+        n = conn.recv_into(view)
+        if n == 0:
+            break
+        got += n
+    secs = time.perf_counter() - t0
+    conn.close()
+    srv.close()
+    proc.join(30)
+    return got / secs / 1e9
+
+
+def _ring_reads(address: str, path: str, offsets: list[int], entries: int, expect: dict[int, bytes]) -> float:
+    from multiprocessing.shared_memory import SharedMemory
+
+    from openinfra.fs.clients.usrbio import RingServer, make_ioring, make_iovec, register_fd
+
+    shm = SharedMemory(create=True, size=entries * 4096)
+    try:
+        with RingServer.start(address) as server:
+            iov = make_iovec(shm, server)
+            fd = register_fd(server, path)
+            with make_ioring(server, entries=entries, for_read=True, io_depth=0) as ior:
+                t0 = time.perf_counter()
+                for start in range(0, len(offsets), entries):
+                    batch = offsets[start:start + entries]
+                    for i, off in enumerate(batch):
+                        ior.prepare(iov[i * 4096:(i + 1) * 4096], True, fd, off, userdata=i)
+                    ior.submit()
+                    done = ior.wait(min_results=len(batch))
+                    if any(r.result != 4096 for r in done):
+                        raise RuntimeError(f"ring read failed: {[r.result for r in done if r.result != 4096][:5]}")
+                    for i, off in enumerate(batch):  # spot-check the bytes against the file
+                        if off in expect and bytes(shm.buf[i * 4096:(i + 1) * 4096]) != expect[off]:
+                            raise RuntimeError(f"ring read at {off} returned wrong bytes")
+                secs = time.perf_counter() - t0
+        return len(offsets) / secs
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+def _fuse_reads(mnt_path: str, offsets: list[int], threads: int, expect: dict[int, bytes]) -> float:
+    from concurrent.futures import ThreadPoolExecutor
+
+    fd = os.open(mnt_path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+        def run(part: list[int]) -> None:
+            for off in part:
+                data = os.pread(fd, 4096, off)
+                if off in expect and data != expect[off]:
+                    raise RuntimeError(f"FUSE read at {off} returned wrong bytes")
+
+        parts = [offsets[i::threads] for i in range(threads)]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as ex:
+            list(ex.map(run, parts))
+        return len(offsets) / (time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+
+
+def _mount(address: str):
+    import subprocess
+    import sys
+    import tempfile
+
+    mnt = tempfile.mkdtemp(prefix="openinfra-bench-mnt-")
+    proc = subprocess.Popen([sys.executable, "-m", "openinfra.fs.clients.fuse", mnt, "--mgmtd", address],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not os.path.ismount(mnt):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"FUSE mount failed: {proc.stderr.read().decode(errors='replace')[-500:]}")
+        time.sleep(0.05)
+
+    def unmount():
+        subprocess.run(["fusermount3", "-u", mnt], check=False)
+        proc.wait(20)
+        os.rmdir(mnt)
+
+    return mnt, unmount
+
+
+@routine("fs_clients", "3FS clients: ring I/O vs FUSE 4 KiB random reads; KVCache get vs loopback TCP", _add_arguments)
+def bench_fs_clients(args: argparse.Namespace) -> BenchResult:
+    import tempfile
+
+    import torch
+
+    from openinfra.fs import ClusterSpec, LocalCluster
+    from openinfra.fs.clients import KVCache
+
+    base = args.dir or tempfile.mkdtemp(prefix="openinfra-bench-fsc-")
+    spec = ClusterSpec(os.path.join(base, "cluster"), storage_nodes=args.storage_nodes, replication=args.replication,
+                       fsync=False, stripe=args.storage_nodes)
+    cluster = LocalCluster.start(spec)
+    rows, summary = [], {}
+    try:
+        rng = random.Random(0)
+        size = args.file_mib << 20
+        data = rng.randbytes(size)
+        with cluster.client() as fs:
+            fs.write_bytes("/bench-read.bin", data)
+        slots = size // 4096
+        offsets = [s * 4096 for s in rng.sample(range(slots), min(args.reads, slots))]
+        expect = {off: data[off:off + 4096] for off in offsets[::97]}
+        ring = _ring_reads(cluster.address, "/bench-read.bin", offsets, args.ring_entries, expect)
+        rows.append({"test": "4KiB random read", "surface": f"ring I/O ({args.ring_entries}/batch)", "ops/s": ring})
+        fuse_best = None
+        if not args.no_fuse:
+            mnt, unmount = _mount(cluster.address)
+            try:
+                for threads in (1, args.fuse_threads):
+                    # distinct offsets per run (rotate) so no page is read twice
+                    k = len(offsets) // 2 if threads > 1 else 0
+                    ops = _fuse_reads(f"{mnt}/bench-read.bin", offsets[k:] + offsets[:k], threads, expect)
+                    rows.append({"test": "4KiB random read", "surface": f"FUSE ({threads} thread{'s' * (threads > 1)})",
+                                 "ops/s": ops})
+                    fuse_best = max(fuse_best or 0.0, ops)
+            finally:
+                unmount()
+            summary.update(ring_ops=ring, fuse_best_ops=fuse_best, ring_over_fuse=ring / fuse_best,
+                           goal_ring_over_fuse=3.0)
+        else:
+            summary.update(ring_ops=ring)
+
+        block = 64 << 10
+        tcp = loopback_tcp_gbps(args.tcp_mib << 20, block)
+        rows.append({"test": "64KiB blocks", "surface": "loopback TCP (peer)", "GB/s": tcp})
+        g = torch.Generator().manual_seed(0)
+        vals = [torch.randint(0, 255, (block,), dtype=torch.uint8, generator=g) for _ in range(min(args.kv_blocks, 64))]
+        keys = [f"kv-{i}".encode() for i in range(args.kv_blocks)]
+        with KVCache(cluster.address, root="/kv", concurrency=args.kv_batch) as kv:
+            for s in range(0, len(keys), args.kv_batch):
+                kb = keys[s:s + args.kv_batch]
+                kv.put_batch(kb, [vals[(s + i) % len(vals)] for i in range(len(kb))])
+            outs = [torch.empty(block, dtype=torch.uint8) for _ in range(args.kv_batch)]
+            for label in ("cold", "warm"):
+                t0 = time.perf_counter()
+                for s in range(0, len(keys), args.kv_batch):
+                    kb = keys[s:s + args.kv_batch]
+                    if not all(kv.get_into(kb, outs[:len(kb)])):
+                        raise RuntimeError("KVCache miss during the benchmark")
+                secs = time.perf_counter() - t0
+                if not torch.equal(outs[0], vals[(len(keys) - len(kb)) % len(vals)]):
+                    raise RuntimeError("KVCache returned wrong bytes")
+                gbps = len(keys) * block / secs / 1e9
+                rows.append({"test": "64KiB blocks", "surface": f"KVCache get_into ({label}, batch {args.kv_batch})",
+                             "GB/s": gbps, "/tcp": gbps / tcp})
+                summary[f"kvcache_{label}_GBps"] = gbps
+                summary[f"kvcache_{label}_over_tcp"] = gbps / tcp
+        summary.update(tcp_loopback_GBps=tcp, goal_kvcache_over_tcp=0.7)
+    finally:
+        cluster.stop()
+    return BenchResult(rows, summary)
