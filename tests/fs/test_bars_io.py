@@ -27,14 +27,14 @@ def cluster(tmp_path_factory):
     from .conftest import FAST
 
     c = LocalCluster.start(ClusterSpec(str(tmp_path_factory.mktemp("io")), storage_nodes=3, replication=3,
-                                       chunk_size=1 << 20, stripe=4, **FAST), timeout=60)
+                                       chunk_size=1 << 20, stripe=4, session_timeout_s=3.0, **FAST), timeout=60)
     yield c
     c.stop()
 
 
 @pytest.fixture(scope="module")
 def fs(cluster):
-    with cluster.client(retry_s=30) as client:
+    with cluster.client(retry_s=30, length_report_s=0.5) as client:  # reports well within the 3 s session timeout
         yield client
 
 
@@ -269,3 +269,27 @@ def test_bar9_bad_input_gets_clear_errors_and_services_keep_serving(cluster, fs)
         call(cluster.services["storage-1"]["address"], "read", {"chain_id": 1, "inode": -1, "index": 0})
     assert ei.value.code == Code.RPC_BAD_ARGS
     assert fs.read_bytes("/bad") == b"0123456789"
+
+
+def test_sessions_of_dead_clients_are_pruned(cluster, fs):
+    """A writer that stops reporting loses its session after session_timeout_s; a file it had
+    open and that was removed is then collected. A live writer's session survives."""
+    import time
+
+    meta = cluster.services["meta-1"]["address"]
+    node = call(meta, "open", {"path": "/ghost", "create": True, "write": True, "client": "ghost-client",
+                               "session": b"g" * 16})
+    call(meta, "remove", {"path": "/ghost"})
+    live = fs.open("/alive", "wb")
+    live.write(b"x" * 1000)
+    fs.remove("/alive")                        # removed while open: collected only at close
+    time.sleep(3.5)
+    call(meta, "gc", timeout=30)
+    with pytest.raises(FileNotFoundError):
+        fs.stat_inode(node["id"])              # ghost session pruned, inode collected
+    assert fs.stat_inode(live.inode).nlink == 0  # the live writer's session survived the pass
+    live.write(b"y" * 1000)
+    live.close()
+    call(meta, "gc", timeout=30)
+    with pytest.raises(FileNotFoundError):
+        fs.stat_inode(live.inode)
