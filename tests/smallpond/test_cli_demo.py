@@ -90,7 +90,7 @@ def test_bench_routine_smoke(tmp_path):
     from openinfra.bench.routines.smallpond import bench_smallpond
 
     args = argparse.Namespace(gib=0.0005, partitions=2, workers=2, readme_rows=2000, workdir=str(tmp_path),
-                              smallpond_venv=str(tmp_path / "no-venv"), install_smallpond=False, fs_url=None,
+                              smallpond_venv=str(tmp_path / "no-venv"), install_smallpond=False, fs_url=None, start_3fs=False,
                               skip=["pandas", "readme"])  # readme: one subprocess less; same _run_script path
     result = bench_smallpond(args)
     assert result.summary["graysort_valid"] is True
