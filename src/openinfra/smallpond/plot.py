@@ -57,7 +57,7 @@ def plot_plan(plan, path: str, title: str | None = None) -> str:
         detail = node.detail()
         lines = [f"{kind}-{node.id}  [{node.num_partitions} part.]"]
         if fused:
-            lines.append("fused: " + " + ".join(fused))
+            lines += textwrap.wrap("fused: " + " + ".join(fused), 44)[:2]
         if detail:
             lines += textwrap.wrap(detail, 44)[:3]
         box_w, box_h = 0.92 * min(1.0, width / max(1, len(layers[level[node.id]]))) * 0.9, 0.5
