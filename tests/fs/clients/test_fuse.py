@@ -230,3 +230,22 @@ def test_permissions(mdir, fs_client, workdir):
     st = fs_client.stat(f"{workdir}/open/mine")
     assert (st.uid, st.gid, st.size) == (1000, 1000, 4)
     assert fs_client.listdir(f"{workdir}/private") == []
+
+
+def test_mount_command_errors_are_one_line(tmp_path):
+    """``mount`` (what ``openinfra fs mount`` runs): bad input -> one line on stderr, exit code 2."""
+    import argparse
+
+    from openinfra.fs.clients.fuse import register_mount
+
+    parser = argparse.ArgumentParser()
+    register_mount(parser.add_subparsers())
+    args = parser.parse_args(["mount", str(tmp_path / "missing"), "--mgmtd", "127.0.0.1:1"])
+    assert args.mountpoint.endswith("missing") and args.attr_timeout == 1.0
+    out = subprocess.run([sys.executable, "-m", "openinfra.fs.clients.fuse", str(tmp_path / "missing"),
+                          "--mgmtd", "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "mountpoint" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "openinfra.fs.clients.fuse", str(tmp_path), "--mgmtd", "nonsense"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "address" in out.stderr
