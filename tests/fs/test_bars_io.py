@@ -293,3 +293,27 @@ def test_sessions_of_dead_clients_are_pruned(cluster, fs):
     call(meta, "gc", timeout=30)
     with pytest.raises(FileNotFoundError):
         fs.stat_inode(live.inode)
+
+
+def test_same_version_with_other_bytes_is_repaired(cluster, fs):
+    """An update that committed at the tail but was aborted upstream (its acknowledgement lost)
+    must not make the tail keep different bytes under the version the next write reuses."""
+    from openinfra.fs.storage.chunk_store import checksum
+
+    fs.write_bytes("/diverge", b"a" * 1000)
+    st = fs.stat("/diverge")
+    chain_id = st.layout["chains"][0]
+    r = cluster.routing()
+    chain = r.chain(chain_id)
+    tail = r.address(chain["targets"][-1]["node"])
+    current = replica_metas(cluster, st.layout, st.inode, 0)[-1]["version"]
+    orphan = b"X" * 1000  # committed at the tail only, as if the head had aborted it
+    call(tail, "write", dict(chain_id=chain_id, chain_version=chain["version"], inode=st.inode, index=0,
+                             offset=0, data=orphan, update_version=current + 1, crc=checksum(orphan)))
+    with fs.open("/diverge", "r+b") as f:    # the head hands out the same version number again
+        f.pwrite(b"b" * 1000, 0)
+    metas = replica_metas(cluster, st.layout, st.inode, 0)
+    assert len({(m["version"], m["crc"]) for m in metas}) == 1, metas
+    assert metas[0]["crc"] == checksum(b"b" * 1000)
+    for _ in range(6):  # whichever replica serves the read
+        assert fs.read_bytes("/diverge") == b"b" * 1000

@@ -195,7 +195,8 @@ class StorageNode:
 
     async def rpc_write(self, chain_id: int, chain_version: int, inode: int, index: int, op: str = "write",
                         offset: int = 0, data: bytes = b"", length: int = 0, client: str = "", channel: int = 0,
-                        seq: int = 0, update_version: int | None = None, full: bytes | None = None) -> dict:
+                        seq: int = 0, update_version: int | None = None, full: bytes | None = None,
+                        crc: int | None = None) -> dict:
         """Apply one chunk update. Client requests omit ``update_version`` and must reach the head.
         ``op``: ``write`` (``data`` at ``offset``), ``truncate`` (to ``length``), ``remove``.
         Returns ``{"version", "crc", "length"}``."""
@@ -233,15 +234,18 @@ class StorageNode:
                 u = current + 1
             else:
                 u = update_version
-                if current >= u and full is None:
+                if full is None and current == u and crc is not None and meta.crc == crc:
+                    # This very update committed here before its acknowledgement was lost.
                     return {"version": current, "crc": meta.crc, "length": meta.length}
                 if full is None and current != u - 1:
+                    # Behind, ahead, or the same version with other bytes (a different update got
+                    # that number after an aborted one): the predecessor sends the whole chunk.
                     raise FsError(Code.STALE_UPDATE, f"chunk {inode}:{index} at v{current}, update is v{u}")
             content, crc = await store.prepare(inode, index, u, op, offset, data, length, full)
             if successor is not None:
                 args = dict(chain_id=chain_id, chain_version=chain["version"], inode=inode, index=index, op=op,
                             offset=offset, data=data, length=length, client=client, channel=channel, seq=seq,
-                            update_version=u)
+                            update_version=u, crc=crc)
                 try:
                     try:
                         await self._forward(successor, args)
