@@ -48,9 +48,10 @@ def _run(group):
     idx = (rank, num_stages - 1 - rank)
 
     ours = nn.ModuleList([full[i] for i in idx])
-    pipe = DualPipeV(tuple(ours), process_group=group, p2p_shapes=[(MB, SEQ, HIDDEN)])
+    # p2p shapes given per call here (the other tests give them to the constructor)
+    pipe = DualPipeV(tuple(ours), process_group=group)
     loss, _ = pipe.step(x if rank == 0 else None, num_chunks=CHUNKS, criterion=mse_criterion,
-                        labels=(y if rank == 0 else None,))
+                        labels=(y if rank == 0 else None,), p2p_shapes=[(MB, SEQ, HIDDEN)], p2p_dtypes=torch.float32)
     our_grads = [p.grad.clone() for m in ours for p in m.parameters()]
     result = {"ours_loss": None if loss is None else loss.tolist()}
 
