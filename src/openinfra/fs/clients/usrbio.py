@@ -231,7 +231,8 @@ def deregister_fd(server: RingServer, fd: int) -> None:
 
 def make_ioring(server: RingServer, entries: int, for_read: bool = True, io_depth: int = 0,
                 timeout: float = 0.0) -> "IoRing":
-    """A submission/completion ring of ``entries`` slots served by ``server``."""
+    """A submission/completion ring of ``entries`` slots served by ``server``. ``timeout`` is
+    accepted for 3FS compatibility (its ring timeout); pass timeouts to :meth:`IoRing.wait`."""
     return IoRing(server, entries, for_read, io_depth)
 
 
