@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 
 import pytest
@@ -49,6 +50,9 @@ def test_round_trip_json_and_chrome(tmp_path):
     c = tmp_path / "t.chrome.json"
     c.write_text(json.dumps(chrome_trace(trace)))
     back = load_trace(c)
+    gz = tmp_path / "t.chrome.json.gz"
+    gz.write_bytes(gzip.compress(c.read_bytes()))
+    assert load_trace(gz)["events"] == back["events"]
     assert bubble_stats(back)["measured_bubble"] == pytest.approx(bubble_stats(trace)["measured_bubble"])
     assert back["meta"]["schedule"] == "DualPipeV"
 

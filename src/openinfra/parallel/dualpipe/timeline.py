@@ -15,6 +15,7 @@ trace, as a fraction of (formula bubble + the rank's mean busy time).
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from statistics import mean
@@ -27,13 +28,14 @@ __all__ = ["load_trace", "bubble_stats", "draw_timeline", "pipeline_report"]
 
 
 def load_trace(path: str | Path) -> dict[str, Any]:
-    """Our trace JSON (``{"meta", "events"}``), also accepting its Chrome-trace form."""
+    """Our trace JSON (``{"meta", "events"}``), also accepting its Chrome-trace form (``.gz`` too)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"trace file not found: {path}")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, gzip.BadGzipFile) as exc:
         raise ValueError(f"{path} is not JSON: {exc}") from None
     if isinstance(data, dict) and "events" in data:
         return data
