@@ -53,7 +53,7 @@ def test_round_trip_json_and_chrome(tmp_path):
     gz = tmp_path / "t.chrome.json.gz"
     gz.write_bytes(gzip.compress(c.read_bytes()))
     assert load_trace(gz)["events"] == back["events"]
-    assert bubble_stats(back)["measured_bubble"] == pytest.approx(bubble_stats(trace)["measured_bubble"])
+    assert bubble_stats(back) == bubble_stats(trace)  # zb flags and all survive the round trip
     assert back["meta"]["schedule"] == "DualPipeV"
 
 

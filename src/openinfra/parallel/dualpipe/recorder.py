@@ -166,6 +166,6 @@ def chrome_trace(trace: dict[str, Any]) -> dict[str, Any]:
         out.append({
             "ph": "X", "name": name, "cat": e["kind"], "pid": e["rank"], "tid": _row(e["kind"]),
             "ts": e["start_us"], "dur": max(e["end_us"] - e["start_us"], 0.0),
-            "args": {k: e[k] for k in ("module", "chunk", "module_b", "chunk_b", "peer", "nbytes", "phase") if e.get(k) is not None},
+            "args": {k: e[k] for k in ("module", "chunk", "module_b", "chunk_b", "peer", "nbytes", "phase", "zb") if e.get(k) is not None},
         })
     return {"traceEvents": out, "displayTimeUnit": "ms", "otherData": trace.get("meta", {})}
