@@ -249,3 +249,36 @@ def test_mount_command_errors_are_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "openinfra.fs.clients.fuse", str(tmp_path), "--mgmtd", "nonsense"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "address" in out.stderr
+
+
+def test_consistency_with_other_clients(mdir, fs_client, workdir):
+    """Attribute caching: another client's change shows after the cache lifetime (0.2 s here); our
+    writes show to others once fsync or close returns; unlink of an open file defers the delete."""
+    fs_client.write_bytes(f"{workdir}/c", b"x" * 100)
+    assert os.stat(f"{mdir}/c").st_size == 100
+    with fs_client.open(f"{workdir}/c", "ab") as f:  # another client appends
+        f.write(b"y" * 100)
+    deadline = time.monotonic() + 10
+    while os.stat(f"{mdir}/c").st_size != 200:
+        assert time.monotonic() < deadline, "the mount never saw the other client's new length"
+        time.sleep(0.05)
+    assert open(f"{mdir}/c", "rb").read() == b"x" * 100 + b"y" * 100
+    with open(f"{mdir}/c", "r+b") as f:
+        f.seek(200)
+        f.write(b"z" * 50)
+        f.flush()
+        os.fsync(f.fileno())
+        assert fs_client.stat(f"{workdir}/c").size == 250  # exact after fsync, file still open
+        f.write(b"w" * (5 << 20))  # larger than the write buffer: written through
+    assert fs_client.stat(f"{workdir}/c").size == 250 + (5 << 20)
+    # Unlinking a file open for writing defers the delete to the last close (3FS write sessions;
+    # read-only opens are not tracked, so only a writer keeps the chunks alive).
+    f = open(f"{mdir}/c", "r+b")
+    os.unlink(f"{mdir}/c")
+    assert not os.path.exists(f"{mdir}/c")
+    time.sleep(1.0)  # two meta GC passes (0.5 s each) happen meanwhile
+    f.write(b"NEW")
+    f.seek(0)
+    assert f.read(13) == b"NEW" + b"x" * 10
+    f.close()
+    assert "c" not in fs_client.listdir(workdir)
