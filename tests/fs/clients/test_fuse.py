@@ -27,7 +27,8 @@ def mnt(cluster, tmp_path_factory):
     mountpoint = tempfile.mkdtemp(prefix="openinfra-mnt-", dir="/tmp")
     os.chmod(mountpoint, 0o755)
     proc = subprocess.Popen([sys.executable, "-m", "openinfra.fs.clients.fuse", mountpoint, "--mgmtd", cluster.address,
-                             "--attr-timeout", "0.2"], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--attr-timeout", "0.2", "--ring-socket", mountpoint + ".ring"],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     while not os.path.ismount(mountpoint):
         if proc.poll() is not None:
@@ -282,3 +283,32 @@ def test_consistency_with_other_clients(mdir, fs_client, workdir):
     assert f.read(13) == b"NEW" + b"x" * 10
     f.close()
     assert "c" not in fs_client.listdir(workdir)
+
+
+def test_mount_serves_ring_io(mdir, mnt, fs_client, workdir):
+    """The mount process also serves ring I/O (as 3FS's FUSE daemon serves USRBIO)."""
+    from multiprocessing.shared_memory import SharedMemory
+
+    from openinfra.fs.clients.usrbio import RingServer, make_ioring, make_iovec, register_fd
+
+    with open(f"{mdir}/r", "wb") as f:
+        f.write(bytes(range(256)) * 100)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(mnt + ".ring"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    shm = SharedMemory(create=True, size=8192)
+    try:
+        with RingServer.connect(mnt + ".ring") as srv:
+            iov = make_iovec(shm, srv)
+            fd = register_fd(srv, f"{workdir}/r")
+            with make_ioring(srv, entries=2) as ior:
+                ior.prepare(iov[0:4096], True, fd, 256)
+                ior.prepare(iov[4096:8192], True, fd, 25_000)
+                ior.submit()
+                assert sorted(r.result for r in ior.wait(min_results=2, timeout=30)) == [600, 4096]
+        assert bytes(shm.buf[:4096]) == (bytes(range(256)) * 17)[:4096]
+        assert bytes(shm.buf[4096:4096 + 600]) == (bytes(range(256)) * 100)[25_000:]
+    finally:
+        shm.close()
+        shm.unlink()

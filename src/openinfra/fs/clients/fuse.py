@@ -12,6 +12,8 @@ mode bits, ``default_permissions``). Semantics follow 3FS's FUSE client:
   recorded by meta is exact and other clients see it once their cache expires;
 * xattrs: read-only ``user.3fs.inode`` and ``user.3fs.layout`` (chunk size, stripe, chains);
   setting xattrs is not supported (the meta service stores none);
+* ``--ring-socket PATH`` makes the mount process serve ring I/O too (3FS's FUSE daemon serves
+  USRBIO): ``RingServer.connect(PATH)``;
 * statfs reports 4 KiB blocks and the namespace limits; the cluster exposes no capacity figure yet,
   so the block counts are a fixed 1 PiB.
 
@@ -45,6 +47,7 @@ class FuseConfig:
     write_buffer: int = 4 << 20
     allow_other: bool = True
     debug: bool = False
+    ring_socket: str | None = None  # also serve ring I/O (USRBIO) on this Unix socket, as 3FS's FUSE daemon does
 
 
 def _ops_class():
@@ -440,6 +443,11 @@ def mount(mountpoint: str, mgmtd: str | list[str] | None = None, cfg: FuseConfig
 
     async def main():
         await ops.client()  # connect before the mount appears: fail early on a bad address
+        ring = None
+        if cfg.ring_socket:
+            from openinfra.fs.clients.usrbio import serve
+
+            ring = asyncio.ensure_future(serve(addrs, cfg.ring_socket))
         pyfuse3.init(ops, mountpoint, options)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -447,6 +455,12 @@ def mount(mountpoint: str, mgmtd: str | list[str] | None = None, cfg: FuseConfig
         try:
             await pyfuse3.main()
         finally:
+            if ring is not None:
+                ring.cancel()
+                try:
+                    await ring
+                except (asyncio.CancelledError, Exception):
+                    pass
             await ops.close()
 
     try:
@@ -465,7 +479,7 @@ def _mount_cmd(args) -> int:
 
         mgmtd = LocalCluster.attach(args.data_dir).mgmtd_addresses
     cfg = FuseConfig(attr_timeout=args.attr_timeout, entry_timeout=args.attr_timeout,
-                     write_buffer=args.write_buffer, debug=args.debug)
+                     write_buffer=args.write_buffer, debug=args.debug, ring_socket=args.ring_socket)
     try:
         mount(args.mountpoint, mgmtd, cfg)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
@@ -485,6 +499,8 @@ def register_mount(subparsers: Any) -> Any:
     p.add_argument("--data-dir", help="the directory of a cluster started by `openinfra fs start`")
     p.add_argument("--attr-timeout", type=float, default=1.0, help="kernel attribute/entry cache lifetime, s (1.0)")
     p.add_argument("--write-buffer", type=int, default=4 << 20, help="per-file write buffer, bytes (4 MiB)")
+    p.add_argument("--ring-socket", default=None, help="also serve ring I/O (USRBIO) on this Unix socket; "
+                                                       "clients attach with RingServer.connect(path)")
     p.add_argument("--debug", action="store_true", help="FUSE debug output")
     p.set_defaults(func=_mount_cmd)
     return p
