@@ -26,6 +26,7 @@ rc=0
 
 if [ ${#ROUTINES[@]} -eq 0 ]; then
     mapfile -t ROUTINES < <("$PY" -m openinfra bench | awk '/\[gpu\]/ {print $1}')
+    ROUTINES+=(model)  # runs on CPU too, so it is not marked [gpu]; its GPU figures matter
 fi
 export OPENINFRA_RESULTS_DIR="$PWD/benchmarks/results"
 : > "$OUT/bench.log"
