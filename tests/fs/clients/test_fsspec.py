@@ -136,3 +136,46 @@ def test_duckdb_reads_and_writes(fs, cluster, workdir):
     assert con.execute(f"SELECT sum(i) FROM read_csv('{url}/out.csv')").fetchone() == (10,)
     assert con.execute(f"SELECT count(*) FROM '{url}/*.parquet'").fetchone() == (1007,)
     con.close()
+
+
+def test_more_api_and_fork_safety(fs, workdir):
+    import datetime
+    import os
+
+    fs.pipe_file(f"{workdir}/a/x.txt", b"hello")  # auto_mkdir creates /a
+    assert fs.ls(f"{workdir}/a/x.txt", detail=False) == [f"{workdir}/a/x.txt"]
+    info = fs.ls(f"{workdir}/a", detail=True)[0]
+    assert (info["name"], info["type"], info["size"]) == (f"{workdir}/a/x.txt", "file", 5)
+    before = fs.modified(f"{workdir}/a/x.txt")
+    assert isinstance(before, datetime.datetime) and isinstance(fs.created(f"{workdir}/a/x.txt"), datetime.datetime)
+    fs.touch(f"{workdir}/a/x.txt", truncate=False)
+    assert fs.cat(f"{workdir}/a/x.txt") == b"hello" and fs.modified(f"{workdir}/a/x.txt") >= before
+    with fs.open(f"{workdir}/a/t.txt", "w") as f:  # text mode
+        f.write("line1\nline2\n")
+    with fs.open(f"{workdir}/a/t.txt", "r") as f:
+        assert f.readlines() == ["line1\n", "line2\n"]
+    fs.symlink(f"{workdir}/a/x.txt", f"{workdir}/a/link")
+    assert fs.islink(f"{workdir}/a/link") and not fs.islink(f"{workdir}/a/x.txt")
+    assert fs.cat(f"{workdir}/a/link") == b"hello"
+    fs.chmod(f"{workdir}/a/x.txt", 0o640)
+    assert fs.info(f"{workdir}/a/x.txt")["mode"] & 0o777 == 0o640
+    fs.rm(f"{workdir}/a/*.txt")
+    assert fs.ls(f"{workdir}/a", detail=False) == [f"{workdir}/a/link"]
+    # A forked child (smallpond's executors fork) gets its own connection, not the parent's loop.
+    fs.pipe_file(f"{workdir}/keep", b"hello")
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fs.pipe_file(f"{workdir}/from-child", b"child")
+            os.write(wfd, fs.cat(f"{workdir}/keep"))
+            os._exit(0)
+        except BaseException as exc:
+            os.write(wfd, repr(exc).encode())
+            os._exit(1)
+    os.close(wfd)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(rfd, "rb") as f:
+        assert f.read() == b"hello"
+    assert os.WEXITSTATUS(status) == 0
+    assert fs.cat(f"{workdir}/from-child") == b"child"
