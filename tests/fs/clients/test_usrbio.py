@@ -75,6 +75,23 @@ def test_writes_then_read_back(server, shm, fs_client, workdir):
     assert fs_client.read_bytes(f"{workdir}/w") == payload
 
 
+def test_holes_read_as_zeros(server, shm, fs_client, workdir):
+    from openinfra.fs.clients.usrbio import make_ioring, make_iovec, register_fd
+
+    with fs_client.open(f"{workdir}/sparse", "wb") as f:
+        f.pwrite(b"end", (2 << 20) + 5)  # chunks 0 and 1 never written
+    iov = make_iovec(shm, server)
+    shm.buf[:8192] = b"\xff" * 8192
+    fd = register_fd(server, f"{workdir}/sparse")
+    with make_ioring(server, entries=2) as ior:
+        ior.prepare(iov[0:4096], True, fd, 1 << 20)
+        ior.prepare(iov[4096:8192], True, fd, (2 << 20) + 4)
+        ior.submit()
+        assert sorted(r.result for r in ior.wait(min_results=2, timeout=30)) == [4, 4096]
+    assert bytes(shm.buf[:4096]) == bytes(4096)
+    assert bytes(shm.buf[4096:4100]) == b"\0end"
+
+
 def test_io_depth_batches_exactly(server, shm, fs_client, workdir):
     from openinfra.fs.clients.usrbio import make_ioring, make_iovec, register_fd
 

@@ -214,7 +214,11 @@ class KVCache:
         """``(header, raw bytes)`` of a block, or None if it does not exist (or is incomplete)."""
         node = self._where.get(digest)
         if node is not None:
-            raw = await AsyncFile(self._aio, self._path(digest), node, None, True, False).pread(node["length"], 0)
+            if node["length"] <= node["layout"]["chunk_size"]:
+                # One chunk: one storage request, without the general read path's bookkeeping.
+                raw = await self._aio.storage.read_chunk(node["layout"], node["id"], 0, 0, node["length"])
+            else:
+                raw = await AsyncFile(self._aio, self._path(digest), node, None, True, False).pread(node["length"], 0)
             h = _parse_header(raw, digest)
             if h is not None:
                 return h, raw
