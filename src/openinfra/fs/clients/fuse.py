@@ -55,6 +55,7 @@ def _ops_class():
     import pyfuse3
 
     from openinfra.fs.client.native import AsyncClient, AsyncFile, FileStat
+    from openinfra.fs.clients.common import pread_fast
     from openinfra.fs.meta.store import User
 
     def fuse_errors(fn):
@@ -353,7 +354,7 @@ def _ops_class():
         async def read(self, fh, off, size):
             h = self.handles[fh]
             await self._flush(h)  # read-your-writes on the same handle
-            return await h.file.pread(size, off)
+            return await pread_fast(h.file, size, off)
 
         @fuse_errors
         async def write(self, fh, off, buf):

@@ -363,6 +363,9 @@ class _Ring:
 class _Server:
     def __init__(self, mgmtd: list[str]):
         from openinfra.fs.client.native import AsyncClient
+        from openinfra.fs.clients.common import pread_fast
+
+        self._pread = pread_fast
 
         self.fs = AsyncClient(mgmtd)
         self.iovecs: dict[int, SharedMemory] = {}
@@ -379,17 +382,8 @@ class _Server:
             if buf_off + length > shm.size:
                 return -_errno.EFAULT, slot
             if op == _READ:
-                index, within = divmod(offset, f.chunk_size)
-                if length and offset + length <= f.length and within + length <= f.chunk_size:
-                    # The common small read: inside the known length and one chunk, so one storage
-                    # request without the general path's bookkeeping. Holes read as zeros.
-                    data = await self.fs.storage.read_chunk(f.layout, f.inode, index, within, length)
-                    if len(data) < length:
-                        shm.buf[buf_off + len(data):buf_off + length] = bytes(length - len(data))
-                    shm.buf[buf_off:buf_off + len(data)] = data  # straight into the caller's buffer
-                    return length, slot
-                data = await f.pread(length, offset)
-                shm.buf[buf_off:buf_off + len(data)] = data
+                data = await self._pread(f, length, offset)
+                shm.buf[buf_off:buf_off + len(data)] = data  # straight into the caller's buffer
                 return len(data), slot
             return await f.pwrite(bytes(shm.buf[buf_off:buf_off + length]), offset), slot
         except OSError as exc:
