@@ -20,7 +20,8 @@ def test_put_get_roundtrip_all_dtypes(kv):
     vals = [torch.randn(4, 64, 32, generator=g), torch.randn(3, 5, generator=g).to(torch.bfloat16),
             torch.randint(-100, 100, (1000,), generator=g, dtype=torch.int64),
             torch.randn(70_000, generator=g).to(torch.float16),        # > 128 KiB, odd size
-            torch.randn(16, 16, generator=g).to(torch.float8_e4m3fn), torch.zeros(0)]
+            torch.randn(16, 16, generator=g).to(torch.float8_e4m3fn), torch.zeros(0),
+            torch.randn(300_000, generator=g)]                                # > one 1 MiB chunk
     keys = [f"block-{i}".encode() for i in range(len(vals))]
     assert kv.put_batch(keys, vals) == [True] * len(vals)
     assert kv.put_batch(keys[:1], vals[:1]) == [False]               # exists: kept, not rewritten

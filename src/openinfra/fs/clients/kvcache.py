@@ -210,30 +210,33 @@ class KVCache:
 
     # --- get -----------------------------------------------------------------------------------
 
+    async def _read_at(self, node: dict) -> bytes:
+        if node["length"] <= node["layout"]["chunk_size"]:
+            # One chunk: one storage request, without the general read path's bookkeeping.
+            return await self._aio.storage.read_chunk(node["layout"], node["id"], 0, 0, node["length"])
+        return await AsyncFile(self._aio, "", node, None, True, False).pread(node["length"], 0)
+
     async def _read_block(self, digest: str) -> tuple[dict, bytes] | None:
         """``(header, raw bytes)`` of a block, or None if it does not exist (or is incomplete)."""
         node = self._where.get(digest)
         if node is not None:
-            if node["length"] <= node["layout"]["chunk_size"]:
-                # One chunk: one storage request, without the general read path's bookkeeping.
-                raw = await self._aio.storage.read_chunk(node["layout"], node["id"], 0, 0, node["length"])
-            else:
-                raw = await AsyncFile(self._aio, self._path(digest), node, None, True, False).pread(node["length"], 0)
+            raw = await self._read_at(node)
             h = _parse_header(raw, digest)
             if h is not None:
                 return h, raw
             self._where.pop(digest, None)  # deleted since: ask meta again
         try:
-            f = await self._aio.open(self._path(digest), "rb")
+            # stat, not open: a read-only transaction on meta (read opens are not tracked anyway).
+            st = await self._aio.stat(self._path(digest), follow_symlinks=False)
         except FileNotFoundError:
             return None
-        try:
-            raw = await f.pread(f.length, 0)
-        finally:
-            await f.close()
+        if not st.is_file or st.layout is None:
+            return None
+        node = {"id": st.inode, "type": "file", "layout": st.layout, "length": st.size}
+        raw = await self._read_at(node)
         h = _parse_header(raw, digest)
         if h is not None:
-            self._remember(digest, f.node | {"length": len(raw)})
+            self._remember(digest, node)
             return h, raw
         return None
 
