@@ -95,14 +95,34 @@ def _extract(obj: Any, blobs: list) -> Any:
     return obj
 
 
+def _has_blob(obj: Any, depth: int = 0) -> bool:
+    """Whether ``obj`` holds a blob (read-only scan: most messages have none and skip the copy)."""
+    t = type(obj)
+    if t is bytes or t is bytearray:
+        return len(obj) >= _BLOB_MIN
+    if t is memoryview:
+        return obj.nbytes >= _BLOB_MIN
+    if depth < 6:
+        if t is dict:
+            for v in obj.values():
+                if _has_blob(v, depth + 1):
+                    return True
+        elif t is list or t is tuple:
+            for v in obj:
+                if _has_blob(v, depth + 1):
+                    return True
+    return False
+
+
 def _encode(obj: Any) -> list:
-    """The pieces of one frame, header first (written back to back, never joined)."""
+    """The pieces of one frame: small frames as one piece (one send), blobs as pieces of their own."""
+    if not _has_blob(obj):
+        body = msgpack.packb(obj, use_bin_type=True)
+        return [_HEADER.pack(len(body)) + body]
     blobs: list = []
     body = msgpack.packb(_extract(obj, blobs), use_bin_type=True)
-    if not blobs:
-        return [_HEADER.pack(len(body)), body]
     total = 5 + len(body) + sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in blobs)
-    return [_HEADER.pack(total) + _BLOB_MARK + _HEADER.pack(len(body)), body, *blobs]
+    return [_HEADER.pack(total) + _BLOB_MARK + _HEADER.pack(len(body)) + body, *blobs]
 
 
 def _decode(body: bytes) -> Any:
@@ -138,9 +158,44 @@ def pack_frame(obj: Any) -> bytes:
     return b"".join(bytes(p) for p in _encode(obj))
 
 
+class _Outbox:
+    """Frames queued on one connection and written once per event-loop turn: replies (or
+    requests) that are ready together share one send() system call, which costs more than the
+    bytes on a busy machine. Blobs are written as they are, never copied into a joined buffer."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self.writer = writer
+        self.pieces: list = []
+        self.scheduled = False
+
+    async def send(self, obj: Any) -> None:
+        self.pieces.extend(_encode(obj))  # one frame's pieces stay together and in order
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        await self.writer.drain()
+
+    def _flush(self) -> None:
+        self.scheduled = False
+        pieces, self.pieces = self.pieces, []
+        small: list = []
+        try:
+            for p in pieces:
+                if len(p) < _BLOB_MIN:
+                    small.append(p)
+                    continue
+                if small:
+                    self.writer.write(b"".join(small))
+                    small = []
+                self.writer.write(p)
+            if small:
+                self.writer.write(b"".join(small))
+        except (ConnectionError, RuntimeError):
+            pass  # the reader side notices the closed connection
+
+
 async def _send(writer: asyncio.StreamWriter, obj: Any) -> None:
-    # Synchronous write() calls with no await between them keep the frame contiguous even when
-    # several tasks reply on one connection; large pieces are not copied into one buffer.
+    """Write one frame directly (connection-level errors, before an outbox exists)."""
     for piece in _encode(obj):
         writer.write(piece)
     await writer.drain()
@@ -212,6 +267,7 @@ class RpcServer:
 
     async def _serve_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._conns.add(writer)
+        outbox = _Outbox(writer)
         try:
             while True:
                 try:
@@ -227,7 +283,7 @@ class RpcServer:
                     body = await reader.readexactly(length)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
-                task = asyncio.ensure_future(self._handle(body, writer))
+                task = asyncio.ensure_future(self._handle(body, outbox))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         except Exception:  # never let one connection take the server down
@@ -236,7 +292,7 @@ class RpcServer:
             self._conns.discard(writer)
             writer.close()
 
-    async def _handle(self, body: bytes, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, body: bytes, outbox: _Outbox) -> None:
         t0 = time.perf_counter()
         rid, method, status = 0, "?", "ok"
         try:
@@ -280,7 +336,7 @@ class RpcServer:
         if self.on_request is not None:
             self.on_request(method, status, time.perf_counter() - t0)
         try:
-            await _send(writer, reply)
+            await outbox.send(reply)
         except (ConnectionError, RuntimeError):
             pass  # the caller went away; nothing to do
         except Exception:
@@ -290,6 +346,7 @@ class RpcServer:
 class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str, max_frame: int):
         self.reader, self.writer, self.address, self.max_frame = reader, writer, address, max_frame
+        self.outbox = _Outbox(writer)
         self.pending: dict[int, asyncio.Future] = {}
         self.ids = itertools.count(1)
         self.closed = False
@@ -330,7 +387,7 @@ class _Connection:
         self.pending[rid] = fut
         try:
             async with asyncio.timeout(timeout):
-                await _send(self.writer, [_REQUEST, rid, method, timeout, args])
+                await self.outbox.send([_REQUEST, rid, method, timeout, args])
                 code, payload = await fut
         except TimeoutError:
             raise make_error(Code.RPC_TIMEOUT, f"{method} on {self.address}: no reply within {timeout:.3g} s") from None
