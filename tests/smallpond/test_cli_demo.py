@@ -91,7 +91,7 @@ def test_bench_routine_smoke(tmp_path):
 
     args = argparse.Namespace(gib=0.0005, partitions=2, workers=2, readme_rows=2000, workdir=str(tmp_path),
                               smallpond_venv=str(tmp_path / "no-venv"), install_smallpond=False, fs_url=None, start_3fs=False,
-                              skip=["pandas", "readme"])  # readme: one subprocess less; same _run_script path
+                              repeat=1, skip=["pandas", "readme"])  # readme: one subprocess less; same _run_script path
     result = bench_smallpond(args)
     assert result.summary["graysort_valid"] is True
     assert "not measured" in result.summary["smallpond_peer"]
