@@ -1,8 +1,10 @@
 """The ``openinfra`` console script.
 
 Each layer contributes subcommands through a module with ``register(subparsers)``; the modules are
-listed in ``COMMAND_MODULES`` in the order ``--help`` shows them. A module that does not exist yet
-(a component still being built) is left out of ``--help``.
+listed in ``COMMAND_MODULES`` (command name -> module) in the order ``--help`` shows them. A module
+that does not exist yet (a component still being built) is left out of ``--help``. When the first
+argument names a command, only that command's module is imported, so ``openinfra fs ...`` does not
+pay for importing PyTorch.
 """
 
 from __future__ import annotations
@@ -16,17 +18,17 @@ from openinfra import __version__
 
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
-COMMAND_MODULES = (
-    "openinfra.demo",                # demo
-    "openinfra.fs.cli",              # fs ...
-    "openinfra.smallpond.cli",       # data ...
-    "openinfra.training.cli",        # train
-    "openinfra.serving.cli",         # serve
-    "openinfra.parallel.eplb.cli",   # eplb ...
-    "openinfra.profiling.cli",       # profile ...
-    "openinfra.bench.cli",           # bench ...
-    "openinfra.serving.cost",        # cost
-)
+COMMAND_MODULES = {
+    "demo": "openinfra.demo",
+    "fs": "openinfra.fs.cli",
+    "data": "openinfra.smallpond.cli",
+    "train": "openinfra.training.cli",
+    "serve": "openinfra.serving.cli",
+    "eplb": "openinfra.parallel.eplb.cli",
+    "profile": "openinfra.profiling.cli",
+    "bench": "openinfra.bench.cli",
+    "cost": "openinfra.serving.cost",
+}
 
 
 def _module_exists(name: str) -> bool:
@@ -36,21 +38,24 @@ def _module_exists(name: str) -> bool:
         return False
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every command, or only ``only``'s (what ``main`` does for speed)."""
     parser = argparse.ArgumentParser(
         prog="openinfra",
         description="The DeepSeek Open Infra stack as one Python package. `openinfra demo` runs the whole job.",
     )
     parser.add_argument("--version", action="version", version=f"openinfra {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        if _module_exists(name):
-            importlib.import_module(name).register(subparsers)
+    for command, module in COMMAND_MODULES.items():
+        if (only is None or command == only) and _module_exists(module):
+            importlib.import_module(module).register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = argv[0] if argv else None
+    parser = build_parser(first if first in COMMAND_MODULES else None)
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()

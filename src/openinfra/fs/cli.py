@@ -171,6 +171,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="3FS, the Fire-Flyer File System: a whole cluster on one box.")
     p.set_defaults(func=lambda a: (p.print_help(), 0)[1])
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
+    from openinfra.fs.clients.fuse import register_mount
+
+    register_mount(sub)  # openinfra fs mount MOUNTPOINT ...
 
     def add(name, fn, help, client=False):
         sp = sub.add_parser(name, help=help, description=help)

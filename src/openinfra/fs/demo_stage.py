@@ -66,6 +66,8 @@ def run_stage(ctx) -> dict[str, object]:
     (ctx.data_dir / "fs.json").write_text(json.dumps(info, indent=2))
     return {
         "mgmtd": cluster.mgmtd_addresses,
+        # where the later stages put shards and checkpoints (the fsspec filesystem of the clients)
+        "fsspec_url": f"3fs://{cluster.mgmtd_addresses[0]}/demo",
         "data_dir": str(cluster.root),
         "processes": len(cluster.services),
         "chains": f"{len(r.chains)} chains x {cluster.spec.replication} replicas",

@@ -10,8 +10,11 @@ __all__ = ["register", "build_engine"]
 
 
 def build_engine(config: str = "tiny", checkpoint: str | None = None, num_blocks: int = 64, page_size: int = 64,
-                 max_batch: int = 8, device: str = "cpu", seed: int = 0, prefix_cache_mb: int = 64):
-    """The engine the CLI and the demo use: a checkpoint when given, else a seeded fresh model."""
+                 max_batch: int = 8, device: str = "cpu", seed: int = 0, prefix_cache_mb: int = 64, block_store=None):
+    """The engine the CLI and the demo use: a checkpoint when given, else a seeded fresh model.
+
+    The prefix store is ``block_store`` when given (e.g. a 3FS KVCache), else an in-memory LRU of
+    ``prefix_cache_mb`` MiB (0 disables prefix reuse)."""
     import torch
 
     from openinfra.model import Transformer, get_config
@@ -24,7 +27,9 @@ def build_engine(config: str = "tiny", checkpoint: str | None = None, num_blocks
     else:
         torch.manual_seed(seed)
         model = Transformer(get_config(config)).to(device)
-    store = MemoryBlockStore(prefix_cache_mb * 2**20) if prefix_cache_mb > 0 else None
+    store = block_store
+    if store is None and prefix_cache_mb > 0:
+        store = MemoryBlockStore(prefix_cache_mb * 2**20)
     return Engine(model, num_blocks=num_blocks, page_size=page_size, max_batch=max_batch, block_store=store, seed=seed)
 
 

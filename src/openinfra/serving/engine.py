@@ -242,7 +242,7 @@ class Engine:
         keys = page_keys(req.prompt, self.page_size)
         for i in range(reused // self.page_size, len(keys)):
             if not self.block_store.exists(keys[i]):
-                self.block_store.put(keys[i], self.cache.storage[:, pages[i]])
+                self.block_store.put(keys[i], self.cache.storage[:, pages[i]].contiguous())
 
     def _decode(self, reqs: list[Request]) -> list[tuple[Request, int]]:
         start = time.perf_counter()

@@ -7,6 +7,13 @@
 - ``openinfra.training.data``    deterministic batches from token shards.
 """
 
-from openinfra.training.job import TrainConfig, train, train_worker
-
 __all__ = ["TrainConfig", "train", "train_worker"]
+
+
+def __getattr__(name: str):
+    # Lazy: `openinfra train --help` should not pay for importing PyTorch.
+    if name in __all__:
+        from openinfra.training import job
+
+        return getattr(job, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
