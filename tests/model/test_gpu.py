@@ -91,6 +91,18 @@ def test_fp8_model_end_to_end_against_bf16():
             assert dm < 5e-3
 
 
+@pytest.mark.xfail(strict=True, reason="issue 11's bar (FP8 model within calc_diff 1e-3 of bf16) is not met: "
+                   "measured 2.7e-3 on the logits on the H200; each FP8 GEMM adds ~5e-4 and they compound")
+def test_fp8_model_meets_the_issue_bar_against_bf16():
+    """The issue's bar itself, kept at 1e-3 (not loosened): it fails today, and strict xfail makes
+    the suite notice the day it passes."""
+    _need_fp8()
+    cfg, bf16, fp8 = _dense_pair()
+    tokens = torch.randint(0, cfg.vocab_size, (4, 256), device="cuda")
+    with torch.no_grad():
+        assert calc_diff(bf16(tokens), fp8(tokens)) < 1e-3
+
+
 def test_bf16_model_equals_plain_reference_on_gpu():
     from openinfra.model import MoE
     from openinfra.model.reference import _moe, plain_forward
