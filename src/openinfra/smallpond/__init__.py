@@ -29,8 +29,12 @@ from openinfra.smallpond.node import (
     PandasComputeNode, PartitionNode, ProjectionNode, PythonScriptNode, RootNode, ShuffleNode, SqlEngineNode, UnionNode,
 )
 from openinfra.smallpond.optimizer import Optimizer, optimize
+from openinfra.smallpond.partition import LoadPartitionedDataSetNode, RangePartitionNode, UserDefinedPartitionNode
 from openinfra.smallpond.session import Session, SessionConfig, init
 from openinfra.smallpond.task import InjectedFault, RuntimeContext, SqlError, TaskFailed
+from openinfra.smallpond.udf import (
+    UDFAnyParameters, UDFListType, UDFMapType, UDFStructType, UDFType, UserDefinedFunction, udf,
+)
 
 __all__ = [
     "init", "Session", "SessionConfig", "DataFrame", "Driver", "JobStats",
@@ -39,5 +43,7 @@ __all__ = [
     "ShuffleNode", "SqlEngineNode", "ArrowComputeNode", "ArrowStreamNode", "ArrowBatchNode", "PandasComputeNode",
     "PandasBatchNode", "PythonScriptNode", "ProjectionNode", "LimitNode", "UnionNode", "ConsolidateNode", "RootNode",
     "PartitionNode", "DataSinkNode", "LogicalPlan", "Optimizer", "optimize",
+    "RangePartitionNode", "UserDefinedPartitionNode", "LoadPartitionedDataSetNode",
+    "udf", "UDFType", "UDFStructType", "UDFListType", "UDFMapType", "UDFAnyParameters", "UserDefinedFunction",
     "RuntimeContext", "SqlError", "TaskFailed", "InjectedFault",
 ]

@@ -323,7 +323,7 @@ class Scheduler:
                         continue
                     inputs = [self.results[d.key] for d in task.deps]
                     if task.virtual:
-                        self.results[task.key] = resolve_virtual(task, inputs)
+                        self.results[task.key] = resolve_virtual(task, inputs, self.cfg["job_id"], self.cfg["threads"])
                         self.stats.virtual += 1
                         del pending[tid]
                         progressed = True

@@ -15,6 +15,7 @@ import traceback
 from typing import Any, Callable, Iterable, Literal
 
 from openinfra.smallpond.dataset import DataSet, ParquetDataSet
+from openinfra.smallpond.udf import UserDefinedFunction
 
 __all__ = [
     "Context", "Node", "DataSourceNode", "DataSinkNode", "PythonScriptNode", "ArrowComputeNode",
@@ -75,7 +76,11 @@ class Context:
 
     def create_function(self, name: str, func: Callable, params: list[Any] | None = None,
                         return_type: Any = None, use_arrow_type: bool = False) -> str:
-        """Register a Python scalar function that SQL nodes can call by ``name`` (DuckDB ``create_function``)."""
+        """Register a Python scalar function that SQL nodes can call by ``name`` (DuckDB ``create_function``).
+
+        ``params`` is a list of ``UDFType`` / ``UDFListType`` / ... (or DuckDB types), or
+        ``UDFAnyParameters()``; ``None`` for both lets DuckDB take the types from the annotations.
+        """
         if not _NAME_RE.match(name):
             raise ValueError(f"udf name must match [a-zA-Z0-9_]+, got {name!r}")
         if not callable(func):
@@ -325,14 +330,16 @@ class SqlEngineNode(Node):
         for path in extension_paths or []:
             self.udfs.append(ctx.create_duckdb_extension(path))
         for udf in udfs or []:
-            if callable(udf):
+            if isinstance(udf, UserDefinedFunction):  # @udf: carries its own name and DuckDB signature
+                self.udfs.append(ctx.create_function(udf.name, udf.func, udf.params, udf.return_type, udf.use_arrow_type))
+            elif callable(udf):
                 self.udfs.append(ctx.create_function(udf.__name__, udf))
             elif isinstance(udf, str) and udf in ctx.udfs:
                 self.udfs.append(udf)
             elif isinstance(udf, str) and udf.endswith(".duckdb_extension"):
                 self.udfs.append(ctx.create_duckdb_extension(udf))
             else:
-                raise ValueError(f"udfs: expected a Python function, a name from ctx.create_function or a .duckdb_extension path, got {udf!r}")
+                raise ValueError(f"udfs: expected an @udf function, a Python function, a name from ctx.create_function or a .duckdb_extension path, got {udf!r}")
         self.parquet_row_group_size = parquet_row_group_size or DEFAULT_ROW_GROUP_SIZE
         self.parquet_compression = parquet_compression
         self.parquet_compression_level = parquet_compression_level
@@ -348,8 +355,8 @@ class SqlEngineNode(Node):
         return f"sql={q[:160]}{'...' if len(q) > 160 else ''}" + (f", udfs={self.udfs}" if self.udfs else "")
 
     def spec(self) -> str:
-        udfs = [(n, callable_fingerprint(self.ctx.udfs[n][1]) if self.ctx.udfs[n][0] == "function" else self.ctx.udfs[n][1])
-                for n in self.udfs]
+        udfs = [(n, callable_fingerprint(e[1]), repr(e[2:])) if e[0] == "function" else (n, e[1])
+                for n, e in ((n, self.ctx.udfs[n]) for n in self.udfs)]
         return f"sql|{self.views}|{self.sql_queries}|{udfs}|{self.parquet_compression}|{self.parquet_row_group_size}"
 
 

@@ -23,6 +23,7 @@ from openinfra.smallpond.node import (
     EvenlyDistributedPartitionNode, HashPartitionNode, LimitNode, Node, PandasBatchNode, PandasComputeNode,
     ProjectionNode, PythonScriptNode, RootNode, SqlEngineNode, UnionNode,
 )
+from openinfra.smallpond.partition import LoadPartitionedDataSetNode, UserDefinedPartitionNode
 from openinfra.smallpond.task import Task
 
 __all__ = ["Planner", "all_tasks"]
@@ -87,6 +88,10 @@ class Planner:
                 return [self._task("split_rows", node, flat, i, n) for i in range(n)]
             return [self._task("split_files", node, flat, i, n, random_shuffle=node.random_shuffle,
                                seed=int(self.fingerprint(node)[:8], 16)) for i in range(n)]
+        if isinstance(node, (UserDefinedPartitionNode, LoadPartitionedDataSetNode)):
+            kind = "user_partition" if isinstance(node, UserDefinedPartitionNode) else "load_partitioned"
+            producers = [self._task(kind, node, [t], i, len(flat)) for i, t in enumerate(flat)]
+            return [self._task("partition_consumer", node, producers, k, n) for k in range(n)]
         if isinstance(node, HashPartitionNode):
             if getattr(node, "pre_sql", None) is not None:  # a fused SQL step: co-partitioned inputs, like SQL
                 count = len(inputs[0]) if inputs else 1

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from openinfra.smallpond import storage
+from openinfra.smallpond.udf import to_duckdb_params
 from openinfra.smallpond.dataset import (
     DataSet, FileSet, ParquetDataSet, arrow_of, merge_datasets, new_connection, reader_of, schema_from_text,
     schema_to_text,
@@ -101,7 +102,8 @@ class Task:
         return f"Task({self.key})"
 
 
-VIRTUAL_KINDS = {"source", "split_files", "shuffle_consumer", "union", "consolidate", "projection"}
+VIRTUAL_KINDS = {"source", "split_files", "shuffle_consumer", "union", "consolidate", "projection",
+                 "user_partition", "load_partitioned", "partition_consumer"}
 
 
 # --- virtual tasks (driver side) ---------------------------------------------------------------
@@ -114,9 +116,47 @@ def _probe_schema(ds: DataSet) -> pa.Schema:
         con.close()
 
 
-def resolve_virtual(task: Task, inputs: list[DataSet]) -> DataSet:
+class PartitionedOutput(DataSet):
+    """A virtual partition producer's output: one dataset per output partition (consumers pick theirs)."""
+
+    def __init__(self, datasets: list[DataSet], schema: pa.Schema | None) -> None:
+        self.datasets = datasets
+        self.schema = schema
+
+    def __repr__(self) -> str:
+        return f"PartitionedOutput({len(self.datasets)} partitions)"
+
+
+def _schema_of(ds: DataSet) -> pa.Schema | None:
+    schema = getattr(ds, "schema", None)
+    if schema is None and not (isinstance(ds, FileSet) and not ds.resolved_paths):
+        schema = _probe_schema(ds)
+    return schema
+
+
+def resolve_virtual(task: Task, inputs: list[DataSet], job_id: str = "", threads: int = 1) -> DataSet:
     """The dataset of a virtual task, from its inputs' datasets."""
     k = task.kind
+    if k == "user_partition":
+        from openinfra.smallpond.partition import check_user_partitions
+
+        rt = RuntimeContext(task, job_id, task.partition, task.npartitions, 0, "", threads)
+        ds = merge_datasets(inputs)
+        parts = check_user_partitions(task.node.partition(rt, ds), task.node.npartitions, task.label)
+        return PartitionedOutput(parts, _schema_of(ds))
+    if k == "load_partitioned":
+        from openinfra.smallpond.partition import load_partitioned
+
+        ds = merge_datasets(inputs)
+        node = task.node
+        groups = load_partitioned(ds, node.npartitions, node.data_partition_column, node.hive_partitioning, task.label)
+        schema = _schema_of(ds)
+        return PartitionedOutput([ParquetDataSet(g, schema=schema, resolved=True) for g in groups], schema)
+    if k == "partition_consumer":
+        from openinfra.smallpond.partition import empty_like
+
+        schema = next((ds.schema for ds in inputs if ds.schema is not None), None)
+        return merge_datasets([empty_like(ds.datasets[task.partition], schema) for ds in inputs])
     if k == "source":
         ds = task.params["dataset"]
         if isinstance(ds, FileSet):
@@ -224,7 +264,8 @@ def _setup_udfs(con, node) -> None:
         if entry[0] == "function":
             _, func, params, ret, use_arrow = entry
             kwargs = {"type": "arrow"} if use_arrow else {}
-            con.create_function(name, func, params, ret, **kwargs)
+            ret = ret.to_duckdb_type() if hasattr(ret, "to_duckdb_type") else ret
+            con.create_function(name, func, to_duckdb_params(params), ret, **kwargs)
         else:
             con.execute(f"LOAD '{entry[1]}'")
 
