@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any, Awaitable, Callable, TypeVar
 
-from openinfra.fs.errors import Code, FsError
+from openinfra.fs.errors import RETRIABLE_CODES, Code, FsError, make_error
 from openinfra.fs.routing import Routing
 from openinfra.fs.rpc import RpcClient
 from openinfra.fs.storage.service import MgmtdLink
@@ -87,7 +87,7 @@ async def retrying(fn: Callable[[], Awaitable[T]], routing: RoutingCache, retry_
 
 
 class StorageClient:
-    """``write_chunk`` / ``read_chunk`` / ``remove_chunks`` / ``truncate_chunks`` / ``file_length``."""
+    """``write_chunk`` / ``read_chunk`` / ``read_chunks`` / ``remove_chunks`` / ``truncate_chunks`` / ``file_length``."""
 
     def __init__(self, rpc: RpcClient, routing: RoutingCache, *, client_id: str | None = None,
                  retry_s: float = 60.0, io_timeout_s: float = 10.0, channels: int = 64):
@@ -149,6 +149,48 @@ class StorageClient:
             return res["data"]
 
         return await retrying(attempt, self.routing, self.retry_s, f"read chunk {inode}:{index}")
+
+    async def read_chunks(self, reads: list[tuple[dict, int, int, int, int]]) -> list[bytes]:
+        """Many chunk reads, one ``batch_read`` request per storage node: ``reads`` holds
+        ``(layout, inode, index, offset, length)`` tuples; returns their bytes in order, each as
+        :meth:`read_chunk` would (short at a chunk's end, b"" for a hole).
+
+        Each read goes to a random serving replica of its chain; reads that fail there (a dirty
+        chunk, a node fenced or gone) are retried one by one through :meth:`read_chunk`, which
+        follows routing changes and sends dirty reads to the tail."""
+        if not isinstance(reads, (list, tuple)):
+            raise TypeError(f"reads: expected a list of (layout, inode, index, offset, length), got {type(reads).__name__}")
+        out: list = [None] * len(reads)
+        r = self.routing.routing
+        groups: dict[str, list[int]] = {}
+        for i, (layout, inode, index, offset, length) in enumerate(reads):
+            serving = r.serving(chunk_chain(layout, index))
+            addr = r.address(random.choice(serving)["node"]) if serving else None
+            if addr is None:
+                continue  # left for the one-by-one path, which waits for routing
+            groups.setdefault(addr, []).append(i)
+
+        async def node_batch(addr: str, idxs: list[int]) -> None:
+            args = [[chunk_chain(reads[i][0], reads[i][2]), *reads[i][1:]] for i in idxs]
+            try:
+                res = await self.rpc.call(addr, "batch_read", {"reads": args}, timeout=self.io_timeout_s)
+            except FsError as exc:
+                if not exc.retriable:
+                    raise
+                return  # the whole batch falls back to the one-by-one path
+            for i, one in zip(idxs, res):
+                if "code" not in one:
+                    out[i] = one["data"]
+                elif one["code"] not in RETRIABLE_CODES:
+                    raise make_error(one["code"], one["message"])
+
+        await asyncio.gather(*(node_batch(a, idxs) for a, idxs in groups.items()))
+        missing = [i for i, v in enumerate(out) if v is None]
+        if missing:
+            again = await asyncio.gather(*(self.read_chunk(*reads[i]) for i in missing))
+            for i, v in zip(missing, again):
+                out[i] = v
+        return out
 
     async def _on_chains(self, layout: dict, method: str, args: dict) -> list[Any]:
         async def one(chain_id: int):

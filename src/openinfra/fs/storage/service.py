@@ -280,6 +280,31 @@ class StorageNode:
         """Committed bytes of one chunk: ``{"data", "version", "chunk_length"}`` (empty data and
         version 0 for a chunk never written: a hole)."""
         self._check_fence()
+        return await self._read_one(chain_id, inode, index, offset, length)
+
+    async def rpc_batch_read(self, reads: list) -> list:
+        """Many reads in one request (3FS's batched read: one request per storage node per batch).
+
+        ``reads``: ``[[chain_id, inode, index, offset, length], ...]`` (at most 4096). Returns one
+        entry per read, in order: ``{"data", "version", "chunk_length"}`` as :meth:`rpc_read`, or
+        ``{"code", "message"}`` for a read that failed (the others are still served), so the
+        client retries only the failed ones (a dirty chunk at the tail, say)."""
+        self._check_fence()
+        if not isinstance(reads, list) or len(reads) > 4096:
+            raise ValueError("reads: expected a list of at most 4096 [chain_id, inode, index, offset, length]")
+        out = []
+        for i, r in enumerate(reads):
+            if not isinstance(r, (list, tuple)) or len(r) != 5 or not all(type(v) is int for v in r):
+                raise ValueError(f"reads[{i}]: expected [chain_id, inode, index, offset, length] ints, got {r!r}")
+            try:
+                out.append(await self._read_one(*r))
+            except FsError as exc:
+                out.append({"code": exc.code, "message": exc.message})
+            except ValueError as exc:
+                out.append({"code": Code.RPC_BAD_ARGS, "message": f"reads[{i}]: {exc}"})
+        return out
+
+    async def _read_one(self, chain_id: int, inode: int, index: int, offset: int, length: int | None) -> dict:
         if inode < 0 or index < 0 or offset < 0:
             raise ValueError("inode, index and offset must be >= 0")
         length = 2**62 if length is None or length < 0 else length

@@ -1,0 +1,136 @@
+"""Batched reads (``batch_read`` on a storage node, ``StorageClient.read_chunks``) and the chunk
+store's inline small-read path: same bytes as one-by-one reads, per-read errors, fallback when a
+node is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from openinfra.fs import Code, FsError
+from openinfra.fs.client.storage_client import chunk_chain
+from openinfra.fs.cluster import call
+
+pytestmark = [pytest.mark.service, pytest.mark.timeout(180)]
+
+CHUNK = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from openinfra.fs import ClusterSpec, LocalCluster
+
+    from .conftest import FAST
+
+    c = LocalCluster.start(ClusterSpec(str(tmp_path_factory.mktemp("batch")), storage_nodes=2, replication=2,
+                                       chunk_size=CHUNK, stripe=1, **FAST), timeout=60)
+    yield c
+    c.stop()
+
+
+def _file(fs, path: str, size: int, seed: int) -> tuple[bytes, dict]:
+    data = random.Random(seed).randbytes(size)
+    fs.write_bytes(path, data)
+
+    async def node():
+        f = await fs.aio.open(path, "rb")
+        try:
+            return {"id": f.inode, "layout": f.layout}
+        finally:
+            await f.close()
+
+    return data, fs._run(node())
+
+
+def test_batch_read_rpc_matches_single_reads_and_reports_per_read_errors(cluster):
+    with cluster.client() as fs:
+        data, node = _file(fs, "/batch-rpc.bin", 3 * CHUNK + 1000, 1)
+        r = cluster.routing()
+        layout, inode = node["layout"], node["id"]
+        chain0 = chunk_chain(layout, 0)
+        addr = r.address(r.serving(chain0)[0]["node"])
+        reads = [[chain0, inode, 0, 0, 4096], [chain0, inode, 0, CHUNK - 100, 4096],   # short at the chunk end
+                 [chain0, inode, 0, 5000, -1],                                          # to the end of the chunk
+                 [chain0, inode, 3, 0, 4096] if chunk_chain(layout, 3) == chain0 else [chain0, inode, 0, 1, 2],
+                 [chain0, inode, 99, 0, 4096],                                          # a hole
+                 [chain0, -1, 0, 0, 10],                                                # bad: served as an error
+                 [999, inode, 0, 0, 10]]                                                # unknown chain: an error
+        out = call(addr, "batch_read", {"reads": reads})
+        assert len(out) == len(reads)
+        for rd, got in zip(reads[:5], out[:5]):
+            single = call(addr, "read", dict(zip(["chain_id", "inode", "index", "offset", "length"], rd)))
+            assert bytes(got["data"]) == bytes(single["data"])
+            assert got["version"] == single["version"]
+        assert bytes(out[0]["data"]) == data[:4096]
+        assert bytes(out[1]["data"]) == data[CHUNK - 100:CHUNK]
+        assert bytes(out[2]["data"]) == data[5000:CHUNK]
+        assert out[4] == {"data": b"", "version": 0, "chunk_length": 0}
+        assert out[5]["code"] == Code.RPC_BAD_ARGS and "reads[5]" in out[5]["message"]
+        assert out[6]["code"] == Code.CHAIN_VERSION_MISMATCH
+        with pytest.raises(FsError) as e:
+            call(addr, "batch_read", {"reads": [[chain0, inode, 0, 0]]})
+        assert e.value.code == Code.RPC_BAD_ARGS and "reads[0]" in str(e.value)
+        with pytest.raises(FsError) as e:
+            call(addr, "batch_read", {"reads": [[chain0, inode, 0, 0, 1]] * 4097})
+        assert e.value.code == Code.RPC_BAD_ARGS
+        # the node keeps serving after bad batches
+        assert bytes(call(addr, "batch_read", {"reads": reads[:1]})[0]["data"]) == data[:4096]
+
+
+def test_read_chunks_equals_read_chunk_over_many_random_reads(cluster):
+    rng = random.Random(7)
+    with cluster.client() as fs:
+        files = [_file(fs, f"/batch-many-{i}.bin", size, 10 + i)
+                 for i, size in enumerate([5 * CHUNK + 17, CHUNK, 100_000])]
+        reads, want = [], []
+        for _ in range(300):
+            data, node = files[rng.randrange(len(files))]
+            off = rng.randrange(len(data))
+            index, within = divmod(off, CHUNK)
+            n = rng.choice([1, 512, 4096, 65536, CHUNK])
+            reads.append((node["layout"], node["id"], index, within, n))
+            want.append(data[off:min(off + n, (index + 1) * CHUNK, len(data))])
+        got = fs._run(fs.aio.storage.read_chunks(reads))
+        assert [bytes(g) for g in got] == want
+        assert fs._run(fs.aio.storage.read_chunks([])) == []
+        with pytest.raises(TypeError, match="reads"):
+            fs._run(fs.aio.storage.read_chunks("not a list"))
+
+
+def test_read_chunks_falls_back_when_a_node_is_gone(cluster):
+    """A batch sent to a killed node fails as a whole; its reads are retried one by one on the
+    chain's other replica (R=2), so every read still returns the right bytes."""
+    with cluster.client(retry_s=30) as fs:
+        data, node = _file(fs, "/batch-kill.bin", 6 * CHUNK, 3)
+        reads = [(node["layout"], node["id"], i, 123, 4096) for i in range(6)] * 4
+        want = [data[i * CHUNK + 123:i * CHUNK + 123 + 4096] for i in range(6)] * 4
+        cluster.kill("storage-2")
+        try:
+            for _ in range(3):  # random replica choice: several rounds reach the dead node
+                got = fs._run(fs.aio.storage.read_chunks(reads))
+                assert [bytes(g) for g in got] == want
+        finally:
+            cluster.restart("storage-2")
+            cluster.wait_healthy(timeout=60)
+
+
+def test_chunk_store_inline_and_threaded_reads_agree(tmp_path):
+    from openinfra.fs.storage.chunk_store import INLINE_READ_MAX, ChunkStore
+
+    async def go():
+        store = ChunkStore(tmp_path / "t", fsync=False)
+        try:
+            content = random.Random(5).randbytes(2 * INLINE_READ_MAX + 3)
+            await store.prepare(1, 0, 1, "write", 0, content)
+            await store.commit(1, 0, 1)
+            for off, n in [(0, 10), (7, INLINE_READ_MAX), (7, INLINE_READ_MAX + 1), (0, len(content)),
+                           (0, 1 << 40), (len(content) - 5, 100), (len(content), 10), (3, 0)]:
+                got, meta = await store.read(1, 0, off, n)
+                assert got == content[off:off + n], (off, n)
+                assert meta.version == 1
+        finally:
+            store.close()
+
+    asyncio.run(go())
