@@ -29,7 +29,9 @@ from openinfra.smallpond.node import (
     PandasComputeNode, PartitionNode, ProjectionNode, PythonScriptNode, RootNode, ShuffleNode, SqlEngineNode, UnionNode,
 )
 from openinfra.smallpond.optimizer import Optimizer, optimize
-from openinfra.smallpond.partition import LoadPartitionedDataSetNode, RangePartitionNode, UserDefinedPartitionNode
+from openinfra.smallpond.partition import (
+    LoadPartitionedDataSetNode, RangePartitionNode, RepeatPartitionNode, UserDefinedPartitionNode,
+)
 from openinfra.smallpond.session import Session, SessionConfig, init
 from openinfra.smallpond.task import InjectedFault, RuntimeContext, SqlError, TaskFailed
 from openinfra.smallpond.udf import (
@@ -43,7 +45,7 @@ __all__ = [
     "ShuffleNode", "SqlEngineNode", "ArrowComputeNode", "ArrowStreamNode", "ArrowBatchNode", "PandasComputeNode",
     "PandasBatchNode", "PythonScriptNode", "ProjectionNode", "LimitNode", "UnionNode", "ConsolidateNode", "RootNode",
     "PartitionNode", "DataSinkNode", "LogicalPlan", "Optimizer", "optimize",
-    "RangePartitionNode", "UserDefinedPartitionNode", "LoadPartitionedDataSetNode",
+    "RangePartitionNode", "UserDefinedPartitionNode", "LoadPartitionedDataSetNode", "RepeatPartitionNode",
     "udf", "UDFType", "UDFStructType", "UDFListType", "UDFMapType", "UDFAnyParameters", "UserDefinedFunction",
     "RuntimeContext", "SqlError", "TaskFailed", "InjectedFault",
 ]

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from openinfra.smallpond import storage
 from openinfra.smallpond.dataset import DataSet, new_connection
 from openinfra.smallpond.task import (
-    SqlError, Task, TaskFailed, dataset_from_manifest, describe_error, execute_task, load_checkpoint, resolve_virtual,
+    INJECTED_EXIT_CODE, SqlError, Task, TaskFailed, dataset_from_manifest, describe_error, execute_task, load_checkpoint, resolve_virtual,
 )
 
 __all__ = ["LocalExecutor", "RayExecutor", "Scheduler", "JobStats"]
@@ -137,6 +137,8 @@ class LocalExecutor:
                 worker.proc.join(5)
                 code = worker.proc.exitcode
                 why = f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+                if code == INJECTED_EXIT_CODE:
+                    why += ": an injected worker death (fault_inject_prob)"
                 status, payload = "err", {"type": "WorkerDied", "message": f"worker process {worker.proc.pid} died ({why})",
                                           "traceback": "", "retryable": True}
                 conn.close()

@@ -140,6 +140,22 @@ class Node:
     def num_partitions(self) -> int:
         return self.input_deps[0].num_partitions if self.input_deps else 1
 
+    @property
+    def partition_dims(self) -> list[tuple[str, int]]:
+        """The partition dimensions of the output, outermost first: ``[(dimension, npartitions), ...]``.
+
+        Partition index ``i`` of the output is the mixed-radix number of the per-dimension indices
+        (the last dimension varies fastest). A flat (non-nested) partitioning has one dimension.
+        """
+        return self.input_deps[0].partition_dims if self.input_deps else []
+
+
+def _product(dims: list[tuple[str, int]]) -> int:
+    out = 1
+    for _, n in dims:
+        out *= n
+    return out
+
 
 class DataSourceNode(Node):
     """An input of the plan: one partition holding a dataset (files or an in-memory table)."""
@@ -159,6 +175,10 @@ class DataSourceNode(Node):
     @property
     def num_partitions(self) -> int:
         return 1
+
+    @property
+    def partition_dims(self) -> list[tuple[str, int]]:
+        return []
 
 
 DataSinkType = Literal["link", "copy", "link_or_copy", "manifest"]
@@ -185,6 +205,10 @@ class DataSinkNode(Node):
     @property
     def num_partitions(self) -> int:
         return 1
+
+    @property
+    def partition_dims(self) -> list[tuple[str, int]]:
+        return []
 
 
 class _UserCodeNode(Node):
@@ -380,18 +404,44 @@ class RootNode(Node):
     def num_partitions(self) -> int:
         return 1
 
+    @property
+    def partition_dims(self) -> list[tuple[str, int]]:
+        return []
+
 
 class ConsolidateNode(Node):
-    """Merge all partitions of the input into one (no data is moved: file lists are concatenated)."""
+    """Merge partitions into larger ones without moving data (file lists are concatenated).
 
-    def __init__(self, ctx: Context, input_dep: Node, dimensions: list[str] | None = None) -> None:
-        if dimensions:
-            raise ValueError(f"ConsolidateNode: nested partition dimensions are not supported, got {dimensions!r}; pass []")
+    Partitions are grouped by their indices in ``dimensions`` (the other dimensions are merged
+    away): ``[]`` merges everything into one partition; on an ``A x B`` nested partitioning,
+    ``["A"]`` gives the ``A`` partitions, each the union of its ``B`` sub-partitions.
+    """
+
+    def __init__(self, ctx: Context, input_dep: Node, dimensions: Iterable[str] | None = None) -> None:
+        if dimensions is None:
+            dimensions = []
+        if isinstance(dimensions, str) or not isinstance(dimensions, Iterable):
+            raise TypeError(f"dimensions must be a list of dimension names, got {dimensions!r}")
+        dimensions = list(dimensions)
+        if not all(isinstance(d, str) for d in dimensions):
+            raise TypeError(f"dimensions must be strings, got {dimensions!r}")
         super().__init__(ctx, (input_dep,))
+        known = [d for d, _ in input_dep.partition_dims]
+        unknown = [d for d in dimensions if d not in known]
+        if unknown:
+            raise ValueError(f"ConsolidateNode: unknown partition dimension(s) {unknown}; the input has {known}")
+        self.dimensions = dimensions
+
+    def detail(self) -> str:
+        return f"dimensions={self.dimensions}" if self.dimensions else ""
+
+    @property
+    def partition_dims(self) -> list[tuple[str, int]]:
+        return [(d, n) for d, n in self.input_deps[0].partition_dims if d in self.dimensions]
 
     @property
     def num_partitions(self) -> int:
-        return 1
+        return _product(self.partition_dims)
 
 
 class PartitionNode(Node):
@@ -401,15 +451,26 @@ class PartitionNode(Node):
                  nested: bool = False, output_name=None, output_path=None, cpu_limit: int = 1, memory_limit=None) -> None:
         if isinstance(npartitions, bool) or not isinstance(npartitions, int) or npartitions < 1:
             raise ValueError(f"npartitions must be a positive int, got {npartitions!r}")
-        if nested:
-            raise ValueError("nested partitioning is not supported; partition the flat dataset instead")
+        if dimension is not None and (not isinstance(dimension, str) or not dimension):
+            raise ValueError(f"dimension must be a non-empty string, got {dimension!r}")
         super().__init__(ctx, input_deps, output_name, output_path, cpu_limit, 0, memory_limit)
         self.npartitions = npartitions
-        self.dimension = dimension
+        #: the name of this partitioning, for ``ConsolidateNode(dimensions=...)`` and ``{dimension}`` in SQL
+        self.dimension = dimension if dimension is not None else f"{type(self).__name__}-{self.id}"
+        self.nested = bool(nested)
+        if self.nested:
+            outer = [d for d, _ in (self.input_deps[0].partition_dims if self.input_deps else [])]
+            if self.dimension in outer:
+                raise ValueError(f"nested partitioning: dimension {self.dimension!r} is already used by the input ({outer})")
+
+    @property
+    def partition_dims(self) -> list[tuple[str, int]]:
+        outer = self.input_deps[0].partition_dims if self.nested and self.input_deps else []
+        return list(outer) + [(self.dimension, self.npartitions)]
 
     @property
     def num_partitions(self) -> int:
-        return self.npartitions
+        return _product(self.partition_dims)
 
 
 class EvenlyDistributedPartitionNode(PartitionNode):
@@ -464,7 +525,8 @@ class HashPartitionNode(PartitionNode):
             raise ValueError("HashPartitionNode needs hash_columns (or random_shuffle=True / shuffle_only=True)")
         if engine_type not in (None, "duckdb", "arrow"):
             raise ValueError(f"engine_type must be 'duckdb' or 'arrow', got {engine_type!r}")
-        super().__init__(ctx, input_deps, npartitions, dimension, nested, output_name, output_path, cpu_limit or 1, memory_limit)
+        super().__init__(ctx, input_deps, npartitions, dimension or data_partition_column or DATA_PARTITION_COLUMN_NAME,
+                         nested, output_name, output_path, cpu_limit or 1, memory_limit)
         self.hash_columns = list(hash_columns or [])
         self.data_partition_column = data_partition_column or DATA_PARTITION_COLUMN_NAME
         self.random_shuffle = random_shuffle
@@ -535,6 +597,10 @@ class LimitNode(SqlEngineNode):
     @property
     def num_partitions(self) -> int:
         return 1
+
+    @property
+    def partition_dims(self) -> list[tuple[str, int]]:
+        return []
 
 
 class LogicalPlan:

@@ -4,6 +4,7 @@
 |---|---|---|
 | ``RangePartitionNode`` | ``split_points`` on a column: partition i holds ``split_points[i-1] <= key < split_points[i]`` | a shuffle, like ``HashPartitionNode`` |
 | ``UserDefinedPartitionNode`` | your ``partition(runtime_ctx, dataset) -> [DataSet] * npartitions`` | virtual (file lists), per input partition |
+| ``RepeatPartitionNode`` | every sub-partition k of input partition i is all of partition i (always nested) | virtual |
 | ``LoadPartitionedDataSetNode`` | the partition key stored in each parquet file (a column with one value, or a hive ``col=K`` directory) | virtual (file lists) |
 
 The last two move no data: they regroup files, so they are as cheap as the file listing.
@@ -24,7 +25,7 @@ from openinfra.smallpond.node import (
     Context, HashPartitionNode, Node, PartitionNode, callable_fingerprint,
 )
 
-__all__ = ["RangePartitionNode", "UserDefinedPartitionNode", "LoadPartitionedDataSetNode", "sql_literal",
+__all__ = ["RangePartitionNode", "UserDefinedPartitionNode", "LoadPartitionedDataSetNode", "RepeatPartitionNode", "sql_literal",
            "read_partition_key"]
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9_]+$")
@@ -155,6 +156,26 @@ class LoadPartitionedDataSetNode(PartitionNode):
     def detail(self) -> str:
         return (f"npartitions={self.npartitions}, data_partition_column={self.data_partition_column}, "
                 f"hive_partitioning={self.hive_partitioning}")
+
+
+class RepeatPartitionNode(PartitionNode):
+    """A new, nested dimension made by repeating each input partition ``npartitions`` times.
+
+    Output partition ``i * npartitions + k`` is all of input partition i, for k in
+    ``range(npartitions)``; SQL sees k as ``{dimension}``. Use it to pair every partition of one
+    input with every partition of another (a partitioned cross join) without copying data.
+    """
+
+    def __init__(self, ctx: Context, input_deps: tuple[Node, ...], npartitions: int, dimension: str,
+                 cpu_limit: int = 1, memory_limit: int | None = None) -> None:
+        if not isinstance(dimension, str) or not dimension:
+            raise ValueError(f"RepeatPartitionNode needs a dimension name, got {dimension!r}")
+        super().__init__(ctx, input_deps, npartitions, dimension, nested=True, cpu_limit=cpu_limit, memory_limit=memory_limit)
+        if not self.input_deps:
+            raise ValueError("RepeatPartitionNode needs an input")
+
+    def detail(self) -> str:
+        return f"npartitions={self.npartitions}, dimension={self.dimension}"
 
 
 def _parse_key(value: Any, path: str) -> int:

@@ -23,7 +23,7 @@ from openinfra.smallpond.node import (
     EvenlyDistributedPartitionNode, HashPartitionNode, LimitNode, Node, PandasBatchNode, PandasComputeNode,
     ProjectionNode, PythonScriptNode, RootNode, SqlEngineNode, UnionNode,
 )
-from openinfra.smallpond.partition import LoadPartitionedDataSetNode, UserDefinedPartitionNode
+from openinfra.smallpond.partition import LoadPartitionedDataSetNode, RepeatPartitionNode, UserDefinedPartitionNode
 from openinfra.smallpond.task import Task
 
 __all__ = ["Planner", "all_tasks"]
@@ -49,7 +49,7 @@ class Planner:
         """Content hash of a node: its kind, parameters, user code, and its inputs' fingerprints."""
         if id(node) not in self._fp:
             h = hashlib.blake2b(digest_size=8)
-            h.update(f"{type(node).__qualname__}|{node.num_partitions}|{node.spec()}".encode())
+            h.update(f"{type(node).__qualname__}|{node.num_partitions}|{node.partition_dims}|{node.spec()}".encode())
             for dep in node.input_deps:
                 h.update(self.fingerprint(dep).encode())
             self._fp[id(node)] = h.hexdigest()
@@ -61,12 +61,43 @@ class Planner:
         return self._tasks[id(node)]
 
     def _task(self, kind: str, node: Node, deps: list[Task], partition: int = 0, npartitions: int = 1,
-              tag: str = "", **params) -> Task:
+              tag: str = "", dims: tuple | None = None, **params) -> Task:
+        """One task; ``dims`` (``((dimension, index, n), ...)``) defaults to its first input's."""
         slim = copy.copy(node)
         slim.input_deps = ()
         key = f"{kind}{tag}-{self.fingerprint(node)}-{partition:05d}"
         label = f"{node!r}[{partition}/{npartitions}]" + (f" ({tag.strip('_')})" if tag else "")
-        return Task(kind, key, slim, deps, partition, npartitions, params, label)
+        if dims is None:
+            dims = deps[0].dims if deps else ()
+        return Task(kind, key, slim, deps, partition, npartitions, params, label, tuple(dims))
+
+    def _one_producer_each(self, kind: str, node: Node, deps: list[Task], i: int | None) -> list[Task]:
+        """A producer per input task; keys numbered uniquely across inputs (and input partitions)."""
+        base = 0 if i is None else i * len(deps)
+        return [self._task(kind, node, [t], base + j, len(deps)) for j, t in enumerate(deps)]
+
+    def _partitioned(self, node, inputs: list[list[Task]], make_producers, consumer_kind: str, **params) -> list[Task]:
+        """Producers and consumers of a partition node, flat or nested.
+
+        ``make_producers(deps, i)`` gets the input tasks and the input partition (``None`` when flat).
+        Flat: ``make_producers(all input tasks, None)`` and consumer k collects every producer's part k.
+        Nested: each input partition i is partitioned on its own; output partition ``i * n + k``
+        collects part k of input i's producers and keeps input i's dimensions.
+        """
+        n = node.npartitions
+        flat = [t for ts in inputs for t in ts]
+        if not node.nested:
+            producers = make_producers(flat, None)
+            return [self._task(consumer_kind, node, producers, k, n, dims=((node.dimension, k, n),), part=k, nparts=n, **params)
+                    for k in range(n)]
+        total = node.num_partitions
+        out = []
+        for i, t in enumerate(inputs[0]):
+            producers = make_producers([ts[i] for ts in inputs], i)
+            for k in range(n):
+                out.append(self._task(consumer_kind, node, producers, i * n + k, total,
+                                      dims=t.dims + ((node.dimension, k, n),), part=k, nparts=n, **params))
+        return out
 
     def _make(self, node: Node) -> list[Task]:
         inputs = [self.visit(d) for d in node.input_deps]
@@ -77,28 +108,41 @@ class Planner:
             return [self._task(kind, node, [], dataset=node.dataset)]
         if isinstance(node, DataSinkNode):
             return [self._task("sink", node, flat)]
-        if isinstance(node, (RootNode, ConsolidateNode)):
-            return [self._task("consolidate", node, flat)]
+        if isinstance(node, RootNode):
+            return [self._task("consolidate", node, flat, dims=())]
+        if isinstance(node, ConsolidateNode):
+            groups: dict[tuple, list[Task]] = {}
+            for t in flat:  # group by the kept dimensions' indices, in order of first appearance
+                groups.setdefault(tuple(d for d in t.dims if d[0] in node.dimensions), []).append(t)
+            return [self._task("consolidate", node, ts, i, len(groups), dims=g) for i, (g, ts) in enumerate(groups.items())]
         if isinstance(node, UnionNode):
             return [self._task("union", node, [ts[i] for ts in inputs], i, n) for i in range(n)]
         if isinstance(node, ProjectionNode):
             return [self._task("projection", node, [t], i, n) for i, t in enumerate(inputs[0])]
         if isinstance(node, EvenlyDistributedPartitionNode):
-            if node.partition_by_rows and n > 1:
-                return [self._task("split_rows", node, flat, i, n) for i in range(n)]
-            return [self._task("split_files", node, flat, i, n, random_shuffle=node.random_shuffle,
-                               seed=int(self.fingerprint(node)[:8], 16)) for i in range(n)]
+            # the "producer" is the input itself: splitting tasks read their share of it directly
+            if node.partition_by_rows and node.npartitions > 1:
+                return self._partitioned(node, inputs, lambda deps, i: deps, "split_rows")
+            return self._partitioned(node, inputs, lambda deps, i: deps, "split_files", random_shuffle=node.random_shuffle,
+                                     seed=int(self.fingerprint(node)[:8], 16))
+        if isinstance(node, RepeatPartitionNode):  # each sub-partition is its input partition, as is
+            return self._partitioned(node, inputs, lambda deps, i: deps, "union")
         if isinstance(node, (UserDefinedPartitionNode, LoadPartitionedDataSetNode)):
             kind = "user_partition" if isinstance(node, UserDefinedPartitionNode) else "load_partitioned"
-            producers = [self._task(kind, node, [t], i, len(flat)) for i, t in enumerate(flat)]
-            return [self._task("partition_consumer", node, producers, k, n) for k in range(n)]
+            return self._partitioned(node, inputs, lambda deps, i: self._one_producer_each(kind, node, deps, i),
+                                     "partition_consumer")
         if isinstance(node, HashPartitionNode):
             if getattr(node, "pre_sql", None) is not None:  # a fused SQL step: co-partitioned inputs, like SQL
                 count = len(inputs[0]) if inputs else 1
-                producers = [self._task("hash_partition", node, [ts[i] for ts in inputs], i, count) for i in range(count)]
+
+                def producers_of(deps, i):
+                    if i is not None:  # nested: deps holds partition i of every input; one producer over them
+                        return [self._task("hash_partition", node, list(deps), i, count)]
+                    return [self._task("hash_partition", node, [ts[j] for ts in inputs], j, count) for j in range(count)]
             else:
-                producers = [self._task("hash_partition", node, [t], i, len(flat)) for i, t in enumerate(flat)]
-            return [self._task("shuffle_consumer", node, producers, k, n) for k in range(n)]
+                def producers_of(deps, i):
+                    return self._one_producer_each("hash_partition", node, deps, i)
+            return self._partitioned(node, inputs, producers_of, "shuffle_consumer")
         if isinstance(node, LimitNode):
             if not flat:  # it absorbed an input-less query (partial_sql("select ... from range(n)"))
                 return [self._task("sql", node, [], 0, 1)]

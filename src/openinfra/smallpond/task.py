@@ -36,6 +36,8 @@ from openinfra.smallpond.dataset import (
 __all__ = ["Task", "RuntimeContext", "TaskFailed", "InjectedFault", "SqlError", "execute_task", "MANIFEST"]
 
 MANIFEST = "_manifest.json"
+#: the exit code of a worker that fault injection killed (so the driver can say so)
+INJECTED_EXIT_CODE = 17
 _PLACEHOLDER = re.compile(r"\{(\d+)\}")
 
 
@@ -89,6 +91,18 @@ class Task:
     npartitions: int = 1
     params: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+    #: the partition in every dimension: ``((dimension, index, npartitions), ...)``, outermost first
+    dims: tuple = ()
+
+    @property
+    def part(self) -> int:
+        """The index this task takes in its node's own partitioning (``partition`` unless nested)."""
+        return self.params.get("part", self.partition)
+
+    @property
+    def nparts(self) -> int:
+        """The node's own partition count (``npartitions`` unless nested)."""
+        return self.params.get("nparts", self.npartitions)
 
     @property
     def virtual(self) -> bool:
@@ -156,7 +170,7 @@ def resolve_virtual(task: Task, inputs: list[DataSet], job_id: str = "", threads
         from openinfra.smallpond.partition import empty_like
 
         schema = next((ds.schema for ds in inputs if ds.schema is not None), None)
-        return merge_datasets([empty_like(ds.datasets[task.partition], schema) for ds in inputs])
+        return merge_datasets([empty_like(ds.datasets[task.part], schema) for ds in inputs])
     if k == "source":
         ds = task.params["dataset"]
         if isinstance(ds, FileSet):
@@ -181,7 +195,7 @@ def resolve_virtual(task: Task, inputs: list[DataSet], job_id: str = "", threads
         files = list(merged.resolved_paths)
         if task.params.get("random_shuffle"):
             random.Random(task.params.get("seed", 0)).shuffle(files)
-        n, i = task.npartitions, task.partition
+        n, i = task.nparts, task.part
         mine = files[i * len(files) // n:(i + 1) * len(files) // n]
         out = copy.copy(merged)
         out._resolved = mine
@@ -190,7 +204,7 @@ def resolve_virtual(task: Task, inputs: list[DataSet], job_id: str = "", threads
             out.schema = _probe_schema(merged) if files else None
         return out
     if k == "shuffle_consumer":
-        part = task.partition
+        part = task.part
         files = [p for ds in inputs for p in ds.parts.get(part, [])]
         schema = next((ds.schema for ds in inputs if ds.schema is not None), None)
         return ParquetDataSet(files, schema=schema, resolved=True)
@@ -250,6 +264,8 @@ class _Out:
 
 def _format_query(query: str, sources: list[str], rt: RuntimeContext, index: int) -> str:
     query = _PLACEHOLDER.sub(lambda m: sources[int(m.group(1))], query)
+    for dim, idx, _ in rt.task.dims:  # ``{dimension}``: the partition's index in that dimension
+        query = query.replace("{" + dim + "}", str(idx))
     return (query.replace("{__data_partition__}", str(rt.partition)).replace("{rand_seed}", str(rt.random_seed))
             .replace("{query_index}", str(index)).replace("{batch_index}", "0"))
 
@@ -419,7 +435,7 @@ def _quote(name: str) -> str:
 def _split_rows(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext) -> None:
     merged = merge_datasets(inputs)
     total = merged.num_rows
-    n, i = task.npartitions, task.partition
+    n, i = task.nparts, task.part
     start, end = i * total // n, (i + 1) * total // n
     con = new_connection(rt.threads)
     try:
@@ -589,7 +605,7 @@ def execute_task(task: Task, inputs: list[DataSet], attempt: int, job_root: str,
         raise InjectedFault(f"injected fault after writing {task.label}, before commit (attempt {attempt})")
     if fault and mode == 2:
         if allow_exit:
-            os._exit(17)
+            os._exit(INJECTED_EXIT_CODE)
         raise InjectedFault(f"injected worker death in {task.label} (attempt {attempt})")
     if storage.exists(final_dir):  # someone (an earlier, presumed-dead attempt) committed first
         storage.remove(tmp_dir)
