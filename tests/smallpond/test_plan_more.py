@@ -289,3 +289,38 @@ def test_load_partitioned_errors(tmp_path):
     parts = LoadPartitionedDataSetNode(ctx, (DataSourceNode(ctx, ParquetDataSet([str(mixed)])),), 2, dimension="nope")
     with pytest.raises(ValueError, match="no column 'nope'"):
         _run(tmp_path, ctx, SqlEngineNode(ctx, (parts,), "select * from {0}"))
+
+
+def test_reload_a_hash_partitioned_output_by_its_stored_keys(tmp_path):
+    # smallpond's test_load_partitioned_datasets: write a hash partitioning, then regroup its files
+    # with DataSetPartitionNode(data_partition_column=...) without moving rows
+    from openinfra.smallpond import DataSetPartitionNode
+
+    ctx = Context()
+    hashed = HashPartitionNode(ctx, (DataSourceNode(ctx, ParquetDataSet(_inputs(tmp_path))),), 4, ["id"])
+    first = _run(tmp_path, ctx, SqlEngineNode(ctx, (hashed,), "select * from {0}"), "hashed")
+    expect = sorted(zip(first.column("id").to_pylist(), first.column("__data_partition__").to_pylist()))
+    ctx = Context()
+    src = DataSourceNode(ctx, ParquetDataSet([str(tmp_path / "hashed" / "*.parquet")]))
+    parts = DataSetPartitionNode(ctx, (src,), 4, data_partition_column="__data_partition__")
+    assert isinstance(parts, LoadPartitionedDataSetNode)
+    got = _run(tmp_path, ctx, SqlEngineNode(ctx, (parts,), "select id, {__data_partition__} as p from {0}"), "again")
+    assert sorted(zip(got.column("id").to_pylist(), got.column("p").to_pylist())) == expect
+
+
+def test_udf_module_paths(tmp_path):
+    # smallpond's udf_module_paths: a Python file whose create_duckdb_udfs(conn) registers functions
+    module = tmp_path / "my_udfs.py"
+    module.write_text("import duckdb\n\n"
+                      "def create_duckdb_udfs(conn):\n"
+                      "    conn.create_function('plus_k', lambda x: x + 1000, [duckdb.sqltype('BIGINT')], duckdb.sqltype('BIGINT'))\n")
+    ctx = Context()
+    src = DataSourceNode(ctx, ParquetDataSet(_inputs(tmp_path)))
+    node = SqlEngineNode(ctx, (src,), "select plus_k(id) as v from {0}", udf_module_paths=[str(module)])
+    got = _run(tmp_path, ctx, node)
+    assert sorted(got.column("v").to_pylist()) == [i + 1000 for i in range(120)]
+    with pytest.raises(FileNotFoundError, match="udf module not found"):
+        SqlEngineNode(ctx, (src,), "select 1", udf_module_paths=[str(tmp_path / "missing.py")])
+    spec_before = node.spec()
+    module.write_text(module.read_text().replace("1000", "2000"))
+    assert node.spec() != spec_before  # an edited module reruns the tasks that use it

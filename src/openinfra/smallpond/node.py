@@ -58,6 +58,15 @@ def callable_fingerprint(fn: Any) -> str:
     return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
 
 
+def _file_digest(path: str) -> str:
+    """Content hash of a UDF module or extension file (a changed file reruns the tasks using it)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.blake2b(f.read(), digest_size=8).hexdigest()
+    except OSError:
+        return "?"
+
+
 def _code_text(code) -> str:
     consts = [(_code_text(c) if inspect.iscode(c) else repr(c)) for c in code.co_consts]
     return f"{code.co_code.hex()}|{consts}|{code.co_names}"
@@ -86,6 +95,16 @@ class Context:
         if not callable(func):
             raise TypeError(f"udf {name!r}: func must be callable")
         self.udfs[name] = ("function", func, params, return_type, use_arrow_type)
+        return name
+
+    def create_external_module(self, module_path: str, name: str | None = None) -> str:
+        """Register a Python file defining ``create_duckdb_udfs(conn)``; SQL nodes call it on their connection."""
+        if not isinstance(module_path, str) or not module_path.endswith(".py"):
+            raise ValueError(f"module_path must be a .py file, got {module_path!r}")
+        if not os.path.isfile(module_path):
+            raise FileNotFoundError(f"udf module not found: {module_path}")
+        name = name or os.path.basename(module_path)
+        self.udfs[name] = ("module", os.path.abspath(module_path))
         return name
 
     def create_duckdb_extension(self, extension_path: str, name: str | None = None) -> str:
@@ -320,8 +339,10 @@ def _check_partitions(node: Node) -> None:
 class SqlEngineNode(Node):
     """Run DuckDB SQL on each partition; ``{0}``, ``{1}``... name the inputs' partitions.
 
-    Other placeholders: ``{__data_partition__}`` (partition index), ``{rand_seed}``, ``{query_index}``,
-    ``{batch_index}``. With several queries, all run and the last one's result is the output.
+    Other placeholders: ``{__data_partition__}`` (partition index), ``{<dimension>}`` (the partition's
+    index in that partition dimension, e.g. ``{A}`` after ``HashPartitionNode(..., dimension="A")``;
+    a HashPartitionNode's default dimension is ``__data_partition__``), ``{rand_seed}``,
+    ``{query_index}``, ``{batch_index}``. With several queries, all run and the last one's result is the output.
     Output files are LZ4-compressed parquet by default (smallpond used ZSTD, which costs ~3x the
     CPU of LZ4 when writing); pass ``parquet_compression="ZSTD"`` for smaller files.
     """
@@ -353,6 +374,8 @@ class SqlEngineNode(Node):
         self.udfs: list[str] = []
         for path in extension_paths or []:
             self.udfs.append(ctx.create_duckdb_extension(path))
+        for path in udf_module_paths or []:
+            self.udfs.append(ctx.create_external_module(path))
         for udf in udfs or []:
             if isinstance(udf, UserDefinedFunction):  # @udf: carries its own name and DuckDB signature
                 self.udfs.append(ctx.create_function(udf.name, udf.func, udf.params, udf.return_type, udf.use_arrow_type))
@@ -379,7 +402,7 @@ class SqlEngineNode(Node):
         return f"sql={q[:160]}{'...' if len(q) > 160 else ''}" + (f", udfs={self.udfs}" if self.udfs else "")
 
     def spec(self) -> str:
-        udfs = [(n, callable_fingerprint(e[1]), repr(e[2:])) if e[0] == "function" else (n, e[1])
+        udfs = [(n, callable_fingerprint(e[1]), repr(e[2:])) if e[0] == "function" else (n, e[1], _file_digest(e[1]))
                 for n, e in ((n, self.ctx.udfs[n]) for n in self.udfs)]
         return f"sql|{self.views}|{self.sql_queries}|{udfs}|{self.parquet_compression}|{self.parquet_row_group_size}"
 
@@ -489,11 +512,19 @@ class EvenlyDistributedPartitionNode(PartitionNode):
 
 def DataSetPartitionNode(ctx: Context, input_deps: tuple[Node, ...], npartitions: int, *, partition_by_rows=False,
                          random_shuffle=False, data_partition_column=None) -> Node:
-    """Evenly partition the inputs' files or rows into ``npartitions`` (smallpond's factory function)."""
+    """Evenly partition the inputs' files or rows into ``npartitions`` (smallpond's factory function).
+
+    With ``data_partition_column``, files are grouped by the partition key stored in that column
+    instead (a ``LoadPartitionedDataSetNode``: each file must hold one key).
+    """
     if data_partition_column is not None:
         if partition_by_rows:
             raise ValueError("partition_by_rows and data_partition_column cannot be set together")
-        return ShuffleNode(ctx, input_deps, npartitions, data_partition_column)
+        # files that already carry their partition key (e.g. a HashPartitionNode's output): regroup them
+        from openinfra.smallpond.partition import LoadPartitionedDataSetNode
+
+        return LoadPartitionedDataSetNode(ctx, input_deps, npartitions, dimension=data_partition_column,
+                                          data_partition_column=data_partition_column)
     node = EvenlyDistributedPartitionNode(ctx, input_deps, npartitions, partition_by_rows=partition_by_rows,
                                           random_shuffle=random_shuffle)
     return ConsolidateNode(ctx, node, []) if npartitions == 1 else node

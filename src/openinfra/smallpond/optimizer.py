@@ -19,7 +19,9 @@ from openinfra.smallpond.node import HashPartitionNode, LimitNode, LogicalPlan, 
 __all__ = ["Optimizer", "optimize"]
 
 _PLACEHOLDER = re.compile(r"\{(\d+)\}")
-_NAMED = re.compile(r"\{(__data_partition__|rand_seed|query_index|batch_index)\}")
+# named placeholders ({__data_partition__}, {rand_seed}, {<dimension>}, ...) take per-task values:
+# a query holding one is kept as its own node rather than moved into another node's tasks
+_NAMED = re.compile(r"\{[^{}\d][^{}]*\}")
 
 
 def _fusable(node: Node) -> bool:

@@ -8,7 +8,14 @@
 | HashPartitionNode / ShuffleNode | one producer per input partition writing a file per output partition; then one virtual consumer per output partition collecting its files |
 | EvenlyDistributedPartitionNode | by files: virtual slices of the file list; by rows: one task per output partition |
 | LimitNode | a limit per partition, then one task merging and limiting again |
-| UnionNode, ConsolidateNode, ProjectionNode, RootNode | virtual (file lists only) |
+| RangePartitionNode | like HashPartitionNode, the partition from ranges of a column |
+| UserDefinedPartitionNode, LoadPartitionedDataSetNode | a virtual producer per input partition regrouping its files; a virtual consumer per output partition |
+| RepeatPartitionNode | virtual: each sub-partition is its input partition |
+| UnionNode, ConsolidateNode, ProjectionNode, RootNode | virtual (file lists only); ConsolidateNode groups by the kept dimensions |
+
+A partition node with ``nested=True`` partitions each input partition on its own: input partition
+i and sub-partition k give output partition ``i * npartitions + k``, and every task carries its
+index in each dimension (``Task.dims``) for ``ConsolidateNode(dimensions=...)`` and ``{dimension}``.
 | DataSinkNode | one task linking or copying every input file under the output path |
 """
 

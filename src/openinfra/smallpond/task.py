@@ -282,6 +282,15 @@ def _setup_udfs(con, node) -> None:
             kwargs = {"type": "arrow"} if use_arrow else {}
             ret = ret.to_duckdb_type() if hasattr(ret, "to_duckdb_type") else ret
             con.create_function(name, func, to_duckdb_params(params), ret, **kwargs)
+        elif entry[0] == "module":  # smallpond's udf_module_paths: the module registers its own UDFs
+            import importlib.util
+
+            spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(entry[1]))[0], entry[1])
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            if not hasattr(module, "create_duckdb_udfs"):
+                raise TypeError(f"udf module {entry[1]} defines no create_duckdb_udfs(conn)")
+            module.create_duckdb_udfs(con)
         else:
             con.execute(f"LOAD '{entry[1]}'")
 
