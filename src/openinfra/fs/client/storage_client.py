@@ -25,6 +25,7 @@ from openinfra.fs.storage.service import MgmtdLink
 __all__ = ["RoutingCache", "StorageClient", "chunk_chain", "retrying"]
 
 log = logging.getLogger("openinfra.fs.client")
+BATCH_READ_BYTES = 16 << 20  # the most bytes one batch_read request asks for
 T = TypeVar("T")
 
 
@@ -184,7 +185,22 @@ class StorageClient:
                 elif one["code"] not in RETRIABLE_CODES:
                     raise make_error(one["code"], one["message"])
 
-        await asyncio.gather(*(node_batch(a, idxs) for a, idxs in groups.items()))
+        # Split each node's reads into requests of at most BATCH_READ_BYTES reply bytes and 4096
+        # reads (the server's limit), so a reply stays far below the RPC frame limit.
+        batches: list[tuple[str, list[int]]] = []
+        for addr, idxs in groups.items():
+            cur: list[int] = []
+            size = 0
+            for i in idxs:
+                layout, _, _, offset, length = reads[i]
+                n = layout["chunk_size"] - offset if length < 0 else min(length, layout["chunk_size"] - offset)
+                if cur and (size + n > BATCH_READ_BYTES or len(cur) >= 4096):
+                    batches.append((addr, cur))
+                    cur, size = [], 0
+                cur.append(i)
+                size += max(0, n)
+            batches.append((addr, cur))
+        await asyncio.gather(*(node_batch(a, idxs) for a, idxs in batches))
         missing = [i for i, v in enumerate(out) if v is None]
         if missing:
             again = await asyncio.gather(*(self.read_chunk(*reads[i]) for i in missing))

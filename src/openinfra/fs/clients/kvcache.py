@@ -106,6 +106,16 @@ def _as_bytes_tensor(raw: bytes, start: int, n: int) -> torch.Tensor:
         return torch.frombuffer(memoryview(raw)[start:start + n], dtype=torch.uint8)
 
 
+def _fill_from(out: torch.Tensor, raw: bytes, start: int, n: int) -> None:
+    """Copy ``raw[start:start + n]`` into contiguous ``out`` (``n`` bytes). A CPU tensor is filled
+    through a memoryview (one memcpy); ``Tensor.copy_`` of a 64 KiB block measured 1.4 ms here
+    (its intra-op thread pool wakes up for every copy on a busy 2-core box) against 18 us."""
+    if out.device.type == "cpu":
+        memoryview(_payload_view(out.detach()).numpy())[:] = memoryview(raw)[start:start + n]
+    else:
+        _payload_view(out).copy_(_as_bytes_tensor(raw, start, n))
+
+
 def _check_tensor(t: object, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -240,8 +250,38 @@ class KVCache:
             return h, raw
         return None
 
-    async def _get_into_one(self, key: bytes, out: torch.Tensor, name: str) -> bool:
-        got = await self._read_block(_digest(key))
+    async def _prefetch(self, keys: Sequence[bytes]) -> dict[str, tuple[dict, bytes]]:
+        """Blocks of a batch whose location is cached and that fit in one chunk, read with one
+        ``batch_read`` request per storage node instead of one request per block. Returns the
+        blocks whose header checks out; the others (deleted or replaced since, not cached) take
+        the one-by-one path, which asks meta."""
+        todo = []
+        for d in dict.fromkeys(_digest(k) for k in keys):
+            node = self._where.get(d)
+            if node is not None and node["length"] <= node["layout"]["chunk_size"]:
+                todo.append((d, node))
+        if len(todo) < 2:
+            return {}
+        raws = await self._aio.storage.read_chunks([(n["layout"], n["id"], 0, 0, n["length"]) for _, n in todo])
+        out = {}
+        for (d, _), raw in zip(todo, raws):
+            h = _parse_header(raw, d)
+            if h is not None:
+                out[d] = (h, raw)
+        return out
+
+    async def _get_into_many(self, keys: Sequence[bytes], outs: list[torch.Tensor]) -> list[bool]:
+        pre = await self._prefetch(keys)
+        return await self._gather(self._get_into_one(k, t, f"outs[{i}]", pre) for i, (k, t) in enumerate(zip(keys, outs)))
+
+    async def _get_many(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
+        pre = await self._prefetch(keys)
+        return await self._gather(self._get_one(k, pre) for k in keys)
+
+    async def _get_into_one(self, key: bytes, out: torch.Tensor, name: str, pre: dict | None = None) -> bool:
+        digest = _digest(key)
+        got = pre.get(digest) if pre else None
+        got = got or await self._read_block(digest)
         if got is None:
             return False
         h, raw = got
@@ -250,7 +290,7 @@ class KVCache:
             raise ValueError(f"{name}: block holds {h['n']} bytes ({h['d']} {tuple(h['s'])}), "
                              f"the tensor has {want} bytes ({out.dtype} {tuple(out.shape)})")
         if want:
-            _payload_view(out).copy_(_as_bytes_tensor(raw, HEADER_BYTES, want))
+            _fill_from(out, raw, HEADER_BYTES, want)
         return True
 
     def get_into(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[bool]:
@@ -258,22 +298,23 @@ class KVCache:
         if len(keys) != len(outs):
             raise ValueError(f"outs: expected {len(keys)} tensors (one per key), got {len(outs)}")
         ts = [_check_tensor(o, f"outs[{i}]") for i, o in enumerate(outs)]
-        return self.client._run(self._gather(
-            self._get_into_one(k, t, f"outs[{i}]") for i, (k, t) in enumerate(zip(keys, ts))))
+        return self.client._run(self._get_into_many(keys, ts))
 
-    async def _get_one(self, key: bytes) -> torch.Tensor | None:
-        got = await self._read_block(_digest(key))
+    async def _get_one(self, key: bytes, pre: dict | None = None) -> torch.Tensor | None:
+        digest = _digest(key)
+        got = pre.get(digest) if pre else None
+        got = got or await self._read_block(digest)
         if got is None:
             return None
         h, raw = got
         t = torch.empty(h["s"], dtype=_DTYPES[h["d"]])
         if h["n"]:
-            _payload_view(t).copy_(_as_bytes_tensor(raw, HEADER_BYTES, h["n"]))
+            _fill_from(t, raw, HEADER_BYTES, h["n"])
         return t
 
     def get_batch(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
         """New CPU tensors (dtype and shape as stored), None where a key is missing."""
-        return self.client._run(self._gather(self._get_one(k) for k in keys))
+        return self.client._run(self._get_many(keys))
 
     def get(self, key: bytes) -> torch.Tensor | None:
         return self.get_batch([key])[0]
