@@ -41,6 +41,7 @@ def test_nested_shuffle_gives_the_product_of_dimensions(tmp_path):
     ctx = Context()
     inner = _a_by_b(ctx, _source(tmp_path, ctx))
     assert inner.partition_dims == [("A", 3), ("B", 2)] and inner.num_partitions == 6
+    assert "[6 partition(s) = A:3 x B:2]" in LogicalPlan(ctx, inner).explain_str()
     node = SqlEngineNode(ctx, (inner,), "select id, {A} as a, {B} as b, {__data_partition__} as flat from {0}")
     assert node.num_partitions == 6
     got = _run(tmp_path, ctx, node).to_pydict()

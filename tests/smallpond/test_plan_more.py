@@ -324,3 +324,17 @@ def test_udf_module_paths(tmp_path):
     spec_before = node.spec()
     module.write_text(module.read_text().replace("1000", "2000"))
     assert node.spec() != spec_before  # an edited module reruns the tasks that use it
+
+
+def test_user_partition_exception_names_the_node(tmp_path):
+    ctx = Context()
+    src = DataSourceNode(ctx, ParquetDataSet(_inputs(tmp_path)))
+
+    def broken(runtime_ctx, dataset):
+        raise KeyError("no such host")
+
+    node = UserDefinedPartitionNode(ctx, (src,), 2, partition_func=broken)
+    from openinfra.smallpond import TaskFailed
+
+    with pytest.raises(TaskFailed, match=r"UserDefinedPartitionNode-\d+\[0/1\].*partition\(\) raised KeyError"):
+        _run(tmp_path, ctx, SqlEngineNode(ctx, (node,), "select * from {0}"))

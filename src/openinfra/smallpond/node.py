@@ -666,7 +666,10 @@ class LogicalPlan:
 
         def walk(node: Node, depth: int) -> None:
             detail = node.detail()
-            lines.append(f"{'  ' * depth}{node!r} [{node.num_partitions} partition(s)]{': ' + detail if detail else ''}")
+            dims = node.partition_dims
+            # nested partitionings show their dimensions: "[6 partition(s) = A:3 x B:2]"
+            shape = f" = {' x '.join(f'{d}:{n}' for d, n in dims)}" if len(dims) > 1 or getattr(node, "nested", False) else ""
+            lines.append(f"{'  ' * depth}{node!r} [{node.num_partitions} partition(s){shape}]{': ' + detail if detail else ''}")
             if node.id in seen:
                 lines.append(f"{'  ' * depth}  (shown above)")
                 return

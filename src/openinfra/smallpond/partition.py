@@ -219,7 +219,10 @@ def load_partitioned(dataset: DataSet, npartitions: int, column: str, hive: bool
         raise TypeError(f"{label}: LoadPartitionedDataSetNode needs parquet files as input, got {type(dataset).__name__}")
     groups: list[list[str]] = [[] for _ in range(npartitions)]
     for path in dataset.resolved_paths:
-        key = read_partition_key(path, column, hive)
+        try:
+            key = read_partition_key(path, column, hive)
+        except ValueError as exc:
+            raise ValueError(f"{label}: {exc}") from None
         if key is None:
             continue
         if not 0 <= key < npartitions:

@@ -156,7 +156,11 @@ def resolve_virtual(task: Task, inputs: list[DataSet], job_id: str = "", threads
 
         rt = RuntimeContext(task, job_id, task.partition, task.npartitions, 0, "", threads)
         ds = merge_datasets(inputs)
-        parts = check_user_partitions(task.node.partition(rt, ds), task.node.npartitions, task.label)
+        try:
+            result = task.node.partition(rt, ds)
+        except Exception as exc:  # user code: name the node and partition, keep the cause chained
+            raise TaskFailed(f"task {task.label}: partition() raised {type(exc).__name__}: {exc}") from exc
+        parts = check_user_partitions(result, task.node.npartitions, task.label)
         return PartitionedOutput(parts, _schema_of(ds))
     if k == "load_partitioned":
         from openinfra.smallpond.partition import load_partitioned
