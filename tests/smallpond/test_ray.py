@@ -43,3 +43,29 @@ def test_ray_fault_injection_and_graysort(local_ray, tmp_path):
         graysort.graysort(sp, inputs, str(tmp_path / "out"), npartitions=3)
     check = graysort.validate(str(tmp_path / "out"))
     assert check.ok and (check.records, check.checksum) == graysort.checksum(inputs)
+
+
+def test_ray_runs_nested_range_and_udf_plans(local_ray, tmp_path):
+    # the new plan nodes on Ray: a range shuffle with a nested hash inside, consolidated back, and a typed UDF
+    import pyarrow.parquet as pq
+
+    from openinfra.smallpond import (
+        ConsolidateNode, Context, DataSinkNode, DataSourceNode, Driver, LogicalPlan, ParquetDataSet,
+        RangePartitionNode, ShuffleNode, SqlEngineNode, UDFType, udf,
+    )
+
+    src_file = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": list(range(200))}), src_file)
+    twice = udf([UDFType.BIGINT], UDFType.BIGINT, name="twice")(lambda x: 2 * x)
+    ctx = Context()
+    src = DataSourceNode(ctx, ParquetDataSet([str(src_file)]))
+    ranges = RangePartitionNode(ctx, (src,), [50, 150], "R", column="id")
+    inner = ShuffleNode(ctx, (ranges,), 2, "id % 2", dimension="P", nested=True)
+    back = ConsolidateNode(ctx, inner, ["R"])
+    q = SqlEngineNode(ctx, (back,), "select {R} as r, count(*) as n, sum(twice(id)) as s from {0}", udfs=[twice])
+    driver = Driver()
+    driver.get_arguments(["--data_root", str(tmp_path / "root"), "--executor", "ray"])
+    driver.run(LogicalPlan(ctx, DataSinkNode(ctx, (q,), str(tmp_path / "out"))))
+    got = pq.read_table(tmp_path / "out").sort_by("r").to_pydict()
+    assert got == {"r": [0, 1, 2], "n": [50, 100, 50],
+                   "s": [2 * sum(range(0, 50)), 2 * sum(range(50, 150)), 2 * sum(range(150, 200))]}
