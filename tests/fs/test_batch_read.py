@@ -134,3 +134,93 @@ def test_chunk_store_inline_and_threaded_reads_agree(tmp_path):
             store.close()
 
     asyncio.run(go())
+
+
+def test_read_chunks_splits_requests_by_bytes(cluster, monkeypatch):
+    """A node's reads are cut into batch_read requests of at most BATCH_READ_BYTES, so a big batch
+    never makes a reply over the RPC frame limit; the bytes are the same."""
+    from openinfra.fs.client import storage_client
+
+    with cluster.client() as fs:
+        data, node = _file(fs, "/batch-split.bin", 4 * CHUNK, 21)
+        calls = []
+        real = fs.aio.storage.rpc.call
+
+        async def counting(address, method, args=None, **kw):
+            if method == "batch_read":
+                calls.append(len(args["reads"]))
+            return await real(address, method, args, **kw)
+
+        monkeypatch.setattr(fs.aio.storage.rpc, "call", counting)
+        monkeypatch.setattr(storage_client, "BATCH_READ_BYTES", 3 * 65536)
+        reads = [(node["layout"], node["id"], i % 4, 0, 65536) for i in range(12)]
+        got = fs._run(fs.aio.storage.read_chunks(reads))
+        assert [bytes(g) for g in got] == [data[(i % 4) * CHUNK:(i % 4) * CHUNK + 65536] for i in range(12)]
+        assert sum(calls) == 12 and max(calls) <= 3 and len(calls) >= 4
+
+
+def test_kvcache_batch_get_with_stale_locations(cluster):
+    """get_batch / get_into read cached locations with batch_read; a block deleted or replaced by
+    another client since is read again through meta (never the old bytes)."""
+    import torch
+
+    from openinfra.fs.clients import KVCache
+
+    with cluster.client() as fs:
+        kv = KVCache(client=fs, root="/kv-batch")
+        other = KVCache(client=fs, root="/kv-batch")
+        keys = [b"a", b"b", b"c", b"d"]
+        vals = [torch.arange(1000, dtype=torch.float32) + i for i in range(4)]
+        kv.put_batch(keys, vals)
+        assert all(torch.equal(g, v) for g, v in zip(kv.get_batch(keys), vals))  # locations cached
+        assert other.delete_batch([b"a", b"b"]) == [True, True]
+        fs._run(fs.aio._meta("gc", {}))
+        other.put(b"a", torch.full((1000,), 7.0))
+        got = kv.get_batch(keys)
+        assert torch.equal(got[0], torch.full((1000,), 7.0)) and got[1] is None
+        assert torch.equal(got[2], vals[2]) and torch.equal(got[3], vals[3])
+        outs = [torch.empty(1000) for _ in keys]
+        assert kv.get_into(keys, outs) == [True, False, True, True]
+        assert torch.equal(outs[3], vals[3])
+
+
+def test_chunk_store_row_cache_follows_commits_removes_and_cancellation(tmp_path):
+    """The committed-row cache answers like SQLite after commits and removes, and after a commit
+    whose caller was cancelled while the transaction ran (it may still commit)."""
+    from openinfra.fs.storage.chunk_store import ChunkStore
+
+    def db_row(store, inode, index):
+        return store.db.execute("SELECT inode, idx, ver, len, crc, file FROM chunks WHERE inode = ? AND idx = ?",
+                                (inode, index)).fetchone()
+
+    def cached(store, inode, index):
+        m = store.get(inode, index)
+        return None if m is None or m.version == 0 else (m.inode, m.index, m.version, m.length, m.crc, m.file)
+
+    async def go():
+        store = ChunkStore(tmp_path / "c", fsync=False)
+        try:
+            assert store.get(3, 0) is None  # a cached "no row"
+            await store.prepare(3, 0, 1, "write", 0, b"v1" * 100)
+            await store.commit(3, 0, 1)
+            assert cached(store, 3, 0) == db_row(store, 3, 0) and store.get(3, 0).version == 1
+            assert (await store.read(3, 0, 0, 1 << 20))[0] == b"v1" * 100
+            await store.prepare(3, 0, 2, "write", 0, b"v2" * 100)
+            task = asyncio.ensure_future(store.commit(3, 0, 2))
+            await asyncio.sleep(0)   # queued on the group-commit flusher
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(200):     # the transaction still runs to its end
+                if not store._flushing:
+                    break
+                await asyncio.sleep(0.01)
+            assert cached(store, 3, 0) == db_row(store, 3, 0)
+            assert cached(store, 3, 0)[2] == 2
+            assert await store.remove(3, 0)
+            assert store.get(3, 0) is None or store.get(3, 0).version == 0
+            assert db_row(store, 3, 0) is None
+        finally:
+            store.close()
+
+    asyncio.run(go())
