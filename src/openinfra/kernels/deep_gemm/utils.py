@@ -54,3 +54,17 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     if denominator == 0:
         return 0.0 if torch.isfinite(x).all() and torch.isfinite(y).all() else float("nan")
     return float(1 - 2 * (x * y).sum() / denominator)
+
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_float_matrix(name: str, x: object) -> torch.Tensor:
+    """The casts' input check: a 2-D bf16 / fp16 / fp32 tensor, else an error naming ``name``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [m, n], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be bfloat16, float16 or float32, got {x.dtype}")
+    return x

@@ -6,20 +6,9 @@ import torch
 
 from openinfra.kernels.backend import use_triton
 from openinfra.kernels.deep_gemm.cast.reference import per_token_cast_to_fp8_reference
+from openinfra.kernels.deep_gemm.utils import check_float_matrix as _check_matrix
 
 __all__ = ["per_token_cast_to_fp8"]
-
-_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _check_matrix(name: str, x: object) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [m, n], got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be bfloat16, float16 or float32, got {x.dtype}")
-    return x
 
 
 def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
