@@ -5,6 +5,7 @@
 # benchmarks/results/*.json (unpack it into the repo to keep them).
 #
 #   usage: bash scripts/gpu.sh [pytest -k expression] [bench routine ...]
+#   GPU_TEST_S / GPU_BENCH_S: seconds allowed for the tests, and for each benchmark routine
 #   device tool:  run(command="bash scripts/gpu.sh")
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | 
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu_info.txt"
 
 rc=0
-"$PY" -m pytest -q -m "gpu" ${KEXPR:+-k "$KEXPR"} tests -p no:cacheprovider -o addopts="-ra" --continue-on-collection-errors \
+# Stage limits keep the whole call inside the device tool's 10 minutes per command.
+timeout "${GPU_TEST_S:-240}" "$PY" -m pytest -q -m "gpu" ${KEXPR:+-k "$KEXPR"} tests -p no:cacheprovider -o addopts="-ra" --continue-on-collection-errors \
     --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 || rc=1
 
 if [ ${#ROUTINES[@]} -eq 0 ]; then
@@ -32,7 +34,7 @@ export OPENINFRA_RESULTS_DIR="$PWD/benchmarks/results"
 : > "$OUT/bench.log"
 for r in "${ROUTINES[@]}"; do
     echo "=== openinfra bench $r" | tee -a "$OUT/bench.log"
-    timeout 900 "$PY" -m openinfra bench "$r" --save 2>&1 | tee -a "$OUT/bench.log" || rc=1
+    timeout "${GPU_BENCH_S:-120}" "$PY" -m openinfra bench "$r" --save 2>&1 | tee -a "$OUT/bench.log" || rc=1
 done
 tar czf "$OUT/results.tar.gz" benchmarks/results
 exit $rc

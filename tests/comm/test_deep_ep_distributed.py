@@ -58,21 +58,28 @@ def test_autograd_async_validation_edges(distributed):
     assert distributed(_autograd_async_validation, 3, "cpu", timeout=280) == [(4, 1, 26, 1)] * 3
 
 
-def _nccl_suites(rank: int, num_ranks: int) -> tuple[str, int, int]:
+def _nccl_suites(rank: int, num_ranks: int) -> tuple[str, str, int, int, int, int]:
     torch.cuda.set_device(rank)
     from openinfra.comm.deep_ep import Buffer
     import torch.distributed as dist
 
-    transport = Buffer(dist.group.WORLD).transport
     device = f"cuda:{rank}"
-    return transport, intranode_checks(rank, num_ranks, device), low_latency_checks(rank, num_ranks, device)
+    # Both transports on the same ranks: all_to_all_single always, then whatever the capability
+    # check picks (all_to_all_vdev over symmetric memory on NVLink machines with NVSHMEM).
+    plain = Buffer(dist.group.WORLD, low_latency_mode=True, use_symmetric_memory=False)
+    auto = Buffer(dist.group.WORLD, low_latency_mode=True)
+    return (auto.transport, auto.transport_reason,
+            intranode_checks(rank, num_ranks, device, plain), low_latency_checks(rank, num_ranks, device, plain),
+            intranode_checks(rank, num_ranks, device, auto), low_latency_checks(rank, num_ranks, device, auto))
 
 
 @pytest.mark.multigpu
 def test_suites_on_nccl(distributed):
-    """NCCL over every visible GPU (2-8): the same suites; symmetric memory where the machine has it."""
+    """NCCL over every visible GPU (2-8): the same suites on all_to_all_single and on the transport
+    the capability check picks (symmetric memory where the machine has it)."""
     num_ranks = min(torch.cuda.device_count(), 8)
     env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
     results = distributed(_nccl_suites, num_ranks, backend="nccl", timeout=280, env=env)
-    assert [r[1:] for r in results] == [(24, 16)] * num_ranks
-    assert len({r[0] for r in results}) == 1
+    print(f"deep_ep on {num_ranks} GPUs: transport {results[0][0]} ({results[0][1]})")
+    assert [r[2:] for r in results] == [(24, 16, 24, 16)] * num_ranks
+    assert len({r[:2] for r in results}) == 1

@@ -285,9 +285,13 @@ def test_kernel_config_defaults_and_validation():
     from openinfra.kernels.flash_mla.kernel import KernelConfig
     from openinfra.kernels.flash_mla.warmup import default_variants
 
-    assert KernelConfig().resolve(16) == (16, 64, 8, 3)
-    assert KernelConfig().resolve(2) == (16, 64, 8, 3)  # at least 16 rows: the smallest tensor-core tile
-    assert KernelConfig().resolve(128) == (64, 32, 8, 3)  # 64-token tiles at 64 rows need 295 KB of smem
+    # dense 16-bit cache: the fastest launch of the H200 sweep (benchmarks/notes/flash_mla.md, run 3)
+    assert KernelConfig().resolve(16) == (16, 64, 8, 2)
+    assert KernelConfig().resolve(2) == (16, 64, 8, 2)  # at least 16 rows: the smallest tensor-core tile
+    assert KernelConfig().resolve(32) == (32, 64, 8, 3)
+    assert KernelConfig().resolve(128) == (64, 64, 8, 2)
+    # FP8 / sparse: the resource-report defaults (64 rows: 32-token tiles, no spills)
+    assert KernelConfig().resolve(128, dense_16bit=False) == (64, 32, 8, 3)
     assert KernelConfig(block_n=16, num_stages=4).resolve(40) == (64, 16, 8, 4)
     with pytest.raises(ValueError, match="block_n"):
         KernelConfig(block_n=48)
@@ -299,8 +303,11 @@ def test_kernel_config_defaults_and_validation():
 
 @pytest.mark.parametrize("rows,flags", [(16, {}), (32, {"causal": True}), (128, {}), (128, {"sparse": True, "fp8": True})])
 def test_default_configs_fit_sm90(rows, flags):
-    """The launch defaults compile for sm_90 within its shared memory, keep 2+ K tiles in flight and,
-    for the bf16 variants, do not spill (the compiler's report; see benchmarks/notes/flash_mla.md)."""
+    """The launch defaults compile for sm_90 within its shared memory (the compiler's report).
+
+    Spills and K-buffer counts are not asserted for the dense defaults: the H200 sweep measured the
+    single-buffered 16-row launch and the 64-row launch with 176 B of spills faster than the
+    spill-free, triple-staged ones (benchmarks/notes/flash_mla.md, run 3)."""
     import os
 
     from openinfra.kernels.flash_mla.kernel import KernelConfig
@@ -308,8 +315,8 @@ def test_default_configs_fit_sm90(rows, flags):
 
     if not os.path.exists(ptxas_path()):
         pytest.skip(f"Triton's bundled ptxas is missing at {ptxas_path()}; cannot build for sm_90 here")
-    rep = resource_report(*KernelConfig().resolve(rows), **flags)
+    dense = not (flags.get("sparse") or flags.get("fp8"))
+    rep = resource_report(*KernelConfig().resolve(rows, dense_16bit=dense), **flags)
     assert rep.shared_bytes <= SMEM_LIMIT_SM90, rep
-    assert rep.k_buffers >= 2, f"K tiles not multi-buffered: {rep}"
-    if not flags.get("fp8"):
-        assert rep.spill_store_bytes <= 16, rep
+    if not dense:
+        assert rep.spill_store_bytes <= 1024, rep  # ptxas reported 488-536 B for the FP8 variants

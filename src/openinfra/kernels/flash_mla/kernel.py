@@ -290,12 +290,23 @@ class KernelConfig:
             raise ValueError(f"block_n must be 16, 32 or 64, got {block_n}")
         self.block_m, self.block_n, self.num_warps, self.num_stages = block_m, block_n, num_warps, num_stages
 
-    def resolve(self, rows: int) -> tuple[int, int, int, int]:
-        """(block_m, block_n, num_warps, num_stages) for tiles of ``rows`` query rows."""
+    def resolve(self, rows: int, dense_16bit: bool = True) -> tuple[int, int, int, int]:
+        """(block_m, block_n, num_warps, num_stages) for tiles of ``rows`` query rows.
+
+        ``dense_16bit``: block-table keys from a bf16/fp16 cache. Its defaults are the fastest of the
+        H200 sweep (benchmarks/notes/flash_mla.md, run 3): 64-token K tiles at every row count,
+        double-buffered at 32 rows, single-stage issue at 16 and 64 rows, where the pipeliner's
+        third buffer cost more (registers, shared memory) than it hid. The FP8 and sparse variants
+        keep the resource-report defaults (64 rows: 32-token tiles, three stages, no spills).
+        """
         bm = self.block_m or min(BLOCK_M, max(16, triton.next_power_of_2(rows)))
-        bn = self.block_n or (32 if bm >= 64 else 64)
+        if dense_16bit:
+            bn = self.block_n or 64
+            ns = self.num_stages or (3 if bm == 32 else 2)
+        else:
+            bn = self.block_n or (32 if bm >= 64 else 64)
+            ns = self.num_stages or 3
         nw = self.num_warps or 8
-        ns = self.num_stages or 3
         return bm, bn, nw, ns
 
     def __repr__(self) -> str:
@@ -335,7 +346,7 @@ def mla_attention_triton(
     sparse = indices is not None
     g = h_q // h_kv
     rows = g if sparse else s_q * g
-    bm, bn, num_warps, num_stages = config.resolve(rows)
+    bm, bn, num_warps, num_stages = config.resolve(rows, dense_16bit=not (sparse or is_fp8))
     m_blocks = ceil_div(rows, bm)
     pieces = tile_scheduler_metadata.shape[0]
     n_req = lengths.shape[0]

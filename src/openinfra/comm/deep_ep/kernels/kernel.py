@@ -99,9 +99,11 @@ def _gather_reduce_kernel(
 
 
 def _block_groups(hidden: int) -> int:
-    # 8 groups x 128 channels = 1024 elements (2 KiB of bf16) per program: 16-byte vectors for 4
-    # warps, and a 7168-wide row splits into 7 programs so small token counts still fill the SMs.
-    return min(8, triton.next_power_of_2(ceil_div(hidden, GROUP_SIZE)))
+    # 32 groups x 128 channels = 4096 elements (8 KiB of bf16) per program. Measured on the H200
+    # (benchmarks/notes/deep_ep.md, sweep 2): at H=7168 the fused permute + FP8 cast moves 0.83 of
+    # the copy bandwidth with 32 groups, 0.79 with 16 and 0.77 with 8 (the bf16 permute 0.85 at
+    # every width): wider tiles issue more independent loads per program before the first store.
+    return min(32, triton.next_power_of_2(ceil_div(hidden, GROUP_SIZE)))
 
 
 def scatter_rows_triton(
