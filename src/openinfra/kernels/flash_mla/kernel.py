@@ -34,6 +34,7 @@ from openinfra.kernels.flash_mla.layout import (
 __all__ = ["mla_attention_triton", "KernelConfig"]
 
 _LOG2E = 1.4426950408889634
+RESCALE_LOG2 = 8.0  # lazy rescaling: rescale once a row's max grew by more than 2^8 over its reference
 _LN2 = 0.6931471805599453
 
 
@@ -102,6 +103,7 @@ def _mla_attn_kernel(
     CAUSAL: tl.constexpr, SPARSE: tl.constexpr, FP8: tl.constexpr,
     HAS_SINK: tl.constexpr, WRITE_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     SCALE_OFF: tl.constexpr, ROPE_OFF: tl.constexpr, FP8_TILE: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, RESCALE_LOG2: tl.constexpr,
 ):
     piece = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -154,7 +156,9 @@ def _mla_attn_kernel(
         tok_next = tl.load(idx_row + lo + offs_n, mask=(lo + offs_n < stop), other=-1)
     else:
         bt_row = bt_ptr + bi.to(tl.int64) * stride_btb
-        page_next = tl.load(bt_row + lo // page_size, mask=lo < stop, other=0)
+        # Dense pages hold SCHED_BLOCK (= 64) tokens (the API enforces it): a compile-time page size
+        # turns the per-token division and modulo into shifts and masks.
+        page_next = tl.load(bt_row + lo // SCHED_BLOCK, mask=lo < stop, other=0)
     for start in range(lo, stop, BLOCK_N):
         pos = start + offs_n
         in_len = pos < length
@@ -169,10 +173,16 @@ def _mla_attn_kernel(
             # a tile never straddles pages: BLOCK_N divides the 64-token page
             page = page_next
             nxt = start + BLOCK_N
-            page_next = tl.load(bt_row + nxt // page_size, mask=nxt < stop, other=0)
+            page_next = tl.load(bt_row + nxt // SCHED_BLOCK, mask=nxt < stop, other=0)
             valid = in_len
-            slot = pos % page_size
-        krow = kv_ptr + page.to(tl.int64) * stride_kb + slot.to(tl.int64) * stride_kt + kvh * stride_kh
+            slot = pos % SCHED_BLOCK
+        if SPARSE:
+            krow = kv_ptr + page.to(tl.int64) * stride_kb + slot.to(tl.int64) * stride_kt + kvh * stride_kh
+        else:
+            # One 64-bit page base per tile and 32-bit offsets inside the page (a page is at most
+            # 64 x stride_kt elements): per-row 64-bit address math was most of the loop's integer work.
+            kbase = kv_ptr + page.to(tl.int64) * stride_kb + kvh * stride_kh
+            krow = kbase + slot * stride_kt
         if FP8:
             raw = tl.load(krow[:, None] + cols[None, :], mask=valid[:, None], other=0)
             vals = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
@@ -200,17 +210,39 @@ def _mla_attn_kernel(
         if CAUSAL:
             keep = keep & (pos[None, :] <= last_key[:, None])
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        p16 = _to_16bit(p, k_nope.dtype, INTERPRET)
-        if INTERPRET:
-            acc = acc * alpha[:, None] + tl.dot(p16.to(tl.float32), k_nope_mm)
+        if LAZY_RESCALE:
+            # m_i is a reference max, not necessarily the running max: the [BM, 512] accumulator
+            # (128 multiplies per thread at 64 rows) is rescaled only when some row's max grew by
+            # more than 2^RESCALE_LOG2 over it; until then p = exp2(s - m_i) <= 2^RESCALE_LOG2,
+            # which fp32 sums and 16-bit P hold without loss of relative precision. The result
+            # is the same softmax (lse = m_i + log2(l_i) for whatever m_i was used throughout).
+            m_tile = tl.max(s, 1)
+            grow = tl.where(m_tile > m_i, m_tile - m_i, 0.0)  # +inf for a row's first keys
+            if tl.max(grow, 0) > RESCALE_LOG2:
+                m_new = tl.maximum(m_i, m_tile)
+                alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+            l_i = l_i + tl.sum(p, 1)
+            p16 = _to_16bit(p, k_nope.dtype, INTERPRET)
+            if INTERPRET:
+                acc = acc + tl.dot(p16.to(tl.float32), k_nope_mm)
+            else:
+                acc = tl.dot(p16, k_nope, acc)
         else:
-            acc = tl.dot(p16, k_nope, acc * alpha[:, None])
-        m_i = m_new
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            p16 = _to_16bit(p, k_nope.dtype, INTERPRET)
+            if INTERPRET:
+                acc = acc * alpha[:, None] + tl.dot(p16.to(tl.float32), k_nope_mm)
+            else:
+                acc = tl.dot(p16, k_nope, acc * alpha[:, None])
+            m_i = m_new
 
     if n_split == 1:
         o_rows = out_ptr + bi.to(tl.int64) * stride_ob + si.to(tl.int64) * stride_os + head.to(tl.int64) * stride_oh
@@ -283,12 +315,15 @@ class KernelConfig:
     """
 
     def __init__(self, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None):
+                 num_stages: int | None = None, lazy_rescale: bool | None = None):
         if block_m not in (None, 16, 32, 64):
             raise ValueError(f"block_m must be 16, 32 or 64, got {block_m}")
         if block_n not in (None, 16, 32, 64):
             raise ValueError(f"block_n must be 16, 32 or 64, got {block_n}")
         self.block_m, self.block_n, self.num_warps, self.num_stages = block_m, block_n, num_warps, num_stages
+        # None: lazy rescaling of the output accumulator on the dense 16-bit path (see the kernel);
+        # never with max_logits (sparse prefill), which needs the true running max
+        self.lazy_rescale = lazy_rescale
 
     def resolve(self, rows: int, dense_16bit: bool = True) -> tuple[int, int, int, int]:
         """(block_m, block_n, num_warps, num_stages) for tiles of ``rows`` query rows.
@@ -311,7 +346,7 @@ class KernelConfig:
 
     def __repr__(self) -> str:
         return (f"KernelConfig(block_m={self.block_m}, block_n={self.block_n}, num_warps={self.num_warps}, "
-                f"num_stages={self.num_stages})")
+                f"num_stages={self.num_stages}, lazy_rescale={self.lazy_rescale})")
 
 
 def mla_attention_triton(
@@ -347,6 +382,9 @@ def mla_attention_triton(
     g = h_q // h_kv
     rows = g if sparse else s_q * g
     bm, bn, num_warps, num_stages = config.resolve(rows, dense_16bit=not (sparse or is_fp8))
+    # lazy rescaling needs no true running max (max_logits does); by default only on the dense
+    # 16-bit path it was measured on
+    lazy = max_logits is None and (not (sparse or is_fp8) if config.lazy_rescale is None else config.lazy_rescale)
     m_blocks = ceil_div(rows, bm)
     pieces = tile_scheduler_metadata.shape[0]
     n_req = lengths.shape[0]
@@ -378,6 +416,7 @@ def mla_attention_triton(
         CAUSAL=causal, SPARSE=sparse, FP8=is_fp8,
         HAS_SINK=attn_sink is not None, WRITE_MAX=max_logits is not None, INTERPRET=interpret,
         SCALE_OFF=FP8_SCALE_OFFSET, ROPE_OFF=FP8_ROPE_OFFSET, FP8_TILE=FP8_TILE,
+        LAZY_RESCALE=lazy, RESCALE_LOG2=RESCALE_LOG2,
         num_warps=num_warps, num_stages=num_stages,
     )
     block_r = 16

@@ -65,10 +65,17 @@ def _sm_count(device: torch.device) -> int:
     return 8  # CPU / interpreter: a few parts, enough to exercise splitting
 
 
+# Programs per SM the schedule aims at. Two: on the H200 the 16-row decode tile (113 registers,
+# 92 KB of shared memory) fits twice per SM and one CTA's softmax overlaps the other's loads, and
+# the finer chunks balance the SMs (benchmarks/notes/flash_mla.md, run 4: h_q = 16 0.46 -> 0.57 of
+# copy, h_q = 64 +17%, h_q = 128 +-2%).
+PARTS_PER_SM = 2
+
+
 def default_num_sm_parts(device: torch.device, num_heads_k: int, num_q_tokens_per_head_k: int) -> int:
-    """Chunks per (KV head, row tile) so that all programs together fill the SMs once."""
+    """Chunks per (KV head, row tile) so that all programs together fill every SM PARTS_PER_SM times."""
     m_blocks = ceil_div(max(num_q_tokens_per_head_k, 1), BLOCK_M)
-    return max(_sm_count(device) // (num_heads_k * m_blocks), 1)
+    return max(PARTS_PER_SM * _sm_count(device) // (num_heads_k * m_blocks), 1)
 
 
 TO_END = 1 << 24  # end_block of a request's last piece: run to its end, whatever its length
