@@ -729,7 +729,7 @@ def bench_fs_peer(args: argparse.Namespace) -> BenchResult:
         install_packages()
     require(missing_requirements())
 
-    watchdog = Watchdog(plan.time_limit)
+    data = memoryview(os.urandom(plan.size))  # before anything is started: nothing to clean up if this fails
     interrupted: list[int] = []
 
     def on_signal(signum, frame):  # the first SIGINT/SIGTERM stops the run; later ones cannot break the cleanup
@@ -738,10 +738,6 @@ def bench_fs_peer(args: argparse.Namespace) -> BenchResult:
             raise KeyboardInterrupt(f"signal {signum}")
         print(f"{NAME}: still cleaning up (signal {signum} ignored)", file=sys.stderr)
 
-    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    base = Path(tempfile.mkdtemp(prefix="openinfra-bench-fspeer-", dir=args.dir))
-    rng = random.Random(0)
-    data = memoryview(rng.randbytes(plan.size))
     values: dict[tuple[str, int, str], float] = {}
     rows: list[dict] = []
     ours = ("3FS FUSE", "3FS native") if args.native else ("3FS FUSE",)
@@ -753,7 +749,11 @@ def bench_fs_peer(args: argparse.Namespace) -> BenchResult:
         for w, v in res.items():
             values[(system, r, w)] = v
 
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    watchdog = Watchdog(plan.time_limit)
+    base = None
     try:
+        base = Path(tempfile.mkdtemp(prefix="openinfra-bench-fspeer-", dir=args.dir))
         # MooseFS first (all R on one cluster), then one 3FS cluster per R.
         net.create()
         mfs = MooseFS(base / "moosefs", net, args.fsync, watchdog.procs)
@@ -806,7 +806,8 @@ def bench_fs_peer(args: argparse.Namespace) -> BenchResult:
             try:
                 net.destroy()
             finally:
-                shutil.rmtree(base, ignore_errors=True)
+                if base is not None:
+                    shutil.rmtree(base, ignore_errors=True)
                 for sig, h in old_handlers.items():
                     signal.signal(sig, h)
 
