@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | 
 
 rc=0
 # Stage limits keep the whole call inside the device tool's 10 minutes per command.
-timeout "${GPU_TEST_S:-240}" "$PY" -m pytest -q -m "gpu" ${KEXPR:+-k "$KEXPR"} tests -p no:cacheprovider -o addopts="-ra" --continue-on-collection-errors \
+timeout "${GPU_TEST_S:-240}" "$PY" -m pytest -q -m "gpu" ${KEXPR:+-k "$KEXPR"} tests --ignore=tests/fs -p no:cacheprovider -o addopts="-ra" --continue-on-collection-errors \
     --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 || rc=1
 
 if [ ${#ROUTINES[@]} -eq 0 ]; then

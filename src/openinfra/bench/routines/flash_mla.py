@@ -22,24 +22,12 @@ from openinfra.bench.harness import BenchResult, copy_bandwidth_gbps, gpu_time_m
 
 def _config_spec(text: str) -> str:
     parts = text.split(",")
-    if len(parts) not in (4, 5) or not all(x.strip().isdigit() for x in parts):
-        raise argparse.ArgumentTypeError(
-            f"expected block_m,block_n,num_warps,num_stages[,rescale] (0 = default), got {text!r}")
+    if len(parts) != 4 or not all(x.strip().isdigit() for x in parts):
+        raise argparse.ArgumentTypeError(f"expected block_m,block_n,num_warps,num_stages (0 = default), got {text!r}")
     bm, bn = int(parts[0]), int(parts[1])
     if bm not in (0, 16, 32, 64) or bn not in (0, 16, 32, 64):
         raise argparse.ArgumentTypeError(f"block_m and block_n must be 0, 16, 32 or 64, got {text!r}")
-    if len(parts) == 5 and int(parts[4]) not in (0, 1, 2):
-        raise argparse.ArgumentTypeError(f"rescale must be 0 (default), 1 (eager) or 2 (lazy), got {text!r}")
     return text
-
-
-def kernel_config(spec: str):
-    """``KernelConfig`` of a ``_config_spec`` string (0 = the default of that field)."""
-    from openinfra.kernels.flash_mla.kernel import KernelConfig
-
-    nums = [int(x) for x in spec.split(",")] + [0]
-    bm, bn, nw, ns, rescale = nums[:5]
-    return KernelConfig(bm or None, bn or None, nw or None, ns or None, {0: None, 1: False, 2: True}[rescale])
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,7 +37,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sk", type=int, nargs="+", default=[4096, 8192, 16384, 32768], help="mean cache length")
     p.add_argument("--modes", nargs="+", default=["fixed", "varlen"], choices=["fixed", "varlen"])
     p.add_argument("--configs", nargs="+", default=["0,0,0,0"], type=_config_spec,
-                   help="kernel variants block_m,block_n,num_warps,num_stages[,rescale: 1 eager, 2 lazy] (0 = the default)")
+                   help="kernel variants block_m,block_n,num_warps,num_stages (0 = the default)")
     p.add_argument("--parts-per-sm", type=int, nargs="+", default=[1], help="schedule chunks per SM (variants)")
     p.add_argument("--no-peer", action="store_true", help="skip the plain-PyTorch peer (faster sweeps)")
     p.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=True,
@@ -88,7 +76,10 @@ def bench_flash_mla(args: argparse.Namespace) -> BenchResult:
 
     dev = torch.device("cuda")
     copy = copy_bandwidth_gbps()
-    configs = [kernel_config(spec) for spec in args.configs]
+    configs = []
+    for spec in args.configs:
+        bm, bn, nw, ns = (int(x) for x in spec.split(","))
+        configs.append(KernelConfig(bm or None, bn or None, nw or None, ns or None))
     rows: list[dict] = []
     b = args.batch
     rnd = random.Random(0)

@@ -34,7 +34,6 @@ from openinfra.kernels.flash_mla.layout import (
 __all__ = ["mla_attention_triton", "KernelConfig"]
 
 _LOG2E = 1.4426950408889634
-RESCALE_LOG2 = 8.0  # lazy rescaling: rescale once a row's max grew by more than 2^8 over its reference
 _LN2 = 0.6931471805599453
 
 
@@ -82,6 +81,61 @@ def _finish_rows(acc, m2, l, head, sink_ptr, out_ptrs, lse_ptrs, max_ptrs, row_o
         tl.store(max_ptrs, tl.where(empty, float("-inf"), m2 * 0.6931471805599453), mask=row_ok)
 
 
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q_nope, q_pe, krow, valid, keep, scale_log2, cols, rcols,
+                 MASKED: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr,
+                 D_V: tl.constexpr, SCALE_OFF: tl.constexpr, ROPE_OFF: tl.constexpr, FP8_TILE: tl.constexpr):
+    """One K tile of online softmax attention: load the [BLOCK_N] cache rows at ``krow`` (the 512
+    "nope" dims serve as K and V, plus the 64 rope dims), S = Q K^T (base-2 scaled), update the
+    running max ``m_i``, sum ``l_i`` and the [BM, D_V] accumulator. With MASKED, rows where
+    ``valid`` is false load as zeros and scores outside ``keep`` [BM, BLOCK_N] are -inf; without
+    it every key is used (the caller knows the tile is whole)."""
+    if FP8:
+        if MASKED:
+            raw = tl.load(krow[:, None] + cols[None, :], mask=valid[:, None], other=0)
+        else:
+            raw = tl.load(krow[:, None] + cols[None, :])
+        vals = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        sptr = (krow[:, None] + SCALE_OFF + 4 * tl.arange(0, D_V // FP8_TILE)[None, :]).to(tl.pointer_type(tl.float32))
+        rptr = (krow[:, None] + ROPE_OFF + 2 * rcols[None, :]).to(tl.pointer_type(tl.bfloat16))
+        if MASKED:
+            sc = tl.load(sptr, mask=valid[:, None], other=0.0)
+            k_pe = tl.load(rptr, mask=valid[:, None], other=0.0)
+        else:
+            sc = tl.load(sptr)
+            k_pe = tl.load(rptr)
+        vals = tl.reshape(tl.reshape(vals, [BLOCK_N, D_V // FP8_TILE, FP8_TILE]) * sc[:, :, None], [BLOCK_N, D_V])
+        k_nope = vals.to(tl.bfloat16)  # exact: e4m3 times a power of two fits bf16
+    elif MASKED:
+        k_nope = tl.load(krow[:, None] + cols[None, :], mask=valid[:, None], other=0.0)
+        k_pe = tl.load(krow[:, None] + D_V + rcols[None, :], mask=valid[:, None], other=0.0)
+    else:
+        k_nope = tl.load(krow[:, None] + cols[None, :])
+        k_pe = tl.load(krow[:, None] + D_V + rcols[None, :])
+    if INTERPRET:  # the interpreter's 16-bit dot is wrong: compute it in fp32
+        k_nope_mm = k_nope.to(tl.float32)
+        k_pe_mm = k_pe.to(tl.float32)
+    else:
+        k_nope_mm = k_nope
+        k_pe_mm = k_pe
+    s = tl.dot(q_nope, tl.trans(k_nope_mm))
+    s = tl.dot(q_pe, tl.trans(k_pe_mm), s)
+    s = s * scale_log2
+    if MASKED:
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p16 = _to_16bit(p, k_nope.dtype, INTERPRET)
+    if INTERPRET:
+        acc = acc * alpha[:, None] + tl.dot(p16.to(tl.float32), k_nope_mm)
+    else:
+        acc = tl.dot(p16, k_nope, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
 # Integer arguments that vary between calls but never shape a vector access: not specialized, so
 # a new batch size, head count or page size reuses the compiled kernel (each compile is seconds).
 _NO_SPEC = ["s_q", "n_tokens", "page_size", "h_kv", "G", "R", "stride_btb", "stride_ib", "stride_is",
@@ -103,7 +157,6 @@ def _mla_attn_kernel(
     CAUSAL: tl.constexpr, SPARSE: tl.constexpr, FP8: tl.constexpr,
     HAS_SINK: tl.constexpr, WRITE_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     SCALE_OFF: tl.constexpr, ROPE_OFF: tl.constexpr, FP8_TILE: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr, RESCALE_LOG2: tl.constexpr,
 ):
     piece = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -159,90 +212,49 @@ def _mla_attn_kernel(
         # Dense pages hold SCHED_BLOCK (= 64) tokens (the API enforces it): a compile-time page size
         # turns the per-token division and modulo into shifts and masks.
         page_next = tl.load(bt_row + lo // SCHED_BLOCK, mask=lo < stop, other=0)
-    for start in range(lo, stop, BLOCK_N):
-        pos = start + offs_n
-        in_len = pos < length
-        if SPARSE:
+    if SPARSE:
+        for start in range(lo, stop, BLOCK_N):
+            pos = start + offs_n
             tok = tok_next
             tok_next = tl.load(idx_row + BLOCK_N + pos, mask=BLOCK_N + pos < length, other=-1)
-            valid = in_len & (tok >= 0) & (tok < n_tokens)
+            valid = (pos < length) & (tok >= 0) & (tok < n_tokens)
             tok = tl.where(valid, tok, 0)
-            page = tok // page_size
-            slot = tok % page_size
-        else:
-            # a tile never straddles pages: BLOCK_N divides the 64-token page
-            page = page_next
-            nxt = start + BLOCK_N
-            page_next = tl.load(bt_row + nxt // SCHED_BLOCK, mask=nxt < stop, other=0)
-            valid = in_len
-            slot = pos % SCHED_BLOCK
-        if SPARSE:
-            krow = kv_ptr + page.to(tl.int64) * stride_kb + slot.to(tl.int64) * stride_kt + kvh * stride_kh
-        else:
-            # One 64-bit page base per tile and 32-bit offsets inside the page (a page is at most
-            # 64 x stride_kt elements): per-row 64-bit address math was most of the loop's integer work.
-            kbase = kv_ptr + page.to(tl.int64) * stride_kb + kvh * stride_kh
-            krow = kbase + slot * stride_kt
-        if FP8:
-            raw = tl.load(krow[:, None] + cols[None, :], mask=valid[:, None], other=0)
-            vals = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            sptr = (krow[:, None] + SCALE_OFF + 4 * tl.arange(0, D_V // FP8_TILE)[None, :]).to(
-                tl.pointer_type(tl.float32))
-            sc = tl.load(sptr, mask=valid[:, None], other=0.0)
-            vals = tl.reshape(tl.reshape(vals, [BLOCK_N, D_V // FP8_TILE, FP8_TILE]) * sc[:, :, None],
-                              [BLOCK_N, D_V])
-            k_nope = vals.to(tl.bfloat16)  # exact: e4m3 times a power of two fits bf16
-            rptr = (krow[:, None] + ROPE_OFF + 2 * rcols[None, :]).to(tl.pointer_type(tl.bfloat16))
-            k_pe = tl.load(rptr, mask=valid[:, None], other=0.0)
-        else:
-            k_nope = tl.load(krow[:, None] + cols[None, :], mask=valid[:, None], other=0.0)
-            k_pe = tl.load(krow[:, None] + D_V + rcols[None, :], mask=valid[:, None], other=0.0)
-        if INTERPRET:
-            k_nope_mm = k_nope.to(tl.float32)
-            k_pe_mm = k_pe.to(tl.float32)
-        else:
-            k_nope_mm = k_nope
-            k_pe_mm = k_pe
-        s = tl.dot(q_nope, tl.trans(k_nope_mm))
-        s = tl.dot(q_pe, tl.trans(k_pe_mm), s)
-        s = s * scale_log2
-        keep = valid[None, :] & row_ok[:, None]
+            krow = (kv_ptr + (tok // page_size).to(tl.int64) * stride_kb + (tok % page_size).to(tl.int64) * stride_kt
+                    + kvh * stride_kh)
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q_nope, q_pe, krow, valid, valid[None, :] & row_ok[:, None],
+                                         scale_log2, cols, rcols, True, FP8, INTERPRET, BLOCK_N, D_V,
+                                         SCALE_OFF, ROPE_OFF, FP8_TILE)
+    else:
+        # Tiles whose keys every row may see run without masks (no predicates on the loads, no
+        # select on the scores); the ones cut by the length or, with CAUSAL, by the diagonal run
+        # after them with masks. A tile never straddles pages: BLOCK_N divides the 64-token page.
+        open_end = stop
         if CAUSAL:
-            keep = keep & (pos[None, :] <= last_key[:, None])
-        s = tl.where(keep, s, float("-inf"))
-        if LAZY_RESCALE:
-            # m_i is a reference max, not necessarily the running max: the [BM, 512] accumulator
-            # (128 multiplies per thread at 64 rows) is rescaled only when some row's max grew by
-            # more than 2^RESCALE_LOG2 over it; until then p = exp2(s - m_i) <= 2^RESCALE_LOG2,
-            # which fp32 sums and 16-bit P hold without loss of relative precision. The result
-            # is the same softmax (lse = m_i + log2(l_i) for whatever m_i was used throughout).
-            m_tile = tl.max(s, 1)
-            grow = tl.where(m_tile > m_i, m_tile - m_i, 0.0)  # +inf for a row's first keys
-            if tl.max(grow, 0) > RESCALE_LOG2:
-                m_new = tl.maximum(m_i, m_tile)
-                alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_new
-            p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
-            l_i = l_i + tl.sum(p, 1)
-            p16 = _to_16bit(p, k_nope.dtype, INTERPRET)
-            if INTERPRET:
-                acc = acc + tl.dot(p16.to(tl.float32), k_nope_mm)
-            else:
-                acc = tl.dot(p16, k_nope, acc)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            p16 = _to_16bit(p, k_nope.dtype, INTERPRET)
-            if INTERPRET:
-                acc = acc * alpha[:, None] + tl.dot(p16.to(tl.float32), k_nope_mm)
-            else:
-                acc = tl.dot(p16, k_nope, acc * alpha[:, None])
-            m_i = m_new
+            open_end = tl.minimum(stop, length - s_q + 1)  # keys <= length - s_q are visible to every row
+        full_end = lo
+        if not FP8:  # (the FP8 tile's dequantization leaves no registers for a second loop body)
+            full_end = lo + tl.maximum(open_end - lo, 0) // BLOCK_N * BLOCK_N
+            for start in range(lo, full_end, BLOCK_N):
+                page = page_next
+                page_next = tl.load(bt_row + (start + BLOCK_N) // SCHED_BLOCK, mask=start + BLOCK_N < stop, other=0)
+                # one 64-bit page base per tile, 32-bit offsets inside the page
+                krow = (kv_ptr + page.to(tl.int64) * stride_kb + kvh * stride_kh
+                        + ((start + offs_n) % SCHED_BLOCK) * stride_kt)
+                acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q_nope, q_pe, krow, row_ok, row_ok[:, None],
+                                             scale_log2, cols, rcols, False, FP8, INTERPRET, BLOCK_N, D_V,
+                                             SCALE_OFF, ROPE_OFF, FP8_TILE)
+        for start in range(full_end, stop, BLOCK_N):
+            pos = start + offs_n
+            page = page_next
+            page_next = tl.load(bt_row + (start + BLOCK_N) // SCHED_BLOCK, mask=start + BLOCK_N < stop, other=0)
+            krow = kv_ptr + page.to(tl.int64) * stride_kb + kvh * stride_kh + (pos % SCHED_BLOCK) * stride_kt
+            valid = pos < length
+            keep = valid[None, :] & row_ok[:, None]
+            if CAUSAL:
+                keep = keep & (pos[None, :] <= last_key[:, None])
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q_nope, q_pe, krow, valid, keep,
+                                         scale_log2, cols, rcols, True, FP8, INTERPRET, BLOCK_N, D_V,
+                                         SCALE_OFF, ROPE_OFF, FP8_TILE)
 
     if n_split == 1:
         o_rows = out_ptr + bi.to(tl.int64) * stride_ob + si.to(tl.int64) * stride_os + head.to(tl.int64) * stride_oh
@@ -315,15 +327,12 @@ class KernelConfig:
     """
 
     def __init__(self, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, lazy_rescale: bool | None = None):
+                 num_stages: int | None = None):
         if block_m not in (None, 16, 32, 64):
             raise ValueError(f"block_m must be 16, 32 or 64, got {block_m}")
         if block_n not in (None, 16, 32, 64):
             raise ValueError(f"block_n must be 16, 32 or 64, got {block_n}")
         self.block_m, self.block_n, self.num_warps, self.num_stages = block_m, block_n, num_warps, num_stages
-        # None: lazy rescaling of the output accumulator on the dense 16-bit path (see the kernel);
-        # never with max_logits (sparse prefill), which needs the true running max
-        self.lazy_rescale = lazy_rescale
 
     def resolve(self, rows: int, dense_16bit: bool = True) -> tuple[int, int, int, int]:
         """(block_m, block_n, num_warps, num_stages) for tiles of ``rows`` query rows.
@@ -346,7 +355,7 @@ class KernelConfig:
 
     def __repr__(self) -> str:
         return (f"KernelConfig(block_m={self.block_m}, block_n={self.block_n}, num_warps={self.num_warps}, "
-                f"num_stages={self.num_stages}, lazy_rescale={self.lazy_rescale})")
+                f"num_stages={self.num_stages})")
 
 
 def mla_attention_triton(
@@ -382,9 +391,6 @@ def mla_attention_triton(
     g = h_q // h_kv
     rows = g if sparse else s_q * g
     bm, bn, num_warps, num_stages = config.resolve(rows, dense_16bit=not (sparse or is_fp8))
-    # lazy rescaling needs no true running max (max_logits does); by default only on the dense
-    # 16-bit path it was measured on
-    lazy = max_logits is None and (not (sparse or is_fp8) if config.lazy_rescale is None else config.lazy_rescale)
     m_blocks = ceil_div(rows, bm)
     pieces = tile_scheduler_metadata.shape[0]
     n_req = lengths.shape[0]
@@ -416,7 +422,6 @@ def mla_attention_triton(
         CAUSAL=causal, SPARSE=sparse, FP8=is_fp8,
         HAS_SINK=attn_sink is not None, WRITE_MAX=max_logits is not None, INTERPRET=interpret,
         SCALE_OFF=FP8_SCALE_OFFSET, ROPE_OFF=FP8_ROPE_OFFSET, FP8_TILE=FP8_TILE,
-        LAZY_RESCALE=lazy, RESCALE_LOG2=RESCALE_LOG2,
         num_warps=num_warps, num_stages=num_stages,
     )
     block_r = 16

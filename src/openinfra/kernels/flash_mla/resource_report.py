@@ -69,14 +69,13 @@ def resource_report(block_m: int, block_n: int, num_warps: int, num_stages: int,
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from openinfra.kernels.flash_mla.kernel import RESCALE_LOG2, _mla_attn_kernel
+    from openinfra.kernels.flash_mla.kernel import _mla_attn_kernel
     from openinfra.kernels.flash_mla.layout import FP8_ROPE_OFFSET, FP8_SCALE_OFFSET, FP8_TILE, PAGE_BLOCK_SIZE
 
     params = list(inspect.signature(_mla_attn_kernel.fn).parameters)
     const = dict(BLOCK_M=block_m, BLOCK_N=block_n, SCHED_BLOCK=PAGE_BLOCK_SIZE, D_V=512, D_R=64, CAUSAL=causal,
                  SPARSE=sparse, FP8=fp8, HAS_SINK=sink, WRITE_MAX=write_max, INTERPRET=False,
-                 SCALE_OFF=FP8_SCALE_OFFSET, ROPE_OFF=FP8_ROPE_OFFSET, FP8_TILE=FP8_TILE,
-                 LAZY_RESCALE=not (write_max or sparse or fp8), RESCALE_LOG2=RESCALE_LOG2)
+                 SCALE_OFF=FP8_SCALE_OFFSET, ROPE_OFF=FP8_ROPE_OFFSET, FP8_TILE=FP8_TILE)
     sig = {}
     for p in params:
         if p in const:

@@ -31,8 +31,7 @@ class Variant:
     sparse: bool = False
     sink: bool = False
     prefill: bool = False
-    # block_m, block_n, num_warps, num_stages[, rescale: 1 eager, 2 lazy] (0 = default)
-    config: tuple[int, ...] = (0, 0, 0, 0)
+    config: tuple[int, int, int, int] = (0, 0, 0, 0)  # block_m, block_n, num_warps, num_stages (0 = default)
 
 
 def _run_variant(v: Variant, device: str = "cuda") -> tuple[Variant, float, str]:
@@ -43,8 +42,7 @@ def _run_variant(v: Variant, device: str = "cuda") -> tuple[Variant, float, str]
     t0 = time.perf_counter()
     try:
         dev = device
-        rescale = {0: None, 1: False, 2: True}[v.config[4] if len(v.config) > 4 else 0]
-        cfg = KernelConfig(*(x or None for x in v.config[:4]), lazy_rescale=rescale)
+        cfg = KernelConfig(*(x or None for x in v.config))
         dtype = getattr(torch, v.dtype)
         if v.prefill:
             from openinfra.kernels.flash_mla.api import flash_mla_sparse_fwd
@@ -97,7 +95,7 @@ def warmup(variants: list[Variant], processes: int = 8) -> list[tuple[Variant, f
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, nargs="+", default=[16, 32, 64, 128])
-    p.add_argument("--configs", nargs="*", default=[], help="block_m,block_n,num_warps,num_stages[,rescale] (0 = default)")
+    p.add_argument("--configs", nargs="*", default=[], help="block_m,block_n,num_warps,num_stages (0 = default)")
     p.add_argument("--processes", type=int, default=8)
     args = p.parse_args()
     configs = [tuple(int(x) for x in c.split(",")) for c in args.configs] or None
