@@ -70,11 +70,10 @@ PEER = "MooseFS"
 
 
 class PeerUnavailable(SystemExit):
-    """Raised (exit status 2) with a message naming what is missing and how to get it."""
+    """Exits (status 1, the message on stderr) naming what is missing or wrong and how to fix it."""
 
     def __init__(self, message: str):
         super().__init__(f"openinfra bench {NAME}: error: {message}")
-        self.code = 2
         self.message = message
 
 
