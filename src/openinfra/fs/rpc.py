@@ -32,7 +32,7 @@ import msgpack
 from openinfra.fs.errors import Code, FsError, RpcError, make_error
 
 __all__ = [
-    "RpcServer", "RpcClient", "DEFAULT_MAX_FRAME", "pack_frame", "parse_address", "format_address", "run_loop",
+    "RpcServer", "RpcClient", "BlobRef", "Placed", "DEFAULT_MAX_FRAME", "pack_frame", "parse_address", "format_address", "run_loop",
 ]
 
 DEFAULT_MAX_FRAME = 72 * 2**20  # a 64 MiB chunk plus its request fields
@@ -343,48 +343,353 @@ class RpcServer:
             log.exception("%s: could not send reply to %s", self.name, method)
 
 
+class BlobRef:
+    """A blob of a reply whose bytes are still on the wire: what a ``sink`` (see
+    :meth:`RpcClient.call`) sees in place of the blob. Set ``dest`` to a list of writable
+    memoryviews (a scatter list) and the bytes are received straight into them, in order, when
+    ``nbytes`` fits in their total size; the reply then holds a :class:`Placed` in its place."""
+
+    __slots__ = ("nbytes", "dest")
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.dest: list[memoryview] | None = None
+
+
+class Placed:
+    """A blob that was received into the caller's buffers: ``nbytes`` bytes written from the
+    start of ``dest`` (the scatter list the sink gave)."""
+
+    __slots__ = ("nbytes", "dest")
+
+    def __init__(self, nbytes: int, dest: list[memoryview]):
+        self.nbytes, self.dest = nbytes, dest
+
+    def __repr__(self) -> str:
+        return f"Placed({self.nbytes})"
+
+
+def _swap_refs(obj: Any, done: dict) -> Any:
+    """``obj`` with every :class:`BlobRef` replaced by its received value (``done[id(ref)]``)."""
+    t = type(obj)
+    if t is BlobRef:
+        return done[id(obj)]
+    if t is dict:
+        return {k: _swap_refs(v, done) for k, v in obj.items()}
+    if t is list:
+        return [_swap_refs(v, done) for v in obj]
+    return obj
+
+
+class _Pending:
+    __slots__ = ("fut", "sink")
+
+    def __init__(self, fut: asyncio.Future, sink: Callable[[Any], None] | None):
+        self.fut, self.sink = fut, sink
+
+
+class _ClientProtocol(asyncio.BufferedProtocol):
+    """The client side of one connection, reading replies with ``recv_into``.
+
+    Small frames are parsed out of one reusable 256 KiB buffer. A frame that does not fit gets
+    a buffer of its own, and each blob of a reply is received straight into where it belongs:
+    the caller's buffers when its sink placed it (a KV tensor, the slice of a read buffer), else
+    a fresh ``bytearray``. So blob bytes are copied once, by the kernel, against three copies
+    with a ``StreamReader`` (its buffer, ``readexactly``, the caller's join). What is copied out
+    of the small buffer is at most its size per frame (the start of the first blob)."""
+
+    _SMALL = 256 * 1024
+
+    def __init__(self, conn: "_Connection"):
+        self.conn = conn
+        self.buf = bytearray(self._SMALL)
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0          # unparsed bytes: buf[start:end]
+        self.fill: list[memoryview] = []   # when set: receive into these segments, in order
+        self.fill_left = 0                 # bytes still to receive into ``fill``
+        self.on_filled: Callable[[], None] | None = None
+        self.fill_guard: asyncio.Future | None = None  # the caller's future while filling its buffers
+        self.frame_left = 0                # bytes of the current frame still to come (blob frames)
+        self.blobs: list[BlobRef] = []     # blobs of the current frame, in wire order
+        self.blob_i = 0
+        self.done: dict[int, Any] = {}
+        self.reply: Any = None
+        self.transport: asyncio.Transport | None = None
+        self.paused = False
+        self.drain_waiters: list[asyncio.Future] = []
+
+    # --- transport callbacks -------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc) -> None:
+        self.conn._closed(None)
+        for w in self.drain_waiters:
+            if not w.done():
+                w.set_exception(ConnectionResetError("connection lost"))
+        self.drain_waiters.clear()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        for w in self.drain_waiters:
+            if not w.done():
+                w.set_result(None)
+        self.drain_waiters.clear()
+
+    async def drain(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        if self.paused:
+            w = asyncio.get_running_loop().create_future()
+            self.drain_waiters.append(w)
+            await w
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.fill:
+            if self.fill_guard is not None and self.fill_guard.done():
+                # The caller whose buffers these are stopped waiting (timeout, cancel): the
+                # rest of its blob goes to scratch, never into memory it may reuse by now.
+                self.fill = [memoryview(bytearray(self.fill_left))]
+                self.fill_guard = None
+            return self.fill[0]
+        if self.end == len(self.buf):  # full: move the unparsed tail to the front
+            n = self.end - self.start
+            self.view[:n] = self.view[self.start:self.end]
+            self.start, self.end = 0, n
+        return self.view[self.end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            if self.fill:
+                self._filled(nbytes)
+            else:
+                self.end += nbytes
+            self._parse()
+        except _ProtocolError as exc:
+            self.conn._closed(make_error(Code.RPC_MALFORMED, f"bad reply from {self.conn.address}: {exc}"))
+            self.transport.abort()
+        except Exception as exc:  # a bug here must not leave callers waiting
+            log.exception("reply parsing failed")
+            self.conn._closed(make_error(Code.RPC_MALFORMED, f"bad reply from {self.conn.address}: {exc!r}"))
+            self.transport.abort()
+
+    # --- frame parsing -------------------------------------------------------------------------
+
+    def _filled(self, nbytes: int) -> None:
+        head = self.fill[0]
+        self.fill_left -= nbytes
+        if nbytes < head.nbytes:
+            self.fill[0] = head[nbytes:]
+        else:
+            self.fill.pop(0)
+        if self.fill_left == 0:
+            self.fill, self.fill_guard = [], None
+            cb, self.on_filled = self.on_filled, None
+            cb()
+
+    def _receive_into(self, segments: list[memoryview], nbytes: int, then: Callable[[], None]) -> None:
+        """Put the next ``nbytes`` of the stream into ``segments`` (first what is buffered
+        already), then call ``then``; ``segments`` hold at least ``nbytes``."""
+        segs = []
+        left = nbytes
+        for s in segments:
+            if left <= 0:
+                break
+            s = s[:left]
+            if s.nbytes:  # an empty segment would be an empty recv buffer
+                segs.append(s)
+                left -= s.nbytes
+        have = min(self.end - self.start, nbytes)
+        pos = self.start
+        while have and segs:  # the bytes that came with the previous recv
+            s = segs[0]
+            k = min(have, s.nbytes)
+            s[:k] = self.view[pos:pos + k]
+            pos += k
+            have -= k
+            if k == s.nbytes:
+                segs.pop(0)
+            else:
+                segs[0] = s[k:]
+        got = pos - self.start
+        self.start = pos
+        if self.start == self.end:
+            self.start = self.end = 0
+        if got == nbytes:
+            then()
+            return
+        self.fill, self.fill_left, self.on_filled = segs, nbytes - got, then
+
+    def _parse(self) -> None:
+        while not self.fill:
+            if self.frame_left:  # inside a blob frame: the next blob
+                self._next_blob()
+                continue
+            avail = self.end - self.start
+            if avail < 4:
+                return
+            (length,) = _HEADER.unpack_from(self.view, self.start)
+            if length > self.conn.max_frame:
+                raise _ProtocolError(f"reply of {length} bytes exceeds the limit of {self.conn.max_frame} bytes")
+            if avail < 5:
+                return  # not yet known whether this is a blob frame
+            if avail >= 9 and self.view[self.start + 4] == _BLOB_MARK[0]:
+                (n,) = _HEADER.unpack_from(self.view, self.start + 5)
+                if 5 + n > length:
+                    raise _ProtocolError("blob frame: msgpack length past the end")
+                if 9 + n <= avail:
+                    body = self.view[self.start + 9:self.start + 9 + n]
+                    self.start += 9 + n
+                    self._blob_frame_head(body, length - 5 - n)
+                elif 9 + n > len(self.buf):
+                    own = bytearray(n)
+                    self.start += 9
+                    self._receive_into([memoryview(own)], n,
+                                       lambda own=own, rest=length - 5 - n: self._blob_frame_head(memoryview(own), rest))
+                else:
+                    return
+            elif self.view[self.start + 4] == _BLOB_MARK[0]:
+                return  # the blob header is not complete yet
+            elif 4 + length <= avail:
+                body = self.view[self.start + 4:self.start + 4 + length]
+                self.start += 4 + length
+                self._deliver(self._unpack(body))
+            elif 4 + length > len(self.buf):
+                own = bytearray(length)
+                self.start += 4
+                self._receive_into([memoryview(own)], length,
+                                   lambda own=own: self._deliver(self._unpack(memoryview(own))))
+            else:
+                return
+            if self.start == self.end:
+                self.start = self.end = 0
+
+    @staticmethod
+    def _unpack(body: memoryview, hook=None) -> Any:
+        try:
+            if hook is None:
+                return msgpack.unpackb(body, raw=False, strict_map_key=False)
+            return msgpack.unpackb(body, raw=False, strict_map_key=False, ext_hook=hook)
+        except _ProtocolError:
+            raise
+        except Exception as exc:
+            raise _ProtocolError(f"reply is not msgpack: {type(exc).__name__}") from None
+
+    def _blob_frame_head(self, body: memoryview, blob_bytes: int) -> None:
+        blobs: list[BlobRef] = []
+
+        def hook(code: int, data: bytes):
+            if code != _BLOB_EXT or len(data) != 4:
+                return msgpack.ExtType(code, data)
+            ref = BlobRef(_HEADER.unpack(data)[0])
+            blobs.append(ref)
+            return ref
+
+        msg = self._unpack(body, hook)
+        if sum(b.nbytes for b in blobs) != blob_bytes:
+            raise _ProtocolError("blob frame: blob lengths do not add up to the frame length")
+        self._check(msg)
+        pending = self.conn.pending.get(msg[1])
+        if pending is not None and pending.sink is not None and msg[2] is None:
+            try:
+                pending.sink(msg[3])
+            except Exception:  # a sink that fails places nothing; the caller sees plain blobs
+                log.exception("reply sink failed")
+                for b in blobs:
+                    b.dest = None
+        self.reply, self.blobs, self.blob_i, self.done = msg, blobs, 0, {}
+        self.frame_left = len(blobs)
+        if not blobs:
+            self._end_blob_frame()
+
+    def _next_blob(self) -> None:
+        ref = self.blobs[self.blob_i]
+        dest = ref.dest
+        pending = self.conn.pending.get(self.reply[1])
+        if dest is not None and (pending is None or pending.fut.done()):
+            dest = None  # the caller stopped waiting: its buffers are not ours to write any more
+        guard = None
+        if dest is not None and ref.nbytes <= sum(d.nbytes for d in dest):
+            value: Any = Placed(ref.nbytes, dest)
+            guard = pending.fut
+        else:
+            own = bytearray(ref.nbytes)
+            value, dest = memoryview(own), [memoryview(own)]
+        self.done[id(ref)] = value
+        self.blob_i += 1
+        self.frame_left -= 1
+        last = self.frame_left == 0
+        self._receive_into(dest, ref.nbytes, self._end_blob_frame if last else _nothing)
+        if self.fill:
+            self.fill_guard = guard
+
+    def _end_blob_frame(self) -> None:
+        msg, done = self.reply, self.done
+        self.reply, self.blobs, self.done, self.frame_left = None, [], {}, 0
+        self._deliver(_swap_refs(msg, done) if done else msg, checked=True)
+
+    @staticmethod
+    def _check(msg: Any) -> None:
+        if not isinstance(msg, list) or len(msg) != 4 or msg[0] != _REPLY or not isinstance(msg[1], int):
+            raise _ProtocolError("expected [1, id, code, result]")
+
+    def _deliver(self, msg: Any, checked: bool = False) -> None:
+        if not checked:
+            self._check(msg)
+        _, rid, code, payload = msg
+        pending = self.conn.pending.pop(rid, None)
+        if pending is None:
+            if rid == 0 and code is not None:  # a connection-level error (oversized frame)
+                self.conn.error = make_error(code, payload)
+            return
+        if not pending.fut.done():
+            pending.fut.set_result((code, payload))
+
+
+def _nothing() -> None:
+    pass
+
+
+class _ProtocolError(Exception):
+    pass
+
+
 class _Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str, max_frame: int):
-        self.reader, self.writer, self.address, self.max_frame = reader, writer, address, max_frame
-        self.outbox = _Outbox(writer)
-        self.pending: dict[int, asyncio.Future] = {}
+    """One client connection: requests go out through an :class:`_Outbox`, replies are matched
+    to callers by id in :class:`_ClientProtocol`."""
+
+    def __init__(self, address: str, max_frame: int):
+        self.address, self.max_frame = address, max_frame
+        self.pending: dict[int, _Pending] = {}
         self.ids = itertools.count(1)
         self.closed = False
-        self.reader_task = asyncio.ensure_future(self._read_loop())
+        self.error: FsError | None = None
+        self.protocol = _ClientProtocol(self)
+        self.outbox: _Outbox | None = None
 
-    async def _read_loop(self) -> None:
-        error: FsError = make_error(Code.RPC_CONNECT, f"connection to {self.address} closed")
-        try:
-            while True:
-                (length,) = _HEADER.unpack(await self.reader.readexactly(4))
-                if length > self.max_frame:
-                    error = make_error(Code.RPC_TOO_LARGE, f"reply of {length} bytes from {self.address}")
-                    return
-                msg = _decode(await self.reader.readexactly(length))
-                _, rid, code, payload = msg
-                fut = self.pending.pop(rid, None)
-                if fut is None:
-                    if rid == 0 and code is not None:  # a connection-level error (oversized frame)
-                        error = make_error(code, payload)
-                    continue
-                if not fut.done():
-                    fut.set_result((code, payload))
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
-        except Exception as exc:
-            error = make_error(Code.RPC_MALFORMED, f"bad reply from {self.address}: {exc}")
-        finally:
-            self.closed = True
-            self.writer.close()
-            for fut in self.pending.values():
-                if not fut.done():
-                    fut.set_exception(error)
-            self.pending.clear()
+    async def open(self, host: str, port: int) -> None:
+        transport, _ = await asyncio.get_running_loop().create_connection(lambda: self.protocol, host, port)
+        self.outbox = _Outbox(_TransportWriter(transport, self.protocol))
 
-    async def call(self, method: str, args: dict, timeout: float) -> Any:
+    def _closed(self, error: FsError | None) -> None:
+        self.closed = True
+        err = error or self.error or make_error(Code.RPC_CONNECT, f"connection to {self.address} closed")
+        self.error = err
+        pending, self.pending = self.pending, {}
+        for p in pending.values():
+            if not p.fut.done():
+                p.fut.set_exception(err)
+
+    async def call(self, method: str, args: dict, timeout: float, sink: Callable[[Any], None] | None = None) -> Any:
+        if self.closed:
+            raise self.error or make_error(Code.RPC_CONNECT, f"connection to {self.address} closed")
         rid = next(self.ids)
         fut = asyncio.get_running_loop().create_future()
-        self.pending[rid] = fut
+        self.pending[rid] = _Pending(fut, sink)
         try:
             async with asyncio.timeout(timeout):
                 await self.outbox.send([_REQUEST, rid, method, timeout, args])
@@ -396,14 +701,37 @@ class _Connection:
                 raise
             raise make_error(Code.RPC_CONNECT, f"{method} on {self.address}: {exc}") from None
         finally:
-            self.pending.pop(rid, None)
+            # A reply still arriving for this id now goes to scratch buffers (see _next_blob):
+            # the caller's buffers are not written after it stopped waiting.
+            p = self.pending.pop(rid, None)
+            if p is not None and not p.fut.done():
+                p.fut.cancel()
         if code is not None:
             raise make_error(code, payload)
         return payload
 
     def close(self) -> None:
-        self.reader_task.cancel()
-        self.writer.close()
+        if self.outbox is not None:
+            self.outbox.writer.close()
+        self._closed(None)
+
+
+class _TransportWriter:
+    """The two things :class:`_Outbox` needs from a writer, over a transport and its protocol."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: _ClientProtocol):
+        self.transport, self.protocol = transport, protocol
+
+    def write(self, data) -> None:
+        if self.transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        await self.protocol.drain()
+
+    def close(self) -> None:
+        self.transport.close()
 
 
 class RpcClient:
@@ -437,23 +765,29 @@ class RpcClient:
             if conns and len(conns) >= self.per_address:
                 return conns[next(self._rr) % len(conns)]
             host, port = parse_address(address)
+            conn = _Connection(address, self.max_frame)
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=8 * 2**20),
-                                                        self.connect_timeout)
+                await asyncio.wait_for(conn.open(host, port), self.connect_timeout)
             except (OSError, asyncio.TimeoutError) as exc:
+                conn.close()
                 raise make_error(Code.RPC_CONNECT, f"cannot connect to {address}: {exc or type(exc).__name__}") from None
-            conn = _Connection(reader, writer, address, self.max_frame)
             conns.append(conn)
             self._conns[address] = conns
             return conn
 
-    async def call(self, address: str, method: str, args: dict | None = None, *, timeout: float | None = None) -> Any:
+    async def call(self, address: str, method: str, args: dict | None = None, *, timeout: float | None = None,
+                   sink: Callable[[Any], None] | None = None) -> Any:
+        """``sink``: called with the result as soon as its msgpack part arrived, with a
+        :class:`BlobRef` for each blob still to come; setting ``ref.dest`` there receives that
+        blob straight into the caller's buffers (the result then holds a :class:`Placed`).
+        Only for successful replies that carry blobs; after an error the contents of buffers
+        given to a sink are unspecified (a reply may have been part-received)."""
         timeout = self.default_timeout if timeout is None else timeout
         if timeout <= 0:
             raise ValueError(f"timeout: expected > 0 seconds, got {timeout}")
         deadline = time.monotonic() + timeout
         conn = await self._connection(address)
-        return await conn.call(method, args or {}, max(1e-3, deadline - time.monotonic()))
+        return await conn.call(method, args or {}, max(1e-3, deadline - time.monotonic()), sink)
 
     def drop(self, address: str) -> None:
         """Close the connections to ``address`` (after its process restarted, say)."""

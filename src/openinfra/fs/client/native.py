@@ -352,17 +352,38 @@ class AsyncFile:
         size = max(0, min(size, self.length - offset))
         if size == 0:
             return b""
+        buf = bytearray(size)
+        await self._pread_into(memoryview(buf), offset)
+        return bytes(buf)  # the one copy left: the chunks went from the socket into ``buf``
+
+    async def pread_into(self, buffer, offset: int) -> int:
+        """Read into ``buffer`` (any writable contiguous buffer) from ``offset``; returns the byte
+        count (short at end of file, the rest of ``buffer`` untouched). Holes read as zeros. The
+        chunks are received straight into ``buffer``; after an error its contents are unspecified."""
+        self._check_open()
+        _check_int(offset, "offset")
+        view = memoryview(buffer)
+        if view.readonly:
+            raise TypeError("buffer: expected a writable buffer")
+        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        size = view.nbytes
+        if offset + size > self.length and not self.writable:
+            st = await self.fs._meta("stat_inode", {"inode": self.inode})  # another writer may have grown it
+            self.length = max(self.length, st.get("length", 0))
+        size = max(0, min(size, self.length - offset))
+        if size:
+            await self._pread_into(view[:size], offset)
+        return size
+
+    async def _pread_into(self, view: memoryview, offset: int) -> None:
         st = self.fs.storage
-        pieces = list(self._pieces(offset, size))
-        parts = await self._gather(st.read_chunk(self.layout, self.inode, idx, within, n) for idx, within, _, n in pieces)
-        if len(parts) == 1 and len(parts[0]) == size:
-            return bytes(parts[0])
-        out = []
-        for (_, _, _, n), part in zip(pieces, parts):
-            out.append(part)
-            if len(part) < n:
-                out.append(bytes(n - len(part)))  # a hole or a chunk shorter than the file: zeros
-        return b"".join(out)  # one copy
+        pieces = list(self._pieces(offset, view.nbytes))
+        got = await self._gather(st.read_chunk(self.layout, self.inode, idx, within, n,
+                                               into=view[pos - offset:pos - offset + n])
+                                 for idx, within, pos, n in pieces)
+        for (_, _, pos, n), k in zip(pieces, got):
+            if k < n:  # a hole or a chunk shorter than the file: zeros (a failed try may have left bytes)
+                view[pos - offset + k:pos - offset + n] = bytes(n - k)
 
     async def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:

@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from openinfra.fs.errors import RETRIABLE_CODES, Code, FsError, make_error
 from openinfra.fs.routing import Routing
-from openinfra.fs.rpc import RpcClient
+from openinfra.fs.rpc import BlobRef, Placed, RpcClient
 from openinfra.fs.storage.service import MgmtdLink
 
 __all__ = ["RoutingCache", "StorageClient", "chunk_chain", "retrying"]
@@ -27,6 +27,51 @@ __all__ = ["RoutingCache", "StorageClient", "chunk_chain", "retrying"]
 log = logging.getLogger("openinfra.fs.client")
 BATCH_READ_BYTES = 16 << 20  # the most bytes one batch_read request asks for
 T = TypeVar("T")
+
+
+def _segments(into) -> list[memoryview]:
+    """``into`` (a writable buffer or a list of them) as a scatter list of byte memoryviews."""
+    bufs = into if isinstance(into, (list, tuple)) else [into]
+    segs = []
+    for b in bufs:
+        m = memoryview(b)
+        if m.readonly:
+            raise TypeError("into: expected writable buffers")
+        if not m.c_contiguous:
+            raise ValueError("into: expected contiguous buffers")
+        segs.append(m if m.format == "B" and m.ndim == 1 else m.cast("B"))
+    return segs
+
+
+def _place(data, segs: list[memoryview]) -> int:
+    """Bytes of one read now in ``segs``: a blob the RPC layer received there already, or a
+    small reply (sent inside the msgpack body) copied in. Returns the byte count."""
+    if isinstance(data, Placed):
+        if data.dest is not segs:
+            raise RuntimeError("reply placed into another read's buffers")
+        return data.nbytes
+    src = memoryview(data).cast("B") if not isinstance(data, memoryview) or data.format != "B" else data
+    n = src.nbytes
+    if n > sum(s.nbytes for s in segs):
+        raise ValueError(f"into: {n} bytes read do not fit in {sum(s.nbytes for s in segs)} bytes of buffers")
+    pos = 0
+    for s in segs:
+        k = min(s.nbytes, n - pos)
+        if k <= 0:
+            break
+        s[:k] = src[pos:pos + k]
+        pos += k
+    return n
+
+
+def _sink_one(segs: list[memoryview]):
+    """An RPC sink that places a ``read`` reply's data blob into ``segs``."""
+
+    def sink(result) -> None:
+        if isinstance(result, dict) and type(result.get("data")) is BlobRef:
+            result["data"].dest = segs
+
+    return sink
 
 
 def chunk_chain(layout: dict, index: int) -> int:
@@ -129,10 +174,17 @@ class StorageClient:
         finally:
             self._channels.put_nowait(channel)
 
-    async def read_chunk(self, layout: dict, inode: int, index: int, offset: int, length: int) -> bytes:
-        """Committed bytes of one chunk (shorter than ``length`` at the chunk's end; b"" for a hole)."""
+    async def read_chunk(self, layout: dict, inode: int, index: int, offset: int, length: int,
+                         into=None):
+        """Committed bytes of one chunk (shorter than ``length`` at the chunk's end; b"" for a hole).
+
+        ``into``: a writable buffer, or a list of them filled in order (a scatter list), with room
+        for ``length`` bytes: the bytes are received straight into it and the byte count is
+        returned instead. After an error its contents are unspecified."""
         chain_id = chunk_chain(layout, index)
         tail = [False]
+        segs = None if into is None else _segments(into)
+        sink = None if segs is None else _sink_one(segs)
 
         async def attempt():
             r = self.routing.routing
@@ -143,18 +195,21 @@ class StorageClient:
             try:
                 res = await self.rpc.call(self._node_address(r, target), "read", dict(
                     chain_id=chain_id, inode=inode, index=index, offset=offset, length=length),
-                    timeout=self.io_timeout_s)
+                    timeout=self.io_timeout_s, sink=sink)
             except FsError as exc:
                 tail[0] = exc.code == Code.CHUNK_DIRTY
                 raise
-            return res["data"]
+            return res["data"] if segs is None else _place(res["data"], segs)
 
         return await retrying(attempt, self.routing, self.retry_s, f"read chunk {inode}:{index}")
 
-    async def read_chunks(self, reads: list[tuple[dict, int, int, int, int]]) -> list[bytes]:
+    async def read_chunks(self, reads: list[tuple[dict, int, int, int, int]], into: list | None = None) -> list:
         """Many chunk reads, one ``batch_read`` request per storage node: ``reads`` holds
         ``(layout, inode, index, offset, length)`` tuples; returns their bytes in order, each as
         :meth:`read_chunk` would (short at a chunk's end, b"" for a hole).
+
+        ``into``: one destination per read as :meth:`read_chunk` takes it (a buffer or a scatter
+        list); the replies are received straight into them and the byte counts are returned.
 
         Each read goes to a random serving replica of its chain; reads that fail there (a dirty
         chunk, a node fenced or gone) are retried one by one through :meth:`read_chunk`, which
@@ -162,6 +217,9 @@ class StorageClient:
         if not isinstance(reads, (list, tuple)):
             raise TypeError(f"reads: expected a list of (layout, inode, index, offset, length), got {type(reads).__name__}")
         out: list = [None] * len(reads)
+        if into is not None and len(into) != len(reads):
+            raise ValueError(f"into: expected {len(reads)} destinations (one per read), got {len(into)}")
+        segs = None if into is None else [_segments(d) for d in into]
         r = self.routing.routing
         groups: dict[str, list[int]] = {}
         for i, (layout, inode, index, offset, length) in enumerate(reads):
@@ -173,15 +231,25 @@ class StorageClient:
 
         async def node_batch(addr: str, idxs: list[int]) -> None:
             args = [[chunk_chain(reads[i][0], reads[i][2]), *reads[i][1:]] for i in idxs]
+            sink = None
+            if segs is not None:
+                def sink(result) -> None:
+                    if isinstance(result, list) and len(result) == len(idxs):
+                        for i, one in zip(idxs, result):
+                            if isinstance(one, dict) and type(one.get("data")) is BlobRef:
+                                one["data"].dest = segs[i]
             try:
-                res = await self.rpc.call(addr, "batch_read", {"reads": args}, timeout=self.io_timeout_s)
+                res = await self.rpc.call(addr, "batch_read", {"reads": args}, timeout=self.io_timeout_s, sink=sink)
             except FsError as exc:
                 if not exc.retriable:
                     raise
                 return  # the whole batch falls back to the one-by-one path
+            if not isinstance(res, list) or len(res) != len(idxs):
+                raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: {len(idxs)} reads, "
+                                 f"{len(res) if isinstance(res, list) else type(res).__name__} results")
             for i, one in zip(idxs, res):
                 if "code" not in one:
-                    out[i] = one["data"]
+                    out[i] = one["data"] if segs is None else _place(one["data"], segs[i])
                 elif one["code"] not in RETRIABLE_CODES:
                     raise make_error(one["code"], one["message"])
 
@@ -203,7 +271,8 @@ class StorageClient:
         await asyncio.gather(*(node_batch(a, idxs) for a, idxs in batches))
         missing = [i for i, v in enumerate(out) if v is None]
         if missing:
-            again = await asyncio.gather(*(self.read_chunk(*reads[i]) for i in missing))
+            again = await asyncio.gather(*(self.read_chunk(*reads[i], into=None if segs is None else segs[i])
+                                           for i in missing))
             for i, v in zip(missing, again):
                 out[i] = v
         return out

@@ -77,19 +77,23 @@ def _header(t: torch.Tensor, digest: str) -> bytes:
     return (_PREFIX.pack(_MAGIC, len(body)) + body).ljust(HEADER_BYTES, b"\0")
 
 
-def _parse_header(raw: bytes, digest: str) -> dict | None:
+def _parse_header(raw: bytes | memoryview, digest: str, total: int | None = None) -> dict | None:
+    """The header of a block read as ``raw`` (its first ``HEADER_BYTES`` at least), or None if it
+    is not a complete block of key ``digest``. ``total``: the block's byte count when ``raw`` holds
+    only the header (the payload went elsewhere), else ``len(raw)``."""
+    total = len(raw) if total is None else total
     if len(raw) < HEADER_BYTES:
         return None
     magic, n = _PREFIX.unpack_from(raw)
     if magic != _MAGIC or n > HEADER_BYTES - _PREFIX.size:
         return None
     try:
-        h = msgpack.unpackb(raw[_PREFIX.size:_PREFIX.size + n])
+        h = msgpack.unpackb(bytes(raw[_PREFIX.size:_PREFIX.size + n]))
     except Exception:
         return None
     if not isinstance(h, dict) or h.get("k") != digest or h.get("d") not in _DTYPES:
         return None
-    if len(raw) < HEADER_BYTES + h["n"]:
+    if not isinstance(h.get("n"), int) or total < HEADER_BYTES + h["n"]:
         return None  # a block still being written, or cut short
     return h
 
@@ -250,38 +254,88 @@ class KVCache:
             return h, raw
         return None
 
-    async def _prefetch(self, keys: Sequence[bytes]) -> dict[str, tuple[dict, bytes]]:
-        """Blocks of a batch whose location is cached and that fit in one chunk, read with one
-        ``batch_read`` request per storage node instead of one request per block. Returns the
-        blocks whose header checks out; the others (deleted or replaced since, not cached) take
-        the one-by-one path, which asks meta."""
-        todo = []
-        for d in dict.fromkeys(_digest(k) for k in keys):
-            node = self._where.get(d)
-            if node is not None and node["length"] <= node["layout"]["chunk_size"]:
-                todo.append((d, node))
-        if len(todo) < 2:
-            return {}
-        raws = await self._aio.storage.read_chunks([(n["layout"], n["id"], 0, 0, n["length"]) for _, n in todo])
-        out = {}
-        for (d, _), raw in zip(todo, raws):
-            h = _parse_header(raw, d)
-            if h is not None:
-                out[d] = (h, raw)
+    def _cached_one_chunk(self, digest: str, total: int | None = None) -> dict | None:
+        """The cached location of a block that fits in one chunk (of ``total`` bytes with its
+        header, when given), else None."""
+        node = self._where.get(digest)
+        if node is None or node["length"] > node["layout"]["chunk_size"]:
+            return None
+        if total is not None and node["length"] != total:
+            return None
+        return node
+
+    async def _read_cached_into(self, todo: list[tuple[str, dict, memoryview]]) -> list[dict | None]:
+        """Read blocks at cached locations straight into their destinations: ``todo`` holds
+        ``(digest, node, payload buffer)`` with the buffer exactly the block's payload size.
+        One ``batch_read`` per storage node; each reply's header goes to a small buffer and its
+        payload into the caller's buffer, so the payload is copied once (socket to tensor).
+        Each read is of the whole chunk, so storage checks it against its CRC32C.
+
+        Returns per block its header, or None where the block was not read whole or its header
+        does not match (deleted or replaced since): the location is forgotten, the payload buffer
+        holds unspecified bytes, and the caller goes to meta."""
+        heads = memoryview(bytearray(HEADER_BYTES * len(todo)))
+        into = [[heads[j * HEADER_BYTES:(j + 1) * HEADER_BYTES], payload] for j, (_, _, payload) in enumerate(todo)]
+        got = await self._aio.storage.read_chunks([(n["layout"], n["id"], 0, 0, n["length"]) for _, n, _ in todo], into)
+        out: list[dict | None] = []
+        for j, ((d, node, _), n) in enumerate(zip(todo, got)):
+            h = None
+            if n == node["length"]:
+                h = _parse_header(heads[j * HEADER_BYTES:(j + 1) * HEADER_BYTES], d, n)
+                if h is not None and HEADER_BYTES + h["n"] != n:
+                    h = None
+            if h is None:
+                self._where.pop(d, None)
+            out.append(h)
         return out
 
     async def _get_into_many(self, keys: Sequence[bytes], outs: list[torch.Tensor]) -> list[bool]:
-        pre = await self._prefetch(keys)
-        return await self._gather(self._get_into_one(k, t, f"outs[{i}]", pre) for i, (k, t) in enumerate(zip(keys, outs)))
+        hits: list[bool | None] = [None] * len(keys)
+        todo, where = [], []
+        for i, (k, t) in enumerate(zip(keys, outs)):
+            want = t.numel() * t.element_size()
+            d = _digest(k)
+            node = self._cached_one_chunk(d, HEADER_BYTES + want) if t.device.type == "cpu" else None
+            if node is not None:
+                todo.append((d, node, memoryview(_payload_view(t.detach()).numpy())))
+                where.append(i)
+        if todo:
+            for i, h in zip(where, await self._read_cached_into(todo)):
+                if h is not None:
+                    hits[i] = True
+        rest = [i for i, v in enumerate(hits) if v is None]
+        if rest:
+            found = await self._gather(self._get_into_one(keys[i], outs[i], f"outs[{i}]") for i in rest)
+            for i, v in zip(rest, found):
+                hits[i] = v
+        return hits
 
     async def _get_many(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
-        pre = await self._prefetch(keys)
-        return await self._gather(self._get_one(k, pre) for k in keys)
+        got: list = [None] * len(keys)
+        todo, where, bufs = [], [], []
+        for i, k in enumerate(keys):
+            d = _digest(k)
+            node = self._cached_one_chunk(d)
+            if node is not None:
+                buf = torch.empty(node["length"] - HEADER_BYTES, dtype=torch.uint8)
+                todo.append((d, node, memoryview(buf.numpy())))
+                where.append(i)
+                bufs.append(buf)
+        done = set()
+        if todo:
+            for i, buf, h in zip(where, bufs, await self._read_cached_into(todo)):
+                if h is not None:
+                    got[i] = buf.view(_DTYPES[h["d"]]).reshape(h["s"])
+                    done.add(i)
+        rest = [i for i in range(len(keys)) if i not in done]
+        if rest:
+            for i, t in zip(rest, await self._gather(self._get_one(keys[i]) for i in rest)):
+                got[i] = t
+        return got
 
-    async def _get_into_one(self, key: bytes, out: torch.Tensor, name: str, pre: dict | None = None) -> bool:
+    async def _get_into_one(self, key: bytes, out: torch.Tensor, name: str) -> bool:
         digest = _digest(key)
-        got = pre.get(digest) if pre else None
-        got = got or await self._read_block(digest)
+        got = await self._read_block(digest)
         if got is None:
             return False
         h, raw = got
@@ -300,10 +354,9 @@ class KVCache:
         ts = [_check_tensor(o, f"outs[{i}]") for i, o in enumerate(outs)]
         return self.client._run(self._get_into_many(keys, ts))
 
-    async def _get_one(self, key: bytes, pre: dict | None = None) -> torch.Tensor | None:
+    async def _get_one(self, key: bytes) -> torch.Tensor | None:
         digest = _digest(key)
-        got = pre.get(digest) if pre else None
-        got = got or await self._read_block(digest)
+        got = await self._read_block(digest)
         if got is None:
             return None
         h, raw = got
