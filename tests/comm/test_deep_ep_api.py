@@ -69,3 +69,17 @@ def test_buffer_needs_a_process_group():
         pytest.skip("a process group is already initialised in this process")
     with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
         Buffer()
+
+
+def test_symmetric_transport_alternates_two_buffer_sets_per_size():
+    """The pull-based exchange ends without a barrier, so a buffer set may be reused only every
+    other exchange of its size (symm_mem.SymmetricTransport's docstring): sets alternate per size."""
+    from openinfra.comm.deep_ep.symm_mem import SymmetricTransport
+
+    t = SymmetricTransport.__new__(SymmetricTransport)  # no NVSHMEM here: allocation is stubbed
+    t._buffers, t._turn = {}, {}
+    made = []
+    t._allocate = lambda nbytes: made.append(nbytes) or (f"set{len(made)}",)
+    a1, b1, a2, b2, a3 = t._get(64), t._get(128), t._get(64), t._get(128), t._get(64)
+    assert made == [64, 64, 128, 128]  # two sets per size, allocated once, in call order
+    assert a1 != a2 and a3 == a1 and b1 != b2

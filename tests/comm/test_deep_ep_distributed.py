@@ -85,8 +85,8 @@ def test_suites_on_nccl(distributed):
 @pytest.mark.multigpu
 @pytest.mark.xfail(run=False, strict=True, reason=(
     "not run: the low-latency suite over symmetric memory hung on rank 1 of 2 H200s on 2026-11-29 "
-    "(rank 0 finished its 16 checks; scripts/diag_deep_ep_nccl.py reproduces it); symmetric memory "
-    "stays opt-in until that is understood (docs/deep_ep.md)"))
+    "(rank 0 finished its 16 checks; scripts/diag_deep_ep_nccl.py runs it step by step); the "
+    "double-buffered transport meant to fix it has not run on 2 GPUs yet (docs/deep_ep.md)"))
 def test_low_latency_on_symmetric_memory(distributed):
     num_ranks = min(torch.cuda.device_count(), 8)
     env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

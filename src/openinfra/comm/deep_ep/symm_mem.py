@@ -80,7 +80,15 @@ def symmetric_memory_status(group: dist.ProcessGroup, device: torch.device) -> t
 
 
 class SymmetricTransport:
-    """Padded-block all-to-all over ``all_to_all_vdev``; symmetric buffers cached by size."""
+    """Padded-block all-to-all over ``all_to_all_vdev``; symmetric buffers cached by size, two per size.
+
+    Why two: the exchange kernel *pulls* each peer's rows out of the peer's send buffer and ends
+    without a barrier, so a rank that finished its pulls may start the next exchange -- packing
+    into its send buffer, publishing new splits -- while a slower peer is still pulling the last
+    one. Alternating two buffer sets (the same order on every rank: the calls are collective) makes
+    reuse safe: exchange k+2 reuses exchange k's set only after exchange k+1's split exchange, whose
+    barrier every rank reaches after finishing exchange k.
+    """
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device) -> None:
         import torch.distributed._symmetric_memory as symm_mem
@@ -91,19 +99,26 @@ class SymmetricTransport:
         self.world = dist.get_world_size(group)
         if symm_mem.get_backend(device) != "NVSHMEM":
             symm_mem.set_backend("NVSHMEM")  # all_to_all_vdev is an NVSHMEM kernel
-        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._buffers: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._turn: dict[int, int] = {}
+
+    def _allocate(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        symm, name = self._symm, self.group.group_name
+        inp = symm.empty(nbytes, dtype=torch.uint8, device=self.device)
+        out = symm.empty(nbytes, dtype=torch.uint8, device=self.device)
+        splits = symm.empty(self.world, dtype=torch.int64, device=self.device)
+        out_meta = symm.empty(2, self.world, dtype=torch.int64, device=self.device)
+        for t in (inp, out, splits, out_meta):
+            symm.rendezvous(t, name)  # collective: every rank allocates the same sizes in the same order
+        return inp, out, splits, out_meta
 
     def _get(self, nbytes: int):
         if nbytes not in self._buffers:
-            symm, name = self._symm, self.group.group_name
-            inp = symm.empty(nbytes, dtype=torch.uint8, device=self.device)
-            out = symm.empty(nbytes, dtype=torch.uint8, device=self.device)
-            splits = symm.empty(self.world, dtype=torch.int64, device=self.device)
-            out_meta = symm.empty(2, self.world, dtype=torch.int64, device=self.device)
-            for t in (inp, out, splits, out_meta):
-                symm.rendezvous(t, name)
-            self._buffers[nbytes] = (inp, out, splits, out_meta)
-        return self._buffers[nbytes]
+            self._buffers[nbytes] = [self._allocate(nbytes), self._allocate(nbytes)]
+            self._turn[nbytes] = 0
+        turn = self._turn[nbytes]
+        self._turn[nbytes] = 1 - turn
+        return self._buffers[nbytes][turn]
 
     def all_to_all_blocks(self, out: torch.Tensor, inp: torch.Tensor, counts: torch.Tensor, fill) -> None:
         """``out`` [R * M, C] = the padded-block all-to-all of ``inp`` [R * M, C]; only ``counts[d]`` rows of block d move.
