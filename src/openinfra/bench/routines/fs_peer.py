@@ -716,6 +716,17 @@ def run_workloads(io_obj, cold: Callable[[], None], plan: Plan, data: memoryview
     return out
 
 
+def source_version() -> str:
+    """The commit of the code under test, ``+dirty`` when ``src/openinfra/fs`` has uncommitted edits."""
+    here = str(Path(__file__).resolve().parent)
+    try:
+        sha = _run(["git", "-C", here, "rev-parse", "--short", "HEAD"], timeout=10).stdout.strip()
+        dirty = _run(["git", "-C", here, "status", "--porcelain", "--", ":(top)src/openinfra/fs"], timeout=10).stdout
+    except (OSError, RuntimeError, subprocess.TimeoutExpired):
+        return "unknown"
+    return sha + ("+dirty" if dirty.strip() else "")
+
+
 # --- the routine ---------------------------------------------------------------------------------
 
 @routine(NAME, "3FS vs MooseFS: sequential and 4 KiB random read/write through each one's client", _add_arguments)
@@ -823,7 +834,7 @@ def bench_fs_peer(args: argparse.Namespace) -> BenchResult:
                     row["ours/MooseFS"] = e[f"{system}_over_peer"]
                     row["goal"] = f">= {GOALS[w]}"
                 rows.append(row)
-    summary = {"size_MiB": plan.size >> 20, "io_KiB": plan.io >> 10, "rand_ops_max": plan.rand_ops,
+    summary = {"source": source_version(), "size_MiB": plan.size >> 20, "io_KiB": plan.io >> 10, "rand_ops_max": plan.rand_ops,
                "rand_seconds_max": plan.rand_seconds, "chunkservers": plan.chunkservers,
                "replication": list(plan.replication), "fsync": args.fsync,
                "cold_reads": "drop_caches + fresh mount" if args.drop_caches else "fresh mount only",
