@@ -1,0 +1,121 @@
+"""Instruction mix of a kernel's loops on sm_90a, without a GPU (Triton's bundled ptxas + nvdisasm).
+
+Compiles one variant, assembles it, disassembles the cubin, and prints every loop (a backward
+branch) of more than 100 instructions with its most frequent opcodes, plus the registers, spills
+and `wgmma.wait_group` counts. The numbers in benchmarks/notes/{flash_mla,deep_gemm}.md come from it.
+
+    python scripts/sass_loops.py mla 16,64,8,2 [--causal] [--fp8] [--sparse]
+    python scripts/sass_loops.py gemm 128,128,8,4 [--pointer] [--pipeline]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def _tools() -> tuple[str, str]:
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return os.path.join(bin_dir, "ptxas"), os.path.join(bin_dir, "nvdisasm")
+
+
+def _compile(fn, sig: dict, const: dict, divisible: list[str], num_warps: int, num_stages: int):
+    params = list(inspect.signature(fn.fn).parameters)
+    full = {p: ("constexpr" if p in const else sig.get(p, "i32")) for p in params}
+    attrs = {(params.index(p),): [["tt.divisibility", 16]] for p in divisible if p in params}
+    src = ASTSource(fn=fn, signature=full, attrs=attrs, constexprs={(params.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def mla(spec: str, causal: bool, fp8: bool, sparse: bool):
+    from openinfra.kernels.flash_mla.kernel import _mla_attn_kernel
+    from openinfra.kernels.flash_mla.layout import FP8_ROPE_OFFSET, FP8_SCALE_OFFSET, FP8_TILE, PAGE_BLOCK_SIZE
+    from openinfra.kernels.flash_mla.resource_report import _DIV16, _PTR_TYPES
+
+    bm, bn, nw, ns = (int(x) for x in spec.split(","))
+    const = dict(BLOCK_M=bm, BLOCK_N=bn, SCHED_BLOCK=PAGE_BLOCK_SIZE, D_V=512, D_R=64, CAUSAL=causal, SPARSE=sparse,
+                 FP8=fp8, HAS_SINK=False, WRITE_MAX=False, INTERPRET=False, SCALE_OFF=FP8_SCALE_OFFSET,
+                 ROPE_OFF=FP8_ROPE_OFFSET, FP8_TILE=FP8_TILE)
+    sig = dict(_PTR_TYPES, scale_log2="fp32")
+    if fp8:
+        sig["kv_ptr"] = "*u8"
+    return _compile(_mla_attn_kernel, sig, const, list(_PTR_TYPES) + _DIV16, nw, ns)
+
+
+def gemm(spec: str, pointer: bool, pipeline: bool):
+    from openinfra.kernels.deep_gemm.gemm.kernel import _gemm_kernel
+
+    bm, bn, nw, ns = (int(x) for x in spec.split(","))
+    tma = not (pointer or pipeline)
+    const = dict(MODE=0, SCALED=True, SFB_GRAN_N=128, HAS_C=False, SPLIT_K=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128,
+                 GROUP_M=8, NUM_SMS=132, NUM_STAGES=ns, PIPELINE=pipeline, UPCAST=False, EVEN_K=True, USE_TMA=tma,
+                 SCALE_PREFETCH=0)
+    sig = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "d_ptr": "*bf16", "c_ptr": "*bf16", "sfa_ptr": "*fp32",
+           "sfb_ptr": "*fp32", "layout_ptr": "*i32"}
+    if tma:
+        sig["a_ptr"] = f"tensordesc<fp8e4nv[{bm}, 128]>"
+        sig["b_ptr"] = f"tensordesc<fp8e4nv[{bn}, 128]>"
+    div = ["d_ptr", "c_ptr", "sfa_ptr", "sfb_ptr", "layout_ptr", "K", "N", "stride_am", "stride_bn", "stride_dm",
+           "stride_sak", "stride_sbk"]
+    return _compile(_gemm_kernel, sig, const, div, nw, ns)
+
+
+def loops(sass: str, min_size: int = 100) -> list[tuple[int, collections.Counter]]:
+    """(size, opcode counts) of every backward-branch region of at least ``min_size`` instructions."""
+    ins, labels, pending = [], {}, None
+    for line in sass.splitlines():
+        m = re.match(r"\.(L_x_\d+):", line.strip())
+        if m:
+            pending = m.group(1)
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(.*?);", line)
+        if m:
+            addr = int(m.group(1), 16)
+            ins.append((addr, m.group(2)))
+            if pending:
+                labels[pending], pending = addr, None
+    out = []
+    for addr, text in ins:
+        m = re.search(r"BRA\s+(?:`\()?\.?(L_x_\d+)", text)
+        if m and m.group(1) in labels and labels[m.group(1)] < addr:
+            body = [t for a, t in ins if labels[m.group(1)] <= a <= addr]
+            if len(body) >= min_size:
+                ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
+                out.append((len(body), ops))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("kernel", choices=["mla", "gemm"])
+    p.add_argument("config", help="mla: block_m,block_n,warps,stages; gemm: block_m,block_n,warps,stages")
+    for flag in ("causal", "fp8", "sparse", "pointer", "pipeline"):
+        p.add_argument(f"--{flag}", action="store_true")
+    a = p.parse_args()
+    k = mla(a.config, a.causal, a.fp8, a.sparse) if a.kernel == "mla" else gemm(a.config, a.pointer, a.pipeline)
+    ptxas, nvdisasm = _tools()
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "k.ptx"), "w") as f:
+            f.write(k.asm["ptx"])
+        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", os.path.join(d, "k.ptx"), "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True, check=True)
+        sass = subprocess.run([nvdisasm, "-c", os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True).stdout
+    regs = re.search(r"Used (\d+) registers", r.stderr).group(1)
+    spill = re.search(r"(\d+) bytes spill stores", r.stderr).group(1)
+    waits = collections.Counter(re.findall(r"wgmma.wait_group.sync.aligned\s+(\d+)", k.asm["ptx"]))
+    print(f"{a.kernel} {a.config}: {regs} registers, {spill} B spill stores, {k.metadata.shared / 1024:.1f} KB shared, "
+          f"wgmma.wait_group {dict(waits)}")
+    for size, ops in loops(sass):
+        print(f"  loop of {size} instructions: " + ", ".join(f"{op} {n}" for op, n in ops.most_common(10)))
+
+
+if __name__ == "__main__":
+    main()
