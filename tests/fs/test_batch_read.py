@@ -224,3 +224,90 @@ def test_chunk_store_row_cache_follows_commits_removes_and_cancellation(tmp_path
             store.close()
 
     asyncio.run(go())
+
+
+def test_read_chunks_into_buffers_matches_plain_reads(cluster):
+    """``read_chunks(..., into=...)``: each read lands in its own buffer or scatter list (the
+    packed reply received straight there); counts are short at a chunk's end and 0 for a hole;
+    a destination too small for its read is a clear error."""
+    with cluster.client() as fs:
+        data, node = _file(fs, "/batch-into.bin", 3 * CHUNK + 5000, 21)
+        lay, ino = node["layout"], node["id"]
+        reads = [(lay, ino, 0, 0, CHUNK), (lay, ino, 1, 100, 70_000), (lay, ino, 3, 4000, 65536),  # short: 1000
+                 (lay, ino, 7, 0, 4096), (lay, ino, 2, 0, 128 + 65536)]                           # a hole
+        bufs = [bytearray(CHUNK), bytearray(70_000), bytearray(65536), bytearray(b"\x55" * 4096)]
+        head, body = bytearray(128), bytearray(65536)
+        into = [*bufs, [memoryview(head), memoryview(body)]]
+        got = fs._run(fs.aio.storage.read_chunks(reads, into))
+        assert got == [CHUNK, 70_000, 1000, 0, 128 + 65536]
+        assert bytes(bufs[0]) == data[:CHUNK]
+        assert bytes(bufs[1]) == data[CHUNK + 100:CHUNK + 70_100]
+        assert bytes(bufs[2][:1000]) == data[3 * CHUNK + 4000:] and bytes(bufs[2][1000:]) == bytes(64536)
+        assert bytes(bufs[3]) == b"\x55" * 4096  # a hole writes nothing
+        assert bytes(head) + bytes(body) == data[2 * CHUNK:2 * CHUNK + 128 + 65536]
+        with pytest.raises(ValueError, match="into"):
+            fs._run(fs.aio.storage.read_chunks(reads[:2], [bytearray(CHUNK), bytearray(10)]))
+        with pytest.raises(ValueError, match="one per read"):
+            fs._run(fs.aio.storage.read_chunks(reads[:2], [bytearray(CHUNK)]))
+        with pytest.raises(TypeError, match="writable"):
+            fs._run(fs.aio.storage.read_chunks(reads[:1], [bytes(CHUNK)]))
+        # single reads take the same destinations
+        one = bytearray(70_000)
+        assert fs._run(fs.aio.storage.read_chunk(lay, ino, 1, 100, 70_000, into=one)) == 70_000
+        assert bytes(one) == data[CHUNK + 100:CHUNK + 70_100]
+
+
+def test_pread_into_across_chunks_with_a_hole(cluster):
+    """``AsyncFile.pread_into`` / ``pread`` over chunk boundaries at unaligned offsets, through
+    a hole (zeros) and past the end of the file (short count, rest of the buffer untouched)."""
+    import torch
+
+    with cluster.client() as fs:
+        data = random.Random(5).randbytes(3 * CHUNK + 777)
+        fs.write_bytes("/pread-into.bin", data[:CHUNK])
+
+        async def write_tail():
+            f = await fs.aio.open("/pread-into.bin", "r+b")
+            try:
+                await f.pwrite(data[2 * CHUNK:], 2 * CHUNK)  # chunk 1 is never written: a hole
+            finally:
+                await f.close()
+
+        fs._run(write_tail())
+        want = data[:CHUNK] + bytes(CHUNK) + data[2 * CHUNK:]
+
+        async def reads():
+            f = await fs.aio.open("/pread-into.bin", "rb")
+            try:
+                t = torch.full((2 * CHUNK + 1000,), 9, dtype=torch.uint8)  # a tensor as the destination
+                n = await f.pread_into(t.numpy(), CHUNK - 500)
+                assert n == 2 * CHUNK + 1000 and bytes(t.numpy()) == want[CHUNK - 500:3 * CHUNK + 500]
+                tail = bytearray(b"\x07" * 5000)
+                assert await f.pread_into(tail, 3 * CHUNK) == 777
+                assert bytes(tail[:777]) == want[3 * CHUNK:] and bytes(tail[777:]) == b"\x07" * 4223
+                assert await f.pread(3 * CHUNK, 100) == want[100:3 * CHUNK + 100]
+                assert await f.pread_into(bytearray(10), 10 * CHUNK) == 0
+                with pytest.raises(TypeError, match="writable"):
+                    await f.pread_into(b"readonly", 0)
+            finally:
+                await f.close()
+
+        fs._run(reads())
+
+
+def test_read_chunks_into_falls_back_when_a_node_is_gone(cluster):
+    """With destinations, a batch lost with its node is read again one by one into the same
+    buffers: every count and byte is right (no bytes of the failed try reported as data)."""
+    with cluster.client(retry_s=30) as fs:
+        data, node = _file(fs, "/batch-into-kill.bin", 4 * CHUNK, 31)
+        reads = [(node["layout"], node["id"], i, 7, 100_000) for i in range(4)] * 3
+        cluster.kill("storage-1")
+        try:
+            for _ in range(3):
+                bufs = [bytearray(100_000) for _ in reads]
+                got = fs._run(fs.aio.storage.read_chunks(reads, bufs))
+                assert got == [100_000] * len(reads)
+                assert all(bytes(b) == data[(k % 4) * CHUNK + 7:(k % 4) * CHUNK + 100_007] for k, b in enumerate(bufs))
+        finally:
+            cluster.restart("storage-1")
+            cluster.wait_healthy(timeout=60)

@@ -32,7 +32,7 @@ import msgpack
 from openinfra.fs.errors import Code, FsError, RpcError, make_error
 
 __all__ = [
-    "RpcServer", "RpcClient", "BlobRef", "Placed", "DEFAULT_MAX_FRAME", "pack_frame", "parse_address", "format_address", "run_loop",
+    "RpcServer", "RpcClient", "BlobRef", "BlobPieces", "Placed", "DEFAULT_MAX_FRAME", "pack_frame", "parse_address", "format_address", "run_loop",
 ]
 
 DEFAULT_MAX_FRAME = 72 * 2**20  # a 64 MiB chunk plus its request fields
@@ -81,7 +81,24 @@ _BLOB_EXT = 1
 _BLOB_MIN = 64 * 1024
 
 
+class BlobPieces:
+    """One blob made of several buffers sent back to back, never joined: the receiver sees a
+    single blob of ``nbytes`` (a handler's reply of many chunk reads, say). Below the blob
+    threshold the pieces are joined and travel inside the msgpack body like any small bytes."""
+
+    __slots__ = ("pieces", "nbytes")
+
+    def __init__(self, pieces: list):
+        self.pieces = pieces
+        self.nbytes = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in pieces)
+
+
 def _extract(obj: Any, blobs: list) -> Any:
+    if type(obj) is BlobPieces:
+        if obj.nbytes >= _BLOB_MIN:
+            blobs.extend(obj.pieces)  # consecutive on the wire: one blob for the receiver
+            return msgpack.ExtType(_BLOB_EXT, _HEADER.pack(obj.nbytes))
+        return b"".join(obj.pieces)
     if isinstance(obj, (bytes, bytearray, memoryview)):
         n = obj.nbytes if isinstance(obj, memoryview) else len(obj)
         if n >= _BLOB_MIN:
@@ -89,10 +106,14 @@ def _extract(obj: Any, blobs: list) -> Any:
             return msgpack.ExtType(_BLOB_EXT, _HEADER.pack(n))
         return obj
     if isinstance(obj, dict):
-        return {k: _extract(v, blobs) for k, v in obj.items()}
+        return {k: v if type(v) in _SCALARS else _extract(v, blobs) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_extract(v, blobs) for v in obj]
+        return [v if type(v) in _SCALARS else _extract(v, blobs) for v in obj]
     return obj
+
+
+# Types that never hold a blob: the walks skip them without a call (a batch reply has many).
+_SCALARS = frozenset((int, float, str, bool, type(None)))
 
 
 def _has_blob(obj: Any, depth: int = 0) -> bool:
@@ -102,15 +123,21 @@ def _has_blob(obj: Any, depth: int = 0) -> bool:
         return len(obj) >= _BLOB_MIN
     if t is memoryview:
         return obj.nbytes >= _BLOB_MIN
+    if t is BlobPieces:
+        return True
     if depth < 6:
         if t is dict:
-            for v in obj.values():
-                if _has_blob(v, depth + 1):
-                    return True
+            values = obj.values()
         elif t is list or t is tuple:
-            for v in obj:
-                if _has_blob(v, depth + 1):
-                    return True
+            values = obj
+        else:
+            return False
+        for v in values:
+            tv = type(v)
+            if tv is int or tv is str or v is None:  # most of a request's fields: no call
+                continue
+            if _has_blob(v, depth + 1):
+                return True
     return False
 
 
@@ -375,9 +402,9 @@ def _swap_refs(obj: Any, done: dict) -> Any:
     if t is BlobRef:
         return done[id(obj)]
     if t is dict:
-        return {k: _swap_refs(v, done) for k, v in obj.items()}
+        return {k: v if type(v) in _SCALARS else _swap_refs(v, done) for k, v in obj.items()}
     if t is list:
-        return [_swap_refs(v, done) for v in obj]
+        return [v if type(v) in _SCALARS else _swap_refs(v, done) for v in obj]
     return obj
 
 

@@ -103,3 +103,29 @@ def test_block_store_protocol_with_prefix_keys(kv):
     assert all(store.exists(k) for k in keys)
     assert all(torch.equal(store.get(k), r) for k, r in zip(keys, rows))
     assert store.get(b"\0" * 32) is None
+
+
+def test_cached_gets_read_straight_into_tensors(kv, fs_client):
+    """Second gets use cached locations: one batch_read per node, payloads received straight into
+    the caller's tensors (any dtype/shape, requires_grad too). A block replaced under a cached
+    location by one of another size is noticed (size error), never served from the old one."""
+    g = torch.Generator().manual_seed(3)
+    vals = [torch.randn(8, 1024, generator=g).to(torch.bfloat16), torch.randn(3, 7, 5, generator=g),
+            torch.randint(0, 255, (65536,), generator=g, dtype=torch.uint8)]
+    keys = [b"fast-0", b"fast-1", b"fast-2"]
+    kv.put_batch(keys, vals)
+    assert all(torch.equal(a, b) for a, b in zip(kv.get_batch(keys), vals))  # cold: caches the locations
+    for _ in range(2):  # warm, and warm again (header seen before)
+        outs = [torch.zeros_like(v) for v in vals]
+        outs[1].requires_grad_(True)
+        assert kv.get_into(keys, outs) == [True, True, True]
+        assert all(torch.equal(o.detach(), v) for o, v in zip(outs, vals))
+        got = kv.get_batch(keys)
+        assert all(t.dtype == v.dtype and t.shape == v.shape and torch.equal(t, v) for t, v in zip(got, vals))
+    other = type(kv)(client=fs_client, root=kv.root)
+    assert other.delete(b"fast-1")
+    fs_client._run(fs_client.aio._meta("gc", {}))  # the old block's chunks go (keys name content: never reused)
+    other.put(b"fast-1", torch.ones(10))
+    with pytest.raises(ValueError, match="outs\\[1\\].*40 bytes"):
+        kv.get_into(keys, [torch.empty_like(v) for v in vals])
+    assert torch.equal(kv.get(b"fast-1"), torch.ones(10))

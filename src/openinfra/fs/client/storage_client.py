@@ -34,6 +34,9 @@ def _segments(into) -> list[memoryview]:
     bufs = into if isinstance(into, (list, tuple)) else [into]
     segs = []
     for b in bufs:
+        if type(b) is memoryview and b.format == "B" and b.ndim == 1 and b.c_contiguous and not b.readonly:
+            segs.append(b)  # the common case (callers that pass byte views): no new objects
+            continue
         m = memoryview(b)
         if m.readonly:
             raise TypeError("into: expected writable buffers")
@@ -62,6 +65,19 @@ def _place(data, segs: list[memoryview]) -> int:
         s[:k] = src[pos:pos + k]
         pos += k
     return n
+
+
+def _head(segs: list[memoryview], n: int) -> list[memoryview]:
+    """The first ``n`` bytes of scatter list ``segs`` (``n`` at most their total size)."""
+    out = []
+    for s in segs:
+        if n <= 0:
+            break
+        out.append(s[:n] if s.nbytes > n else s)
+        n -= s.nbytes
+    if n > 0:
+        raise ValueError(f"into: {sum(s.nbytes for s in segs)} bytes of buffers, {sum(s.nbytes for s in out) + n} read")
+    return out
 
 
 def _sink_one(segs: list[memoryview]):
@@ -220,38 +236,82 @@ class StorageClient:
         if into is not None and len(into) != len(reads):
             raise ValueError(f"into: expected {len(reads)} destinations (one per read), got {len(into)}")
         segs = None if into is None else [_segments(d) for d in into]
+        caps = None if segs is None else [sum(s.nbytes for s in d) for d in segs]
         r = self.routing.routing
         groups: dict[str, list[int]] = {}
+        chain_of: list[int] = [0] * len(reads)
+        addrs_of: dict[int, list[str]] = {}  # per chain, its serving replicas' addresses (looked up once)
         for i, (layout, inode, index, offset, length) in enumerate(reads):
-            serving = r.serving(chunk_chain(layout, index))
-            addr = r.address(random.choice(serving)["node"]) if serving else None
-            if addr is None:
+            chain_of[i] = cid = layout["chains"][index % layout["stripe"]]
+            addrs = addrs_of.get(cid)
+            if addrs is None:
+                addrs = addrs_of[cid] = [a for a in (r.address(t["node"]) for t in r.serving(cid)) if a is not None]
+            if not addrs:
                 continue  # left for the one-by-one path, which waits for routing
-            groups.setdefault(addr, []).append(i)
+            # a random serving replica spreads the reads (no draw for a single one)
+            addr = addrs[0] if len(addrs) == 1 else random.choice(addrs)
+            g = groups.get(addr)
+            if g is None:
+                groups[addr] = [i]
+            else:
+                g.append(i)
 
         async def node_batch(addr: str, idxs: list[int]) -> None:
-            args = [[chunk_chain(reads[i][0], reads[i][2]), *reads[i][1:]] for i in idxs]
+            args = [[chain_of[i], *reads[i][1:]] for i in idxs]
+            # Packed reply: per read [nbytes, version, chunk_length] or [code, message], then all
+            # bytes as one blob. With ``into`` the sink turns the sizes into one scatter list
+            # (each read's bytes into its destination) before the blob arrives.
             sink = None
             if segs is not None:
                 def sink(result) -> None:
-                    if isinstance(result, list) and len(result) == len(idxs):
-                        for i, one in zip(idxs, result):
-                            if isinstance(one, dict) and type(one.get("data")) is BlobRef:
-                                one["data"].dest = segs[i]
+                    if not isinstance(result, dict) or type(result.get("data")) is not BlobRef:
+                        return
+                    res, ref = result.get("results"), result["data"]
+                    if not isinstance(res, list) or len(res) != len(idxs):
+                        return
+                    dest, total = [], 0
+                    for i, one in zip(idxs, res):
+                        if type(one) is list and len(one) == 3 and type(one[0]) is int and one[0] > 0:
+                            n = one[0]
+                            dest.extend(segs[i] if n == caps[i] else _head(segs[i], n))
+                            total += n
+                    if total == ref.nbytes:
+                        ref.dest = dest
             try:
-                res = await self.rpc.call(addr, "batch_read", {"reads": args}, timeout=self.io_timeout_s, sink=sink)
+                res = await self.rpc.call(addr, "batch_read", {"reads": args, "packed": True},
+                                          timeout=self.io_timeout_s, sink=sink)
             except FsError as exc:
                 if not exc.retriable:
                     raise
                 return  # the whole batch falls back to the one-by-one path
-            if not isinstance(res, list) or len(res) != len(idxs):
-                raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: {len(idxs)} reads, "
-                                 f"{len(res) if isinstance(res, list) else type(res).__name__} results")
-            for i, one in zip(idxs, res):
-                if "code" not in one:
-                    out[i] = one["data"] if segs is None else _place(one["data"], segs[i])
-                elif one["code"] not in RETRIABLE_CODES:
-                    raise make_error(one["code"], one["message"])
+            results = res.get("results") if isinstance(res, dict) else None
+            if not isinstance(results, list) or len(results) != len(idxs):
+                raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: {len(idxs)} reads, a reply of "
+                                 f"{len(results) if isinstance(results, list) else type(res).__name__} results")
+            data = res.get("data", b"")
+            placed = isinstance(data, Placed)
+            if not placed:
+                data = memoryview(data)
+            pos = 0
+            for i, one in zip(idxs, results):
+                if type(one) is not list or len(one) not in (2, 3):
+                    raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: bad result {one!r}")
+                if len(one) == 2:
+                    if one[0] not in RETRIABLE_CODES:
+                        raise make_error(one[0], one[1])
+                    continue  # left for the one-by-one path
+                n = one[0]
+                if not placed and pos + n > data.nbytes:
+                    raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: results add up past the data")
+                if segs is None:
+                    out[i] = data[pos:pos + n]
+                elif placed:
+                    out[i] = n
+                else:
+                    out[i] = _place(data[pos:pos + n], segs[i])
+                pos += n
+            if placed and pos != data.nbytes:
+                raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: results do not add up to the data")
 
         # Split each node's reads into requests of at most BATCH_READ_BYTES reply bytes and 4096
         # reads (the server's limit), so a reply stays far below the RPC frame limit.

@@ -103,6 +103,13 @@ def _payload_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """A writable byte memoryview of contiguous CPU tensor ``t``'s storage (no copy)."""
+    if t.dtype is torch.uint8 and t.dim() == 1 and not t.requires_grad:
+        return memoryview(t.numpy())  # the common KV buffer: skip the view/reshape tensors
+    return memoryview(_payload_view(t.detach()).numpy())
+
+
 def _as_bytes_tensor(raw: bytes, start: int, n: int) -> torch.Tensor:
     """A read-only uint8 view of ``raw[start:start + n]`` (no copy; only ever read from)."""
     with warnings.catch_warnings():
@@ -281,9 +288,16 @@ class KVCache:
         for j, ((d, node, _), n) in enumerate(zip(todo, got)):
             h = None
             if n == node["length"]:
-                h = _parse_header(heads[j * HEADER_BYTES:(j + 1) * HEADER_BYTES], d, n)
-                if h is not None and HEADER_BYTES + h["n"] != n:
-                    h = None
+                raw = heads[j * HEADER_BYTES:(j + 1) * HEADER_BYTES]
+                seen = node.get("head")
+                if seen is not None and seen[0] == raw:  # the header read last time: parsed already
+                    h = seen[1]
+                else:
+                    h = _parse_header(raw, d, n)
+                    if h is not None and HEADER_BYTES + h["n"] != n:
+                        h = None
+                    if h is not None:
+                        node["head"] = (bytes(raw), h)
             if h is None:
                 self._where.pop(d, None)
             out.append(h)
@@ -293,11 +307,10 @@ class KVCache:
         hits: list[bool | None] = [None] * len(keys)
         todo, where = [], []
         for i, (k, t) in enumerate(zip(keys, outs)):
-            want = t.numel() * t.element_size()
             d = _digest(k)
-            node = self._cached_one_chunk(d, HEADER_BYTES + want) if t.device.type == "cpu" else None
+            node = self._cached_one_chunk(d, HEADER_BYTES + t.nbytes) if t.is_cpu else None
             if node is not None:
-                todo.append((d, node, memoryview(_payload_view(t.detach()).numpy())))
+                todo.append((d, node, _byte_view(t)))
                 where.append(i)
         if todo:
             for i, h in zip(where, await self._read_cached_into(todo)):

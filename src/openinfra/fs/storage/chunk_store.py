@@ -68,7 +68,8 @@ class ChunkStore:
 
     def __init__(self, path: str | Path, *, fsync: bool = True):
         self.path = Path(path)
-        self._root = str(self.path)  # os.path.join on a str is cheaper than Path / per read
+        self._root = str(self.path)
+        self._root_slash = self._root.rstrip("/") + "/"  # chunk file paths are this + a relative path
         self.fsync = fsync
         (self.path / "chunks").mkdir(parents=True, exist_ok=True)
         # Two connections: reads on the caller's thread, writes on one helper thread, where
@@ -173,7 +174,7 @@ class ChunkStore:
         ``pread`` into an exactly sized buffer is the whole read (no buffered-file layer)."""
         if rel is None:
             return b""
-        fd = os.open(os.path.join(self._root, rel), os.O_RDONLY)
+        fd = os.open(self._root_slash + rel, os.O_RDONLY)  # not os.path.join: ~10 us a read
         try:
             if length < 0:
                 length = os.fstat(fd).st_size - offset
