@@ -6,6 +6,7 @@ and `wgmma.wait_group` counts. The numbers in benchmarks/notes/{flash_mla,deep_g
 
     python scripts/sass_loops.py mla 16,64,8,2 [--causal] [--fp8] [--sparse]
     python scripts/sass_loops.py gemm 128,128,8,4 [--pointer] [--pipeline]
+    python scripts/sass_loops.py gluon-gemm 4          # the Gluon FP8 GEMM with 4 buffers
 """
 from __future__ import annotations
 
@@ -68,6 +69,30 @@ def gemm(spec: str, pointer: bool, pipeline: bool):
     return _compile(_gemm_kernel, sig, const, div, nw, ns)
 
 
+def gluon_gemm(buffers: str):
+    import torch
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    from openinfra.kernels.deep_gemm.gemm.gluon_kernel import _fp8_gemm_nt_kernel
+
+    # descriptors over small CPU tensors only to get the signature strings the JIT would build
+    operand = TensorDescriptor.from_tensor(torch.empty(256, 256, dtype=torch.float8_e4m3fn), [128, 128],
+                                           gl.NVMMASharedLayout.get_default_for([128, 128], gl.float8e4nv))
+    out = TensorDescriptor.from_tensor(torch.empty(256, 256, dtype=torch.bfloat16), [128, 128],
+                                       gl.NVMMASharedLayout.get_default_for([128, 128], gl.bfloat16))
+    params = list(inspect.signature(_fp8_gemm_nt_kernel.fn).parameters)
+    const = {"GROUP_M": 8, "NUM_BUFFERS": int(buffers), "num_warps": 8}
+    sig = {p: "constexpr" if p in const else "i32" for p in params}
+    sig.update(a_desc=mangle_type(operand), b_desc=mangle_type(operand), d_desc=mangle_type(out), sfa_ptr="*fp32",
+               sfb_ptr="*fp32")
+    src = GluonASTSource(fn=_fp8_gemm_nt_kernel, signature=sig,
+                         constexprs={(params.index(k),): v for k, v in const.items()}, attrs={})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": 8})
+
+
 def loops(sass: str, min_size: int = 100) -> list[tuple[int, collections.Counter]]:
     """(size, opcode counts) of every backward-branch region of at least ``min_size`` instructions."""
     ins, labels, pending = [], {}, None
@@ -95,12 +120,17 @@ def loops(sass: str, min_size: int = 100) -> list[tuple[int, collections.Counter
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("kernel", choices=["mla", "gemm"])
-    p.add_argument("config", help="mla: block_m,block_n,warps,stages; gemm: block_m,block_n,warps,stages")
+    p.add_argument("kernel", choices=["mla", "gemm", "gluon-gemm"])
+    p.add_argument("config", help="mla / gemm: block_m,block_n,warps,stages; gluon-gemm: buffers")
     for flag in ("causal", "fp8", "sparse", "pointer", "pipeline"):
         p.add_argument(f"--{flag}", action="store_true")
     a = p.parse_args()
-    k = mla(a.config, a.causal, a.fp8, a.sparse) if a.kernel == "mla" else gemm(a.config, a.pointer, a.pipeline)
+    if a.kernel == "mla":
+        k = mla(a.config, a.causal, a.fp8, a.sparse)
+    elif a.kernel == "gemm":
+        k = gemm(a.config, a.pointer, a.pipeline)
+    else:
+        k = gluon_gemm(a.config)
     ptxas, nvdisasm = _tools()
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "k.ptx"), "w") as f:
@@ -113,6 +143,8 @@ def main() -> None:
     waits = collections.Counter(re.findall(r"wgmma.wait_group.sync.aligned\s+(\d+)", k.asm["ptx"]))
     print(f"{a.kernel} {a.config}: {regs} registers, {spill} B spill stores, {k.metadata.shared / 1024:.1f} KB shared, "
           f"wgmma.wait_group {dict(waits)}")
+    for note in re.findall(r"\(C\d+\)[^\n]*", r.stderr):
+        print("  ptxas: " + note)
     for size, ops in loops(sass):
         print(f"  loop of {size} instructions: " + ", ".join(f"{op} {n}" for op, n in ops.most_common(10)))
 

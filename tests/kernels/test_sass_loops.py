@@ -26,3 +26,17 @@ def test_flash_mla_and_deep_gemm_loops_are_reported():
     gemm = _run("gemm", "128,128,8,4")
     # the FP8 GEMM's K loop: 4 wgmma (QGMMA in SASS) and the promotion FFMAs, one full wait per slice
     assert "wgmma.wait_group {'0': 1}" in gemm and "FFMA 64" in gemm
+
+
+def test_gluon_gemm_compiles_for_sm90_without_serialized_wgmma():
+    """The Gluon FP8 GEMM's point is an MMA in flight while the previous slice is promoted: it must
+    compile for sm_90a with one `wgmma.wait_group 1` in the loop, no spills, and without ptxas
+    serializing the wgmmas (its C7514 note: accumulator registers read while an MMA is in flight)."""
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")):
+        pytest.skip("Triton's bundled nvdisasm is missing; cannot disassemble sm_90a here")
+    for buffers in ("3", "4", "5"):
+        out = _run("gluon-gemm", buffers)
+        assert "wgmma.wait_group {'1': 1, '0': 1}" in out and " 0 B spill stores" in out, out
+        assert "C7514" not in out, out

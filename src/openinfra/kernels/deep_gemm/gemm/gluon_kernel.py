@@ -1,0 +1,157 @@
+"""The dense FP8 GEMM in Gluon, for Hopper: the promotion of slice k overlaps the MMA of slice k+1.
+
+D[M, N] (bf16) = sum over 128-deep K slices k of  sfa[:, k] * sfb[n_block, k] * (A_k @ B_k^T)
+
+with A [M, K] e4m3 (1x128 scales ``sfa``) and B [N, K] e4m3 (128x128 scales ``sfb``), the same
+semantics as the Triton kernel in :mod:`.kernel` (DENSE mode, no C, no split-K). Why a second
+kernel: Triton keeps a wgmma in flight only across ``acc = dot(a, b, acc)`` chains, so the
+two-level accumulation ``acc += dot(a, b) * scale`` waits for every slice's MMA before its 64
+promotion FMAs per thread, and the tensor cores idle meanwhile (benchmarks/notes/deep_gemm.md,
+"Compiler evidence"). Gluon exposes the wgmma issue and wait separately, so each iteration
+
+1. issues the TMA loads of slice k + NUM_BUFFERS - 2 (into the buffer slice k - 2 used),
+2. issues the MMA of slice k into a fresh accumulator (``use_acc=False``),
+3. waits until at most one MMA is in flight -- slice k - 1's is done, slice k's keeps running --
+4. adds slice k - 1's product times its scales into the fp32 accumulator (the FMAs run while the
+   tensor cores work on slice k).
+
+Three [BLOCK_M, BLOCK_N] fp32 register tiles are live (accumulator, product in flight, product
+being promoted): 3 x 64 registers per thread at 128 x 128 with 8 warps. Tiles are assigned in
+groups of GROUP_M row tiles for L2 reuse. Out-of-range rows and columns load as zeros (TMA) and
+are clipped by the TMA store. Only on sm_90 with a real GPU: Gluon has no interpreter, so the CPU
+path and the tests' oracle stay the PyTorch reference and the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from openinfra.kernels.deep_gemm.utils import GROUP_SIZE, ceil_div
+
+__all__ = ["fp8_gemm_nt_gluon", "gluon_supported"]
+
+
+@gluon.jit
+def _issue_loads(step, a_desc, b_desc, off_m, off_n, bars, a_bufs, b_bufs, NUM_BUFFERS: gl.constexpr, pred):
+    # TMA loads of K slice ``step`` into buffer step % NUM_BUFFERS; its barrier counts the bytes.
+    index = step % NUM_BUFFERS
+    bar = bars.index(index)
+    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(a_desc, [off_m, step * 128], bar, a_bufs.index(index), pred)
+    tma.async_copy_global_to_shared(b_desc, [off_n, step * 128], bar, b_bufs.index(index), pred)
+
+
+@gluon.jit
+def _issue_mma(step, bars, a_bufs, b_bufs, zero, NUM_BUFFERS: gl.constexpr):
+    # Wait for slice ``step``'s tiles, then start its MMA into a fresh accumulator (async).
+    index = step % NUM_BUFFERS
+    mbarrier.wait(bars.index(index), (step // NUM_BUFFERS) & 1)
+    return warpgroup_mma(a_bufs.index(index), b_bufs.index(index).permute((1, 0)), zero, use_acc=False,
+                         is_async=True)
+
+
+@gluon.jit
+def _fp8_gemm_nt_kernel(a_desc, b_desc, d_desc, sfa_ptr, sfb_ptr, M, N, K, stride_sam, stride_sak, stride_sbn,
+                        stride_sbk, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr, num_warps: gl.constexpr):
+    BLOCK_M: gl.constexpr = d_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = d_desc.block_type.shape[1]
+    gl.static_assert(NUM_BUFFERS >= 2, "one buffer for the MMA, at least one loading")
+
+    # Tile of this program, grouped along M for L2 reuse of the B tiles.
+    pid = gl.program_id(0)
+    tiles_m = gl.cdiv(M, BLOCK_M)
+    tiles_n = gl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = gl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BLOCK_N, 32])
+    row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+    rows = off_m + gl.arange(0, BLOCK_M, layout=row_layout)
+    row_ok = rows < M
+    sfa_rows = sfa_ptr + rows.to(gl.int64) * stride_sam
+    sfb_col = sfb_ptr + (off_n // 128) * stride_sbn  # one B scale block per 128 columns: BLOCK_N == 128
+
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NUM_BUFFERS] + a_desc.block_type.shape, a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NUM_BUFFERS] + b_desc.block_type.shape, b_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_BUFFERS):
+        mbarrier.init(bars.index(i), count=1)
+
+    num_k = gl.cdiv(K, 128)
+    zero = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+    acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+
+    # Prologue: slices 0 .. NB - 2 loading.
+    for i in gl.static_range(NUM_BUFFERS - 1):
+        _issue_loads(i, a_desc, b_desc, off_m, off_n, bars, a_bufs, b_bufs, NUM_BUFFERS, i < num_k)
+
+    # Step k: load slice k + NB - 1 (into slice k - 1's buffer, whose MMA finished last step),
+    # start slice k's MMA, promote slice k - 1's finished product while it runs, then wait for it.
+    # Only finished products cross the back edge: an MMA still in flight there would make the
+    # register allocator copy its accumulator, and ptxas then serializes every wgmma (C7514).
+    done = zero
+    done_scale = gl.zeros((BLOCK_M, ), dtype=gl.float32, layout=row_layout)
+    for k in range(0, num_k):
+        _issue_loads(k + NUM_BUFFERS - 1, a_desc, b_desc, off_m, off_n, bars, a_bufs, b_bufs, NUM_BUFFERS,
+                     k + NUM_BUFFERS - 1 < num_k)
+        scale = gl.load(sfa_rows + k * stride_sak, mask=row_ok, other=0.0) * gl.load(sfb_col + k * stride_sbk)
+        mma = _issue_mma(k, bars, a_bufs, b_bufs, zero, NUM_BUFFERS)
+        # A wait that returns at once (one group in flight) but orders the promotion after the
+        # MMA's issue: without it the scheduler hoists the independent FMAs above the wgmma.
+        acc, done = warpgroup_mma_wait(num_outstanding=1, deps=(acc, done))
+        acc += done * done_scale[:, None]
+        done = warpgroup_mma_wait(num_outstanding=0, deps=(mma, ))
+        done_scale = scale
+    acc += done * done_scale[:, None]
+
+    for i in gl.static_range(NUM_BUFFERS):
+        mbarrier.invalidate(bars.index(i))
+
+    d_smem = gl.allocate_shared_memory(d_desc.dtype, d_desc.block_type.shape, d_desc.layout)
+    d_smem.store(acc.to(d_desc.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(d_desc, [off_m, off_n], d_smem)
+    tma.store_wait(pendings=0)
+
+
+def gluon_supported(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether :func:`fp8_gemm_nt_gluon` takes these operands: Hopper, e4m3 K-major A / B with
+    16-byte aligned rows, a contiguous bf16 D with 16-byte aligned rows."""
+    if not (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] == 9):
+        return False
+    ok_dtype = a.dtype == b.dtype == torch.float8_e4m3fn and d.dtype == torch.bfloat16
+    aligned = all(t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+                  for t in (a, b, d))
+    return ok_dtype and aligned and a.dim() == b.dim() == d.dim() == 2
+
+
+def fp8_gemm_nt_gluon(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
+                      *, num_buffers: int = 4, group_m: int = 8) -> torch.Tensor:
+    """D = A @ B^T with DeepGEMM's block scales; a [M, K], b [N, K] e4m3 (K-major), sfa [M, K/128],
+    sfb [ceil(N/128), K/128] fp32 (any strides), d [M, N] bf16. Checked by :func:`gluon_supported`."""
+    m, k = a.shape
+    n = b.shape[0]
+    block_m, block_n = 128, 128
+    a_layout = gl.NVMMASharedLayout.get_default_for([block_m, GROUP_SIZE], gl.float8e4nv)
+    b_layout = gl.NVMMASharedLayout.get_default_for([block_n, GROUP_SIZE], gl.float8e4nv)
+    d_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_n], gl.bfloat16)
+    a_desc = TensorDescriptor.from_tensor(a, [block_m, GROUP_SIZE], a_layout)
+    b_desc = TensorDescriptor.from_tensor(b, [block_n, GROUP_SIZE], b_layout)
+    d_desc = TensorDescriptor.from_tensor(d, [block_m, block_n], d_layout)
+    grid = (ceil_div(m, block_m) * ceil_div(n, block_n),)
+    _fp8_gemm_nt_kernel[grid](a_desc, b_desc, d_desc, sfa, sfb, m, n, k, sfa.stride(0), sfa.stride(1),
+                              sfb.stride(0), sfb.stride(1), GROUP_M=group_m, NUM_BUFFERS=num_buffers, num_warps=8)
+    return d
