@@ -37,9 +37,9 @@ class GemmConfig:
     iteration); not yet measured on the H200, so off by default (see benchmarks/notes/deep_gemm.md);
     programs_per_sm: resident programs per SM in the persistent grid (2 keeps more loads in
     flight on memory-bound problems when the stages fit twice in shared memory);
-    gluon: run dense FP8 GEMMs (bf16 out, no C, no split-K) through the Gluon kernel of
-    :mod:`.gluon_kernel` on Hopper, whose promotion overlaps the next slice's MMA (128x128 tiles,
-    num_stages buffers); other problems ignore it.
+    gluon: run dense FP8 GEMMs (bf16 out, no C, no split-K) through the experimental Gluon kernel
+    of :mod:`.gluon_kernel` on Hopper (128x128 tiles, num_stages buffers); other problems ignore
+    it. Off: measured 0.80-0.97x the Triton kernel's speed (benchmarks/notes/deep_gemm.md, sweep 3).
     """
 
     block_m: int = 128
@@ -217,9 +217,7 @@ def tuning_candidates(m: int, n: int, k: int, device: torch.device) -> list[tupl
             out.append(("128 rows, 8 warps", replace(base, block_m=128, num_warps=8, num_stages=4)))
         return out
     return [
-        ("gluon 128x128 4 buffers", GemmConfig(128, 128, 1, 8, 4, 8, gluon=True)),
         ("gluon 128x128 3 buffers", GemmConfig(128, 128, 1, 8, 3, 8, gluon=True)),
-        ("gluon 128x128 5 buffers", GemmConfig(128, 128, 1, 16, 5, 8, gluon=True)),
         ("128x128 w8 s4 prefetch1", GemmConfig(128, 128, 1, 8, 4, 8, scale_prefetch=1)),
         ("128x128 w8 s4 prefetch2", GemmConfig(128, 128, 1, 8, 4, 8, scale_prefetch=2)),
         ("128x128 w8 s4 pointer", GemmConfig(128, 128, 1, 8, 4, 8, use_tma=False)),

@@ -1,4 +1,10 @@
-"""The dense FP8 GEMM in Gluon, for Hopper: the promotion of slice k overlaps the MMA of slice k+1.
+"""The dense FP8 GEMM in Gluon, for Hopper: the promotion of slice k - 1 overlaps the MMA of slice k.
+
+Experimental, off by default (``GemmConfig(gluon=True)`` opts in): on the H200 it computes the
+same function as the Triton kernel (gpu tests) but at 0.80-0.97x its speed (benchmarks/notes/
+deep_gemm.md, sweep 3): one tile per program, a CTA-wide barrier around every TMA issue, and the
+scheduler interleaves only part of the promotion with the MMA. The next step is two math
+warpgroups on different tiles (ping-pong) with a producer warp (``gl.warp_specialize``).
 
 D[M, N] (bf16) = sum over 128-deep K slices k of  sfa[:, k] * sfb[n_block, k] * (A_k @ B_k^T)
 
@@ -7,13 +13,14 @@ semantics as the Triton kernel in :mod:`.kernel` (DENSE mode, no C, no split-K).
 kernel: Triton keeps a wgmma in flight only across ``acc = dot(a, b, acc)`` chains, so the
 two-level accumulation ``acc += dot(a, b) * scale`` waits for every slice's MMA before its 64
 promotion FMAs per thread, and the tensor cores idle meanwhile (benchmarks/notes/deep_gemm.md,
-"Compiler evidence"). Gluon exposes the wgmma issue and wait separately, so each iteration
+"Compiler evidence"). Gluon exposes the wgmma issue and wait separately, so step k
 
-1. issues the TMA loads of slice k + NUM_BUFFERS - 2 (into the buffer slice k - 2 used),
+1. issues the TMA loads of slice k + NUM_BUFFERS - 1 (into slice k - 1's buffer, whose MMA was
+   waited for in step k - 1),
 2. issues the MMA of slice k into a fresh accumulator (``use_acc=False``),
-3. waits until at most one MMA is in flight -- slice k - 1's is done, slice k's keeps running --
-4. adds slice k - 1's product times its scales into the fp32 accumulator (the FMAs run while the
-   tensor cores work on slice k).
+3. adds slice k - 1's finished product times its scales into the fp32 accumulator while the
+   tensor cores work on slice k,
+4. waits for slice k's MMA (so only finished products cross the loop's back edge).
 
 Three [BLOCK_M, BLOCK_N] fp32 register tiles are live (accumulator, product in flight, product
 being promoted): 3 x 64 registers per thread at 128 x 128 with 8 warps. Tiles are assigned in
