@@ -205,18 +205,22 @@ class _Outbox:
     def _flush(self) -> None:
         self.scheduled = False
         pieces, self.pieces = self.pieces, []
+        out: list = []
         small: list = []
-        try:
-            for p in pieces:
-                if len(p) < _BLOB_MIN:
-                    small.append(p)
-                    continue
-                if small:
-                    self.writer.write(b"".join(small))
-                    small = []
-                self.writer.write(p)
+        for p in pieces:
+            if len(p) < _BLOB_MIN:
+                small.append(p)
+                continue
             if small:
-                self.writer.write(b"".join(small))
+                out.append(b"".join(small))
+                small = []
+            out.append(p)
+        if small:
+            out.append(b"".join(small))
+        try:
+            # One writelines: uvloop sends the whole list with one writev where the socket takes
+            # it, where a write() per piece is a send (and a loopback wake-up of the reader) each.
+            self.writer.writelines(out)
         except (ConnectionError, RuntimeError):
             pass  # the reader side notices the closed connection
 
@@ -749,10 +753,10 @@ class _TransportWriter:
     def __init__(self, transport: asyncio.Transport, protocol: _ClientProtocol):
         self.transport, self.protocol = transport, protocol
 
-    def write(self, data) -> None:
+    def writelines(self, pieces: list) -> None:
         if self.transport.is_closing():
             raise ConnectionResetError("connection closed")
-        self.transport.write(data)
+        self.transport.writelines(pieces)
 
     async def drain(self) -> None:
         await self.protocol.drain()

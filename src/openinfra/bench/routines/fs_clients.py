@@ -5,9 +5,12 @@
    with ``POSIX_FADV_RANDOM``; every offset read once, so the page cache never answers).
    Bar: ring >= 3x the best FUSE figure.
 2. KVCache ``get_into`` of 64 KiB blocks in batches (cold: first read of each key, one metadata
-   lookup per block; warm: block locations cached) against loopback TCP bandwidth measured in the
-   same run (a sender process streaming 64 KiB writes, the receiver ``recv_into`` a buffer).
-   Bar: KVCache get >= 0.7x loopback TCP.
+   lookup per block; warm: block locations cached, the median of ``--kv-passes`` passes over all
+   keys, each pass listed) against loopback TCP bandwidth measured in the same run (a sender
+   process streaming 64 KiB writes of ``--tcp-mib``, the receiver ``recv_into`` a buffer).
+   Bar: KVCache get >= 0.7x loopback TCP. One warm pass moves 64 MiB in ~0.1 s, where one
+   full garbage collection of the client process (~100 ms with torch loaded) halves the figure;
+   the median of several passes is the steady rate, as the peer's 1 GiB stream is.
 
 A fresh cluster (``--storage-nodes`` storage processes, replication ``--replication``, no fsync)
 is started under a temp directory and stopped at the end. FUSE needs /dev/fuse and root.
@@ -30,6 +33,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuse-threads", type=int, default=8, help="threads for the multi-threaded FUSE run (default 8)")
     p.add_argument("--kv-blocks", type=int, default=1024, help="64 KiB KVCache blocks (default 1024)")
     p.add_argument("--kv-batch", type=int, default=128, help="blocks per get_into batch (default 128)")
+    p.add_argument("--kv-passes", type=int, default=5, help="warm passes over all blocks; median reported (default 5)")
     p.add_argument("--tcp-mib", type=int, default=1024, help="bytes for the loopback TCP peer, MiB (default 1024)")
     p.add_argument("--storage-nodes", type=int, default=3, help="storage processes (default 3)")
     p.add_argument("--replication", type=int, default=1, help="replicas per chain (default 1)")
@@ -206,18 +210,30 @@ def bench_fs_clients(args: argparse.Namespace) -> BenchResult:
                 kb = keys[s:s + args.kv_batch]
                 kv.put_batch(kb, [vals[(s + i) % len(vals)] for i in range(len(kb))])
             outs = [torch.empty(block, dtype=torch.uint8) for _ in range(args.kv_batch)]
-            for label in ("cold", "warm"):
+
+            def one_pass() -> float:
+                for o in outs:
+                    o.zero_()  # so a pass that read nothing cannot pass the check below
                 t0 = time.perf_counter()
                 for s in range(0, len(keys), args.kv_batch):
                     kb = keys[s:s + args.kv_batch]
                     if not all(kv.get_into(kb, outs[:len(kb)])):
                         raise RuntimeError("KVCache miss during the benchmark")
                 secs = time.perf_counter() - t0
-                if not torch.equal(outs[0], vals[(len(keys) - len(kb)) % len(vals)]):
-                    raise RuntimeError("KVCache returned wrong bytes")
-                gbps = len(keys) * block / secs / 1e9
-                rows.append({"test": "64KiB blocks", "surface": f"KVCache get_into ({label}, batch {args.kv_batch})",
-                             "GB/s": gbps, "/tcp": gbps / tcp})
+                for i in range(len(kb)):
+                    if not torch.equal(outs[i], vals[(len(keys) - len(kb) + i) % len(vals)]):
+                        raise RuntimeError("KVCache returned wrong bytes")
+                return len(keys) * block / secs / 1e9
+
+            for label, passes in (("cold", 1), ("warm", max(1, args.kv_passes))):
+                runs = [one_pass() for _ in range(passes)]
+                gbps = sorted(runs)[len(runs) // 2]
+                row = {"test": "64KiB blocks", "surface": f"KVCache get_into ({label}, batch {args.kv_batch})",
+                       "GB/s": gbps, "/tcp": gbps / tcp}
+                if passes > 1:
+                    row["passes GB/s"] = " ".join(f"{r:.3f}" for r in runs)
+                    summary[f"kvcache_{label}_passes_GBps"] = runs
+                rows.append(row)
                 summary[f"kvcache_{label}_GBps"] = gbps
                 summary[f"kvcache_{label}_over_tcp"] = gbps / tcp
         summary.update(tcp_loopback_GBps=tcp, goal_kvcache_over_tcp=0.7)

@@ -303,18 +303,40 @@ class KVCache:
             out.append(h)
         return out
 
+    async def _read_cached_payloads(self, todo: list[tuple[str, dict, memoryview]]) -> list[bool]:
+        """Like :meth:`_read_cached_into` for callers that know the payload size (``get_into``):
+        only the payload is asked for, so each reply goes into the caller's buffer in one piece.
+        The header is not read: a cached location names one inode, ids are never reused, and
+        the inode holds this key's block for as long as its chunks exist (keys name content);
+        once it is deleted and its chunks are gone the read comes back short, and the block is
+        looked up again. Storage still checks the chunk's CRC32C (a read to the end of a small
+        chunk is checked whole, see ``ChunkStore.read``).
+
+        Returns per block whether its payload is now in the buffer (False: the location is
+        forgotten and the buffer holds unspecified bytes)."""
+        reads = [(n["layout"], n["id"], 0, HEADER_BYTES, n["length"] - HEADER_BYTES) for _, n, _ in todo]
+        got = await self._aio.storage.read_chunks(reads, [payload for _, _, payload in todo])
+        out = []
+        for (d, node, _), n in zip(todo, got):
+            ok = n == node["length"] - HEADER_BYTES
+            if not ok:
+                self._where.pop(d, None)
+            out.append(ok)
+        return out
+
     async def _get_into_many(self, keys: Sequence[bytes], outs: list[torch.Tensor]) -> list[bool]:
         hits: list[bool | None] = [None] * len(keys)
         todo, where = [], []
         for i, (k, t) in enumerate(zip(keys, outs)):
             d = _digest(k)
-            node = self._cached_one_chunk(d, HEADER_BYTES + t.nbytes) if t.is_cpu else None
+            # (an empty payload would read as 0 bytes whether or not the block still exists)
+            node = self._cached_one_chunk(d, HEADER_BYTES + t.nbytes) if t.is_cpu and t.nbytes else None
             if node is not None:
                 todo.append((d, node, _byte_view(t)))
                 where.append(i)
         if todo:
-            for i, h in zip(where, await self._read_cached_into(todo)):
-                if h is not None:
+            for i, ok in zip(where, await self._read_cached_payloads(todo)):
+                if ok:
                     hits[i] = True
         rest = [i for i, v in enumerate(hits) if v is None]
         if rest:

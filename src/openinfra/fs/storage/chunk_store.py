@@ -248,7 +248,9 @@ class ChunkStore:
     async def read(self, inode: int, index: int, offset: int, length: int,
                    meta: ChunkMeta | None | bool = False) -> tuple[bytes, ChunkMeta | None]:
         """Committed bytes ``[offset, offset+length)`` (shorter at the chunk's end) and the meta.
-        A read of the whole chunk is checked against its CRC32C. ``meta``: this chunk's
+        A read of the whole chunk is checked against its CRC32C, and so is a read that runs to
+        the end of a chunk of at most ``INLINE_READ_MAX`` bytes (the chunk is read whole for it;
+        the bytes come back as a memoryview then). ``meta``: this chunk's
         :meth:`get` result when the caller just looked it up (saves a second SQLite query;
         it must be current, i.e. fetched with no ``await`` in between), else it is looked up."""
         if meta is False:
@@ -257,6 +259,11 @@ class ChunkStore:
             return b"", meta
         whole = offset == 0 and length >= meta.length
         length = min(length, meta.length - offset)
+        skip = 0
+        if not whole and offset + length == meta.length and meta.length <= INLINE_READ_MAX:
+            # A read to the end of a small chunk (a KV block's payload after its header, say):
+            # read the chunk whole, so its CRC32C is checked too, and return the tail as a view.
+            whole, skip, offset, length = True, offset, 0, meta.length
         if length <= INLINE_READ_MAX:
             # A small read of a (usually page-cached) file costs less than the thread hop
             # (~50-100 us on a busy 2-core box): do it on the event loop.
@@ -267,7 +274,7 @@ class ChunkStore:
             from openinfra.fs.errors import Code, FsError
 
             raise FsError(Code.CHECKSUM_MISMATCH, f"chunk {inode}:{index} v{meta.version} fails its CRC32C")
-        return data, meta
+        return (memoryview(data)[skip:] if skip else data), meta
 
     async def committed_content(self, inode: int, index: int) -> tuple[bytes, ChunkMeta | None]:
         meta = self.get(inode, index)

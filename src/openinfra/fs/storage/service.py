@@ -102,6 +102,8 @@ class StorageNode:
         self._bytes = ({d: metrics.bytes.labels(direction=d) for d in ("read", "write")}
                        if metrics is not None else None)
         self.routing = Routing.empty()
+        self._targets_of: Routing | None = None  # the routing that _targets was computed from
+        self._targets: dict[int, tuple[dict, dict]] = {}
         self._acked_version = -1     # routing version mgmtd reported after seeing this incarnation
         self._last_ok = 0.0          # monotonic time of the last successful heartbeat
         self._locks: dict[tuple, asyncio.Lock] = {}
@@ -183,6 +185,24 @@ class StorageNode:
         if not mine:
             raise FsError(Code.TARGET_NOT_SERVING, f"node {self.cfg.node_id} holds no target of chain {chain_id}")
         return chain, mine[0], [t for t in chain["targets"] if t["state"] in TargetState.WRITE]
+
+    def _read_target(self, chain_id: int) -> tuple[dict, dict]:
+        """(chain, this node's target in it) for a read: what :meth:`_chain` returns without a
+        version check, remembered per routing version (a batch of reads asks for the same few
+        chains thousands of times)."""
+        routing = self.routing
+        if self._targets_of is not routing:
+            self._targets_of, self._targets = routing, {}
+        hit = self._targets.get(chain_id)
+        if hit is None:
+            chain = routing.chain(chain_id)
+            if chain is None:
+                raise FsError(Code.CHAIN_VERSION_MISMATCH, f"chain {chain_id} unknown on node {self.cfg.node_id}")
+            mine = [t for t in chain["targets"] if t["id"] in self.stores]
+            if not mine:
+                raise FsError(Code.TARGET_NOT_SERVING, f"node {self.cfg.node_id} holds no target of chain {chain_id}")
+            hit = self._targets[chain_id] = (chain, mine[0])
+        return hit
 
     def _lock(self, target_id: int, inode: int, index: int) -> asyncio.Lock:
         key = (target_id, inode, index)
@@ -339,7 +359,7 @@ class StorageNode:
         if inode < 0 or index < 0 or offset < 0:
             raise ValueError("inode, index and offset must be >= 0")
         length = 2**62 if length is None or length < 0 else length
-        chain, me, _ = await self._chain(chain_id, None)
+        chain, me = self._read_target(chain_id)
         if me["state"] != TargetState.SERVING:
             raise FsError(Code.TARGET_NOT_SERVING, f"target {me['id']} is {me['state']}")
         store = self.stores[me["id"]]
