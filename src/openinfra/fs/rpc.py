@@ -661,7 +661,15 @@ class _ClientProtocol(asyncio.BufferedProtocol):
     def _end_blob_frame(self) -> None:
         msg, done = self.reply, self.done
         self.reply, self.blobs, self.done, self.frame_left = None, [], {}, 0
-        self._deliver(_swap_refs(msg, done) if done else msg, checked=True)
+        if done:
+            payload = msg[3]
+            if type(payload) is dict:  # the usual place of blobs: values of the result map
+                for k, v in payload.items():
+                    if type(v) is BlobRef:
+                        payload[k] = done.pop(id(v))
+            if done:  # blobs deeper down: walk the whole result
+                msg = _swap_refs(msg, done)
+        self._deliver(msg, checked=True)
 
     @staticmethod
     def _check(msg: Any) -> None:

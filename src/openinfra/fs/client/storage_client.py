@@ -17,6 +17,8 @@ import time
 import uuid
 from typing import Any, Awaitable, Callable, TypeVar
 
+import msgpack
+
 from openinfra.fs.errors import RETRIABLE_CODES, Code, FsError, make_error
 from openinfra.fs.routing import Routing
 from openinfra.fs.rpc import BlobRef, Placed, RpcClient
@@ -262,13 +264,23 @@ class StorageClient:
             # bytes as one blob. With ``into`` the sink turns the sizes into one scatter list
             # (each read's bytes into its destination) before the blob arrives.
             sink = None
+            parsed: list = []  # the sink's unpacked results, reused below
+
+            def unpack(raw) -> list | None:
+                try:
+                    res = msgpack.unpackb(raw) if isinstance(raw, (bytes, memoryview)) else None
+                except Exception:
+                    return None
+                return res if isinstance(res, list) else None
+
             if segs is not None:
                 def sink(result) -> None:
                     if not isinstance(result, dict) or type(result.get("data")) is not BlobRef:
                         return
-                    res, ref = result.get("results"), result["data"]
-                    if not isinstance(res, list) or len(res) != len(idxs):
+                    res, ref = unpack(result.get("results")), result["data"]
+                    if res is None or len(res) != len(idxs):
                         return
+                    parsed.append(res)
                     dest, total = [], 0
                     for i, one in zip(idxs, res):
                         if type(one) is list and len(one) == 3 and type(one[0]) is int and one[0] > 0:
@@ -284,7 +296,7 @@ class StorageClient:
                 if not exc.retriable:
                     raise
                 return  # the whole batch falls back to the one-by-one path
-            results = res.get("results") if isinstance(res, dict) else None
+            results = (parsed[0] if parsed else unpack(res.get("results"))) if isinstance(res, dict) else None
             if not isinstance(results, list) or len(results) != len(idxs):
                 raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: {len(idxs)} reads, a reply of "
                                  f"{len(results) if isinstance(results, list) else type(res).__name__} results")

@@ -314,11 +314,12 @@ class StorageNode:
         ``{"code", "message"}`` for a read that failed (the others are still served), so the
         client retries only the failed ones (a dirty chunk at the tail, say).
 
-        ``packed``: reply ``{"results": [...], "data": blob}`` instead, each result
-        ``[nbytes, version, chunk_length]`` or ``[code, message]``, and the bytes of the reads
-        that succeeded back to back in ``data`` (sent as one blob without joining them). The
-        client knows from ``results`` where each read's bytes go before they arrive, and there is
-        no per-read map or blob marker to build and parse."""
+        ``packed``: reply ``{"data": blob, "results": msgpack bytes}`` instead: ``results``
+        unpacks to one entry per read, ``[nbytes, version, chunk_length]`` or ``[code, message]``,
+        and ``data`` holds the bytes of the reads that succeeded back to back (sent as one blob
+        without joining them). The client knows from ``results`` where each read's bytes go
+        before they arrive; there is no per-read map or blob marker to build and parse, and the
+        RPC layer's blob scan does not walk thousands of small lists (they travel as bytes)."""
         self._check_fence()
         if not isinstance(reads, list) or len(reads) > 4096:
             raise ValueError("reads: expected a list of at most 4096 [chain_id, inode, index, offset, length]")
@@ -349,7 +350,7 @@ class StorageNode:
         if self._bytes is not None:
             self._bytes["read"].inc(nbytes)  # once per batch: a metric update costs ~10 us
         if packed:
-            return {"results": results, "data": BlobPieces(pieces)}
+            return {"data": BlobPieces(pieces), "results": msgpack.packb(results)}
         return results
 
     async def _read_one(self, chain_id: int, inode: int, index: int, offset: int,
