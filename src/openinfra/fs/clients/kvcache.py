@@ -13,9 +13,13 @@ Like 3FS's KVCache for inference, each block is one file named by a hash of its 
 Block file: a 128-byte header (magic, dtype, shape, payload size, key digest) then the raw bytes.
 Keys name content (the serving engine's keys are hashes of the token prefix), so a block never
 changes once written: ``put`` creates exclusively and skips keys that exist, and a reader may keep
-a key's inode and layout and read the chunks directly next time (one storage request per block,
-no metadata request). A block deleted since is noticed by its header check and looked up again.
-``get_into`` copies each payload once, from the reply into the caller's tensor (CPU or CUDA).
+a key's inode and layout and read the chunks directly next time (no metadata request; the
+blocks of a batch at cached locations go out as one ``batch_read`` per storage node). A block
+deleted since reads short once its chunks are gone (or fails its header check) and is looked up
+again. ``get_into`` of a cached block into a CPU tensor asks for the payload only and receives it
+straight from the socket into the tensor (the kernel's copy is the only one); CUDA tensors and
+uncached blocks go through a reply buffer and one copy. After a miss or an error the contents of
+``outs`` are unspecified.
 GC removes blocks older than ``max_age_s`` (time since put) and then the oldest until the total
 is under ``capacity_bytes``.
 """
@@ -383,7 +387,8 @@ class KVCache:
         return True
 
     def get_into(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> list[bool]:
-        """Read block ``keys[i]`` into ``outs[i]`` (same byte size; any device); per key: found?"""
+        """Read block ``keys[i]`` into ``outs[i]`` (same byte size; any device); per key: found?
+        Where a key is not found, ``outs[i]`` may have been written (unspecified contents)."""
         if len(keys) != len(outs):
             raise ValueError(f"outs: expected {len(keys)} tensors (one per key), got {len(outs)}")
         ts = [_check_tensor(o, f"outs[{i}]") for i, o in enumerate(outs)]
