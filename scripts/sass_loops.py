@@ -7,6 +7,7 @@ and `wgmma.wait_group` counts. The numbers in benchmarks/notes/{flash_mla,deep_g
     python scripts/sass_loops.py mla 16,64,8,2 [--causal] [--fp8] [--sparse]
     python scripts/sass_loops.py gemm 128,128,8,4 [--pointer] [--pipeline]
     python scripts/sass_loops.py gluon-gemm 4          # the Gluon FP8 GEMM with 4 buffers
+    python scripts/sass_loops.py gluon-gemm-ws 4       # its warp-specialized variant
 """
 from __future__ import annotations
 
@@ -69,28 +70,31 @@ def gemm(spec: str, pointer: bool, pipeline: bool):
     return _compile(_gemm_kernel, sig, const, div, nw, ns)
 
 
-def gluon_gemm(buffers: str):
+def gluon_gemm(buffers: str, warp_specialized: bool = False):
     import torch
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
-    from openinfra.kernels.deep_gemm.gemm.gluon_kernel import _fp8_gemm_nt_kernel
+    from openinfra.kernels.deep_gemm.gemm.gluon_kernel import _fp8_gemm_nt_kernel, _fp8_gemm_nt_ws_kernel
 
     # descriptors over small CPU tensors only to get the signature strings the JIT would build
     operand = TensorDescriptor.from_tensor(torch.empty(256, 256, dtype=torch.float8_e4m3fn), [128, 128],
                                            gl.NVMMASharedLayout.get_default_for([128, 128], gl.float8e4nv))
-    out = TensorDescriptor.from_tensor(torch.empty(256, 256, dtype=torch.bfloat16), [128, 128],
-                                       gl.NVMMASharedLayout.get_default_for([128, 128], gl.bfloat16))
-    params = list(inspect.signature(_fp8_gemm_nt_kernel.fn).parameters)
-    const = {"GROUP_M": 8, "NUM_BUFFERS": int(buffers), "num_warps": 8}
+    out_rows = 64 if warp_specialized else 128  # the warp-specialized kernel stores each half on its own
+    out = TensorDescriptor.from_tensor(torch.empty(256, 256, dtype=torch.bfloat16), [out_rows, 128],
+                                       gl.NVMMASharedLayout.get_default_for([out_rows, 128], gl.bfloat16))
+    fn = _fp8_gemm_nt_ws_kernel if warp_specialized else _fp8_gemm_nt_kernel
+    params = list(inspect.signature(fn.fn).parameters)
+    const = {"GROUP_M": 8, "NUM_BUFFERS": int(buffers)}
+    if not warp_specialized:
+        const["num_warps"] = 8
     sig = {p: "constexpr" if p in const else "i32" for p in params}
     sig.update(a_desc=mangle_type(operand), b_desc=mangle_type(operand), d_desc=mangle_type(out), sfa_ptr="*fp32",
                sfb_ptr="*fp32")
-    src = GluonASTSource(fn=_fp8_gemm_nt_kernel, signature=sig,
-                         constexprs={(params.index(k),): v for k, v in const.items()}, attrs={})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": 8})
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()}, attrs={})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4 if warp_specialized else 8})
 
 
 def loops(sass: str, min_size: int = 100) -> list[tuple[int, collections.Counter]]:
@@ -120,7 +124,7 @@ def loops(sass: str, min_size: int = 100) -> list[tuple[int, collections.Counter
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("kernel", choices=["mla", "gemm", "gluon-gemm"])
+    p.add_argument("kernel", choices=["mla", "gemm", "gluon-gemm", "gluon-gemm-ws"])
     p.add_argument("config", help="mla / gemm: block_m,block_n,warps,stages; gluon-gemm: buffers")
     for flag in ("causal", "fp8", "sparse", "pointer", "pipeline"):
         p.add_argument(f"--{flag}", action="store_true")
@@ -130,7 +134,7 @@ def main() -> None:
     elif a.kernel == "gemm":
         k = gemm(a.config, a.pointer, a.pipeline)
     else:
-        k = gluon_gemm(a.config)
+        k = gluon_gemm(a.config, warp_specialized=a.kernel == "gluon-gemm-ws")
     ptxas, nvdisasm = _tools()
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "k.ptx"), "w") as f:

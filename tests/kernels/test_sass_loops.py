@@ -40,3 +40,7 @@ def test_gluon_gemm_compiles_for_sm90_without_serialized_wgmma():
         out = _run("gluon-gemm", buffers)
         assert "wgmma.wait_group {'1': 1, '0': 1}" in out and " 0 B spill stores" in out, out
         assert "C7514" not in out, out
+    # warp-specialized: the same wait pattern in each of the two math partitions, and no spills
+    # within the register split (256 / 208 / 40 per thread for the three warpgroups)
+    out = _run("gluon-gemm-ws", "4")
+    assert "wgmma.wait_group {'1': 2, '0': 2}" in out and " 0 B spill stores" in out and "C7514" not in out, out

@@ -39,7 +39,9 @@ class GemmConfig:
     flight on memory-bound problems when the stages fit twice in shared memory);
     gluon: run dense FP8 GEMMs (bf16 out, no C, no split-K) through the experimental Gluon kernel
     of :mod:`.gluon_kernel` on Hopper (128x128 tiles, num_stages buffers); other problems ignore
-    it. Off: measured 0.80-0.97x the Triton kernel's speed (benchmarks/notes/deep_gemm.md, sweep 3).
+    it. Off: measured 0.80-0.97x the Triton kernel's speed (benchmarks/notes/deep_gemm.md, sweep 3);
+    gluon_ws: the same through the warp-specialized Gluon kernel (a TMA producer warp, two math
+    warpgroups on the tile's halves); experimental, off.
     """
 
     block_m: int = 128
@@ -53,6 +55,7 @@ class GemmConfig:
     use_tma: bool = True
     scale_prefetch: int = 0
     gluon: bool = False
+    gluon_ws: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -218,6 +221,8 @@ def tuning_candidates(m: int, n: int, k: int, device: torch.device) -> list[tupl
         return out
     return [
         ("gluon 128x128 3 buffers", GemmConfig(128, 128, 1, 8, 3, 8, gluon=True)),
+        ("gluon ws 128x128 4 buffers", GemmConfig(128, 128, 1, 8, 4, 8, gluon_ws=True)),
+        ("gluon ws 128x128 5 buffers", GemmConfig(128, 128, 1, 8, 5, 8, gluon_ws=True)),
         ("128x128 w8 s4 prefetch1", GemmConfig(128, 128, 1, 8, 4, 8, scale_prefetch=1)),
         ("128x128 w8 s4 prefetch2", GemmConfig(128, 128, 1, 8, 4, 8, scale_prefetch=2)),
         ("128x128 w8 s4 pointer", GemmConfig(128, 128, 1, 8, 4, 8, use_tma=False)),

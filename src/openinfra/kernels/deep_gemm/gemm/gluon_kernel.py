@@ -42,7 +42,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from openinfra.kernels.deep_gemm.utils import GROUP_SIZE, ceil_div
 
-__all__ = ["fp8_gemm_nt_gluon", "gluon_supported"]
+__all__ = ["fp8_gemm_nt_gluon", "fp8_gemm_nt_gluon_ws", "gluon_supported"]
 
 
 @gluon.jit
@@ -161,4 +161,107 @@ def fp8_gemm_nt_gluon(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: 
     grid = (ceil_div(m, block_m) * ceil_div(n, block_n),)
     _fp8_gemm_nt_kernel[grid](a_desc, b_desc, d_desc, sfa, sfb, m, n, k, sfa.stride(0), sfa.stride(1),
                               sfb.stride(0), sfb.stride(1), GROUP_M=group_m, NUM_BUFFERS=num_buffers, num_warps=8)
+    return d
+
+
+# --- warp-specialized variant -------------------------------------------------------------------
+# One producer warp issues the TMA loads into a ring of NUM_BUFFERS stages; two math warpgroups in
+# separate partitions take the upper and lower 64 rows of the 128 x 128 tile. They share each stage
+# (its "empty" barrier counts both releases) but nothing else, so they drift out of phase and one's
+# promotion FMAs overlap the other's MMA on the shared tensor cores -- DeepGEMM's arrangement --
+# without the CTA-wide barriers the single-partition kernel pays around every TMA issue.
+
+
+@gluon.jit
+def _ws_producer(a_desc, b_desc, a_bufs, b_bufs, full, empty, off_m, off_n, num_k, NUM_BUFFERS: gl.constexpr):
+    for k in range(num_k):
+        s = k % NUM_BUFFERS
+        # a fresh barrier has completed the phase before its first: the first lap does not wait
+        mbarrier.wait(empty.index(s), ((k // NUM_BUFFERS) & 1) ^ 1)
+        mbarrier.expect(full.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(a_desc, [off_m, k * 128], full.index(s), a_bufs.index(s))
+        tma.async_copy_global_to_shared(b_desc, [off_n, k * 128], full.index(s), b_bufs.index(s))
+
+
+@gluon.jit
+def _ws_math(HALF: gl.constexpr, a_bufs, b_bufs, full, empty, d_desc, d_smem, sfa_ptr, sfb_ptr, off_m, off_n, M,
+             num_k, stride_sam, stride_sak, stride_sbn, stride_sbk, NUM_BUFFERS: gl.constexpr):
+    # This warpgroup's [64, 128] half of the tile: rows off_m + HALF * 64 ...
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, 128, 32])
+    row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+    rows = off_m + HALF * 64 + gl.arange(0, 64, layout=row_layout)
+    row_ok = rows < M
+    sfa_rows = sfa_ptr + rows.to(gl.int64) * stride_sam
+    sfb_col = sfb_ptr + (off_n // 128) * stride_sbn
+    zero = gl.zeros((64, 128), dtype=gl.float32, layout=mma_layout)
+    acc = gl.zeros((64, 128), dtype=gl.float32, layout=mma_layout)
+    done = zero
+    done_scale = gl.zeros((64, ), dtype=gl.float32, layout=row_layout)
+    for k in range(num_k):
+        s = k % NUM_BUFFERS
+        scale = gl.load(sfa_rows + k * stride_sak, mask=row_ok, other=0.0) * gl.load(sfb_col + k * stride_sbk)
+        mbarrier.wait(full.index(s), (k // NUM_BUFFERS) & 1)
+        mma = warpgroup_mma(a_bufs.index(s).slice(HALF * 64, 64), b_bufs.index(s).permute((1, 0)), zero,
+                            use_acc=False, is_async=True)
+        acc, done = warpgroup_mma_wait(num_outstanding=1, deps=(acc, done))  # pins the FMAs after the issue
+        acc += done * done_scale[:, None]
+        done = warpgroup_mma_wait(num_outstanding=0, deps=(mma, ))
+        mbarrier.arrive(empty.index(s), count=1)  # this warpgroup is done with stage s
+        done_scale = scale
+    acc += done * done_scale[:, None]
+    d_smem.store(acc.to(d_desc.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(d_desc, [off_m + HALF * 64, off_n], d_smem)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _fp8_gemm_nt_ws_kernel(a_desc, b_desc, d_desc, sfa_ptr, sfb_ptr, M, N, K, stride_sam, stride_sak, stride_sbn,
+                           stride_sbk, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
+    pid = gl.program_id(0)
+    tiles_m = gl.cdiv(M, 128)
+    tiles_n = gl.cdiv(N, 128)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = gl.minimum(tiles_m - first_m, GROUP_M)
+    off_m = (first_m + (pid % per_group) % group_rows) * 128
+    off_n = ((pid % per_group) // group_rows) * 128
+    num_k = gl.cdiv(K, 128)
+
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NUM_BUFFERS] + a_desc.block_type.shape, a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NUM_BUFFERS] + b_desc.block_type.shape, b_desc.layout)
+    d_smem = gl.allocate_shared_memory(d_desc.dtype, [2] + d_desc.block_type.shape, d_desc.layout)
+    full = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NUM_BUFFERS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_BUFFERS):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # both math warpgroups release a stage
+
+    gl.warp_specialize([
+        (_ws_math, (0, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(0), sfa_ptr, sfb_ptr, off_m, off_n, M,
+                    num_k, stride_sam, stride_sak, stride_sbn, stride_sbk, NUM_BUFFERS)),
+        (_ws_math, (1, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(1), sfa_ptr, sfb_ptr, off_m, off_n, M,
+                    num_k, stride_sam, stride_sak, stride_sbn, stride_sbk, NUM_BUFFERS)),
+        (_ws_producer, (a_desc, b_desc, a_bufs, b_bufs, full, empty, off_m, off_n, num_k, NUM_BUFFERS)),
+    ], [4, 1], [216, 40])
+    for i in gl.static_range(NUM_BUFFERS):
+        mbarrier.invalidate(full.index(i))
+        mbarrier.invalidate(empty.index(i))
+
+
+def fp8_gemm_nt_gluon_ws(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
+                         *, num_buffers: int = 4, group_m: int = 8) -> torch.Tensor:
+    """:func:`fp8_gemm_nt_gluon` through the warp-specialized kernel (same arguments and checks)."""
+    m, k = a.shape
+    n = b.shape[0]
+    a_layout = gl.NVMMASharedLayout.get_default_for([128, GROUP_SIZE], gl.float8e4nv)
+    b_layout = gl.NVMMASharedLayout.get_default_for([128, GROUP_SIZE], gl.float8e4nv)
+    d_layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.bfloat16)
+    a_desc = TensorDescriptor.from_tensor(a, [128, GROUP_SIZE], a_layout)
+    b_desc = TensorDescriptor.from_tensor(b, [128, GROUP_SIZE], b_layout)
+    d_desc = TensorDescriptor.from_tensor(d, [64, 128], d_layout)
+    grid = (ceil_div(m, 128) * ceil_div(n, 128),)
+    _fp8_gemm_nt_ws_kernel[grid](a_desc, b_desc, d_desc, sfa, sfb, m, n, k, sfa.stride(0), sfa.stride(1),
+                                 sfb.stride(0), sfb.stride(1), GROUP_M=group_m, NUM_BUFFERS=num_buffers, num_warps=4)
     return d
