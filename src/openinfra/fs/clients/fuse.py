@@ -4,12 +4,19 @@ The mount process is one more client of the cluster: FUSE inode numbers are 3FS 
 request runs as the calling process's uid/gid (one native client per user; the kernel also checks
 mode bits, ``default_permissions``). Semantics follow 3FS's FUSE client:
 
-* writes are buffered per open file: contiguous writes collect up to ``write_buffer`` bytes and go
-  to the chains in one request (flushed on ``flush``/``fsync``/``release``, before a read of the same
-  handle, and when a write is not contiguous);
+* write-back cache (:mod:`openinfra.fs.clients.writeback`): writes, contiguous or not, stay in
+  the mount's memory as dirty ranges per inode (last write wins) and go to the chains one request
+  per touched chunk. They are flushed by ``fsync`` and by ``close`` (FUSE flush/release), when a
+  file holds ``writeback_per_file`` dirty bytes or the mount ``writeback_total``, when a contiguous
+  dirty run reaches ``write_buffer`` bytes (sequential writes stream out as before), before a
+  truncate of the file, and before a rename or unlink of it. Reads through this mount are served
+  from storage data with the dirty bytes laid over it (no flush);
+* consistency is 3FS's: this mount reads its own writes at once; other clients see them after
+  fsync or close, when the length recorded by meta is exact (3FS: exact length after close). A
+  flush that fails keeps the data dirty and fails the fsync/close (EIO) that asked for it; it is
+  never dropped silently (only a final release that fails again is logged and dropped);
 * attributes and entries are cached by the kernel for ``attr_timeout`` seconds; while a file is
-  open for writing here its size is the largest end written; after close (or fsync) the length
-  recorded by meta is exact and other clients see it once their cache expires;
+  open for writing here its size is the largest end written, buffered writes included;
 * xattrs: read-only ``user.3fs.inode`` and ``user.3fs.layout`` (chunk size, stripe, chains);
   setting xattrs is not supported (the meta service stores none);
 * ``--ring-socket PATH`` makes the mount process serve ring I/O too (3FS's FUSE daemon serves
@@ -29,7 +36,7 @@ import logging
 import os
 import stat as _stat
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["mount", "register_mount", "FuseConfig"]
@@ -40,11 +47,18 @@ _PB = 1 << 50
 
 @dataclass
 class FuseConfig:
-    """``attr_timeout``/``entry_timeout``: kernel cache lifetimes (s); ``write_buffer``: bytes."""
+    """``attr_timeout``/``entry_timeout``: kernel cache lifetimes (s); ``write_buffer``: a contiguous
+    dirty run this long (bytes) is written at once; ``writeback_per_file``/``writeback_total``: the
+    write-back cache's dirty-byte limits per inode and for the mount (``writeback_total`` 0: every
+    write goes to storage before it returns); ``io_retry_s``: how long the native client retries a
+    failing storage or meta request (s) before the FUSE call fails with EIO."""
 
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
     write_buffer: int = 4 << 20
+    writeback_per_file: int = 64 << 20
+    writeback_total: int = 256 << 20
+    io_retry_s: float = 60.0
     allow_other: bool = True
     debug: bool = False
     ring_socket: str | None = None  # also serve ring I/O (USRBIO) on this Unix socket, as 3FS's FUSE daemon does
@@ -56,6 +70,7 @@ def _ops_class():
 
     from openinfra.fs.client.native import AsyncClient, AsyncFile, FileStat
     from openinfra.fs.clients.common import pread_fast
+    from openinfra.fs.clients.writeback import WriteBack, flush_file
     from openinfra.fs.meta.store import User
 
     def fuse_errors(fn):
@@ -79,10 +94,8 @@ def _ops_class():
     class Handle:
         file: AsyncFile
         inode: int
-        buf: bytearray = field(default_factory=bytearray)
-        buf_off: int = 0
         append: bool = False
-        dirty: bool = False  # written since meta last recorded the length
+        dirty: bool = False  # written through this handle's session since meta last recorded the length
 
     class Ops(pyfuse3.Operations):
         enable_writeback_cache = False
@@ -94,13 +107,14 @@ def _ops_class():
             self.paths: dict[int, str] = {pyfuse3.ROOT_INODE: "/"}
             self.handles: dict[int, Handle] = {}
             self.writing: dict[int, set[int]] = {}  # inode -> open write handles
+            self.wb = WriteBack(cfg.writeback_per_file, cfg.writeback_total)
             self._next_fh = 1
 
         async def client(self, ctx=None) -> AsyncClient:
             key = (ctx.uid, ctx.gid) if ctx is not None else (0, 0)
             c = self.clients.get(key)
             if c is None:
-                c = AsyncClient(self.mgmtd, user=User(*key))
+                c = AsyncClient(self.mgmtd, user=User(*key), retry_s=self.cfg.io_retry_s)
                 await c.connect()
                 self.clients[key] = c
             return c
@@ -108,7 +122,10 @@ def _ops_class():
         async def close(self) -> None:
             for h in list(self.handles.values()):
                 try:
-                    await self._flush(h)
+                    await self._flush_inode(h.inode, h)
+                except Exception:
+                    log.exception("unmount: dirty data of inode %d lost", h.inode)
+                try:
                     await h.file.close()
                 except Exception:
                     pass
@@ -137,7 +154,8 @@ def _ops_class():
             for fh in self.writing.get(st.inode, ()):  # our own unflushed/unreported writes
                 h = self.handles.get(fh)
                 if h is not None:
-                    size = max(size, h.file.length, h.buf_off + len(h.buf) if h.buf else 0)
+                    size = max(size, h.file.length)
+            size = max(size, self.wb.end(st.inode))  # writes still in the write-back cache
             if st.type == "symlink":
                 size = len(os.fsencode(st.target or ""))
             a.st_size = size
@@ -162,12 +180,58 @@ def _ops_class():
             self.paths[st.inode] = path
             return self._attrs(st)
 
-        async def _flush(self, h: Handle) -> None:
-            if h.buf:
-                data, off = bytes(h.buf), h.buf_off
-                h.buf.clear()
-                await h.file.pwrite(data, off)
-                h.dirty = True
+        def _writer(self, inode: int, prefer: Handle | None = None) -> Handle | None:
+            """An open handle of ``inode`` that can write (``prefer`` if it can)."""
+            if prefer is not None and prefer.file.writable and not prefer.file.closed:
+                return prefer
+            for fh in self.writing.get(inode, ()):
+                h = self.handles.get(fh)
+                if h is not None and not h.file.closed:
+                    return h
+            return None
+
+        async def _flush_locked(self, inode: int, prefer: Handle | None = None, lo: int = 0,
+                                hi: int | None = None) -> None:
+            """Write ``inode``'s dirty bytes in ``[lo, hi)`` to storage; the caller holds its lock."""
+            ranges = self.wb.peek(inode)
+            if ranges is None:
+                return
+            w = self._writer(inode, prefer)
+            if w is None:  # cannot happen while the cache is flushed before the last release
+                raise OSError(errno.EIO, f"inode {inode}: dirty data but no open writer")
+            w.dirty = True  # even a failed flush may have written some chunks: sync the length later
+            await flush_file(w.file, ranges, lo, hi)
+            for fh in self.writing.get(inode, ()):  # the writers' view of the length, for reads
+                o = self.handles.get(fh)
+                if o is not None:
+                    o.file.length = max(o.file.length, w.file.length)
+
+        async def _flush_inode(self, inode: int, prefer: Handle | None = None) -> None:
+            """Write all of ``inode``'s dirty bytes to storage (raises OSError(EIO) on failure)."""
+            d = self.wb.files.get(inode)
+            if d is None:
+                return
+            async with d.lock:
+                await self._flush_locked(inode, prefer)
+            self.wb.drop(inode)
+
+        async def _flush_path(self, path: str) -> None:
+            """Flush the dirty inodes at ``path`` or under it and record their lengths (before a
+            rename or unlink: what was written before it is then visible at the new name)."""
+            prefix = path.rstrip("/") + "/"
+            for ino in list(self.wb.files):
+                p = self.paths.get(ino)
+                if p is not None and (p == path or p.startswith(prefix)):
+                    await self._flush_inode(ino)
+                    await self._sync_writers(ino)
+
+        async def _sync_writers(self, inode: int) -> None:
+            """Make meta's length exact for every handle of ``inode`` that wrote since its last sync."""
+            for fh in list(self.writing.get(inode, ())):
+                o = self.handles.get(fh)
+                if o is not None and o.dirty and not o.file.closed:
+                    await o.file.fsync()
+                    o.dirty = False
 
         # --- namespace -------------------------------------------------------------------------
 
@@ -190,8 +254,13 @@ def _ops_class():
             path = self._path(inode)
             if fields.update_size:
                 h = self.handles.get(fh) if fh is not None else None
+                d = self.wb.files.get(inode)
+                if d is not None:  # bytes past the new size need not be written; the rest must be first
+                    async with d.lock:
+                        d.ranges.discard(attr.st_size, max(attr.st_size, d.ranges.end))
+                        await self._flush_locked(inode, h)
+                    self.wb.drop(inode)
                 if h is not None and h.file.writable:
-                    await self._flush(h)
                     await h.file.truncate(attr.st_size)
                 else:
                     await c.truncate(path, attr.st_size)
@@ -234,6 +303,7 @@ def _ops_class():
         async def _remove(self, parent_inode, name, ctx, want_dir: bool):
             path = self._child(parent_inode, name)
             c = await self.client(ctx)
+            await self._flush_path(path)  # 3FS semantics: what was written before the unlink is on storage
             st = await c.stat(path, follow_symlinks=False)
             if want_dir and not st.is_dir:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -257,6 +327,8 @@ def _ops_class():
             c = await self.client(ctx)
             if flags & pyfuse3.RENAME_NOREPLACE and await c.exists(dst):
                 raise pyfuse3.FUSEError(errno.EEXIST)
+            await self._flush_path(src)
+            await self._flush_path(dst)  # a replaced file's dirty data goes where its writes went
             await c.rename(src, dst)
             prefix = src.rstrip("/") + "/"
             for ino, p in list(self.paths.items()):  # the moved entry and everything under it
@@ -353,42 +425,73 @@ def _ops_class():
         @fuse_errors
         async def read(self, fh, off, size):
             h = self.handles[fh]
-            await self._flush(h)  # read-your-writes on the same handle
-            return await pread_fast(h.file, size, off)
+            d = self.wb.files.get(h.inode)
+            if d is None or not d.ranges or d.ranges.end <= off:
+                return await pread_fast(h.file, size, off)
+            # Read-your-writes: storage data with this mount's dirty bytes laid over it.
+            async with d.lock:
+                r = d.ranges
+                for o in self.writing.get(h.inode, ()):  # flushed writes grew the file for every handle
+                    oh = self.handles.get(o)
+                    if oh is not None:
+                        h.file.length = max(h.file.length, oh.file.length)
+                end = min(off + size, max(h.file.length, r.end))
+                if end <= off:
+                    return b""
+                data = await pread_fast(h.file, end - off, off) if off < h.file.length else b""
+                if not r.overlaps(off, end - off) and len(data) == end - off:
+                    return data
+                buf = bytearray(data)
+                if len(buf) < end - off:  # past the stored length, before the dirty end: zeros
+                    buf += bytes(end - off - len(buf))
+                r.overlay(buf, off)
+                return bytes(buf)
 
         @fuse_errors
         async def write(self, fh, off, buf):
             h = self.handles[fh]
-            if h.append:  # O_APPEND: the end as this client knows it, not the kernel's cached size
-                off = max(h.file.length, h.buf_off + len(h.buf) if h.buf else 0)
-            if h.buf and off == h.buf_off + len(h.buf) and len(h.buf) + len(buf) <= self.cfg.write_buffer:
-                h.buf += buf
-                return len(buf)
-            await self._flush(h)
-            if len(buf) >= self.cfg.write_buffer:
+            if not self.wb.enabled:  # write-through
+                if h.append:
+                    off = h.file.length
                 await h.file.pwrite(bytes(buf), off)
                 h.dirty = True
-            else:
-                h.buf_off = off
-                h.buf += buf
+                return len(buf)
+            d = self.wb.get(h.inode)
+            async with d.lock:
+                if h.append:  # O_APPEND: the end as this mount knows it, not the kernel's cached size
+                    off = max(h.file.length, d.ranges.end)
+                lo, hi = d.ranges.add(off, buf)
+                if d.ranges.nbytes >= self.wb.per_file:
+                    await self._flush_locked(h.inode, h)
+                elif hi - lo >= self.cfg.write_buffer:
+                    # A long contiguous run (sequential writes): send its full chunks now, in one
+                    # parallel burst, as the contiguous write buffer did; a partial last chunk waits.
+                    cs = h.file.chunk_size
+                    top = hi - hi % cs if hi - hi % cs > lo else hi
+                    await self._flush_locked(h.inode, h, lo, top)
+            if self.wb.nbytes > self.wb.total:  # the mount's limit: flush the biggest files first
+                for ino in self.wb.largest():
+                    await self._flush_inode(ino, h if ino == h.inode else None)
+                    if self.wb.nbytes <= self.wb.total:
+                        break
             return len(buf)
 
         @fuse_errors
         async def flush(self, fh):
             h = self.handles.get(fh)
-            if h is not None:
-                await self._flush(h)
-                if h.dirty:
-                    # close(2) waits for flush but not for release: make the length exact now, so
-                    # every client sees it as soon as close returns (3FS: exact length after close).
-                    await h.file.fsync()
-                    h.dirty = False
+            if h is not None and h.file.writable:
+                await self._flush_inode(h.inode, h)
+                # close(2) waits for flush but not for release: make the length exact now, so
+                # every client sees it as soon as close returns (3FS: exact length after close).
+                await self._sync_writers(h.inode)
 
         @fuse_errors
         async def fsync(self, fh, datasync):
             h = self.handles[fh]
-            await self._flush(h)
-            await h.file.fsync()
+            await self._flush_inode(h.inode, h)
+            if h.file.writable:
+                h.dirty = True  # fsync always records the length, even with nothing new to write
+            await self._sync_writers(h.inode)
 
         @fuse_errors
         async def release(self, fh):
@@ -396,7 +499,18 @@ def _ops_class():
             if h is None:
                 return
             try:
-                await self._flush(h)
+                if h.file.writable:
+                    try:
+                        await self._flush_inode(h.inode, h)
+                    except OSError:
+                        lost = self.wb.peek(h.inode)
+                        if lost is not None and len(self.writing.get(h.inode, ())) <= 1:
+                            # The last writer is going: nothing can flush the data later. close(2)
+                            # already got this error from flush; release's own reply goes nowhere.
+                            log.error("release of inode %d: %d dirty bytes could not be written and are "
+                                      "dropped", h.inode, lost.nbytes)
+                            self.wb.files.pop(h.inode, None)
+                        raise
             finally:
                 try:
                     await h.file.close()  # ends the write session: the length becomes exact
@@ -480,7 +594,9 @@ def _mount_cmd(args) -> int:
 
         mgmtd = LocalCluster.attach(args.data_dir).mgmtd_addresses
     cfg = FuseConfig(attr_timeout=args.attr_timeout, entry_timeout=args.attr_timeout,
-                     write_buffer=args.write_buffer, debug=args.debug, ring_socket=args.ring_socket)
+                     write_buffer=args.write_buffer, writeback_per_file=args.writeback_per_file,
+                     writeback_total=args.writeback_total, io_retry_s=args.io_retry,
+                     debug=args.debug, ring_socket=args.ring_socket)
     try:
         mount(args.mountpoint, mgmtd, cfg)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
@@ -499,7 +615,15 @@ def register_mount(subparsers: Any) -> Any:
                                    "$OPENINFRA_FS_MGMTD, $OPENINFRA_FS_DATA_DIR)")
     p.add_argument("--data-dir", help="the directory of a cluster started by `openinfra fs start`")
     p.add_argument("--attr-timeout", type=float, default=1.0, help="kernel attribute/entry cache lifetime, s (1.0)")
-    p.add_argument("--write-buffer", type=int, default=4 << 20, help="per-file write buffer, bytes (4 MiB)")
+    p.add_argument("--write-buffer", type=int, default=4 << 20,
+                   help="a contiguous dirty run this long is written at once, bytes (4 MiB)")
+    p.add_argument("--writeback-per-file", type=int, default=64 << 20,
+                   help="write-back cache: dirty bytes per file before it is flushed (64 MiB)")
+    p.add_argument("--writeback-total", type=int, default=256 << 20,
+                   help="write-back cache: dirty bytes of the mount before the largest files are flushed "
+                        "(256 MiB; 0 turns the cache off: every write reaches storage before it returns)")
+    p.add_argument("--io-retry", type=float, default=60.0,
+                   help="how long a failing storage/meta request is retried before the call fails with EIO, s (60)")
     p.add_argument("--ring-socket", default=None, help="also serve ring I/O (USRBIO) on this Unix socket; "
                                                        "clients attach with RingServer.connect(path)")
     p.add_argument("--debug", action="store_true", help="FUSE debug output")
