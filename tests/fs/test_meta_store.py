@@ -222,3 +222,47 @@ async def _no_chains():
     await store.init()
     ino = await store.alloc_inode()
     await kv.run(lambda t: store.open(t, "/f", ROOT, ino, write=False, read=False, create=True, exclusive=True))
+
+
+def test_detach_and_empty_tree_in_small_steps(kv_url):
+    """Server-side tree delete at the store level: one transaction unlinks the tree, then steps of
+    a few entries each empty it depth first; every inode and dentry of the tree is gone at the end,
+    files queued for chunk GC, and nothing outside the tree is touched."""
+    from openinfra.fs.kv import prefix_end
+    from openinfra.fs.meta.store import DENT, GCIN, INOD, TRSH
+
+    async def body(m):
+        await m("mkdir", "/keep", ROOT)
+        await m("mkdir", "/t", ROOT)
+        made = 0
+        for d in ("/t", "/t/a", "/t/a/b", "/t/c"):
+            if d != "/t":
+                await m("mkdir", d, ROOT)
+            for i in range(3):
+                await m("open", f"{d}/f{i}", ROOT, write=False, read=False, create=True, exclusive=True)
+                made += 1
+        await m("symlink", "/t/a/b/link", "/keep", ROOT)
+        before = await m.kv.run(lambda t: t.get_range(INOD, prefix_end(INOD)), read_only=True)
+        r = await m("detach_tree", "/t", ROOT)
+        assert r["queued"] and r["type"] == "dir"
+        with pytest.raises(FileNotFoundError):
+            await m("stat", "/t", ROOT)
+        files = dirs = steps = 0
+        finished = False
+        while not finished:
+            f, d, finished = await m("empty_tree_step", r["inode"], 2)
+            files, dirs, steps = files + f, dirs + d, steps + 1
+            assert steps < 100
+        assert (files, dirs) == (made + 1, 4) and steps > 5
+        after = await m.kv.run(lambda t: t.get_range(INOD, prefix_end(INOD)), read_only=True)
+        gone = {k for k, _ in before} - {k for k, _ in after}
+        assert len(gone) == 4 + 1  # the 4 directories and the symlink; files wait for chunk GC
+        assert len(await m.kv.run(lambda t: t.get_range(GCIN, prefix_end(GCIN)), read_only=True)) == made
+        assert await m.kv.run(lambda t: t.get_range(TRSH, prefix_end(TRSH)), read_only=True) == []
+        dents = await m.kv.run(lambda t: t.get_range(DENT, prefix_end(DENT)), read_only=True)
+        assert len(dents) == 1  # only /keep's entry in /
+        assert [e["name"] for e in await m("listdir", "/", ROOT)] == ["keep"]
+        with pytest.raises(ValueError, match="budget"):
+            await m("empty_tree_step", r["inode"], 0)
+
+    _run(kv_url, body)

@@ -142,7 +142,7 @@ class AsyncClient:
 
     async def _meta(self, method: str, args: dict, *, idempotent: bool = True) -> Any:
         args = dict(args)
-        if method not in ("stat_inode", "close", "sync", "report", "gc"):
+        if method not in ("stat_inode", "close", "sync", "report", "gc", "trash_pending"):
             args["user"] = self.user.wire()
         if not idempotent:
             # One request id for every retry: meta returns the first result after a lost reply.
@@ -222,8 +222,19 @@ class AsyncClient:
         split_path(dst, "dst")
         await self._meta("rename", {"src": src, "dst": dst}, idempotent=False)
 
+    async def remove_tree(self, path: str, *, wait: bool = True) -> dict:
+        """Remove ``path`` and everything under it on the meta server: the tree leaves the
+        namespace in one transaction, then the server empties it in batched transactions (before
+        replying with ``wait``, else in the background). Returns ``{"inode", "type", "queued"}``
+        plus ``"files"`` / ``"dirs"`` removed when known (``wait``, or a file)."""
+        split_path(path)
+        if not isinstance(wait, bool):
+            raise ValueError(f"wait: expected a bool, got {wait!r}")
+        return await self._meta("remove_tree", {"path": path, "wait": wait}, idempotent=False)
+
     async def remove(self, path: str, recursive: bool = False) -> None:
-        """Remove a file, symlink or empty directory (``recursive=True``: a whole tree).
+        """Remove a file, symlink or empty directory (``recursive=True``: a whole tree, one
+        request per entry; :meth:`remove_tree` does it on the server).
         The chunks of a removed file are deleted in the background (or at last close)."""
         split_path(path)
         if recursive:
@@ -503,6 +514,9 @@ class Client:
 
     def remove(self, path: str, recursive: bool = False) -> None:
         return self._run(self.aio.remove(path, recursive))
+
+    def remove_tree(self, path: str, *, wait: bool = True) -> dict:
+        return self._run(self.aio.remove_tree(path, wait=wait))
 
     def chmod(self, path: str, mode: int) -> FileStat:
         return self._run(self.aio.chmod(path, mode))

@@ -26,10 +26,11 @@ from openinfra.fs.errors import Code, FsError
 from openinfra.fs.kv import KVEngine, Transaction, prefix_end
 from openinfra.fs.meta.paths import split_path
 
-__all__ = ["MetaStore", "User", "ROOT_INODE", "LayoutPolicy", "inode_key", "dent_prefix"]
+__all__ = ["MetaStore", "User", "ROOT_INODE", "LayoutPolicy", "inode_key", "dent_prefix", "TRSH"]
 
 ROOT_INODE = 1
 INOD, DENT, INOS, IDEM, GCIN, CONF = b"INOD", b"DENT", b"INOS", b"IDEM", b"GCIN", b"CONF"
+TRSH = b"TRSH"  # trees unlinked by detach_tree and not yet emptied: TRSH + inode -> {"ts", "path"}
 NEXT_INODE = CONF + b"next-inode"
 MAX_SYMLINK_DEPTH = 8
 R, W, X = 4, 2, 1
@@ -389,6 +390,73 @@ class MetaStore:
         await txn.clear(_dent_key(parent["id"], name))
         await self._drop_link(txn, node)
         return {"inode": node["id"], "type": node["type"]}
+
+    async def detach_tree(self, txn: Transaction, path: str, user: User) -> dict:
+        """Server-side ``rm -r``, step 1: unlink ``path`` from the namespace and, for a directory,
+        queue its whole tree for :meth:`empty_tree_step` -- one transaction, so every reader sees
+        the tree vanish at once. Permissions as ``rm -r`` would need them: write + search on the
+        parent and on every directory of the tree (checked here, before anything changes; root
+        needs none). A file or symlink is simply removed. Returns ``{"inode", "type", "queued"}``."""
+        parent, name, node = await self.resolve(txn, path, user, follow=False)
+        if not name:
+            raise _err(Code.EPERM, "cannot remove /")
+        if node is None:
+            raise _err(Code.ENOENT, f"{path} does not exist")
+        check_access(parent, user, W | X)
+        if node["type"] != "dir":
+            await txn.clear(_dent_key(parent["id"], name))
+            await self._drop_link(txn, node)
+            return {"inode": node["id"], "type": node["type"], "queued": False}
+        if user.uid != 0:
+            stack = [node]
+            while stack:
+                d = stack.pop()
+                check_access(d, user, W | X)
+                p = dent_prefix(d["id"])
+                for _, raw in await txn.get_range(p, prefix_end(p)):
+                    ent = _unpack(raw)
+                    if ent["type"] == "dir":
+                        stack.append(await self._must_inode(txn, ent["inode"]))
+        await txn.clear(_dent_key(parent["id"], name))
+        await txn.set(TRSH + struct.pack("<Q", node["id"]), _pack({"ts": time.time(), "path": path}))
+        return {"inode": node["id"], "type": "dir", "queued": True}
+
+    async def empty_tree_step(self, txn: Transaction, root: int, budget: int = 512) -> tuple[int, int, bool]:
+        """Server-side ``rm -r``, step 2: remove up to ``budget`` entries of the tree detached at
+        inode ``root``, depth first (a directory goes once it is empty), in this transaction.
+        Files lose one link each (their chunks follow through the usual GC queue, or at last close
+        when open for writing; a hard link outside the tree keeps the file). Returns
+        ``(files, dirs, finished)``; ``finished`` means the tree and its queue entry are gone."""
+        if budget < 1:
+            raise ValueError(f"budget: expected >= 1, got {budget}")
+        files = dirs = 0
+        stack: list[tuple[int, bytes | None]] = [(root, None)]  # (directory inode, its dentry key)
+        while stack and budget > 0:
+            d, d_key = stack[-1]
+            p = dent_prefix(d)
+            rows = await txn.get_range(p, prefix_end(p), budget)
+            if not rows:  # empty: the directory itself goes
+                stack.pop()
+                await txn.clear(inode_key(d))
+                if d_key is None:
+                    await txn.clear(TRSH + struct.pack("<Q", root))
+                    return files, dirs + 1, True
+                await txn.clear(d_key)
+                dirs += 1
+                budget -= 1
+                continue
+            for key, raw in rows:
+                ent = _unpack(raw)
+                if ent["type"] == "dir":
+                    stack.append((ent["inode"], key))  # descend first; the rest of d comes after
+                    break
+                await txn.clear(key)
+                child = await self.get_inode(txn, ent["inode"])
+                if child is not None:
+                    await self._drop_link(txn, child)
+                files += 1
+                budget -= 1
+        return files, dirs, False
 
     async def hardlink(self, txn: Transaction, src: str, dst: str, user: User) -> dict:
         _, _, node = await self.resolve(txn, src, user, follow=False)
