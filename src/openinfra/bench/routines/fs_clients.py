@@ -39,6 +39,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replication", type=int, default=1, help="replicas per chain (default 1)")
     p.add_argument("--dir", default=None, help="where the cluster goes (default: a temp dir)")
     p.add_argument("--no-fuse", action="store_true", help="skip the FUSE run (no /dev/fuse here)")
+    p.add_argument("--tree-files", type=int, default=2000,
+                   help="files in the tree-delete comparison (0 skips it; default 2000)")
 
 
 def _tcp_sender(port: int, nbytes: int, block: int) -> None:
@@ -156,6 +158,37 @@ def _mount(address: str):
     return mnt, unmount
 
 
+def _tree_delete(cluster, nfiles: int, rows: list) -> dict:
+    """The same tree (``nfiles`` empty files, 50 per directory, two levels) removed three ways: the
+    meta service's ``remove_tree`` (waited for), the client-side batched delete, and the native
+    client's recursive ``remove`` (one request at a time). Seconds per removal."""
+    from openinfra.fs.clients import remove_tree
+
+    def build(fs, root: str) -> None:
+        fs.mkdir(root)
+        for d in range(max(1, nfiles // 50)):
+            fs.mkdir(f"{root}/d{d}")
+            for f in range(min(50, nfiles - d * 50)):
+                fs.write_bytes(f"{root}/d{d}/f{f}", b"")
+
+    out = {}
+    with cluster.client() as fs:
+        for label, remove in (("server remove_tree", lambda p: remove_tree(fs, p)),
+                              ("client-side batched", lambda p: remove_tree(fs, p, server=False)),
+                              ("native recursive remove", lambda p: fs.remove(p, recursive=True))):
+            root = "/bench-tree-" + label.split()[0]
+            build(fs, root)
+            t0 = time.perf_counter()
+            remove(root)
+            secs = time.perf_counter() - t0
+            if fs.exists(root):
+                raise RuntimeError(f"tree delete ({label}) left {root}")
+            rows.append({"test": f"delete tree of {nfiles} files", "surface": label, "s": secs})
+            out[f"tree_delete_{label.split()[0]}_s"] = secs
+    out["tree_delete_server_speedup_vs_native"] = out["tree_delete_native_s"] / out["tree_delete_server_s"]
+    return out
+
+
 @routine("fs_clients", "3FS clients: ring I/O vs FUSE 4 KiB random reads; KVCache get vs loopback TCP", _add_arguments)
 def bench_fs_clients(args: argparse.Namespace) -> BenchResult:
     import tempfile
@@ -237,6 +270,8 @@ def bench_fs_clients(args: argparse.Namespace) -> BenchResult:
                 summary[f"kvcache_{label}_GBps"] = gbps
                 summary[f"kvcache_{label}_over_tcp"] = gbps / tcp
         summary.update(tcp_loopback_GBps=tcp, goal_kvcache_over_tcp=0.7)
+        if args.tree_files > 0:
+            summary.update(_tree_delete(cluster, args.tree_files, rows))
     finally:
         cluster.stop()
     return BenchResult(rows, summary)
