@@ -167,6 +167,15 @@ def test_truncate_while_dirty(mnt, fs_client, workdir):
     finally:
         os.close(fd)
     assert fs_client.read_bytes(f"{workdir}/t") == want
+    # O_TRUNC through another handle while the first one has buffered writes: they do not come back.
+    fd = os.open(p, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"Z" * BLOCK, 1 << 20)
+        with open(p, "wb") as other:
+            other.write(b"new")
+    finally:
+        os.close(fd)
+    assert fs_client.read_bytes(f"{workdir}/t") == b"new"
 
 
 def test_rename_and_unlink_flush(mnt, fs_client, workdir):

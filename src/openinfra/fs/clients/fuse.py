@@ -225,6 +225,19 @@ def _ops_class():
                     await self._flush_inode(ino)
                     await self._sync_writers(ino)
 
+        def _drop_dirty(self, inode: int | None) -> None:
+            """Forget ``inode``'s buffered writes (an O_TRUNC open: they precede the truncate)."""
+            d = self.wb.files.get(inode) if inode is not None else None
+            if d is not None:
+                d.ranges.discard(0, d.ranges.end)
+
+        def _lookup_inode(self, path: str) -> int | None:
+            """The inode this mount knows at ``path``, if any (no RPC)."""
+            for ino, p in self.paths.items():
+                if p == path and ino in self.wb.files:
+                    return ino
+            return None
+
         async def _sync_writers(self, inode: int) -> None:
             """Make meta's length exact for every handle of ``inode`` that wrote since its last sync."""
             for fh in list(self.writing.get(inode, ())):
@@ -407,8 +420,10 @@ def _ops_class():
             acc = flags & os.O_ACCMODE
             mode = "rb" if acc == os.O_RDONLY else "r+b"
             f = await (await self.client(ctx)).open(self._path(inode), mode)
-            if flags & os.O_TRUNC and acc != os.O_RDONLY and f.length:
-                await f.truncate(0)
+            if flags & os.O_TRUNC and acc != os.O_RDONLY:
+                self._drop_dirty(inode)  # other handles' buffered writes must not come back after it
+                if f.length or self.writing.get(inode):
+                    await f.truncate(0)
             return self._new_handle(f, flags)
 
         @fuse_errors
@@ -421,6 +436,8 @@ def _ops_class():
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
+                if flags & os.O_TRUNC:
+                    self._drop_dirty(self._lookup_inode(path))
                 f = await c.open(path, "w+b" if flags & os.O_TRUNC else "r+b", perm=perm)
             self.paths[f.inode] = path
             fi = self._new_handle(f, flags)
