@@ -352,6 +352,40 @@ class AsyncFile:
         self.length = max(self.length, end)
         return len(view)
 
+    async def pwritev(self, pieces: list) -> int:
+        """Write every ``(offset, data)`` of ``pieces`` (file offsets, in order: a later piece wins
+        where they overlap); the pieces that fall in one chunk go down its chain as one update
+        (one copy-on-write per replica instead of one per piece). Returns the bytes written."""
+        self._check_open(need_write=True)
+        if not isinstance(pieces, (list, tuple)):
+            raise TypeError(f"pieces: expected a list of (offset, data), got {type(pieces).__name__}")
+        per_chunk: dict[int, list[tuple[int, bytes]]] = {}
+        total = end = 0
+        for item in pieces:
+            if not isinstance(item, (list, tuple)) or len(item) != 2:
+                raise TypeError(f"pieces: expected (offset, data) items, got {item!r:.60}")
+            offset, data = item
+            _check_int(offset, "offset")
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise TypeError(f"data: expected bytes-like, got {type(data).__name__}")
+            view = memoryview(data).cast("B")
+            for idx, within, pos, n in self._pieces(offset, len(view)):
+                per_chunk.setdefault(idx, []).append((within, bytes(view[pos - offset:pos - offset + n])))
+            total += len(view)
+            end = max(end, offset + len(view))
+        st = self.fs.storage
+
+        def one(idx: int, ranges: list[tuple[int, bytes]]):
+            if len(ranges) == 1:
+                return st.write_chunk(self.layout, self.inode, idx, ranges[0][0], ranges[0][1])
+            return st.write_chunk(self.layout, self.inode, idx, 0, b"", op="writev", ranges=ranges)
+
+        await self._gather(one(idx, r) for idx, r in sorted(per_chunk.items()))
+        if per_chunk:
+            self.written_end = max(self.written_end, end)
+            self.length = max(self.length, end)
+        return total
+
     async def pread(self, size: int, offset: int) -> bytes:
         """Up to ``size`` bytes at ``offset`` (short at end of file; b"" past it). Holes read as zeros."""
         self._check_open()
@@ -563,6 +597,9 @@ class File:
 
     def pwrite(self, data: bytes, offset: int) -> int:
         return self._c._run(self._f.pwrite(data, offset))
+
+    def pwritev(self, pieces: list) -> int:
+        return self._c._run(self._f.pwritev(pieces))
 
     def read(self, size: int = -1) -> bytes:
         return self._c._run(self._f.read(size))

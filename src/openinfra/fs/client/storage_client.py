@@ -170,8 +170,9 @@ class StorageClient:
         return addr
 
     async def write_chunk(self, layout: dict, inode: int, index: int, offset: int, data: bytes,
-                          op: str = "write", length: int = 0) -> dict:
-        """Apply one update through the chain; returns ``{"version", "crc", "length"}``."""
+                          op: str = "write", length: int = 0, ranges: list | None = None) -> dict:
+        """Apply one update through the chain; returns ``{"version", "crc", "length"}``.
+        ``op="writev"`` writes every ``(offset within the chunk, bytes)`` of ``ranges`` as one update."""
         chain_id = chunk_chain(layout, index)
         channel = await self._channels.get()
         try:
@@ -183,10 +184,12 @@ class StorageClient:
                 serving = r.serving(chain_id)
                 if chain is None or not serving:
                     raise FsError(Code.NO_SERVING_TARGET, f"chain {chain_id} has no serving target")
-                return await self.rpc.call(self._node_address(r, serving[0]), "write", dict(
-                    chain_id=chain_id, chain_version=chain["version"], inode=inode, index=index, op=op,
-                    offset=offset, data=data, length=length, client=self.client_id, channel=channel, seq=seq),
-                    timeout=self.io_timeout_s)
+                args = dict(chain_id=chain_id, chain_version=chain["version"], inode=inode, index=index, op=op,
+                            offset=offset, data=data, length=length, client=self.client_id, channel=channel, seq=seq)
+                if ranges is not None:
+                    args["ranges"] = ranges
+                return await self.rpc.call(self._node_address(r, serving[0]), "write", args,
+                                           timeout=self.io_timeout_s)
 
             return await retrying(attempt, self.routing, self.retry_s, f"write chunk {inode}:{index}")
         finally:

@@ -211,17 +211,11 @@ async def flush_file(f, ranges: DirtyRanges, lo: int = 0, hi: int | None = None)
                 off, data = pieces[0]
                 await f.pwrite(data, off)
                 return off, off + len(data)
-            # Several disjoint ranges in one chunk: each write rewrites the whole chunk on every
-            # replica (copy-on-write), so read the span once and write it once.
-            span_lo, span_hi = pieces[0][0], pieces[-1][0] + len(pieces[-1][1])
-            old = await f.fs.storage.read_chunk(f.layout, f.inode, idx, span_lo - idx * cs, span_hi - span_lo)
-            buf = bytearray(old)
-            if len(buf) < span_hi - span_lo:  # a hole or the chunk's end: zeros
-                buf += bytes(span_hi - span_lo - len(buf))
-            for off, data in pieces:
-                buf[off - span_lo:off - span_lo + len(data)] = data
-            await f.pwrite(buf, span_lo)
-            return span_lo, span_hi
+            # Several disjoint ranges in one chunk: one multi-range update (storage's writev), so
+            # every replica copies the chunk once and only the dirty bytes travel -- and the bytes
+            # between the ranges are not rewritten (another client's writes there survive).
+            await f.pwritev(pieces)
+            return pieces[0][0], pieces[-1][0] + len(pieces[-1][1])
 
     results = await asyncio.gather(*(one(i, p) for i, p in sorted(chunks.items())), return_exceptions=True)
     first_error = None

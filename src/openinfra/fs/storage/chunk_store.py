@@ -308,14 +308,24 @@ class ChunkStore:
         return await asyncio.to_thread(self._read_file, meta.file), meta
 
     async def prepare(self, inode: int, index: int, version: int, op: str, offset: int = 0, data: bytes = b"",
-                      length: int = 0, full: bytes | None = None) -> tuple[bytes, int]:
+                      length: int = 0, full: bytes | None = None,
+                      ranges: list[tuple[int, bytes]] | None = None) -> tuple[bytes, int]:
         """Write version ``version`` as pending (copy-on-write); returns ``(content, crc)``.
 
-        ``op``: ``"write"`` (``data`` at ``offset``), ``"truncate"`` (to ``length`` bytes) or a full
-        replacement when ``full`` is given."""
+        ``op``: ``"write"`` (``data`` at ``offset``), ``"writev"`` (each ``(offset, data)`` of
+        ``ranges`` in order; a gap past the old end reads as zeros), ``"truncate"`` (to ``length``
+        bytes) or a full replacement when ``full`` is given."""
         meta = self.get(inode, index)
         if full is not None:
             content = bytes(full)
+        elif op == "writev":
+            old = b"" if meta is None or meta.version == 0 else (await self.committed_content(inode, index))[0]
+            buf = bytearray(old)
+            for off, piece in ranges or ():
+                if off > len(buf):
+                    buf += bytes(off - len(buf))
+                buf[off:off + len(piece)] = piece
+            content = bytes(buf)
         else:
             if op == "write" and offset == 0 and meta is not None and len(data) >= meta.length:
                 old = b""  # the update covers the whole old content: nothing to copy

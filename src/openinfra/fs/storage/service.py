@@ -40,6 +40,24 @@ __all__ = ["StorageConfig", "StorageNode", "MgmtdLink"]
 log = logging.getLogger("openinfra.fs.storage")
 
 
+MAX_WRITEV_RANGES = 4096
+
+
+def _check_ranges(ranges) -> list[tuple[int, bytes]]:
+    """``writev``'s ``ranges`` from the wire: a non-empty list of ``[offset >= 0, bytes]``."""
+    if not isinstance(ranges, (list, tuple)) or not ranges:
+        raise ValueError("ranges: expected a non-empty list of [offset, data] for op writev")
+    if len(ranges) > MAX_WRITEV_RANGES:
+        raise ValueError(f"ranges: at most {MAX_WRITEV_RANGES} per writev, got {len(ranges)}")
+    out = []
+    for r in ranges:
+        if (not isinstance(r, (list, tuple)) or len(r) != 2 or isinstance(r[0], bool) or not isinstance(r[0], int)
+                or r[0] < 0 or not isinstance(r[1], (bytes, bytearray, memoryview))):
+            raise ValueError(f"ranges: expected [offset >= 0, bytes] items, got {r!r:.80}")
+        out.append((r[0], bytes(r[1])))
+    return out
+
+
 @dataclass
 class StorageConfig:
     node_id: int
@@ -219,15 +237,19 @@ class StorageNode:
     async def rpc_write(self, chain_id: int, chain_version: int, inode: int, index: int, op: str = "write",
                         offset: int = 0, data: bytes = b"", length: int = 0, client: str = "", channel: int = 0,
                         seq: int = 0, update_version: int | None = None, full: bytes | None = None,
-                        crc: int | None = None) -> dict:
+                        crc: int | None = None, ranges: list | None = None) -> dict:
         """Apply one chunk update. Client requests omit ``update_version`` and must reach the head.
-        ``op``: ``write`` (``data`` at ``offset``), ``truncate`` (to ``length``), ``remove``.
+        ``op``: ``write`` (``data`` at ``offset``), ``writev`` (every ``[offset, data]`` of
+        ``ranges``, in order, as one update: one copy-on-write of the chunk per replica and only
+        the ranges' bytes down the chain), ``truncate`` (to ``length``), ``remove``.
         Returns ``{"version", "crc", "length"}``."""
         self._check_fence()
-        if op not in ("write", "truncate", "remove"):
-            raise ValueError(f"op: expected write, truncate or remove, got {op!r}")
+        if op not in ("write", "writev", "truncate", "remove"):
+            raise ValueError(f"op: expected write, writev, truncate or remove, got {op!r}")
         if inode < 0 or index < 0 or offset < 0 or length < 0:
             raise ValueError("inode, index, offset and length must be >= 0")
+        if op == "writev" and full is None:  # (a resend of the whole chunk to a stale replica has none)
+            ranges = _check_ranges(ranges)
         chain, me, wchain = await self._chain(chain_id, chain_version)
         if me["state"] not in TargetState.WRITE:
             raise FsError(Code.TARGET_NOT_SERVING, f"target {me['id']} is {me['state']}")
@@ -264,26 +286,28 @@ class StorageNode:
                     # Behind, ahead, or the same version with other bytes (a different update got
                     # that number after an aborted one): the predecessor sends the whole chunk.
                     raise FsError(Code.STALE_UPDATE, f"chunk {inode}:{index} at v{current}, update is v{u}")
-            content, crc = await store.prepare(inode, index, u, op, offset, data, length, full)
+            content, crc = await store.prepare(inode, index, u, op, offset, data, length, full, ranges=ranges)
             if successor is not None:
                 args = dict(chain_id=chain_id, chain_version=chain["version"], inode=inode, index=index, op=op,
                             offset=offset, data=data, length=length, client=client, channel=channel, seq=seq,
                             update_version=u, crc=crc)
+                if op == "writev":
+                    args["ranges"] = ranges
                 try:
                     try:
                         await self._forward(successor, args)
                     except FsError as exc:
                         if exc.code != Code.STALE_UPDATE:
                             raise
-                        args.update(full=content, data=b"")
+                        args.update(full=content, data=b"", ranges=None)
                         await self._forward(successor, args)
                 except FsError:
                     store.abort(inode, index)  # never acknowledged: leave the committed version
                     raise
             result = {"version": u, "crc": crc, "length": len(content)}
             await store.commit(inode, index, u, self._dedup(client, channel, seq, result))
-        if self._bytes is not None and op == "write":
-            self._bytes["write"].inc(len(data))
+        if self._bytes is not None and op in ("write", "writev"):
+            self._bytes["write"].inc(len(data) if op == "write" else sum(len(d) for _, d in ranges))
         return result
 
     @staticmethod
