@@ -43,7 +43,13 @@ def _rank_main(fn, rank, world_size, port, backend, args, env, results):
         import torch
 
         torch.set_num_threads(1)  # N ranks share 2 cores in CI
-        dist.init_process_group(backend, rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+        try:
+            dist.init_process_group(backend, rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+        except Exception as exc:  # noqa: BLE001 - only the "port taken" case is special
+            if "EADDRINUSE" in str(exc) or "address already in use" in str(exc):
+                results.put((rank, _PORT_TAKEN, str(exc).splitlines()[0]))
+                return
+            raise
         try:
             value = fn(rank, world_size, *args)
         finally:
@@ -51,6 +57,14 @@ def _rank_main(fn, rank, world_size, port, backend, args, env, results):
         results.put((rank, True, value))
     except BaseException:  # report everything, including assertion errors, to the parent
         results.put((rank, False, traceback.format_exc()))
+
+
+_PORT_TAKEN = "port-taken"  # a rank's marker: its rendezvous port was taken before it could bind
+_PORT_ATTEMPTS = 3
+
+
+class _PortTaken(Exception):
+    pass
 
 
 def run_on_ranks(
@@ -61,9 +75,23 @@ def run_on_ranks(
     timeout: float = 120.0,
     env: dict[str, str] | None = None,
 ) -> list[Any]:
-    """Call ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; returns values by rank."""
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; returns values by rank.
+
+    The rendezvous port is picked free, but another process (a parallel test) can take it before
+    rank 0 binds it: then, and only then -- ``fn`` has not run anywhere -- all ranks are stopped
+    and the run starts again on a new port, up to three times."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    for attempt in range(_PORT_ATTEMPTS):
+        try:
+            return _spawn(fn, world_size, args, backend, timeout, env)
+        except _PortTaken as exc:
+            if attempt == _PORT_ATTEMPTS - 1:
+                raise RankFailed(f"the rendezvous port was taken {_PORT_ATTEMPTS} times: {exc}") from None
+    raise AssertionError("unreachable")
+
+
+def _spawn(fn, world_size: int, args: tuple, backend: str, timeout: float, env) -> list[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -89,6 +117,8 @@ def run_on_ranks(
                 if dead:
                     raise RankFailed(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
                 continue
+            if ok == _PORT_TAKEN:
+                raise _PortTaken(f"rank {rank}: {value}")
             if not ok:
                 raise RankFailed(f"rank {rank} failed:\n{value}")
             values[rank] = value
