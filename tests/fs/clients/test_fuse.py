@@ -9,44 +9,21 @@ import errno
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 import pytest
 
+from tests.fs.clients.fuse_mount import fuse_mount
+
 pytestmark = pytest.mark.service
 
 
 @pytest.fixture(scope="module")
-def mnt(cluster, tmp_path_factory):
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("/dev/fuse is missing: FUSE mounts are not possible on this machine")
-    pytest.importorskip("pyfuse3", reason="pyfuse3 is not installed")
-    # Directly under /tmp, not pytest's 0700 tree: the permission test runs as another user.
-    mountpoint = tempfile.mkdtemp(prefix="openinfra-mnt-", dir="/tmp")
-    os.chmod(mountpoint, 0o755)
-    proc = subprocess.Popen([sys.executable, "-m", "openinfra.fs.clients.fuse", mountpoint, "--mgmtd", cluster.address,
-                             "--attr-timeout", "0.2", "--ring-socket", mountpoint + ".ring"],
-                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while not os.path.ismount(mountpoint):
-        if proc.poll() is not None:
-            os.rmdir(mountpoint)
-            pytest.skip(f"mounting is not permitted here: {proc.stderr.read().decode(errors='replace')[-500:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("the FUSE mount did not appear within 30 s")
-        time.sleep(0.05)
-    yield mountpoint
-    subprocess.run(["fusermount3", "-u", mountpoint], check=False)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-    proc.stderr.close()
-    os.rmdir(mountpoint)
+def mnt(cluster):
+    # the mount also serves ring I/O on <mountpoint>.ring; 0755: the permission tests run as another user
+    with fuse_mount(cluster, "--ring-socket", "{mnt}.ring", mode=0o755) as mountpoint:
+        yield mountpoint
 
 
 @pytest.fixture

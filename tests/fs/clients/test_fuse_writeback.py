@@ -7,53 +7,24 @@ and close. Skips with the reason where /dev/fuse is missing or mounting is not p
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import random
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 
 import pytest
+
+from tests.fs.clients.fuse_mount import fuse_mount
 
 pytestmark = pytest.mark.service
 
 BLOCK = 4096
 
 
-@contextlib.contextmanager
 def _mounted(cluster, *args):
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("/dev/fuse is missing: FUSE mounts are not possible on this machine")
-    pytest.importorskip("pyfuse3", reason="pyfuse3 is not installed")
-    mountpoint = tempfile.mkdtemp(prefix="openinfra-wb-", dir="/tmp")
     # --io-retry 3: a flush against dead storage fails in seconds, not the default minute.
-    proc = subprocess.Popen([sys.executable, "-m", "openinfra.fs.clients.fuse", mountpoint, "--mgmtd", cluster.address,
-                             "--attr-timeout", "0.2", "--io-retry", "3", *args],
-                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while not os.path.ismount(mountpoint):
-        if proc.poll() is not None:
-            os.rmdir(mountpoint)
-            pytest.skip(f"mounting is not permitted here: {proc.stderr.read().decode(errors='replace')[-500:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("the FUSE mount did not appear within 30 s")
-        time.sleep(0.05)
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["fusermount3", "-u", mountpoint], check=False)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        proc.stderr.close()
-        os.rmdir(mountpoint)
+    return fuse_mount(cluster, "--io-retry", "3", *args, prefix="openinfra-wb-")
 
 
 @pytest.fixture(scope="module")
