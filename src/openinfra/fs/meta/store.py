@@ -376,13 +376,19 @@ class MetaStore:
         if not await txn.get_range(p, prefix_end(p), 1):  # not open for writing: collect now
             await txn.set(GCIN + struct.pack("<Q", node["id"]), _pack({"ts": time.time()}))
 
-    async def remove(self, txn: Transaction, path: str, user: User) -> dict:
+    async def _removable(self, txn: Transaction, path: str, user: User) -> tuple[dict, str, dict]:
+        """``(parent, name, node)`` of ``path`` once it may be unlinked: not ``/``, existing, and
+        write + search permission on its parent."""
         parent, name, node = await self.resolve(txn, path, user, follow=False)
         if not name:
             raise _err(Code.EPERM, "cannot remove /")
         if node is None:
             raise _err(Code.ENOENT, f"{path} does not exist")
         check_access(parent, user, W | X)
+        return parent, name, node
+
+    async def remove(self, txn: Transaction, path: str, user: User) -> dict:
+        parent, name, node = await self._removable(txn, path, user)
         if node["type"] == "dir":
             p = dent_prefix(node["id"])
             if await txn.get_range(p, prefix_end(p), 1):
@@ -397,16 +403,9 @@ class MetaStore:
         the tree vanish at once. Permissions as ``rm -r`` would need them: write + search on the
         parent and on every directory of the tree (checked here, before anything changes; root
         needs none). A file or symlink is simply removed. Returns ``{"inode", "type", "queued"}``."""
-        parent, name, node = await self.resolve(txn, path, user, follow=False)
-        if not name:
-            raise _err(Code.EPERM, "cannot remove /")
-        if node is None:
-            raise _err(Code.ENOENT, f"{path} does not exist")
-        check_access(parent, user, W | X)
+        parent, name, node = await self._removable(txn, path, user)
         if node["type"] != "dir":
-            await txn.clear(_dent_key(parent["id"], name))
-            await self._drop_link(txn, node)
-            return {"inode": node["id"], "type": node["type"], "queued": False}
+            return {**await self.remove(txn, path, user), "queued": False}
         if user.uid != 0:
             stack = [node]
             while stack:
