@@ -380,8 +380,43 @@ class Netns:
         self.made.clear()
 
 
-class MooseFS:
+class _FuseClient:
+    """A file system's FUSE client process at ``self.mnt`` (``base``, ``watch`` set by the subclass):
+    mount, unmount and remount (the cold-read protocol) the same way for both systems."""
+
+    log_name = "mount.log"
+    label = "FUSE"
+    base: Path
+    mnt: str
+    watch: list
+    mount_proc: subprocess.Popen | None = None
+
+    def _mount_command(self) -> list[str]:
+        raise NotImplementedError
+
+    def mount(self) -> None:
+        os.makedirs(self.mnt, exist_ok=True)
+        log = self.base / self.log_name
+        self.mount_proc = subprocess.Popen(self._mount_command(), stdin=subprocess.DEVNULL, stdout=log.open("a"),
+                                           stderr=subprocess.STDOUT, start_new_session=True)
+        self.watch.append(self.mount_proc)
+        _wait_mounted(self.mnt, self.mount_proc, log, self.label)
+
+    def unmount(self) -> None:
+        _unmount(self.mnt)
+        _stop_proc(self.mount_proc)
+        self.mount_proc = None
+
+    def remount(self) -> None:
+        self.unmount()
+        self.mount()
+
+
+class MooseFS(_FuseClient):
     """mfsmaster on the host, mfschunkservers in namespaces, mfsmount on the host."""
+
+    log_name = "mfsmount.log"
+    label = "mfsmount"
 
     def __init__(self, base: Path, net: Netns, fsync: bool, watch: list | None = None):
         self.base, self.net, self.fsync = base, net, fsync
@@ -441,23 +476,8 @@ class MooseFS:
                 raise RuntimeError(f"MooseFS {what} did not come up ({'a process exited' if dead else 'timeout'}):\n{logs}")
             time.sleep(0.1)
 
-    def mount(self) -> None:
-        os.makedirs(self.mnt, exist_ok=True)
-        log = self.base / "mfsmount.log"
-        self.mount_proc = subprocess.Popen(
-            ["mfsmount", "-f", self.mnt, "-o", f"mfsmaster={self.net.host_ip},mfsport={self.ports['cl']}"],
-            stdin=subprocess.DEVNULL, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
-        self.watch.append(self.mount_proc)
-        _wait_mounted(self.mnt, self.mount_proc, log, "mfsmount")
-
-    def unmount(self) -> None:
-        _unmount(self.mnt)
-        _stop_proc(self.mount_proc)
-        self.mount_proc = None
-
-    def remount(self) -> None:
-        self.unmount()
-        self.mount()
+    def _mount_command(self) -> list[str]:
+        return ["mfsmount", "-f", self.mnt, "-o", f"mfsmaster={self.net.host_ip},mfsport={self.ports['cl']}"]
 
     def dir_for(self, r: int) -> str:
         d = os.path.join(self.mnt, f"goal{r}")
@@ -481,8 +501,11 @@ class MooseFS:
             _stop_proc(self.master, 60)  # it saves its metadata on SIGTERM
 
 
-class ThreeFS:
+class ThreeFS(_FuseClient):
     """A local cluster of ours and its FUSE mount."""
+
+    log_name = "fuse.log"
+    label = "3FS FUSE"
 
     def __init__(self, base: Path, storage: int, replication: int, fsync: bool, watch: list | None = None):
         from openinfra.fs.cluster import ClusterSpec, LocalCluster
@@ -496,23 +519,8 @@ class ThreeFS:
                            fsync=fsync, chunk_size=1 << 20)
         self.cluster = LocalCluster.start(spec, timeout=120)
 
-    def mount(self) -> None:
-        os.makedirs(self.mnt, exist_ok=True)
-        log = self.base / "fuse.log"
-        self.mount_proc = subprocess.Popen(
-            [sys.executable, "-m", "openinfra.fs.clients.fuse", self.mnt, "--mgmtd", self.cluster.address],
-            stdin=subprocess.DEVNULL, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
-        self.watch.append(self.mount_proc)
-        _wait_mounted(self.mnt, self.mount_proc, log, "3FS FUSE")
-
-    def unmount(self) -> None:
-        _unmount(self.mnt)
-        _stop_proc(self.mount_proc)
-        self.mount_proc = None
-
-    def remount(self) -> None:
-        self.unmount()
-        self.mount()
+    def _mount_command(self) -> list[str]:
+        return [sys.executable, "-m", "openinfra.fs.clients.fuse", self.mnt, "--mgmtd", self.cluster.address]
 
     def stop(self) -> None:
         try:
