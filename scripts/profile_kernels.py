@@ -1,12 +1,13 @@
 """Launch one kernel of one shape a few times, for Nsight Compute to profile (scripts/gpu_profile.sh).
 
-    python scripts/profile_kernels.py mla16|mla64|gemm4096|gemm64|cast_ep
+    python scripts/profile_kernels.py mla16|mla64|gemm4096|gemm4096_256|gemm64
 
 The first launches compile and warm up; the profiler is told to skip them (--launch-skip).
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -30,7 +31,7 @@ def mla(h_q: int) -> None:
     torch.cuda.synchronize()
 
 
-def gemm(m: int, n: int, k: int) -> None:
+def gemm(m: int, n: int, k: int, block_n: int | None = None) -> None:
     from openinfra.kernels.deep_gemm.gemm.config import choose_config
     from openinfra.kernels.deep_gemm.gemm.kernel import DENSE, launch_gemm
     from openinfra.kernels.deep_gemm import per_block_cast_to_fp8, per_token_cast_to_fp8
@@ -39,6 +40,8 @@ def gemm(m: int, n: int, k: int) -> None:
     b, sfb = per_block_cast_to_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
     d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     cfg = choose_config(m, n, k, d.device)
+    if block_n is not None:  # the warp-specialized Gluon kernel with this tile width
+        cfg = replace(cfg, block_n=block_n, gluon_ws=True, num_stages=4)
     print(cfg)
     for _ in range(3):
         launch_gemm(DENSE, a, b, d, cfg, sfa=sfa, sfb=sfb)
@@ -48,4 +51,4 @@ def gemm(m: int, n: int, k: int) -> None:
 if __name__ == "__main__":
     case = sys.argv[1]
     {"mla16": lambda: mla(16), "mla64": lambda: mla(64), "gemm4096": lambda: gemm(4096, 4096, 7168),
-     "gemm64": lambda: gemm(64, 7168, 16384)}[case]()
+     "gemm4096_256": lambda: gemm(4096, 4096, 7168, block_n=256), "gemm64": lambda: gemm(64, 7168, 16384)}[case]()

@@ -233,18 +233,23 @@ def test_fp8_linear_matches_reference_path(monkeypatch):
 
 @pytest.mark.parametrize("m, n, k, buffers", [(1000, 1600, 2048, 4), (4096, 4096, 7168, 4), (130, 256, 128, 3),
                                               (257, 384, 256, 5), (64, 7168, 16384, 4)])
-@pytest.mark.parametrize("warp_specialized", [False, True], ids=["one-partition", "warp-specialized"])
-def test_gluon_dense_kernel_matches_reference(m, n, k, buffers, warp_specialized):
-    """The Gluon kernels directly (not through the fallback): ragged M, an N edge tile (1600), one and
-    two K slices, every buffer count the sweep uses."""
+@pytest.mark.parametrize("variant", ["one-partition", "warp-specialized", "warp-specialized-256"])
+def test_gluon_dense_kernel_matches_reference(m, n, k, buffers, variant):
+    """The Gluon kernels directly (not through the fallback): ragged M, an N edge tile (1600; with
+    128 x 256 tiles also a missing right half: 1600 = 6 x 256 + 64), one and two K slices, every
+    buffer count the sweep uses."""
     from openinfra.kernels.deep_gemm.gemm.gluon_kernel import fp8_gemm_nt_gluon, fp8_gemm_nt_gluon_ws, gluon_supported
 
     x, w = _rand(m, k), _rand(n, k)
     xq, wq = dg.per_token_cast_to_fp8(x), dg.per_block_cast_to_fp8(w)
     d = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
     assert gluon_supported(xq[0], wq[0], d)
-    (fp8_gemm_nt_gluon_ws if warp_specialized else fp8_gemm_nt_gluon)(xq[0], xq[1], wq[0], wq[1], d,
-                                                                      num_buffers=buffers)
+    if variant == "one-partition":
+        fp8_gemm_nt_gluon(xq[0], xq[1], wq[0], wq[1], d, num_buffers=buffers)
+    else:
+        block_n = 256 if variant.endswith("256") else 128
+        fp8_gemm_nt_gluon_ws(xq[0], xq[1], wq[0], wq[1], d, num_buffers=min(buffers, 4 if block_n == 256 else 5),
+                             block_n=block_n)
     expected = ref.fp8_gemm_nt_reference(*xq, *wq, torch.empty(m, n, device="cuda"))
     assert torch.isfinite(d).all()
     assert dg.calc_diff(d, expected) < TIGHT

@@ -63,9 +63,10 @@ def test_fp8_linear_rejects_bad_shapes():
 
 def test_choose_config_rules(monkeypatch):
     monkeypatch.setattr(cfg, "_device_sms", lambda index: 132)
+    monkeypatch.setattr(cfg, "_gluon_ws_enabled", lambda device: False)
     dev = torch.device("cuda", 0)
     big = cfg.choose_config(4096, 7168, 16384, dev)
-    assert (big.block_m, big.block_n, big.num_warps, big.split_k) == (128, 128, 8, 1)
+    assert (big.block_m, big.block_n, big.num_warps, big.split_k) == (128, 128, 8, 1) and not big.gluon_ws
     for m, n, k in [(64, 2112, 7168), (128, 7168, 16384), (64, 4096, 7168), (100, 24576, 1536)]:
         small = cfg.choose_config(m, n, k, dev)
         assert small.block_m == 64
@@ -82,6 +83,27 @@ def test_choose_config_rules(monkeypatch):
     assert cfg.choose_config(8, 8, 128, torch.device("cpu")) == cfg.INTERPRETER_CONFIG
     with pytest.raises(ValueError, match="block_n must be a power of two"):
         cfg.GemmConfig(block_n=96)
+
+
+def test_choose_config_takes_the_gluon_kernel_for_large_dense_fp8(monkeypatch):
+    """On Hopper, dense FP8 GEMMs from M = 512 take the warp-specialized Gluon kernel; small M,
+    grouped and bf16 problems keep the Triton kernel; OPENINFRA_GEMM_GLUON=0 turns it off."""
+    monkeypatch.setattr(cfg, "_device_sms", lambda index: 132)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    dev = torch.device("cuda", 0)
+    big = cfg.choose_config(4096, 7168, 16384, dev)
+    assert big.gluon_ws and (big.block_m, big.block_n, big.split_k) == (128, 128, 1)
+    assert cfg.choose_config(512, 4096, 7168, dev).gluon_ws
+    assert not cfg.choose_config(256, 4096, 7168, dev).gluon_ws
+    assert not cfg.choose_config(64, 4096, 7168, dev).gluon_ws
+    assert not cfg.choose_config(8192, 4096, 7168, dev, groups=4, max_block_m=128).gluon_ws
+    assert not cfg.choose_config(4096, 2112, 7168, dev, element_size=2, allow_split_k=False).gluon_ws
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (10, 0))
+    assert not cfg.choose_config(4096, 7168, 16384, dev).gluon_ws  # sm_100: Triton
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setenv("OPENINFRA_GEMM_GLUON", "0")
+    assert not cfg.choose_config(4096, 7168, 16384, dev).gluon_ws
 
 
 def test_set_num_sms_caps_the_persistent_grid(monkeypatch):

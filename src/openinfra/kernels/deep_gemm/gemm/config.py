@@ -13,6 +13,7 @@ kernel adds up. Every K slice keeps its two-level promotion; only the final fp32
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -40,8 +41,9 @@ class GemmConfig:
     gluon: run dense FP8 GEMMs (bf16 out, no C, no split-K) through the experimental Gluon kernel
     of :mod:`.gluon_kernel` on Hopper (128x128 tiles, num_stages buffers); other problems ignore
     it. Off: measured 0.80-0.97x the Triton kernel's speed (benchmarks/notes/deep_gemm.md, sweep 3);
-    gluon_ws: the same through the warp-specialized Gluon kernel (a TMA producer warp, two math
-    warpgroups on the tile's halves); experimental, off.
+    gluon_ws: the same through the warp-specialized persistent Gluon kernel (a TMA producer warp,
+    two math warpgroups on the tile's halves; block_n 128 or 256): :func:`choose_config` picks it
+    for dense FP8 GEMMs with M >= 512 on Hopper.
     """
 
     block_m: int = 128
@@ -159,7 +161,26 @@ def choose_config(
         if best is None or key < best[0]:
             best = (key, bm, bn)
     _, bm, bn = best
+    if groups == 1 and element_size == 1 and m >= _GLUON_WS_MIN_M and _gluon_ws_enabled(device):
+        # The warp-specialized persistent Gluon kernel: 1.02-1.6x the Triton kernel on every
+        # M = 4096 shape of the H200 sweep (benchmarks/notes/deep_gemm.md, sweep 5). Problems it
+        # does not take (C, split-K, 1-D B scales, unaligned rows) fall back to the Triton kernel
+        # with the same 128 x 128 tile.
+        return GemmConfig(128, 128, 1, group_m=8, num_stages=4, num_warps=8, gluon_ws=True)
     return GemmConfig(bm, bn, 1, group_m=8, num_stages=min(4, _stages(bm, bn, element_size)), num_warps=_WARPS[(bm, bn)])
+
+
+# Rows from which dense FP8 GEMMs take the Gluon kernel (measured at M = 512 and 4096).
+_GLUON_WS_MIN_M = 512
+
+
+def _gluon_ws_enabled(device: torch.device) -> bool:
+    """Hopper (sm_90), and not switched off with OPENINFRA_GEMM_GLUON=0 (then every dense FP8
+    GEMM takes the Triton kernel)."""
+    if os.environ.get("OPENINFRA_GEMM_GLUON", "1") == "0" or not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index)[0] == 9
 
 
 # K slices at or below which the memory-bound path runs two programs per SM.
@@ -220,9 +241,12 @@ def tuning_candidates(m: int, n: int, k: int, device: torch.device) -> list[tupl
             out.append(("128 rows, 8 warps", replace(base, block_m=128, num_warps=8, num_stages=4)))
         return out
     return [
+        ("triton 128x128 w8 s4", GemmConfig(128, 128, 1, 8, 4, 8)),
         ("gluon 128x128 3 buffers", GemmConfig(128, 128, 1, 8, 3, 8, gluon=True)),
         ("gluon ws 128x128 4 buffers", GemmConfig(128, 128, 1, 8, 4, 8, gluon_ws=True)),
         ("gluon ws 128x128 5 buffers", GemmConfig(128, 128, 1, 8, 5, 8, gluon_ws=True)),
+        ("gluon ws 128x256 3 buffers", GemmConfig(128, 256, 1, 8, 3, 8, gluon_ws=True)),
+        ("gluon ws 128x256 4 buffers", GemmConfig(128, 256, 1, 8, 4, 8, gluon_ws=True)),
         ("128x128 w8 s4 prefetch1", GemmConfig(128, 128, 1, 8, 4, 8, scale_prefetch=1)),
         ("128x128 w8 s4 prefetch2", GemmConfig(128, 128, 1, 8, 4, 8, scale_prefetch=2)),
         ("128x128 w8 s4 pointer", GemmConfig(128, 128, 1, 8, 4, 8, use_tma=False)),

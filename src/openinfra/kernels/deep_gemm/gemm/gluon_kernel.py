@@ -1,10 +1,11 @@
 """The dense FP8 GEMM in Gluon, for Hopper: the promotion of slice k - 1 overlaps the MMA of slice k.
 
-Experimental, off by default (``GemmConfig(gluon=True)`` opts in): on the H200 it computes the
-same function as the Triton kernel (gpu tests) but at 0.80-0.97x its speed (benchmarks/notes/
-deep_gemm.md, sweep 3): one tile per program, a CTA-wide barrier around every TMA issue, and the
-scheduler interleaves only part of the promotion with the MMA. The next step is two math
-warpgroups on different tiles (ping-pong) with a producer warp (``gl.warp_specialize``).
+Two kernels. ``fp8_gemm_nt_gluon_ws`` (warp-specialized, persistent: a TMA producer warp and two
+math warpgroups, DeepGEMM's structure) is what :func:`..config.choose_config` picks for dense FP8
+GEMMs from M = 512 on Hopper: 1.02-1.6x the Triton kernel on the H200 (benchmarks/notes/
+deep_gemm.md, sweep 5). ``fp8_gemm_nt_gluon`` (one partition, one tile per program; opt-in
+``GemmConfig(gluon=True)``) came first and measured 0.80-0.97x the Triton kernel (sweep 3): a
+CTA-wide barrier around every TMA issue, no overlap of one tile's epilogue with the next's loads.
 
 D[M, N] (bf16) = sum over 128-deep K slices k of  sfa[:, k] * sfb[n_block, k] * (A_k @ B_k^T)
 
@@ -40,6 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from openinfra.kernels.deep_gemm.gemm.config import num_sms
 from openinfra.kernels.deep_gemm.utils import GROUP_SIZE, ceil_div
 
 __all__ = ["fp8_gemm_nt_gluon", "fp8_gemm_nt_gluon_ws", "gluon_supported"]
@@ -165,73 +167,141 @@ def fp8_gemm_nt_gluon(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: 
 
 
 # --- warp-specialized variant -------------------------------------------------------------------
-# One producer warp issues the TMA loads into a ring of NUM_BUFFERS stages; two math warpgroups in
-# separate partitions take the upper and lower 64 rows of the 128 x 128 tile. They share each stage
-# (its "empty" barrier counts both releases) but nothing else, so they drift out of phase and one's
-# promotion FMAs overlap the other's MMA on the shared tensor cores -- DeepGEMM's arrangement --
-# without the CTA-wide barriers the single-partition kernel pays around every TMA issue.
+# Persistent: each program walks the tiles pid, pid + programs, ... (grouped along M for L2 reuse).
+# One producer warp issues the TMA loads into a ring of NUM_BUFFERS stages and runs on into the
+# next tile's slices while the math warpgroups store the last one; two math warpgroups in separate
+# partitions take the upper and lower 64 rows of each tile. They share each stage (its "empty"
+# barrier counts both releases) but nothing else, so they drift out of phase and one's promotion
+# FMAs overlap the other's MMA on the shared tensor cores -- DeepGEMM's arrangement -- without the
+# CTA-wide barriers the single-partition kernel pays around every TMA issue. Stage index and
+# barrier phase come from a step counter that runs across tiles, the same in every partition.
 # Register split per thread: 256 (default partition) / 208 (second math warpgroup) / 40 (producer)
 # = 64,512, exactly the 168 x 384 the launch holds: more would leave setmaxnreg.inc waiting forever.
-# Compiled and checked for sm_90a on the CPU (scripts/sass_loops.py); not yet run on a GPU.
 
 
 @gluon.jit
-def _ws_producer(a_desc, b_desc, a_bufs, b_bufs, full, empty, off_m, off_n, num_k, NUM_BUFFERS: gl.constexpr):
-    for k in range(num_k):
-        s = k % NUM_BUFFERS
-        # a fresh barrier has completed the phase before its first: the first lap does not wait
-        mbarrier.wait(empty.index(s), ((k // NUM_BUFFERS) & 1) ^ 1)
-        mbarrier.expect(full.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(a_desc, [off_m, k * 128], full.index(s), a_bufs.index(s))
-        tma.async_copy_global_to_shared(b_desc, [off_n, k * 128], full.index(s), b_bufs.index(s))
+def _ws_tile(tile, M, N, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+    # (off_m, off_n) of tile number ``tile`` in GROUP_M-row-tile groups
+    tiles_m = gl.cdiv(M, 128)
+    per_group = GROUP_M * gl.cdiv(N, BLOCK_N)
+    first_m = (tile // per_group) * GROUP_M
+    group_rows = gl.minimum(tiles_m - first_m, GROUP_M)
+    return (first_m + (tile % per_group) % group_rows) * 128, ((tile % per_group) // group_rows) * BLOCK_N
 
 
 @gluon.jit
-def _ws_math(HALF: gl.constexpr, a_bufs, b_bufs, full, empty, d_desc, d_smem, sfa_ptr, sfb_ptr, off_m, off_n, M,
-             num_k, stride_sam, stride_sak, stride_sbn, stride_sbk, NUM_BUFFERS: gl.constexpr):
-    # This warpgroup's [64, 128] half of the tile: rows off_m + HALF * 64 ...
+def _ws_producer(a_desc, b_desc, a_bufs, b_bufs, full, empty, M, N, num_k, BLOCK_N: gl.constexpr,
+                 GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
+    num_tiles = gl.cdiv(M, 128) * gl.cdiv(N, BLOCK_N)
+    step = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        off_m, off_n = _ws_tile(tile, M, N, BLOCK_N, GROUP_M)
+        for k in range(num_k):
+            s = step % NUM_BUFFERS
+            # a fresh barrier has completed the phase before its first: the first lap does not wait
+            mbarrier.wait(empty.index(s), ((step // NUM_BUFFERS) & 1) ^ 1)
+            mbarrier.expect(full.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(a_desc, [off_m, k * 128], full.index(s), a_bufs.index(s))
+            tma.async_copy_global_to_shared(b_desc, [off_n, k * 128], full.index(s), b_bufs.index(s))
+            step += 1
+
+
+@gluon.jit
+def _ws_store(acc, d_desc, d_smem, row, col):
+    # the previous tile's store must have left d_smem before it is overwritten
+    tma.store_wait(pendings=0)
+    d_smem.store(acc.to(d_desc.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(d_desc, [row, col], d_smem)
+
+
+@gluon.jit
+def _ws_math(HALF: gl.constexpr, a_bufs, b_bufs, full, empty, d_desc, d_smem, sfa_ptr, sfb_ptr, M, N, num_k,
+             stride_sam, stride_sak, stride_sbn, stride_sbk, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
+    # This warpgroup's [64, 128] half of each 128 x 128 tile: rows off_m + HALF * 64 ...
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, 128, 32])
     row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
-    rows = off_m + HALF * 64 + gl.arange(0, 64, layout=row_layout)
-    row_ok = rows < M
-    sfa_rows = sfa_ptr + rows.to(gl.int64) * stride_sam
-    sfb_col = sfb_ptr + (off_n // 128) * stride_sbn
     zero = gl.zeros((64, 128), dtype=gl.float32, layout=mma_layout)
-    acc = gl.zeros((64, 128), dtype=gl.float32, layout=mma_layout)
-    done = zero
-    done_scale = gl.zeros((64, ), dtype=gl.float32, layout=row_layout)
-    for k in range(num_k):
-        s = k % NUM_BUFFERS
-        scale = gl.load(sfa_rows + k * stride_sak, mask=row_ok, other=0.0) * gl.load(sfb_col + k * stride_sbk)
-        mbarrier.wait(full.index(s), (k // NUM_BUFFERS) & 1)
-        mma = warpgroup_mma(a_bufs.index(s).slice(HALF * 64, 64), b_bufs.index(s).permute((1, 0)), zero,
-                            use_acc=False, is_async=True)
-        acc, done = warpgroup_mma_wait(num_outstanding=1, deps=(acc, done))  # pins the FMAs after the issue
+    num_tiles = gl.cdiv(M, 128) * gl.cdiv(N, 128)
+    step = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        off_m, off_n = _ws_tile(tile, M, N, 128, GROUP_M)
+        rows = off_m + HALF * 64 + gl.arange(0, 64, layout=row_layout)
+        row_ok = rows < M
+        sfa_rows = sfa_ptr + rows.to(gl.int64) * stride_sam
+        sfb_col = sfb_ptr + (off_n // 128) * stride_sbn
+        acc = gl.zeros((64, 128), dtype=gl.float32, layout=mma_layout)
+        done = zero
+        done_scale = gl.zeros((64, ), dtype=gl.float32, layout=row_layout)
+        for k in range(num_k):
+            s = step % NUM_BUFFERS
+            scale = gl.load(sfa_rows + k * stride_sak, mask=row_ok, other=0.0) * gl.load(sfb_col + k * stride_sbk)
+            mbarrier.wait(full.index(s), (step // NUM_BUFFERS) & 1)
+            mma = warpgroup_mma(a_bufs.index(s).slice(HALF * 64, 64), b_bufs.index(s).permute((1, 0)), zero,
+                                use_acc=False, is_async=True)
+            acc, done = warpgroup_mma_wait(num_outstanding=1, deps=(acc, done))  # pins the FMAs after the issue
+            acc += done * done_scale[:, None]
+            done = warpgroup_mma_wait(num_outstanding=0, deps=(mma, ))
+            mbarrier.arrive(empty.index(s), count=1)  # this warpgroup is done with stage s
+            done_scale = scale
+            step += 1
         acc += done * done_scale[:, None]
-        done = warpgroup_mma_wait(num_outstanding=0, deps=(mma, ))
-        mbarrier.arrive(empty.index(s), count=1)  # this warpgroup is done with stage s
-        done_scale = scale
-    acc += done * done_scale[:, None]
-    d_smem.store(acc.to(d_desc.dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(d_desc, [off_m + HALF * 64, off_n], d_smem)
+        _ws_store(acc, d_desc, d_smem, off_m + HALF * 64, off_n)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _ws_math_wide(HALF: gl.constexpr, a_bufs, b_bufs, full, empty, d_desc, d_smem, sfa_ptr, sfb_ptr, M, N, num_k,
+                  stride_sam, stride_sak, stride_sbn, stride_sbk, GROUP_M: gl.constexpr,
+                  NUM_BUFFERS: gl.constexpr):
+    # This warpgroup's [64, 256] part of each 128 x 256 tile: rows off_m + HALF * 64 ..., as two
+    # 128-column halves, each with its own B scale block. Two fp32 accumulators (128 registers)
+    # leave room for one product only, so each half is waited for and promoted before the next
+    # is issued; the tensor cores stay busy through the other warpgroup's MMA meanwhile.
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, 128, 32])
+    row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+    zero = gl.zeros((64, 128), dtype=gl.float32, layout=mma_layout)
+    num_tiles = gl.cdiv(M, 128) * gl.cdiv(N, 256)
+    step = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        off_m, off_n = _ws_tile(tile, M, N, 256, GROUP_M)
+        rows = off_m + HALF * 64 + gl.arange(0, 64, layout=row_layout)
+        row_ok = rows < M
+        sfa_rows = sfa_ptr + rows.to(gl.int64) * stride_sam
+        sfb_lo = sfb_ptr + (off_n // 128) * stride_sbn
+        hi_ok = off_n + 128 < N  # the tile's right half exists (else its B rows load as zeros)
+        acc_lo = gl.zeros((64, 128), dtype=gl.float32, layout=mma_layout)
+        acc_hi = gl.zeros((64, 128), dtype=gl.float32, layout=mma_layout)
+        for k in range(num_k):
+            s = step % NUM_BUFFERS
+            scale_a = gl.load(sfa_rows + k * stride_sak, mask=row_ok, other=0.0)
+            scale_lo = scale_a * gl.load(sfb_lo + k * stride_sbk)
+            scale_hi = scale_a * gl.load(sfb_lo + stride_sbn + k * stride_sbk, mask=hi_ok, other=0.0)
+            mbarrier.wait(full.index(s), (step // NUM_BUFFERS) & 1)
+            a = a_bufs.index(s).slice(HALF * 64, 64)
+            b = b_bufs.index(s)
+            mma = warpgroup_mma(a, b.slice(0, 128).permute((1, 0)), zero, use_acc=False, is_async=True)
+            product = warpgroup_mma_wait(num_outstanding=0, deps=(mma, ))
+            acc_lo += product * scale_lo[:, None]
+            mma = warpgroup_mma(a, b.slice(128, 128).permute((1, 0)), zero, use_acc=False, is_async=True)
+            product = warpgroup_mma_wait(num_outstanding=0, deps=(mma, ))
+            mbarrier.arrive(empty.index(s), count=1)  # this warpgroup is done with stage s
+            acc_hi += product * scale_hi[:, None]
+            step += 1
+        # the [64, 128] output buffer takes each half in turn
+        _ws_store(acc_lo, d_desc, d_smem, off_m + HALF * 64, off_n)
+        _ws_store(acc_hi, d_desc, d_smem, off_m + HALF * 64, off_n + 128)
     tma.store_wait(pendings=0)
 
 
 @gluon.jit
 def _fp8_gemm_nt_ws_kernel(a_desc, b_desc, d_desc, sfa_ptr, sfb_ptr, M, N, K, stride_sam, stride_sak, stride_sbn,
                            stride_sbk, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
-    pid = gl.program_id(0)
-    tiles_m = gl.cdiv(M, 128)
-    tiles_n = gl.cdiv(N, 128)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = gl.minimum(tiles_m - first_m, GROUP_M)
-    off_m = (first_m + (pid % per_group) % group_rows) * 128
-    off_n = ((pid % per_group) // group_rows) * 128
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    gl.static_assert(BLOCK_N == 128 or BLOCK_N == 256, "tiles are 128 x 128 or 128 x 256")
     num_k = gl.cdiv(K, 128)
-
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NUM_BUFFERS] + a_desc.block_type.shape, a_desc.layout)
     b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NUM_BUFFERS] + b_desc.block_type.shape, b_desc.layout)
     d_smem = gl.allocate_shared_memory(d_desc.dtype, [2] + d_desc.block_type.shape, d_desc.layout)
@@ -241,30 +311,48 @@ def _fp8_gemm_nt_ws_kernel(a_desc, b_desc, d_desc, sfa_ptr, sfb_ptr, M, N, K, st
         mbarrier.init(full.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # both math warpgroups release a stage
 
-    gl.warp_specialize([
-        (_ws_math, (0, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(0), sfa_ptr, sfb_ptr, off_m, off_n, M,
-                    num_k, stride_sam, stride_sak, stride_sbn, stride_sbk, NUM_BUFFERS)),
-        (_ws_math, (1, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(1), sfa_ptr, sfb_ptr, off_m, off_n, M,
-                    num_k, stride_sam, stride_sak, stride_sbn, stride_sbk, NUM_BUFFERS)),
-        (_ws_producer, (a_desc, b_desc, a_bufs, b_bufs, full, empty, off_m, off_n, num_k, NUM_BUFFERS)),
-    ], [4, 1], [216, 40])
+    # 256 (default partition) / 208 / 40 as above; the other orders and splits tried with 128 x 256
+    # tiles spill more (scripts/sass_loops.py gluon-gemm-ws 4,256)
+    if BLOCK_N == 128:
+        gl.warp_specialize([
+            (_ws_math, (0, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(0), sfa_ptr, sfb_ptr, M, N, num_k,
+                        stride_sam, stride_sak, stride_sbn, stride_sbk, GROUP_M, NUM_BUFFERS)),
+            (_ws_math, (1, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(1), sfa_ptr, sfb_ptr, M, N, num_k,
+                        stride_sam, stride_sak, stride_sbn, stride_sbk, GROUP_M, NUM_BUFFERS)),
+            (_ws_producer, (a_desc, b_desc, a_bufs, b_bufs, full, empty, M, N, num_k, BLOCK_N, GROUP_M,
+                            NUM_BUFFERS)),
+        ], [4, 1], [208, 40])
+    else:
+        gl.warp_specialize([
+            (_ws_math_wide, (0, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(0), sfa_ptr, sfb_ptr, M, N,
+                             num_k, stride_sam, stride_sak, stride_sbn, stride_sbk, GROUP_M, NUM_BUFFERS)),
+            (_ws_math_wide, (1, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(1), sfa_ptr, sfb_ptr, M, N,
+                             num_k, stride_sam, stride_sak, stride_sbn, stride_sbk, GROUP_M, NUM_BUFFERS)),
+            (_ws_producer, (a_desc, b_desc, a_bufs, b_bufs, full, empty, M, N, num_k, BLOCK_N, GROUP_M,
+                            NUM_BUFFERS)),
+        ], [4, 1], [208, 40])
     for i in gl.static_range(NUM_BUFFERS):
         mbarrier.invalidate(full.index(i))
         mbarrier.invalidate(empty.index(i))
 
 
 def fp8_gemm_nt_gluon_ws(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
-                         *, num_buffers: int = 4, group_m: int = 8) -> torch.Tensor:
-    """:func:`fp8_gemm_nt_gluon` through the warp-specialized kernel (same arguments and checks)."""
+                         *, num_buffers: int = 4, group_m: int = 8, block_n: int = 128) -> torch.Tensor:
+    """:func:`fp8_gemm_nt_gluon` through the warp-specialized persistent kernel (same arguments and
+    checks); ``block_n`` 128 or 256 picks the tile width (128 x 256 tiles need at most 4 buffers)."""
+    if block_n not in (128, 256):
+        raise ValueError(f"block_n: the warp-specialized kernel takes 128 or 256, got {block_n}")
+    if block_n == 256 and num_buffers > 4:
+        raise ValueError(f"num_buffers: 128 x 256 tiles fit at most 4 stages in shared memory, got {num_buffers}")
     m, k = a.shape
     n = b.shape[0]
     a_layout = gl.NVMMASharedLayout.get_default_for([128, GROUP_SIZE], gl.float8e4nv)
-    b_layout = gl.NVMMASharedLayout.get_default_for([128, GROUP_SIZE], gl.float8e4nv)
+    b_layout = gl.NVMMASharedLayout.get_default_for([block_n, GROUP_SIZE], gl.float8e4nv)
     d_layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.bfloat16)
     a_desc = TensorDescriptor.from_tensor(a, [128, GROUP_SIZE], a_layout)
-    b_desc = TensorDescriptor.from_tensor(b, [128, GROUP_SIZE], b_layout)
+    b_desc = TensorDescriptor.from_tensor(b, [block_n, GROUP_SIZE], b_layout)
     d_desc = TensorDescriptor.from_tensor(d, [64, 128], d_layout)
-    grid = (ceil_div(m, 128) * ceil_div(n, 128),)
+    grid = (min(num_sms(a.device), ceil_div(m, 128) * ceil_div(n, block_n)),)
     _fp8_gemm_nt_ws_kernel[grid](a_desc, b_desc, d_desc, sfa, sfb, m, n, k, sfa.stride(0), sfa.stride(1),
                                  sfb.stride(0), sfb.stride(1), GROUP_M=group_m, NUM_BUFFERS=num_buffers, num_warps=4)
     return d

@@ -309,8 +309,10 @@ def launch_gemm(
         from openinfra.kernels.deep_gemm.gemm.gluon_kernel import fp8_gemm_nt_gluon, fp8_gemm_nt_gluon_ws, gluon_supported
 
         if gluon_supported(a, b, d):
-            run = fp8_gemm_nt_gluon_ws if config.gluon_ws else fp8_gemm_nt_gluon
-            return run(a, sfa, b, sfb, d, num_buffers=config.num_stages, group_m=config.group_m)
+            if config.gluon_ws:
+                return fp8_gemm_nt_gluon_ws(a, sfa, b, sfb, d, num_buffers=config.num_stages, group_m=config.group_m,
+                                            block_n=config.block_n)
+            return fp8_gemm_nt_gluon(a, sfa, b, sfb, d, num_buffers=config.num_stages, group_m=config.group_m)
     a_arg, b_arg, use_tma = a, b, config.use_tma and not config.pipeline_promote and _tma_ok(a, b, k)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
