@@ -9,6 +9,7 @@ and `wgmma.wait_group` counts. The numbers in benchmarks/notes/{flash_mla,deep_g
     python scripts/sass_loops.py gluon-gemm 4          # the Gluon FP8 GEMM with 4 buffers
     python scripts/sass_loops.py gluon-gemm-ws 4       # its warp-specialized variant
     python scripts/sass_loops.py gluon-gemm-ws 4,256   # ... with 128 x 256 tiles
+    python scripts/sass_loops.py gluon-gemm-ws 4,128,1 # ... grouped contiguous (2 = masked)
 """
 from __future__ import annotations
 
@@ -81,8 +82,8 @@ def gluon_gemm(buffers: str, warp_specialized: bool = False):
     from openinfra.kernels.deep_gemm.gemm.gluon_kernel import _fp8_gemm_nt_kernel, _fp8_gemm_nt_ws_kernel
 
     # descriptors over small CPU tensors only to get the signature strings the JIT would build
-    buffers, _, block_n = buffers.partition(",")  # gluon-gemm-ws takes "buffers[,block_n]"
-    block_n = int(block_n or 128)
+    buffers, block_n, mode = (buffers.split(",") + ["", ""])[:3]  # gluon-gemm-ws: "buffers[,block_n[,mode]]"
+    block_n, mode = int(block_n or 128), int(mode or 0)
     operand = TensorDescriptor.from_tensor(torch.empty(256, 256, dtype=torch.float8_e4m3fn), [128, 128],
                                            gl.NVMMASharedLayout.get_default_for([128, 128], gl.float8e4nv))
     b_operand = TensorDescriptor.from_tensor(torch.empty(256, 256, dtype=torch.float8_e4m3fn), [block_n, 128],
@@ -93,11 +94,15 @@ def gluon_gemm(buffers: str, warp_specialized: bool = False):
     fn = _fp8_gemm_nt_ws_kernel if warp_specialized else _fp8_gemm_nt_kernel
     params = list(inspect.signature(fn.fn).parameters)
     const = {"GROUP_M": 8, "NUM_BUFFERS": int(buffers)}
-    if not warp_specialized:
+    if warp_specialized:
+        const["MODE"] = mode  # 0 dense, 1 contiguous, 2 masked
+    else:
         const["num_warps"] = 8
     sig = {p: "constexpr" if p in const else "i32" for p in params}
     sig.update(a_desc=mangle_type(operand), b_desc=mangle_type(b_operand), d_desc=mangle_type(out), sfa_ptr="*fp32",
                sfb_ptr="*fp32")
+    if warp_specialized:
+        sig.update(d_ptr="*bf16", layout_ptr="*i32" if mode else "*fp32")
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()}, attrs={})
     return triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4 if warp_specialized else 8})
 

@@ -142,16 +142,17 @@ def test_m_grouped_masked(groups, expected_m):
         assert (d[g, mg:] == 7.0).all(), "rows past masked_m must be left alone"
 
 
-def test_masked_replays_under_cuda_graph():
+@pytest.mark.parametrize("expected_m", [128, 256], ids=["triton", "gluon-ws"])
+def test_masked_replays_under_cuda_graph(expected_m):
     groups, max_m, n, k = 4, 256, 2048, 1024
     x, w = _rand(groups, max_m, k), _rand(groups, n, k)
     xq, wq = _stack_tokens(x), _stack_blocks(w)
     masked_m = torch.tensor([10, 200, 0, 256], device="cuda", dtype=torch.int32)
     d = torch.zeros(groups, max_m, n, device="cuda", dtype=torch.bfloat16)
-    dg.m_grouped_fp8_gemm_nt_masked(xq, wq, d, masked_m, 128)  # compile outside the capture
+    dg.m_grouped_fp8_gemm_nt_masked(xq, wq, d, masked_m, expected_m)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        dg.m_grouped_fp8_gemm_nt_masked(xq, wq, d, masked_m, 128)
+        dg.m_grouped_fp8_gemm_nt_masked(xq, wq, d, masked_m, expected_m)
     for new in ([256, 1, 77, 128], [0, 0, 0, 3]):
         masked_m.copy_(torch.tensor(new, dtype=torch.int32))
         d.fill_(7.0)
@@ -254,3 +255,46 @@ def test_gluon_dense_kernel_matches_reference(m, n, k, buffers, variant):
     assert torch.isfinite(d).all()
     assert dg.calc_diff(d, expected) < TIGHT
     assert dg.calc_diff(d, x.float() @ w.float().T) < 1e-3
+
+
+@pytest.mark.parametrize("n", [1600, 2048])
+def test_gluon_grouped_kernels_match_reference(n):
+    """The warp-specialized kernel's grouped layouts directly: contiguous with an empty expert,
+    partly padded 128-row blocks, padding inside a block and N not a multiple of 128 (a tile's last
+    B rows belong to the next expert); masked with max_m not a multiple of 128, an empty group and
+    a masked_m past max_m (clamped). Padding rows and rows past masked_m stay untouched."""
+    from openinfra.kernels.deep_gemm.gemm.gluon_kernel import _CONTIGUOUS, _MASKED, fp8_gemm_nt_gluon_ws, gluon_ws_supported
+
+    k, groups = 1024, 3
+    w = _rand(groups, n, k)
+    wq = _stack_blocks(w)
+    ms = [300, 0, 130]
+    total = sum(-(-x // 128) * 128 for x in ms) + 128  # and one all-padding block at the end
+    m_indices = torch.full((total,), -1, device="cuda", dtype=torch.int32)
+    start = 0
+    for g, mg in enumerate(ms):
+        m_indices[start:start + mg] = g
+        start += -(-mg // 128) * 128
+    m_indices[5] = -1  # a padding row inside an expert's block
+    x = _rand(total, k)
+    xq = dg.per_token_cast_to_fp8(x)
+    d = torch.full((total, n), 7.0, device="cuda", dtype=torch.bfloat16)
+    assert gluon_ws_supported(_CONTIGUOUS, xq[0], wq[0], d)
+    fp8_gemm_nt_gluon_ws(xq[0], xq[1], wq[0], wq[1], d, mode=_CONTIGUOUS, layout=m_indices)
+    pad = m_indices < 0
+    assert (d[pad] == 7.0).all(), "padding rows must be skipped"
+    expected = ref.m_grouped_fp8_gemm_nt_contiguous_reference(*xq, *wq, torch.zeros(total, n, device="cuda"), m_indices)
+    assert dg.calc_diff(torch.where(pad[:, None], torch.zeros_like(d), d), expected) < TIGHT
+
+    max_m = 300
+    xm = _rand(groups, max_m, k)
+    xmq = _stack_tokens(xm)
+    masked_m = torch.tensor([300, 0, 1000], device="cuda", dtype=torch.int32)
+    dm = torch.full((groups, max_m, n), 7.0, device="cuda", dtype=torch.bfloat16)
+    assert gluon_ws_supported(_MASKED, xmq[0], wq[0], dm)
+    fp8_gemm_nt_gluon_ws(xmq[0], xmq[1], wq[0], wq[1], dm, mode=_MASKED, layout=masked_m)
+    for g, mg in enumerate([300, 0, 300]):
+        if mg:
+            want = ref.dequantize(xmq[0][g, :mg], xmq[1][g, :mg]) @ ref.dequantize(wq[0][g], wq[1][g]).T
+            assert dg.calc_diff(dm[g, :mg], want) < TIGHT
+        assert (dm[g, mg:] == 7.0).all()

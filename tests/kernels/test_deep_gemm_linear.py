@@ -86,8 +86,9 @@ def test_choose_config_rules(monkeypatch):
 
 
 def test_choose_config_takes_the_gluon_kernel_for_large_dense_fp8(monkeypatch):
-    """On Hopper, dense FP8 GEMMs from M = 512 take the warp-specialized Gluon kernel; small M,
-    grouped and bf16 problems keep the Triton kernel; OPENINFRA_GEMM_GLUON=0 turns it off."""
+    """On Hopper, FP8 GEMMs from M = 512 (dense) or 256 rows a group (masked) take the
+    warp-specialized Gluon kernel; small M, contiguous (measured slower) and bf16 problems keep
+    the Triton kernel; OPENINFRA_GEMM_GLUON=0 turns it off."""
     monkeypatch.setattr(cfg, "_device_sms", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
@@ -97,7 +98,10 @@ def test_choose_config_takes_the_gluon_kernel_for_large_dense_fp8(monkeypatch):
     assert cfg.choose_config(512, 4096, 7168, dev).gluon_ws
     assert not cfg.choose_config(256, 4096, 7168, dev).gluon_ws
     assert not cfg.choose_config(64, 4096, 7168, dev).gluon_ws
-    assert not cfg.choose_config(8192, 4096, 7168, dev, groups=4, max_block_m=128).gluon_ws
+    assert not cfg.choose_config(8192, 4096, 7168, dev, groups=4, max_block_m=128, allow_gluon=False).gluon_ws
+    assert cfg.choose_config(256, 4096, 7168, dev, groups=4).gluon_ws  # masked, 256 rows a group
+    assert not cfg.choose_config(128, 4096, 7168, dev, groups=4).gluon_ws
+    assert not cfg.choose_config(8192, 4096, 7168, dev, groups=4, max_block_m=64).gluon_ws
     assert not cfg.choose_config(4096, 2112, 7168, dev, element_size=2, allow_split_k=False).gluon_ws
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (10, 0))
     assert not cfg.choose_config(4096, 7168, 16384, dev).gluon_ws  # sm_100: Triton

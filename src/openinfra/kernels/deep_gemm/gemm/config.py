@@ -42,8 +42,9 @@ class GemmConfig:
     of :mod:`.gluon_kernel` on Hopper (128x128 tiles, num_stages buffers); other problems ignore
     it. Off: measured 0.80-0.97x the Triton kernel's speed (benchmarks/notes/deep_gemm.md, sweep 3);
     gluon_ws: the same through the warp-specialized persistent Gluon kernel (a TMA producer warp,
-    two math warpgroups on the tile's halves; block_n 128 or 256): :func:`choose_config` picks it
-    for dense FP8 GEMMs with M >= 512 on Hopper.
+    two math warpgroups on the tile's halves; block_n 128 or 256, 256 dense only):
+    :func:`choose_config` picks it for FP8 GEMMs on Hopper with M >= 512 (dense) or >= 256 rows per
+    group (masked).
     """
 
     block_m: int = 128
@@ -136,13 +137,15 @@ def _stages(block_m: int, block_n: int, element_size: int = 1) -> int:
 
 def choose_config(
     m: int, n: int, k: int, device: torch.device, *, groups: int = 1, allow_split_k: bool = True,
-    max_block_m: int = 256, element_size: int = 1,
+    max_block_m: int = 256, element_size: int = 1, allow_gluon: bool = True,
 ) -> GemmConfig:
     """Pick the launch configuration of a ``groups`` x [m, n, k] problem on ``device``.
 
     ``m`` is the rows per group that will be computed (``expected_m`` for the masked kernel);
     ``max_block_m`` caps the tile height (the contiguous layout needs ``128 % block_m == 0``);
-    ``element_size`` is 1 for FP8 and 2 for bf16 operands (halves the stages that fit).
+    ``element_size`` is 1 for FP8 and 2 for bf16 operands (halves the stages that fit);
+    ``allow_gluon=False`` keeps the Triton kernel (the contiguous layout: the Gluon kernel measured
+    0.92-0.95x it there, benchmarks/notes/deep_gemm.md).
     """
     if device.type != "cuda":
         return INTERPRETER_CONFIG
@@ -161,17 +164,19 @@ def choose_config(
         if best is None or key < best[0]:
             best = (key, bm, bn)
     _, bm, bn = best
-    if groups == 1 and element_size == 1 and m >= _GLUON_WS_MIN_M and _gluon_ws_enabled(device):
+    min_m = _GLUON_WS_MIN_M if groups == 1 else _GLUON_WS_MIN_M_GROUPED
+    if allow_gluon and element_size == 1 and m >= min_m and max_block_m >= 128 and _gluon_ws_enabled(device):
         # The warp-specialized persistent Gluon kernel: 1.02-1.6x the Triton kernel on every
-        # M = 4096 shape of the H200 sweep (benchmarks/notes/deep_gemm.md, sweep 5). Problems it
-        # does not take (C, split-K, 1-D B scales, unaligned rows) fall back to the Triton kernel
-        # with the same 128 x 128 tile.
+        # M = 512 ... 4096 shape of the H200 sweeps (benchmarks/notes/deep_gemm.md, sweeps 5-6).
+        # Problems it does not take (C, split-K, 1-D B scales, rows a 2-D TMA descriptor cannot
+        # address) fall back to the Triton kernel with the same 128 x 128 tile.
         return GemmConfig(128, 128, 1, group_m=8, num_stages=4, num_warps=8, gluon_ws=True)
     return GemmConfig(bm, bn, 1, group_m=8, num_stages=min(4, _stages(bm, bn, element_size)), num_warps=_WARPS[(bm, bn)])
 
 
-# Rows from which dense FP8 GEMMs take the Gluon kernel (measured at M = 512 and 4096).
+# Rows (per group for the masked layout) from which FP8 GEMMs take the Gluon kernel.
 _GLUON_WS_MIN_M = 512
+_GLUON_WS_MIN_M_GROUPED = 256
 
 
 def _gluon_ws_enabled(device: torch.device) -> bool:

@@ -167,43 +167,78 @@ def fp8_gemm_nt_gluon(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: 
 
 
 # --- warp-specialized variant -------------------------------------------------------------------
-# Persistent: each program walks the tiles pid, pid + programs, ... (grouped along M for L2 reuse).
-# One producer warp issues the TMA loads into a ring of NUM_BUFFERS stages and runs on into the
-# next tile's slices while the math warpgroups store the last one; two math warpgroups in separate
-# partitions take the upper and lower 64 rows of each tile. They share each stage (its "empty"
-# barrier counts both releases) but nothing else, so they drift out of phase and one's promotion
-# FMAs overlap the other's MMA on the shared tensor cores -- DeepGEMM's arrangement -- without the
-# CTA-wide barriers the single-partition kernel pays around every TMA issue. Stage index and
-# barrier phase come from a step counter that runs across tiles, the same in every partition.
+# Persistent: each program walks the tiles pid, pid + programs, ... One producer warp issues the
+# TMA loads into a ring of NUM_BUFFERS stages and runs on into the next tile's slices while the
+# math warpgroups store the last one; two math warpgroups in separate partitions take the upper
+# and lower 64 rows of each tile. They share each stage (its "empty" barrier counts both
+# releases) but nothing else, so they drift out of phase and one's promotion FMAs overlap the
+# other's MMA on the shared tensor cores -- DeepGEMM's arrangement -- without the CTA-wide
+# barriers the single-partition kernel pays around every TMA issue. Stage index and barrier phase
+# come from a step counter that runs across tiles, the same in every partition (every partition
+# decodes the same tiles and skips the same empty ones).
+# MODE (as in .kernel): DENSE stores through TMA; CONTIGUOUS (experts stacked along M, m_indices
+# per row, -1 = padding) and MASKED (a [G, max_m, K], masked_m[g] rows of group g) store from
+# registers with a row mask, since their padding rows must stay unwritten. A and B are read
+# through 2-D descriptors over [rows, K] and [G * N, K]: a tile's rows past its group's end read
+# the next group's data (zeros at the very end), never stored.
 # Register split per thread: 256 (default partition) / 208 (second math warpgroup) / 40 (producer)
 # = 64,512, exactly the 168 x 384 the launch holds: more would leave setmaxnreg.inc waiting forever.
 
-
-@gluon.jit
-def _ws_tile(tile, M, N, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
-    # (off_m, off_n) of tile number ``tile`` in GROUP_M-row-tile groups
-    tiles_m = gl.cdiv(M, 128)
-    per_group = GROUP_M * gl.cdiv(N, BLOCK_N)
-    first_m = (tile // per_group) * GROUP_M
-    group_rows = gl.minimum(tiles_m - first_m, GROUP_M)
-    return (first_m + (tile % per_group) % group_rows) * 128, ((tile % per_group) // group_rows) * BLOCK_N
+_DENSE, _CONTIGUOUS, _MASKED = 0, 1, 2  # the MODE values of .kernel
 
 
 @gluon.jit
-def _ws_producer(a_desc, b_desc, a_bufs, b_bufs, full, empty, M, N, num_k, BLOCK_N: gl.constexpr,
-                 GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
-    num_tiles = gl.cdiv(M, 128) * gl.cdiv(N, BLOCK_N)
+def _ws_tile(tile, layout_ptr, M, N, ROWS, G, MODE: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+             WARPS: gl.constexpr):
+    """(live, group, off_m within the group, off_n, A row, B row, rows of the group) of a tile."""
+    tiles_n = gl.cdiv(N, BLOCK_N)
+    if MODE == 2:
+        # the M block is the slowest index: the live tiles (rows < masked_m[g]) form a prefix
+        pid_m = tile // (G * tiles_n)
+        rest = tile % (G * tiles_n)
+        g = rest // tiles_n
+        off_m = pid_m * 128
+        off_n = (rest % tiles_n) * BLOCK_N
+        # clamped to max_m: under graph capture masked_m is not checked on the host
+        rows = gl.minimum(gl.load(layout_ptr + g), ROWS)
+        live = off_m < rows
+        a_row = g * ROWS + off_m
+    else:
+        tiles_m = gl.cdiv(M, 128)
+        per_group = GROUP_M * tiles_n
+        first_m = (tile // per_group) * GROUP_M
+        group_rows = gl.minimum(tiles_m - first_m, GROUP_M)
+        off_m = (first_m + (tile % per_group) % group_rows) * 128
+        off_n = ((tile % per_group) // group_rows) * BLOCK_N
+        rows = M
+        a_row = off_m
+        if MODE == 1:
+            # a 128-row block holds one expert and padding: its expert is the max of its rows'
+            idx_layout: gl.constexpr = gl.BlockedLayout([4], [32], [WARPS], [0])
+            offs = off_m + gl.arange(0, 128, layout=idx_layout)
+            g = gl.max(gl.load(layout_ptr + offs, mask=offs < M, other=-1), axis=0)
+            live = (g >= 0) & (g < G)  # an index past the experts (unchecked under capture) reads nothing
+        else:
+            g = tile * 0
+            live = tile >= 0
+    return live, g, off_m, off_n, a_row, g * N + off_n, rows
+
+
+@gluon.jit
+def _ws_producer(a_desc, b_desc, a_bufs, b_bufs, full, empty, layout_ptr, M, N, ROWS, G, num_tiles, num_k,
+                 MODE: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
     step = 0
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        off_m, off_n = _ws_tile(tile, M, N, BLOCK_N, GROUP_M)
-        for k in range(num_k):
-            s = step % NUM_BUFFERS
-            # a fresh barrier has completed the phase before its first: the first lap does not wait
-            mbarrier.wait(empty.index(s), ((step // NUM_BUFFERS) & 1) ^ 1)
-            mbarrier.expect(full.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(a_desc, [off_m, k * 128], full.index(s), a_bufs.index(s))
-            tma.async_copy_global_to_shared(b_desc, [off_n, k * 128], full.index(s), b_bufs.index(s))
-            step += 1
+        live, g, off_m, off_n, a_row, b_row, rows = _ws_tile(tile, layout_ptr, M, N, ROWS, G, MODE, BLOCK_N, GROUP_M, 1)
+        if live:
+            for k in range(num_k):
+                s = step % NUM_BUFFERS
+                # a fresh barrier has completed the phase before its first: the first lap does not wait
+                mbarrier.wait(empty.index(s), ((step // NUM_BUFFERS) & 1) ^ 1)
+                mbarrier.expect(full.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(a_desc, [a_row, k * 128], full.index(s), a_bufs.index(s))
+                tma.async_copy_global_to_shared(b_desc, [b_row, k * 128], full.index(s), b_bufs.index(s))
+                step += 1
 
 
 @gluon.jit
@@ -216,67 +251,87 @@ def _ws_store(acc, d_desc, d_smem, row, col):
 
 
 @gluon.jit
-def _ws_math(HALF: gl.constexpr, a_bufs, b_bufs, full, empty, d_desc, d_smem, sfa_ptr, sfb_ptr, M, N, num_k,
-             stride_sam, stride_sak, stride_sbn, stride_sbk, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
+def _ws_store_rows(acc, d_ptr, layout_ptr, g, off_m, off_n, rows, N, stride_dg, stride_dm, MODE: gl.constexpr):
+    # grouped layouts: the [64, 128] block at (off_m, off_n) of group g, rows < ``rows`` only (and,
+    # contiguous, rows whose m_indices is not -1), columns < N
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, 128, 32])
+    r = off_m + gl.arange(0, 64, layout=gl.SliceLayout(1, mma_layout))
+    c = off_n + gl.arange(0, 128, layout=gl.SliceLayout(0, mma_layout))
+    row_ok = r < rows
+    if MODE == 1:
+        row_ok = row_ok & (gl.load(layout_ptr + r, mask=row_ok, other=-1) >= 0)
+    ptrs = d_ptr + g.to(gl.int64) * stride_dg + r.to(gl.int64)[:, None] * stride_dm + c[None, :]
+    gl.store(ptrs, acc.to(d_ptr.dtype.element_ty), mask=row_ok[:, None] & (c < N)[None, :])
+
+
+@gluon.jit
+def _ws_math(HALF: gl.constexpr, a_bufs, b_bufs, full, empty, d_desc, d_smem, d_ptr, sfa_ptr, sfb_ptr, layout_ptr,
+             M, N, ROWS, G, num_tiles, num_k, stride_dg, stride_dm, stride_sag, stride_sam, stride_sak, stride_sbg,
+             stride_sbn, stride_sbk, MODE: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
     # This warpgroup's [64, 128] half of each 128 x 128 tile: rows off_m + HALF * 64 ...
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, 128, 32])
     row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
     zero = gl.zeros((64, 128), dtype=gl.float32, layout=mma_layout)
-    num_tiles = gl.cdiv(M, 128) * gl.cdiv(N, 128)
     step = 0
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        off_m, off_n = _ws_tile(tile, M, N, 128, GROUP_M)
-        rows = off_m + HALF * 64 + gl.arange(0, 64, layout=row_layout)
-        row_ok = rows < M
-        sfa_rows = sfa_ptr + rows.to(gl.int64) * stride_sam
-        sfb_col = sfb_ptr + (off_n // 128) * stride_sbn
-        acc = gl.zeros((64, 128), dtype=gl.float32, layout=mma_layout)
-        done = zero
-        done_scale = gl.zeros((64, ), dtype=gl.float32, layout=row_layout)
-        for k in range(num_k):
-            s = step % NUM_BUFFERS
-            scale = gl.load(sfa_rows + k * stride_sak, mask=row_ok, other=0.0) * gl.load(sfb_col + k * stride_sbk)
-            mbarrier.wait(full.index(s), (step // NUM_BUFFERS) & 1)
-            mma = warpgroup_mma(a_bufs.index(s).slice(HALF * 64, 64), b_bufs.index(s).permute((1, 0)), zero,
-                                use_acc=False, is_async=True)
-            acc, done = warpgroup_mma_wait(num_outstanding=1, deps=(acc, done))  # pins the FMAs after the issue
+        live, g, off_m, off_n, a_row, b_row, rows = _ws_tile(tile, layout_ptr, M, N, ROWS, G, MODE, 128, GROUP_M, 4)
+        if live:
+            r = off_m + HALF * 64 + gl.arange(0, 64, layout=row_layout)
+            r_ok = r < rows
+            g64 = g.to(gl.int64)
+            sfa_rows = sfa_ptr + g64 * stride_sag + r.to(gl.int64) * stride_sam
+            sfb_col = sfb_ptr + g64 * stride_sbg + (off_n // 128) * stride_sbn
+            acc = gl.zeros((64, 128), dtype=gl.float32, layout=mma_layout)
+            done = zero
+            done_scale = gl.zeros((64, ), dtype=gl.float32, layout=row_layout)
+            for k in range(num_k):
+                s = step % NUM_BUFFERS
+                scale = gl.load(sfa_rows + k * stride_sak, mask=r_ok, other=0.0) * gl.load(sfb_col + k * stride_sbk)
+                mbarrier.wait(full.index(s), (step // NUM_BUFFERS) & 1)
+                mma = warpgroup_mma(a_bufs.index(s).slice(HALF * 64, 64), b_bufs.index(s).permute((1, 0)), zero,
+                                    use_acc=False, is_async=True)
+                acc, done = warpgroup_mma_wait(num_outstanding=1, deps=(acc, done))  # pins the FMAs after the issue
+                acc += done * done_scale[:, None]
+                done = warpgroup_mma_wait(num_outstanding=0, deps=(mma, ))
+                mbarrier.arrive(empty.index(s), count=1)  # this warpgroup is done with stage s
+                done_scale = scale
+                step += 1
             acc += done * done_scale[:, None]
-            done = warpgroup_mma_wait(num_outstanding=0, deps=(mma, ))
-            mbarrier.arrive(empty.index(s), count=1)  # this warpgroup is done with stage s
-            done_scale = scale
-            step += 1
-        acc += done * done_scale[:, None]
-        _ws_store(acc, d_desc, d_smem, off_m + HALF * 64, off_n)
+            if MODE == 0:
+                _ws_store(acc, d_desc, d_smem, off_m + HALF * 64, off_n)
+            else:
+                _ws_store_rows(acc, d_ptr, layout_ptr, g, off_m + HALF * 64, off_n, rows, N, stride_dg, stride_dm,
+                               MODE)
     tma.store_wait(pendings=0)
 
 
 @gluon.jit
-def _ws_math_wide(HALF: gl.constexpr, a_bufs, b_bufs, full, empty, d_desc, d_smem, sfa_ptr, sfb_ptr, M, N, num_k,
-                  stride_sam, stride_sak, stride_sbn, stride_sbk, GROUP_M: gl.constexpr,
+def _ws_math_wide(HALF: gl.constexpr, a_bufs, b_bufs, full, empty, d_desc, d_smem, sfa_ptr, sfb_ptr, M, N,
+                  num_tiles, num_k, stride_sam, stride_sak, stride_sbn, stride_sbk, GROUP_M: gl.constexpr,
                   NUM_BUFFERS: gl.constexpr):
-    # This warpgroup's [64, 256] part of each 128 x 256 tile: rows off_m + HALF * 64 ..., as two
-    # 128-column halves, each with its own B scale block. Two fp32 accumulators (128 registers)
-    # leave room for one product only, so each half is waited for and promoted before the next
-    # is issued; the tensor cores stay busy through the other warpgroup's MMA meanwhile.
+    # Dense only. This warpgroup's [64, 256] part of each 128 x 256 tile: rows off_m + HALF * 64
+    # ..., as two 128-column halves, each with its own B scale block. Two fp32 accumulators (128
+    # registers) leave room for one product only, so each half is waited for and promoted before
+    # the next is issued; the tensor cores stay busy through the other warpgroup's MMA meanwhile.
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, 128, 32])
     row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
     zero = gl.zeros((64, 128), dtype=gl.float32, layout=mma_layout)
-    num_tiles = gl.cdiv(M, 128) * gl.cdiv(N, 256)
     step = 0
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        off_m, off_n = _ws_tile(tile, M, N, 256, GROUP_M)
-        rows = off_m + HALF * 64 + gl.arange(0, 64, layout=row_layout)
-        row_ok = rows < M
-        sfa_rows = sfa_ptr + rows.to(gl.int64) * stride_sam
+        live, g, off_m, off_n, a_row, b_row, rows = _ws_tile(tile, sfa_ptr, M, N, M, 1, 0, 256, GROUP_M, 4)
+        r = off_m + HALF * 64 + gl.arange(0, 64, layout=row_layout)
+        r_ok = r < M
+        sfa_rows = sfa_ptr + r.to(gl.int64) * stride_sam
         sfb_lo = sfb_ptr + (off_n // 128) * stride_sbn
         hi_ok = off_n + 128 < N  # the tile's right half exists (else its B rows load as zeros)
         acc_lo = gl.zeros((64, 128), dtype=gl.float32, layout=mma_layout)
         acc_hi = gl.zeros((64, 128), dtype=gl.float32, layout=mma_layout)
         for k in range(num_k):
             s = step % NUM_BUFFERS
-            scale_a = gl.load(sfa_rows + k * stride_sak, mask=row_ok, other=0.0)
+            scale_a = gl.load(sfa_rows + k * stride_sak, mask=r_ok, other=0.0)
             scale_lo = scale_a * gl.load(sfb_lo + k * stride_sbk)
             scale_hi = scale_a * gl.load(sfb_lo + stride_sbn + k * stride_sbk, mask=hi_ok, other=0.0)
             mbarrier.wait(full.index(s), (step // NUM_BUFFERS) & 1)
@@ -297,10 +352,11 @@ def _ws_math_wide(HALF: gl.constexpr, a_bufs, b_bufs, full, empty, d_desc, d_sme
 
 
 @gluon.jit
-def _fp8_gemm_nt_ws_kernel(a_desc, b_desc, d_desc, sfa_ptr, sfb_ptr, M, N, K, stride_sam, stride_sak, stride_sbn,
-                           stride_sbk, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
+def _fp8_gemm_nt_ws_kernel(a_desc, b_desc, d_desc, d_ptr, sfa_ptr, sfb_ptr, layout_ptr, M, N, K, ROWS, G, num_tiles,
+                           stride_dg, stride_dm, stride_sag, stride_sam, stride_sak, stride_sbg, stride_sbn,
+                           stride_sbk, MODE: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-    gl.static_assert(BLOCK_N == 128 or BLOCK_N == 256, "tiles are 128 x 128 or 128 x 256")
+    gl.static_assert(BLOCK_N == 128 or (BLOCK_N == 256 and MODE == 0), "tiles are 128 x 128, or 128 x 256 (dense)")
     num_k = gl.cdiv(K, 128)
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NUM_BUFFERS] + a_desc.block_type.shape, a_desc.layout)
     b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NUM_BUFFERS] + b_desc.block_type.shape, b_desc.layout)
@@ -315,44 +371,86 @@ def _fp8_gemm_nt_ws_kernel(a_desc, b_desc, d_desc, sfa_ptr, sfb_ptr, M, N, K, st
     # tiles spill more (scripts/sass_loops.py gluon-gemm-ws 4,256)
     if BLOCK_N == 128:
         gl.warp_specialize([
-            (_ws_math, (0, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(0), sfa_ptr, sfb_ptr, M, N, num_k,
-                        stride_sam, stride_sak, stride_sbn, stride_sbk, GROUP_M, NUM_BUFFERS)),
-            (_ws_math, (1, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(1), sfa_ptr, sfb_ptr, M, N, num_k,
-                        stride_sam, stride_sak, stride_sbn, stride_sbk, GROUP_M, NUM_BUFFERS)),
-            (_ws_producer, (a_desc, b_desc, a_bufs, b_bufs, full, empty, M, N, num_k, BLOCK_N, GROUP_M,
-                            NUM_BUFFERS)),
+            (_ws_math, (0, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(0), d_ptr, sfa_ptr, sfb_ptr, layout_ptr,
+                        M, N, ROWS, G, num_tiles, num_k, stride_dg, stride_dm, stride_sag, stride_sam, stride_sak,
+                        stride_sbg, stride_sbn, stride_sbk, MODE, GROUP_M, NUM_BUFFERS)),
+            (_ws_math, (1, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(1), d_ptr, sfa_ptr, sfb_ptr, layout_ptr,
+                        M, N, ROWS, G, num_tiles, num_k, stride_dg, stride_dm, stride_sag, stride_sam, stride_sak,
+                        stride_sbg, stride_sbn, stride_sbk, MODE, GROUP_M, NUM_BUFFERS)),
+            (_ws_producer, (a_desc, b_desc, a_bufs, b_bufs, full, empty, layout_ptr, M, N, ROWS, G, num_tiles, num_k,
+                            MODE, BLOCK_N, GROUP_M, NUM_BUFFERS)),
         ], [4, 1], [208, 40])
     else:
         gl.warp_specialize([
             (_ws_math_wide, (0, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(0), sfa_ptr, sfb_ptr, M, N,
-                             num_k, stride_sam, stride_sak, stride_sbn, stride_sbk, GROUP_M, NUM_BUFFERS)),
+                             num_tiles, num_k, stride_sam, stride_sak, stride_sbn, stride_sbk, GROUP_M, NUM_BUFFERS)),
             (_ws_math_wide, (1, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(1), sfa_ptr, sfb_ptr, M, N,
-                             num_k, stride_sam, stride_sak, stride_sbn, stride_sbk, GROUP_M, NUM_BUFFERS)),
-            (_ws_producer, (a_desc, b_desc, a_bufs, b_bufs, full, empty, M, N, num_k, BLOCK_N, GROUP_M,
-                            NUM_BUFFERS)),
+                             num_tiles, num_k, stride_sam, stride_sak, stride_sbn, stride_sbk, GROUP_M, NUM_BUFFERS)),
+            (_ws_producer, (a_desc, b_desc, a_bufs, b_bufs, full, empty, layout_ptr, M, N, ROWS, G, num_tiles, num_k,
+                            MODE, BLOCK_N, GROUP_M, NUM_BUFFERS)),
         ], [4, 1], [208, 40])
     for i in gl.static_range(NUM_BUFFERS):
         mbarrier.invalidate(full.index(i))
         mbarrier.invalidate(empty.index(i))
 
 
+def _k_major_2d(t: torch.Tensor) -> bool:
+    # a 2-D [rows, K] or 3-D [G, rows, K] operand that a 2-D TMA descriptor over [G * rows, K] can read
+    if t.stride(-1) != 1 or (t.stride(-2) * t.element_size()) % 16 or t.data_ptr() % 16:
+        return False
+    return t.dim() == 2 or (t.dim() == 3 and t.stride(0) == t.shape[1] * t.stride(1))
+
+
+def gluon_ws_supported(mode: int, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether :func:`fp8_gemm_nt_gluon_ws` takes these operands in layout ``mode`` (DENSE: a, b, d
+    2-D; CONTIGUOUS: a, d 2-D and b [G, N, K]; MASKED: a, b, d 3-D): Hopper, e4m3 K-major A / B
+    whose rows a 2-D TMA descriptor can address, a bf16 D with unit column stride (16-byte aligned
+    rows for the dense TMA store)."""
+    if not (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] == 9):
+        return False
+    if not (a.dtype == b.dtype == torch.float8_e4m3fn and d.dtype == torch.bfloat16):
+        return False
+    dims = {_DENSE: (2, 2, 2), _CONTIGUOUS: (2, 3, 2), _MASKED: (3, 3, 3)}[mode]
+    if (a.dim(), b.dim(), d.dim()) != dims or not (_k_major_2d(a) and _k_major_2d(b)) or d.stride(-1) != 1:
+        return False
+    return mode != _DENSE or ((d.stride(0) * 2) % 16 == 0 and d.data_ptr() % 16 == 0)
+
+
 def fp8_gemm_nt_gluon_ws(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
-                         *, num_buffers: int = 4, group_m: int = 8, block_n: int = 128) -> torch.Tensor:
-    """:func:`fp8_gemm_nt_gluon` through the warp-specialized persistent kernel (same arguments and
-    checks); ``block_n`` 128 or 256 picks the tile width (128 x 256 tiles need at most 4 buffers)."""
+                         *, num_buffers: int = 4, group_m: int = 8, block_n: int = 128, mode: int = _DENSE,
+                         layout: torch.Tensor | None = None) -> torch.Tensor:
+    """The warp-specialized persistent kernel. DENSE: a [M, K], b [N, K], d [M, N] bf16, sfa
+    [M, K/128], sfb [ceil(N/128), K/128]; CONTIGUOUS: b [G, N, K], sfb [G, ceil(N/128), K/128],
+    ``layout`` = m_indices [M] int32; MASKED: a [G, max_m, K], sfa [G, max_m, K/128], d
+    [G, max_m, N], ``layout`` = masked_m [G] int32. Scales fp32, any strides; operands checked by
+    :func:`gluon_ws_supported`. ``block_n`` 128 or 256 (256: dense only, at most 4 buffers)."""
     if block_n not in (128, 256):
         raise ValueError(f"block_n: the warp-specialized kernel takes 128 or 256, got {block_n}")
-    if block_n == 256 and num_buffers > 4:
-        raise ValueError(f"num_buffers: 128 x 256 tiles fit at most 4 stages in shared memory, got {num_buffers}")
-    m, k = a.shape
-    n = b.shape[0]
+    if block_n == 256 and (num_buffers > 4 or mode != _DENSE):
+        raise ValueError(f"block_n 256: dense problems and at most 4 stages only, got mode {mode}, "
+                         f"{num_buffers} buffers")
+    if (layout is None) != (mode == _DENSE):
+        raise ValueError("layout: m_indices (contiguous) or masked_m (masked) is required, and only then")
+    k = a.shape[-1]
+    n = b.shape[-2]
+    groups = b.shape[0] if b.dim() == 3 else 1
+    rows = a.shape[-2]  # M (dense, contiguous) or max_m (masked)
+    a2, b2 = a.reshape(-1, k), b.reshape(-1, k)  # views (gluon_ws_supported)
     a_layout = gl.NVMMASharedLayout.get_default_for([128, GROUP_SIZE], gl.float8e4nv)
     b_layout = gl.NVMMASharedLayout.get_default_for([block_n, GROUP_SIZE], gl.float8e4nv)
     d_layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.bfloat16)
-    a_desc = TensorDescriptor.from_tensor(a, [128, GROUP_SIZE], a_layout)
-    b_desc = TensorDescriptor.from_tensor(b, [block_n, GROUP_SIZE], b_layout)
-    d_desc = TensorDescriptor.from_tensor(d, [64, 128], d_layout)
-    grid = (min(num_sms(a.device), ceil_div(m, 128) * ceil_div(n, block_n)),)
-    _fp8_gemm_nt_ws_kernel[grid](a_desc, b_desc, d_desc, sfa, sfb, m, n, k, sfa.stride(0), sfa.stride(1),
-                                 sfb.stride(0), sfb.stride(1), GROUP_M=group_m, NUM_BUFFERS=num_buffers, num_warps=4)
+    a_desc = TensorDescriptor.from_tensor(a2, [128, GROUP_SIZE], a_layout)
+    b_desc = TensorDescriptor.from_tensor(b2, [block_n, GROUP_SIZE], b_layout)
+    # the dense kernel stores through TMA; the grouped ones through d_ptr (the descriptor unused)
+    d_desc = TensorDescriptor.from_tensor(d if mode == _DENSE else d.new_empty(64, 128), [64, 128], d_layout)
+    tiles = ceil_div(rows, 128) * ceil_div(n, block_n) * (groups if mode == _MASKED else 1)
+    if tiles == 0:
+        return d
+    sa = sfa.stride() if sfa.dim() == 3 else (0, ) + sfa.stride()
+    sb = sfb.stride() if sfb.dim() == 3 else (0, ) + sfb.stride()
+    sd = d.stride() if d.dim() == 3 else (0, ) + d.stride()
+    grid = (min(num_sms(a.device), tiles),)
+    _fp8_gemm_nt_ws_kernel[grid](a_desc, b_desc, d_desc, d, sfa, sfb, layout if layout is not None else sfa,
+                                 a2.shape[0], n, k, rows, groups, tiles, sd[0], sd[1], sa[0], sa[1], sa[2], sb[0],
+                                 sb[1], sb[2], MODE=mode, GROUP_M=group_m, NUM_BUFFERS=num_buffers, num_warps=4)
     return d

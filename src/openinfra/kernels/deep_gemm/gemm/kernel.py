@@ -304,14 +304,16 @@ def launch_gemm(
         return d
     if config.split_k > 1 and mode != DENSE:
         raise ValueError("split_k > 1 is only supported by the dense kernel")
-    if ((config.gluon or config.gluon_ws) and mode == DENSE and scaled and c is None and config.split_k == 1
-            and sfb_gran_n == GROUP_SIZE):
-        from openinfra.kernels.deep_gemm.gemm.gluon_kernel import fp8_gemm_nt_gluon, fp8_gemm_nt_gluon_ws, gluon_supported
+    if config.gluon_ws and scaled and c is None and config.split_k == 1 and sfb_gran_n == GROUP_SIZE:
+        from openinfra.kernels.deep_gemm.gemm.gluon_kernel import fp8_gemm_nt_gluon_ws, gluon_ws_supported
+
+        if gluon_ws_supported(mode, a, b, d):
+            return fp8_gemm_nt_gluon_ws(a, sfa, b, sfb, d, num_buffers=config.num_stages, group_m=config.group_m,
+                                        block_n=config.block_n, mode=mode, layout=layout)
+    if config.gluon and mode == DENSE and scaled and c is None and config.split_k == 1 and sfb_gran_n == GROUP_SIZE:
+        from openinfra.kernels.deep_gemm.gemm.gluon_kernel import fp8_gemm_nt_gluon, gluon_supported
 
         if gluon_supported(a, b, d):
-            if config.gluon_ws:
-                return fp8_gemm_nt_gluon_ws(a, sfa, b, sfb, d, num_buffers=config.num_stages, group_m=config.group_m,
-                                            block_n=config.block_n)
             return fp8_gemm_nt_gluon(a, sfa, b, sfb, d, num_buffers=config.num_stages, group_m=config.group_m)
     a_arg, b_arg, use_tma = a, b, config.use_tma and not config.pipeline_promote and _tma_ok(a, b, k)
     if use_tma:
