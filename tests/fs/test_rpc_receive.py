@@ -44,6 +44,9 @@ class _Transport:
     def is_closing(self) -> bool:
         return self.aborted
 
+    def get_extra_info(self, name: str, default=None):
+        return default  # no socket: the protocol receives only through buffer_updated
+
 
 def _proto(conn: _Conn) -> rpc._ClientProtocol:
     p = rpc._ClientProtocol(conn)

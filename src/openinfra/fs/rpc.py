@@ -30,6 +30,7 @@ from typing import Any, Awaitable, Callable
 import msgpack
 
 from openinfra.fs.errors import Code, FsError, RpcError, make_error
+from openinfra.fs.rawsock import FileRange, dup_socket, recv_into, send_direct
 
 __all__ = [
     "RpcServer", "RpcClient", "BlobRef", "BlobPieces", "Placed", "DEFAULT_MAX_FRAME", "pack_frame", "parse_address", "format_address", "run_loop",
@@ -84,31 +85,38 @@ _BLOB_MIN = 64 * 1024
 class BlobPieces:
     """One blob made of several buffers sent back to back, never joined: the receiver sees a
     single blob of ``nbytes`` (a handler's reply of many chunk reads, say). Below the blob
-    threshold the pieces are joined and travel inside the msgpack body like any small bytes."""
+    threshold the pieces are joined and travel inside the msgpack body like any small bytes.
+    A piece may be a :class:`~openinfra.fs.rawsock.FileRange` (bytes of an open file, sent with
+    ``sendfile`` by a server's outbox)."""
 
     __slots__ = ("pieces", "nbytes")
 
-    def __init__(self, pieces: list):
+    def __init__(self, pieces: list, nbytes: int | None = None):
+        """``nbytes``: the pieces' total size when the caller knows it (saves a pass over them)."""
         self.pieces = pieces
-        self.nbytes = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in pieces)
+        self.nbytes = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in pieces) if nbytes is None else nbytes
 
 
-def _extract(obj: Any, blobs: list) -> Any:
+def _extract(obj: Any, blobs: list, size: list[int]) -> Any:
+    """``obj`` with each blob replaced by its marker; the blobs' pieces go to ``blobs`` and their
+    byte count is added to ``size[0]``."""
     if type(obj) is BlobPieces:
         if obj.nbytes >= _BLOB_MIN:
             blobs.extend(obj.pieces)  # consecutive on the wire: one blob for the receiver
+            size[0] += obj.nbytes
             return msgpack.ExtType(_BLOB_EXT, _HEADER.pack(obj.nbytes))
-        return b"".join(obj.pieces)
+        return b"".join(p.read() if type(p) is FileRange else p for p in obj.pieces)
     if isinstance(obj, (bytes, bytearray, memoryview)):
         n = obj.nbytes if isinstance(obj, memoryview) else len(obj)
         if n >= _BLOB_MIN:
             blobs.append(obj)
+            size[0] += n
             return msgpack.ExtType(_BLOB_EXT, _HEADER.pack(n))
         return obj
     if isinstance(obj, dict):
-        return {k: v if type(v) in _SCALARS else _extract(v, blobs) for k, v in obj.items()}
+        return {k: v if type(v) in _SCALARS else _extract(v, blobs, size) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [v if type(v) in _SCALARS else _extract(v, blobs) for v in obj]
+        return [v if type(v) in _SCALARS else _extract(v, blobs, size) for v in obj]
     return obj
 
 
@@ -147,8 +155,9 @@ def _encode(obj: Any) -> list:
         body = msgpack.packb(obj, use_bin_type=True)
         return [_HEADER.pack(len(body)) + body]
     blobs: list = []
-    body = msgpack.packb(_extract(obj, blobs), use_bin_type=True)
-    total = 5 + len(body) + sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in blobs)
+    size = [0]
+    body = msgpack.packb(_extract(obj, blobs, size), use_bin_type=True)
+    total = 5 + len(body) + size[0]
     return [_HEADER.pack(total) + _BLOB_MARK + _HEADER.pack(len(body)) + body, *blobs]
 
 
@@ -188,12 +197,18 @@ def pack_frame(obj: Any) -> bytes:
 class _Outbox:
     """Frames queued on one connection and written once per event-loop turn: replies (or
     requests) that are ready together share one send() system call, which costs more than the
-    bytes on a busy machine. Blobs are written as they are, never copied into a joined buffer."""
+    bytes on a busy machine. Blobs are written as they are, never copied into a joined buffer.
+
+    Frames with :class:`FileRange` pieces are sent on the socket itself (``sendfile``, see
+    :mod:`openinfra.fs.rawsock`) by a task; frames queued meanwhile wait for it, so the byte
+    stream stays in frame order. A direct send that fails (peer gone, stalled for
+    ``rawsock.STALL_S``) aborts the connection: a frame cut short cannot be framed around."""
 
     def __init__(self, writer: asyncio.StreamWriter):
         self.writer = writer
         self.pieces: list = []
         self.scheduled = False
+        self.direct: asyncio.Task | None = None  # the direct send in progress
 
     async def send(self, obj: Any) -> None:
         self.pieces.extend(_encode(obj))  # one frame's pieces stay together and in order
@@ -201,13 +216,20 @@ class _Outbox:
             self.scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
         await self.writer.drain()
+        if self.direct is not None:  # back-pressure: frames held back behind a direct send
+            await asyncio.wait([self.direct])
 
     def _flush(self) -> None:
         self.scheduled = False
+        if self.direct is not None:
+            return  # the direct send flushes what queued meanwhile once it is done
         pieces, self.pieces = self.pieces, []
         out: list = []
         small: list = []
         for p in pieces:
+            if type(p) is FileRange:
+                self.direct = asyncio.ensure_future(self._send_direct(pieces))
+                return
             if len(p) < _BLOB_MIN:
                 small.append(p)
                 continue
@@ -223,6 +245,22 @@ class _Outbox:
             self.writer.writelines(out)
         except (ConnectionError, RuntimeError):
             pass  # the reader side notices the closed connection
+
+    async def _send_direct(self, pieces: list) -> None:
+        transport = self.writer.transport
+        try:
+            await send_direct(transport, pieces)
+        except asyncio.CancelledError:
+            transport.abort()
+            raise
+        except Exception as exc:  # (OSError, TimeoutError, EOFError): the frame is cut short
+            log.warning("direct send failed, dropping the connection: %s: %s", type(exc).__name__, exc)
+            transport.abort()
+        finally:
+            self.direct = None
+            if self.pieces and not self.scheduled and not transport.is_closing():
+                self.scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
 
 
 async def _send(writer: asyncio.StreamWriter, obj: Any) -> None:
@@ -427,9 +465,15 @@ class _ClientProtocol(asyncio.BufferedProtocol):
     the caller's buffers when its sink placed it (a KV tensor, the slice of a read buffer), else
     a fresh ``bytearray``. So blob bytes are copied once, by the kernel, against three copies
     with a ``StreamReader`` (its buffer, ``readexactly``, the caller's join). What is copied out
-    of the small buffer is at most its size per frame (the start of the first blob)."""
+    of the small buffer is at most its size per frame (the start of the first blob).
+
+    A blob with at least ``_DIRECT_MIN`` bytes still to come is received with ``recvmsg_into``
+    on a dup of the socket (:func:`rawsock.recv_into`): many destination buffers per system
+    call and no callback round per buffer; the transport's own reads then find the socket
+    empty until the blob is in."""
 
     _SMALL = 256 * 1024
+    _DIRECT_MIN = 256 * 1024
 
     def __init__(self, conn: "_Connection"):
         self.conn = conn
@@ -448,13 +492,17 @@ class _ClientProtocol(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.paused = False
         self.drain_waiters: list[asyncio.Future] = []
+        self.sock = None  # a dup of the transport's socket for direct receives (None: none)
 
     # --- transport callbacks -------------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.sock = dup_socket(transport)
 
     def connection_lost(self, exc) -> None:
+        if self.sock is not None:
+            self.sock.close()
         self.conn._closed(None)
         for w in self.drain_waiters:
             if not w.done():
@@ -479,13 +527,16 @@ class _ClientProtocol(asyncio.BufferedProtocol):
             self.drain_waiters.append(w)
             await w
 
+    def _guard_fill(self) -> None:
+        if self.fill_guard is not None and self.fill_guard.done():
+            # The caller whose buffers these are stopped waiting (timeout, cancel): the
+            # rest of its blob goes to scratch, never into memory it may reuse by now.
+            self.fill = [memoryview(bytearray(self.fill_left))]
+            self.fill_guard = None
+
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.fill:
-            if self.fill_guard is not None and self.fill_guard.done():
-                # The caller whose buffers these are stopped waiting (timeout, cancel): the
-                # rest of its blob goes to scratch, never into memory it may reuse by now.
-                self.fill = [memoryview(bytearray(self.fill_left))]
-                self.fill_guard = None
+            self._guard_fill()
             return self.fill[0]
         if self.end == len(self.buf):  # full: move the unparsed tail to the front
             n = self.end - self.start
@@ -500,6 +551,18 @@ class _ClientProtocol(asyncio.BufferedProtocol):
             else:
                 self.end += nbytes
             self._parse()
+            # A big blob: take what the socket holds now straight into its buffers. Bounded:
+            # every round receives bytes of the blob (at most its size) or stops.
+            while self.fill and self.fill_left >= self._DIRECT_MIN and self.sock is not None:
+                self._guard_fill()
+                n = recv_into(self.sock, self.fill)
+                if n == 0:
+                    break
+                self._filled(n)
+                self._parse()
+        except OSError as exc:  # the direct receive found the connection reset or closed
+            self.conn._closed(make_error(Code.RPC_CONNECT, f"connection to {self.conn.address} lost: {exc}"))
+            self.transport.abort()
         except _ProtocolError as exc:
             self.conn._closed(make_error(Code.RPC_MALFORMED, f"bad reply from {self.conn.address}: {exc}"))
             self.transport.abort()
@@ -511,12 +574,19 @@ class _ClientProtocol(asyncio.BufferedProtocol):
     # --- frame parsing -------------------------------------------------------------------------
 
     def _filled(self, nbytes: int) -> None:
-        head = self.fill[0]
+        """``nbytes`` were received into the front of ``fill`` (across segments)."""
+        fill = self.fill
         self.fill_left -= nbytes
-        if nbytes < head.nbytes:
-            self.fill[0] = head[nbytes:]
-        else:
-            self.fill.pop(0)
+        i = 0
+        while nbytes:
+            head = fill[i]
+            if nbytes < head.nbytes:
+                fill[i] = head[nbytes:]
+                break
+            nbytes -= head.nbytes
+            i += 1
+        if i:
+            del fill[:i]
         if self.fill_left == 0:
             self.fill, self.fill_guard = [], None
             cb, self.on_filled = self.on_filled, None

@@ -330,7 +330,7 @@ class StorageNode:
         data, version, chunk_length = await self._read_one(chain_id, inode, index, offset, length)
         return {"data": data, "version": version, "chunk_length": chunk_length}
 
-    async def rpc_batch_read(self, reads: list, packed: bool = False) -> list | dict:
+    async def rpc_batch_read(self, reads: list, packed: bool = False, verify: bool = False) -> list | dict:
         """Many reads in one request (3FS's batched read: one request per storage node per batch).
 
         ``reads``: ``[[chain_id, inode, index, offset, length], ...]`` (at most 4096). Returns one
@@ -343,12 +343,20 @@ class StorageNode:
         and ``data`` holds the bytes of the reads that succeeded back to back (sent as one blob
         without joining them). The client knows from ``results`` where each read's bytes go
         before they arrive; there is no per-read map or blob marker to build and parse, and the
-        RPC layer's blob scan does not walk thousands of small lists (they travel as bytes)."""
+        RPC layer's blob scan does not walk thousands of small lists (they travel as bytes).
+
+        ``verify`` (with ``packed``): the caller checks whole-chunk reads against the chunk's
+        CRC32C itself (end to end). A read of a whole committed chunk of at most
+        ``INLINE_READ_MAX`` bytes then has the result ``[nbytes, version, chunk_length, crc]``
+        and its bytes go from the chunk file to the socket with ``sendfile``: this process never
+        copies or checks them. Other reads are served (and checked) as without ``verify``."""
         self._check_fence()
         if not isinstance(reads, list) or len(reads) > 4096:
             raise ValueError("reads: expected a list of at most 4096 [chain_id, inode, index, offset, length]")
-        if type(packed) is not bool:
-            raise ValueError(f"packed: expected a bool, got {packed!r}")
+        if type(packed) is not bool or type(verify) is not bool:
+            raise ValueError(f"packed, verify: expected bools, got {packed!r}, {verify!r}")
+        if verify and not packed:
+            raise ValueError("verify: only with packed=True")
         results, pieces = [], []
         nbytes = 0
         for i, r in enumerate(reads):
@@ -356,6 +364,13 @@ class StorageNode:
                     or type(r[2]) is not int or type(r[3]) is not int or type(r[4]) is not int):
                 raise ValueError(f"reads[{i}]: expected [chain_id, inode, index, offset, length] ints, got {r!r}")
             try:
+                if verify and r[3] == 0:
+                    sent = self._whole_now(r[0], r[1], r[2], r[4])
+                    if sent is not None:
+                        nbytes += sent[1]
+                        results.append(sent[1:])
+                        pieces.append(sent[0])
+                        continue
                 hit = self._read_now(*r)
                 if hit is None:
                     data, version, chunk_length = await self._read_one(*r, count=False)
@@ -378,8 +393,16 @@ class StorageNode:
         if self._bytes is not None:
             self._bytes["read"].inc(nbytes)  # once per batch: a metric update costs ~10 us
         if packed:
-            return {"data": BlobPieces(pieces), "results": msgpack.packb(results)}
+            return {"data": BlobPieces(pieces, nbytes), "results": msgpack.packb(results)}
         return results
+
+    def _serving_store(self, chain_id: int) -> ChunkStore | None:
+        """This node's store of ``chain_id`` when its target there is serving, else None."""
+        try:
+            _, me = self._read_target(chain_id)
+        except FsError:
+            return None
+        return self.stores[me["id"]] if me["state"] == TargetState.SERVING else None
 
     def _read_now(self, chain_id: int, inode: int, index: int, offset: int, length: int) -> tuple | None:
         """The common batched read, with no coroutine per read: a small read of a committed
@@ -388,18 +411,28 @@ class StorageNode:
         then takes :meth:`_read_one`. Raises only a chunk's CRC32C mismatch."""
         if inode < 0 or index < 0 or offset < 0:
             return None
-        try:
-            _, me = self._read_target(chain_id)
-        except FsError:
+        store = self._serving_store(chain_id)
+        if store is None:
             return None
-        if me["state"] != TargetState.SERVING:
-            return None
-        store = self.stores[me["id"]]
         meta = store.get(inode, index)
         if meta is None or meta.pending_version is not None or meta.version == 0 or offset >= meta.length:
             return None
         data = store.read_now(meta, offset, 2**62 if length < 0 else length)
         return None if data is None else (data, meta.version, meta.length)
+
+    def _whole_now(self, chain_id: int, inode: int, index: int, length: int) -> tuple | None:
+        """A read from offset 0 of ``length`` bytes (< 0: to the end) that covers a whole small
+        committed chunk (see ``verify`` in :meth:`rpc_batch_read`): ``(FileRange, nbytes,
+        version, chunk_length, crc)``; None for everything else (the other paths serve it)."""
+        if inode < 0 or index < 0:
+            return None
+        store = self._serving_store(chain_id)
+        if store is None:
+            return None
+        whole = store.whole_range(inode, index)
+        if whole is None or 0 <= length < whole[1]:
+            return None
+        return whole
 
     async def _read_one(self, chain_id: int, inode: int, index: int, offset: int,
                         length: int | None, count: bool = True) -> tuple[bytes, int, int]:
