@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 
-__all__ = ["FileRange", "OpenFile", "send_direct", "recv_into", "dup_socket", "IOV_MAX", "STALL_S"]
+__all__ = ["FileRange", "OpenFile", "send_direct", "recv_into", "dup_socket", "reset", "IOV_MAX", "STALL_S"]
 
 # Buffers per recvmsg_into / writev call (Linux's UIO_MAXIOV).
 IOV_MAX = 1024
@@ -84,6 +85,18 @@ def dup_socket(transport: asyncio.BaseTransport) -> socket.socket | None:
     dup = socket.socket(fileno=os.dup(sock.fileno()))
     dup.setblocking(False)
     return dup
+
+
+def reset(transport: asyncio.BaseTransport) -> None:
+    """Drop the connection with a reset: bytes the kernel still queues for the peer are
+    discarded (a plain close would keep sending them to a peer that may never read them)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass  # closed already
+    transport.abort()
 
 
 async def _writable(sock: socket.socket, stall_s: float) -> None:

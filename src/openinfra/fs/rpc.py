@@ -30,6 +30,7 @@ from typing import Any, Awaitable, Callable
 import msgpack
 
 from openinfra.fs.errors import Code, FsError, RpcError, make_error
+from openinfra.fs import rawsock
 from openinfra.fs.rawsock import FileRange, dup_socket, recv_into, send_direct
 
 __all__ = [
@@ -249,13 +250,13 @@ class _Outbox:
     async def _send_direct(self, pieces: list) -> None:
         transport = self.writer.transport
         try:
-            await send_direct(transport, pieces)
+            await send_direct(transport, pieces, rawsock.STALL_S)  # (read here: tests lower it)
         except asyncio.CancelledError:
-            transport.abort()
+            rawsock.reset(transport)
             raise
         except Exception as exc:  # (OSError, TimeoutError, EOFError): the frame is cut short
             log.warning("direct send failed, dropping the connection: %s: %s", type(exc).__name__, exc)
-            transport.abort()
+            rawsock.reset(transport)
         finally:
             self.direct = None
             if self.pieces and not self.scheduled and not transport.is_closing():
@@ -592,18 +593,23 @@ class _ClientProtocol(asyncio.BufferedProtocol):
             cb, self.on_filled = self.on_filled, None
             cb()
 
-    def _receive_into(self, segments: list[memoryview], nbytes: int, then: Callable[[], None]) -> None:
+    def _receive_into(self, segments: list[memoryview], nbytes: int, then: Callable[[], None],
+                      exact: bool = False) -> None:
         """Put the next ``nbytes`` of the stream into ``segments`` (first what is buffered
-        already), then call ``then``; ``segments`` hold at least ``nbytes``."""
-        segs = []
-        left = nbytes
-        for s in segments:
-            if left <= 0:
-                break
-            s = s[:left]
-            if s.nbytes:  # an empty segment would be an empty recv buffer
-                segs.append(s)
-                left -= s.nbytes
+        already), then call ``then``; ``segments`` hold at least ``nbytes`` (``exact``: exactly
+        ``nbytes``, none of them empty, so they are taken as they are)."""
+        if exact:
+            segs = list(segments)  # (consumed as the bytes arrive; the caller's list stays whole)
+        else:
+            segs = []
+            left = nbytes
+            for s in segments:
+                if left <= 0:
+                    break
+                s = s[:left]
+                if s.nbytes:  # an empty segment would be an empty recv buffer
+                    segs.append(s)
+                    left -= s.nbytes
         have = min(self.end - self.start, nbytes)
         pos = self.start
         while have and segs:  # the bytes that came with the previous recv
@@ -714,17 +720,27 @@ class _ClientProtocol(asyncio.BufferedProtocol):
         if dest is not None and (pending is None or pending.fut.done()):
             dest = None  # the caller stopped waiting: its buffers are not ours to write any more
         guard = None
-        if dest is not None and ref.nbytes <= sum(d.nbytes for d in dest):
+        exact = False
+        if dest is not None:
+            room, empty = 0, False
+            for d in dest:
+                n = d.nbytes
+                room += n
+                empty = empty or not n
+            if room < ref.nbytes:
+                dest = None
+            exact = room == ref.nbytes and not empty
+        if dest is not None:
             value: Any = Placed(ref.nbytes, dest)
             guard = pending.fut
         else:
             own = bytearray(ref.nbytes)
-            value, dest = memoryview(own), [memoryview(own)]
+            value, dest, exact = memoryview(own), [memoryview(own)], True
         self.done[id(ref)] = value
         self.blob_i += 1
         self.frame_left -= 1
         last = self.frame_left == 0
-        self._receive_into(dest, ref.nbytes, self._end_blob_frame if last else _nothing)
+        self._receive_into(dest, ref.nbytes, self._end_blob_frame if last else _nothing, exact)
         if self.fill:
             self.fill_guard = guard
 

@@ -65,6 +65,7 @@ class GCResult:
 
 
 def _digest(key: bytes) -> str:
+    """The hex name of ``key``'s block file (BLAKE2b, 16 bytes)."""
     if not isinstance(key, (bytes, bytearray, memoryview)):
         raise TypeError(f"key: expected bytes, got {type(key).__name__}")
     if len(key) == 0:

@@ -359,20 +359,27 @@ class StorageNode:
             raise ValueError("verify: only with packed=True")
         results, pieces = [], []
         nbytes = 0
+        # Per chain, this node's serving store for the sendfile path, or None; forgotten at every
+        # await (routing may change there). Looked up once per chain, not once per KV block.
+        stores: dict[int, ChunkStore | None] = {}
         for i, r in enumerate(reads):
             if (type(r) is not list or len(r) != 5 or type(r[0]) is not int or type(r[1]) is not int
                     or type(r[2]) is not int or type(r[3]) is not int or type(r[4]) is not int):
                 raise ValueError(f"reads[{i}]: expected [chain_id, inode, index, offset, length] ints, got {r!r}")
             try:
-                if verify and r[3] == 0:
-                    sent = self._whole_now(r[0], r[1], r[2], r[4])
-                    if sent is not None:
-                        nbytes += sent[1]
-                        results.append(sent[1:])
-                        pieces.append(sent[0])
+                if verify and r[3] == 0 and r[1] >= 0 and r[2] >= 0:
+                    store = stores.get(r[0], False)
+                    if store is False:
+                        store = stores[r[0]] = self._serving_store(r[0])
+                    whole = None if store is None else store.whole_range(r[1], r[2])
+                    if whole is not None and not 0 <= r[4] < whole[1]:  # the read covers the chunk
+                        nbytes += whole[1]
+                        results.append(whole[1:])
+                        pieces.append(whole[0])
                         continue
                 hit = self._read_now(*r)
                 if hit is None:
+                    stores.clear()
                     data, version, chunk_length = await self._read_one(*r, count=False)
                 else:
                     data, version, chunk_length = hit
@@ -419,20 +426,6 @@ class StorageNode:
             return None
         data = store.read_now(meta, offset, 2**62 if length < 0 else length)
         return None if data is None else (data, meta.version, meta.length)
-
-    def _whole_now(self, chain_id: int, inode: int, index: int, length: int) -> tuple | None:
-        """A read from offset 0 of ``length`` bytes (< 0: to the end) that covers a whole small
-        committed chunk (see ``verify`` in :meth:`rpc_batch_read`): ``(FileRange, nbytes,
-        version, chunk_length, crc)``; None for everything else (the other paths serve it)."""
-        if inode < 0 or index < 0:
-            return None
-        store = self._serving_store(chain_id)
-        if store is None:
-            return None
-        whole = store.whole_range(inode, index)
-        if whole is None or 0 <= length < whole[1]:
-            return None
-        return whole
 
     async def _read_one(self, chain_id: int, inode: int, index: int, offset: int,
                         length: int | None, count: bool = True) -> tuple[bytes, int, int]:
