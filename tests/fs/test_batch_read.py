@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 import random
 
-import msgpack
 import pytest
 
 from openinfra.fs import Code, FsError
 from openinfra.fs.client.storage_client import chunk_chain
 from openinfra.fs.cluster import call
-from openinfra.fs.storage.chunk_store import checksum
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(180)]
 
@@ -350,89 +348,68 @@ def test_chunk_store_checks_crc_of_reads_to_the_end_of_small_chunks(tmp_path):
     asyncio.run(go())
 
 
-def test_chunk_store_open_files_follow_rewrites_and_removes(tmp_path):
-    """The cached chunk descriptors behind ``whole_range`` and ``read_now`` never serve a file
-    that was replaced: a new version is a new file, and a chunk removed and written again (the
-    same file name, ``<ino>.<idx>.1``) is opened afresh. Bounded by ``OPEN_FILES_MAX``."""
-    from openinfra.fs.storage import chunk_store
-    from openinfra.fs.storage.chunk_store import ChunkStore, checksum
 
-    def sent(store, inode, index):
-        rng, n, version, length, crc = store.whole_range(inode, index)
-        data = rng.read()
-        assert n == length == len(data) and checksum(data) == crc
-        return data, version
+def test_chunk_store_open_files_follow_rewrites_and_removes(tmp_path):
+    """The cached chunk descriptors behind ``read_now`` never serve a file that was replaced: a
+    new version is a new file, and a chunk removed and written again (the same file name,
+    ``<ino>.<idx>.1``) is opened afresh. Bounded by ``OPEN_FILES_MAX``."""
+    from openinfra.fs.storage import chunk_store
+    from openinfra.fs.storage.chunk_store import ChunkStore
 
     async def go():
         store = ChunkStore(tmp_path / "c", fsync=False)
         try:
+            def now(inode):
+                meta = store.get(inode, 0)
+                return bytes(store.read_now(meta, 0, meta.length)), meta.version
+
             a, b, c = (random.Random(s).randbytes(70_000) for s in (1, 2, 3))
             await store.prepare(1, 0, 1, "write", 0, a)
-            assert store.whole_range(1, 0) is None  # pending only: nothing committed to send
             await store.commit(1, 0, 1)
-            assert sent(store, 1, 0) == (a, 1)
-            held = store.whole_range(1, 0)[0]  # a reply still being sent keeps its file open
+            assert now(1) == (a, 1)
             await store.prepare(1, 0, 2, "write", 0, b)
-            assert store.whole_range(1, 0) is None  # v2 pending: the service's read path decides
+            assert now(1) == (a, 1)  # v2 pending: v1 is what is committed
             await store.commit(1, 0, 2)
-            assert sent(store, 1, 0) == (b, 2)
-            assert held.read() == a  # the old file, unlinked, is still readable through it
+            assert now(1) == (b, 2)
             await store.remove(1, 0)
-            assert store.whole_range(1, 0) is None
+            assert store.get(1, 0) is None and not store._files
             await store.prepare(1, 0, 1, "write", 0, c)  # same file name as the first version
             await store.commit(1, 0, 1)
-            assert sent(store, 1, 0) == (c, 1)
-            assert bytes(store.read_now(store.get(1, 0), 0, 100)) == c[:100]
-            big = random.Random(4).randbytes(chunk_store.INLINE_READ_MAX + 1)
-            await store.prepare(2, 0, 1, "write", 0, big)
-            await store.commit(2, 0, 1)
-            assert store.whole_range(2, 0) is None  # big chunks take the worker-thread path
-            for ino in range(3, 3 + chunk_store.OPEN_FILES_MAX + 10):
+            assert now(1) == (c, 1)
+            for ino in range(2, 2 + chunk_store.OPEN_FILES_MAX + 10):
                 await store.prepare(ino, 0, 1, "write", 0, b"x")
                 await store.commit(ino, 0, 1)
-                sent(store, ino, 0)
+                assert now(ino) == (b"x", 1)
             assert len(store._files) <= chunk_store.OPEN_FILES_MAX
         finally:
             store.close()
+        assert not store._files
 
     asyncio.run(go())
 
 
-def test_corrupt_chunk_sent_by_sendfile_is_caught_by_the_client(cluster):
-    """A whole small chunk read by ``read_chunks`` is sent from the file unread, with the
-    chunk's stored CRC32C; the client checks it on receipt and reads a mismatch again through
-    the one-by-one path, where storage checks the chunk itself and reports CHECKSUM_MISMATCH."""
+def test_corrupt_small_chunk_is_never_served_by_batched_reads(cluster):
+    """Whole-chunk and to-the-end reads of a small chunk through ``read_chunks`` (the KV path)
+    are checked against the chunk's CRC32C by storage, also through its cached descriptors."""
     import pathlib
 
     with cluster.client(retry_s=5) as fs:
         data, node = _file(fs, "/batch-crc.bin", 100_000, 41)
         layout, inode = node["layout"], node["id"]
-        chain0 = chunk_chain(layout, 0)
-        r = cluster.routing()
-        addr = r.address(r.serving(chain0)[0]["node"])
-        out = call(addr, "batch_read", {"reads": [[chain0, inode, 0, 0, -1], [chain0, inode, 0, 0, 4096]],
-                                        "packed": True, "verify": True})
-        results = msgpack.unpackb(out["results"])
-        assert results[0][:3] == [100_000, results[0][1], 100_000] and len(results[0]) == 4  # sent unread
-        assert len(results[1]) == 3  # a part of a chunk: read and served as before
-        assert bytes(out["data"]) == data + data[:4096] and checksum(data) == results[0][3]
-        with pytest.raises(FsError) as e:
-            call(addr, "batch_read", {"reads": [], "verify": True})
-        assert e.value.code == Code.RPC_BAD_ARGS
-        buf = bytearray(100_000)
-        assert fs._run(fs.aio.storage.read_chunks([(layout, inode, 0, 0, 100_000)], [buf])) == [100_000]
-        assert bytes(buf) == data
-        files = [p for p in pathlib.Path(cluster.spec.data_dir).glob(f"**/chunks/*/{inode:x}.0.*")]
+        reads = [(layout, inode, 0, 0, 100_000), (layout, inode, 0, 128, 100_000 - 128)]
+        bufs = [bytearray(100_000), bytearray(100_000 - 128)]
+        assert fs._run(fs.aio.storage.read_chunks(reads, bufs)) == [100_000, 100_000 - 128]
+        assert bytes(bufs[0]) == data and bytes(bufs[1]) == data[128:]
+        files = list(pathlib.Path(cluster.spec.data_dir).glob(f"**/chunks/*/{inode:x}.0.*"))
         assert len(files) == 2  # one per replica
-        for p in files:  # flip a byte in place: the cached descriptors see it too
+        for p in files:  # flip a byte in place: the open descriptors see it too
             with open(p, "r+b") as f:
                 f.seek(50_000)
                 byte = f.read(1)
                 f.seek(50_000)
                 f.write(bytes([byte[0] ^ 0xFF]))
-        out = call(addr, "batch_read", {"reads": [[chain0, inode, 0, 0, -1]], "packed": True, "verify": True})
-        assert checksum(bytes(out["data"])) != msgpack.unpackb(out["results"])[0][3]  # storage did not look
-        for into in (None, [bytearray(100_000)]):
-            with pytest.raises(FsError) as e:
-                fs._run(fs.aio.storage.read_chunks([(layout, inode, 0, 0, -1)], into))
-            assert e.value.code == Code.CHECKSUM_MISMATCH
+        for one, buf in zip(reads, bufs):
+            for into in (None, [buf]):
+                with pytest.raises(FsError) as e:
+                    fs._run(fs.aio.storage.read_chunks([one], into))
+                assert e.value.code == Code.CHECKSUM_MISMATCH

@@ -30,8 +30,7 @@ from typing import Any, Awaitable, Callable
 import msgpack
 
 from openinfra.fs.errors import Code, FsError, RpcError, make_error
-from openinfra.fs import rawsock
-from openinfra.fs.rawsock import FileRange, dup_socket, recv_into, send_direct
+from openinfra.fs.rawsock import dup_socket, recv_into
 
 __all__ = [
     "RpcServer", "RpcClient", "BlobRef", "BlobPieces", "Placed", "DEFAULT_MAX_FRAME", "pack_frame", "parse_address", "format_address", "run_loop",
@@ -86,9 +85,7 @@ _BLOB_MIN = 64 * 1024
 class BlobPieces:
     """One blob made of several buffers sent back to back, never joined: the receiver sees a
     single blob of ``nbytes`` (a handler's reply of many chunk reads, say). Below the blob
-    threshold the pieces are joined and travel inside the msgpack body like any small bytes.
-    A piece may be a :class:`~openinfra.fs.rawsock.FileRange` (bytes of an open file, sent with
-    ``sendfile`` by a server's outbox)."""
+    threshold the pieces are joined and travel inside the msgpack body like any small bytes."""
 
     __slots__ = ("pieces", "nbytes")
 
@@ -106,7 +103,7 @@ def _extract(obj: Any, blobs: list, size: list[int]) -> Any:
             blobs.extend(obj.pieces)  # consecutive on the wire: one blob for the receiver
             size[0] += obj.nbytes
             return msgpack.ExtType(_BLOB_EXT, _HEADER.pack(obj.nbytes))
-        return b"".join(p.read() if type(p) is FileRange else p for p in obj.pieces)
+        return b"".join(obj.pieces)
     if isinstance(obj, (bytes, bytearray, memoryview)):
         n = obj.nbytes if isinstance(obj, memoryview) else len(obj)
         if n >= _BLOB_MIN:
@@ -198,18 +195,12 @@ def pack_frame(obj: Any) -> bytes:
 class _Outbox:
     """Frames queued on one connection and written once per event-loop turn: replies (or
     requests) that are ready together share one send() system call, which costs more than the
-    bytes on a busy machine. Blobs are written as they are, never copied into a joined buffer.
-
-    Frames with :class:`FileRange` pieces are sent on the socket itself (``sendfile``, see
-    :mod:`openinfra.fs.rawsock`) by a task; frames queued meanwhile wait for it, so the byte
-    stream stays in frame order. A direct send that fails (peer gone, stalled for
-    ``rawsock.STALL_S``) aborts the connection: a frame cut short cannot be framed around."""
+    bytes on a busy machine. Blobs are written as they are, never copied into a joined buffer."""
 
     def __init__(self, writer: asyncio.StreamWriter):
         self.writer = writer
         self.pieces: list = []
         self.scheduled = False
-        self.direct: asyncio.Task | None = None  # the direct send in progress
 
     async def send(self, obj: Any) -> None:
         self.pieces.extend(_encode(obj))  # one frame's pieces stay together and in order
@@ -217,20 +208,13 @@ class _Outbox:
             self.scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
         await self.writer.drain()
-        if self.direct is not None:  # back-pressure: frames held back behind a direct send
-            await asyncio.wait([self.direct])
 
     def _flush(self) -> None:
         self.scheduled = False
-        if self.direct is not None:
-            return  # the direct send flushes what queued meanwhile once it is done
         pieces, self.pieces = self.pieces, []
         out: list = []
         small: list = []
         for p in pieces:
-            if type(p) is FileRange:
-                self.direct = asyncio.ensure_future(self._send_direct(pieces))
-                return
             if len(p) < _BLOB_MIN:
                 small.append(p)
                 continue
@@ -246,22 +230,6 @@ class _Outbox:
             self.writer.writelines(out)
         except (ConnectionError, RuntimeError):
             pass  # the reader side notices the closed connection
-
-    async def _send_direct(self, pieces: list) -> None:
-        transport = self.writer.transport
-        try:
-            await send_direct(transport, pieces, rawsock.STALL_S)  # (read here: tests lower it)
-        except asyncio.CancelledError:
-            rawsock.reset(transport)
-            raise
-        except Exception as exc:  # (OSError, TimeoutError, EOFError): the frame is cut short
-            log.warning("direct send failed, dropping the connection: %s: %s", type(exc).__name__, exc)
-            rawsock.reset(transport)
-        finally:
-            self.direct = None
-            if self.pieces and not self.scheduled and not transport.is_closing():
-                self.scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
 
 
 async def _send(writer: asyncio.StreamWriter, obj: Any) -> None:

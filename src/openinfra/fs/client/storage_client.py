@@ -22,7 +22,6 @@ import msgpack
 from openinfra.fs.errors import RETRIABLE_CODES, Code, FsError, make_error
 from openinfra.fs.routing import Routing
 from openinfra.fs.rpc import BlobRef, Placed, RpcClient
-from openinfra.fs.storage.chunk_store import checksum
 from openinfra.fs.storage.service import MgmtdLink
 
 __all__ = ["RoutingCache", "StorageClient", "chunk_chain", "retrying"]
@@ -239,12 +238,7 @@ class StorageClient:
 
         Each read goes to a random serving replica of its chain; reads that fail there (a dirty
         chunk, a node fenced or gone) are retried one by one through :meth:`read_chunk`, which
-        follows routing changes and sends dirty reads to the tail.
-
-        Reads of a whole small chunk are sent by storage straight from the chunk file
-        (``batch_read`` with ``verify``) and checked here against the chunk's CRC32C, end to
-        end; one that fails the check is read again through :meth:`read_chunk`, where storage
-        checks the chunk itself (and reports a corrupt one as ``CHECKSUM_MISMATCH``)."""
+        follows routing changes and sends dirty reads to the tail."""
         if not isinstance(reads, (list, tuple)):
             raise TypeError(f"reads: expected a list of (layout, inode, index, offset, length), got {type(reads).__name__}")
         out: list = [None] * len(reads)
@@ -280,7 +274,7 @@ class StorageClient:
             g[2][0] += max(0, n)
 
         async def node_batch(addr: str, idxs: list[int], args: list[list]) -> None:
-            # Packed reply: per read [nbytes, version, chunk_length(, crc)] or [code, message],
+            # Packed reply: per read [nbytes, version, chunk_length] or [code, message],
             # then all bytes as one blob. With ``into`` the sink turns the sizes into one scatter
             # list (each read's bytes into its destination) before the blob arrives.
             sink = None
@@ -303,14 +297,14 @@ class StorageClient:
                     parsed.append(res)
                     dest, total = [], 0
                     for i, one in zip(idxs, res):
-                        if type(one) is list and len(one) > 2 and type(one[0]) is int and one[0] > 0:
+                        if type(one) is list and len(one) == 3 and type(one[0]) is int and one[0] > 0:
                             n = one[0]
                             dest.extend(segs[i] if n == caps[i] else _head(segs[i], n))
                             total += n
                     if total == ref.nbytes:
                         ref.dest = dest
             try:
-                res = await self.rpc.call(addr, "batch_read", {"reads": args, "packed": True, "verify": True},
+                res = await self.rpc.call(addr, "batch_read", {"reads": args, "packed": True},
                                           timeout=self.io_timeout_s, sink=sink)
             except FsError as exc:
                 if not exc.retriable:
@@ -326,7 +320,7 @@ class StorageClient:
                 data = memoryview(data)
             pos = 0
             for i, one in zip(idxs, results):
-                if type(one) is not list or not 2 <= len(one) <= 4:
+                if type(one) is not list or len(one) not in (2, 3):
                     raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: bad result {one!r}")
                 if len(one) == 2:
                     if one[0] not in RETRIABLE_CODES:
@@ -335,17 +329,13 @@ class StorageClient:
                 n = one[0]
                 if not placed and pos + n > data.nbytes:
                     raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: results add up past the data")
-                got = (segs[i] if n == caps[i] else _head(segs[i], n)) if placed else (data[pos:pos + n],)
+                if segs is None:
+                    out[i] = data[pos:pos + n]
+                elif placed:
+                    out[i] = n
+                else:
+                    out[i] = _place(data[pos:pos + n], segs[i])
                 pos += n
-                if len(one) == 4:  # a whole chunk sent unread by storage: check it end to end
-                    crc = 0
-                    for v in got:
-                        crc = checksum(v, crc)
-                    if crc != one[3]:
-                        log.warning("read chunk %s:%s from %s: CRC32C mismatch on receipt; reading it again",
-                                    reads[i][1], reads[i][2], addr)
-                        continue  # left for the one-by-one path, where storage checks the chunk
-                out[i] = n if placed else got[0] if segs is None else _place(got[0], segs[i])
             if placed and pos != data.nbytes:
                 raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: results do not add up to the data")
 

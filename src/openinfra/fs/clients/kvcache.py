@@ -16,10 +16,9 @@ changes once written: ``put`` creates exclusively and skips keys that exist, and
 a key's inode and layout and read the chunks directly next time (no metadata request; the
 blocks of a batch at cached locations go out as one ``batch_read`` per storage node). A block
 deleted since reads short once its chunks are gone (or fails its header check) and is looked up
-again. ``get_into`` of a cached block into a CPU tensor reads the whole chunk, its header into a
-small buffer (compared with the header read before) and its payload straight from the socket into
-the tensor (storage sends it from the page cache with ``sendfile``; the client checks the chunk's
-CRC32C on receipt); CUDA tensors and uncached blocks go through a reply buffer and one copy. After a miss or an error the contents of
+again. ``get_into`` of a cached block into a CPU tensor asks for the payload only and receives it
+straight from the socket into the tensor (the kernel's copy is the only one); CUDA tensors and
+uncached blocks go through a reply buffer and one copy. After a miss or an error the contents of
 ``outs`` are unspecified.
 GC removes blocks older than ``max_age_s`` (time since put) and then the oldest until the total
 is under ``capacity_bytes``.
@@ -281,9 +280,8 @@ class KVCache:
         """Read blocks at cached locations straight into their destinations: ``todo`` holds
         ``(digest, node, payload buffer)`` with the buffer exactly the block's payload size.
         One ``batch_read`` per storage node; each reply's header goes to a small buffer and its
-        payload into the caller's buffer, so the payload is copied once (page cache to socket
-        to tensor: storage sends it with ``sendfile``). Each read is of the whole chunk, so it
-        is checked against the chunk's CRC32C (by the client on receipt, see ``read_chunks``).
+        payload into the caller's buffer, so the payload is copied once (socket to tensor).
+        Each read is of the whole chunk, so storage checks it against its CRC32C.
 
         Returns per block its header, or None where the block was not read whole or its header
         does not match (deleted or replaced since): the location is forgotten, the payload buffer
@@ -310,6 +308,27 @@ class KVCache:
             out.append(h)
         return out
 
+    async def _read_cached_payloads(self, todo: list[tuple[str, dict, memoryview]]) -> list[bool]:
+        """Like :meth:`_read_cached_into` for callers that know the payload size (``get_into``):
+        only the payload is asked for, so each reply goes into the caller's buffer in one piece.
+        The header is not read: a cached location names one inode, ids are never reused, and
+        the inode holds this key's block for as long as its chunks exist (keys name content);
+        once it is deleted and its chunks are gone the read comes back short, and the block is
+        looked up again. Storage still checks the chunk's CRC32C (a read to the end of a small
+        chunk is checked whole, see ``ChunkStore.read``).
+
+        Returns per block whether its payload is now in the buffer (False: the location is
+        forgotten and the buffer holds unspecified bytes)."""
+        reads = [(n["layout"], n["id"], 0, HEADER_BYTES, n["length"] - HEADER_BYTES) for _, n, _ in todo]
+        got = await self._aio.storage.read_chunks(reads, [payload for _, _, payload in todo])
+        out = []
+        for (d, node, _), n in zip(todo, got):
+            ok = n == node["length"] - HEADER_BYTES
+            if not ok:
+                self._where.pop(d, None)
+            out.append(ok)
+        return out
+
     async def _get_into_many(self, keys: Sequence[bytes], outs: list[torch.Tensor]) -> list[bool]:
         hits: list[bool | None] = [None] * len(keys)
         todo, where = [], []
@@ -321,8 +340,8 @@ class KVCache:
                 todo.append((d, node, _byte_view(t)))
                 where.append(i)
         if todo:
-            for i, h in zip(where, await self._read_cached_into(todo)):
-                if h is not None:
+            for i, ok in zip(where, await self._read_cached_payloads(todo)):
+                if ok:
                     hits[i] = True
         rest = [i for i, v in enumerate(hits) if v is None]
         if rest:

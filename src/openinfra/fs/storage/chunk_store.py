@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import sqlite3
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +26,6 @@ from pathlib import Path
 
 import crc32c
 
-from openinfra.fs.rawsock import FileRange, OpenFile
-
 __all__ = ["ChunkStore", "ChunkMeta", "checksum", "INLINE_READ_MAX", "OPEN_FILES_MAX"]
 
 # Committed rows kept in memory per target (entries; ~200 bytes each).
@@ -34,17 +33,14 @@ ROW_CACHE_MAX = 1 << 18
 # Reads up to this many bytes run on the event loop instead of a worker thread (bytes).
 INLINE_READ_MAX = 256 * 1024
 # Committed chunk files kept open per target for reads on the event loop (descriptors): saves an
-# open and a close (~5-10 us) per small read; a KV working set is thousands of chunks.
+# open and a close (~5-10 us) per small read; a KV working set is thousands of chunks. At most
+# a quarter of the process's descriptor limit (RLIMIT_NOFILE) per target.
 OPEN_FILES_MAX = 4096
 
 
-_MISSING = object()
-
-
-def checksum(data: bytes | memoryview, value: int = 0) -> int:
-    """CRC32C of ``data`` (hardware accelerated where the package has it); ``value``: the CRC of
-    the bytes before ``data``, to checksum a chunk given in pieces."""
-    return crc32c.crc32c(data, value)
+def checksum(data: bytes | memoryview) -> int:
+    """CRC32C of ``data`` (hardware accelerated where the package has it)."""
+    return crc32c.crc32c(data)
 
 
 @dataclass
@@ -98,13 +94,14 @@ class ChunkStore:
         # transaction committed (before the old file is unlinked), so a hit equals the row a
         # SELECT would return; it saves a SQLite query (~50-150 us here) on every read.
         self._rows: dict[tuple[int, int], tuple | None] = {}
-        # Open committed chunk files, by relative path, least recently used first. Used on the
-        # event-loop thread only (a worker thread could race an eviction). A path leaves the
-        # cache whenever its file is unlinked or (re)written, before anything else can create
-        # a file under that name (a chunk removed and written again reuses ``<ino>.<idx>.1``),
-        # so an entry always holds the file the path names now. Dropping an entry closes the
-        # descriptor once no FileRange still being sent refers to it (see OpenFile).
-        self._files: OrderedDict[str, OpenFile] = OrderedDict()
+        # Open committed chunk files (descriptors), by relative path, least recently used
+        # first. Used on the event-loop thread only, with no await while a descriptor is in
+        # use (a worker thread could race an eviction's close). A path leaves the cache
+        # whenever its file is unlinked or (re)written, before anything else can create a file
+        # under that name (a chunk removed and written again reuses ``<ino>.<idx>.1``), so an
+        # entry always holds the file the path names now.
+        self._files: OrderedDict[str, int] = OrderedDict()
+        self._files_max = max(16, min(OPEN_FILES_MAX, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
         self.recover()
 
     def _connect(self) -> sqlite3.Connection:
@@ -115,7 +112,7 @@ class ChunkStore:
         return db
 
     def close(self) -> None:
-        self._files.clear()
+        self._close_files()
         self._executor.shutdown(wait=True)
         self._wdb.close()
         self.db.close()
@@ -173,7 +170,7 @@ class ChunkStore:
         return f"chunks/{inode % 256:02x}/{inode:x}.{index}.{version}"
 
     def _write_file(self, rel: str, data: bytes) -> None:
-        self._files.pop(rel, None)  # (never cached in practice: committed files are not rewritten)
+        self._forget_file(rel)  # (never cached in practice: committed files are not rewritten)
         p = self.path / rel
         p.parent.mkdir(exist_ok=True)
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -217,20 +214,31 @@ class ChunkStore:
             data = b"".join(parts)
         return data
 
-    def _open(self, rel: str) -> OpenFile:
-        """The cached open file of committed chunk file ``rel`` (event-loop thread only)."""
-        f = self._files.get(rel)
-        if f is not None:
+    def _open(self, rel: str) -> int:
+        """A cached read-only descriptor of committed chunk file ``rel`` (event-loop thread
+        only; valid until the next call into this store)."""
+        fd = self._files.get(rel)
+        if fd is not None:
             self._files.move_to_end(rel)
-            return f
-        f = self._files[rel] = OpenFile(self._root_slash + rel)
-        if len(self._files) > OPEN_FILES_MAX:
-            self._files.popitem(last=False)
-        return f
+            return fd
+        fd = self._files[rel] = os.open(self._root_slash + rel, os.O_RDONLY | os.O_CLOEXEC)
+        if len(self._files) > self._files_max:
+            os.close(self._files.popitem(last=False)[1])
+        return fd
+
+    def _forget_file(self, rel: str) -> None:
+        fd = self._files.pop(rel, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _close_files(self) -> None:
+        files, self._files = self._files, OrderedDict()
+        for fd in files.values():
+            os.close(fd)
 
     def _unlink(self, rel: str | None) -> None:
         if rel:
-            self._files.pop(rel, None)
+            self._forget_file(rel)
             try:
                 os.unlink(self.path / rel)
             except FileNotFoundError:
@@ -330,34 +338,12 @@ class ChunkStore:
             whole, skip, offset, length = True, offset, 0, meta.length
         if length > INLINE_READ_MAX:
             return None
-        data = self._pread(self._open(meta.file).fd, offset, length)
+        data = self._pread(self._open(meta.file), offset, length)
         if whole and checksum(data) != meta.crc:
             from openinfra.fs.errors import Code, FsError
 
             raise FsError(Code.CHECKSUM_MISMATCH, f"chunk {meta.inode}:{meta.index} v{meta.version} fails its CRC32C")
         return memoryview(data)[skip:] if skip else data
-
-    def whole_range(self, inode: int, index: int) -> tuple | None:
-        """The whole committed content of a chunk as ``(FileRange of its open file, nbytes,
-        version, nbytes, crc)``, to be sent with ``sendfile`` (event-loop thread only); None when
-        the chunk has no committed content, has a pending version (a read waits for or avoids
-        it, see the storage service), or is over ``INLINE_READ_MAX`` (a cold big file would block
-        the event loop on the disk; those take :meth:`read`'s worker thread). The bytes are not
-        read here, so not checked: whoever receives them checks them against ``crc``. Built
-        from the row cache without a :class:`ChunkMeta` (this runs once per KV block)."""
-        key = (inode, index)
-        if key in self._pending:
-            return None
-        row = self._rows.get(key, _MISSING)
-        if row is _MISSING:
-            self.get(inode, index)  # a SQLite query; fills the row cache
-            row = self._rows.get(key)
-        if row is None:
-            return None
-        _, _, version, length, crc, rel = row
-        if version == 0 or length == 0 or length > INLINE_READ_MAX or rel is None:
-            return None
-        return FileRange(self._open(rel), 0, length), length, version, length, crc
 
     async def committed_content(self, inode: int, index: int) -> tuple[bytes, ChunkMeta | None]:
         meta = self.get(inode, index)
@@ -463,7 +449,7 @@ class ChunkStore:
         """Delete files no committed row points to (pending versions of a crashed process)."""
         self._pending.clear()
         self._rows.clear()
-        self._files.clear()
+        self._close_files()
         keep = {f for (f,) in self.db.execute("SELECT file FROM chunks WHERE ver > 0 AND file IS NOT NULL")}
         removed = 0
         for sub in (self.path / "chunks").iterdir():

@@ -330,7 +330,7 @@ class StorageNode:
         data, version, chunk_length = await self._read_one(chain_id, inode, index, offset, length)
         return {"data": data, "version": version, "chunk_length": chunk_length}
 
-    async def rpc_batch_read(self, reads: list, packed: bool = False, verify: bool = False) -> list | dict:
+    async def rpc_batch_read(self, reads: list, packed: bool = False) -> list | dict:
         """Many reads in one request (3FS's batched read: one request per storage node per batch).
 
         ``reads``: ``[[chain_id, inode, index, offset, length], ...]`` (at most 4096). Returns one
@@ -343,43 +343,21 @@ class StorageNode:
         and ``data`` holds the bytes of the reads that succeeded back to back (sent as one blob
         without joining them). The client knows from ``results`` where each read's bytes go
         before they arrive; there is no per-read map or blob marker to build and parse, and the
-        RPC layer's blob scan does not walk thousands of small lists (they travel as bytes).
-
-        ``verify`` (with ``packed``): the caller checks whole-chunk reads against the chunk's
-        CRC32C itself (end to end). A read of a whole committed chunk of at most
-        ``INLINE_READ_MAX`` bytes then has the result ``[nbytes, version, chunk_length, crc]``
-        and its bytes go from the chunk file to the socket with ``sendfile``: this process never
-        copies or checks them. Other reads are served (and checked) as without ``verify``."""
+        RPC layer's blob scan does not walk thousands of small lists (they travel as bytes)."""
         self._check_fence()
         if not isinstance(reads, list) or len(reads) > 4096:
             raise ValueError("reads: expected a list of at most 4096 [chain_id, inode, index, offset, length]")
-        if type(packed) is not bool or type(verify) is not bool:
-            raise ValueError(f"packed, verify: expected bools, got {packed!r}, {verify!r}")
-        if verify and not packed:
-            raise ValueError("verify: only with packed=True")
+        if type(packed) is not bool:
+            raise ValueError(f"packed: expected a bool, got {packed!r}")
         results, pieces = [], []
         nbytes = 0
-        # Per chain, this node's serving store for the sendfile path, or None; forgotten at every
-        # await (routing may change there). Looked up once per chain, not once per KV block.
-        stores: dict[int, ChunkStore | None] = {}
         for i, r in enumerate(reads):
             if (type(r) is not list or len(r) != 5 or type(r[0]) is not int or type(r[1]) is not int
                     or type(r[2]) is not int or type(r[3]) is not int or type(r[4]) is not int):
                 raise ValueError(f"reads[{i}]: expected [chain_id, inode, index, offset, length] ints, got {r!r}")
             try:
-                if verify and r[3] == 0 and r[1] >= 0 and r[2] >= 0:
-                    store = stores.get(r[0], False)
-                    if store is False:
-                        store = stores[r[0]] = self._serving_store(r[0])
-                    whole = None if store is None else store.whole_range(r[1], r[2])
-                    if whole is not None and not 0 <= r[4] < whole[1]:  # the read covers the chunk
-                        nbytes += whole[1]
-                        results.append(whole[1:])
-                        pieces.append(whole[0])
-                        continue
                 hit = self._read_now(*r)
                 if hit is None:
-                    stores.clear()
                     data, version, chunk_length = await self._read_one(*r, count=False)
                 else:
                     data, version, chunk_length = hit
@@ -403,14 +381,6 @@ class StorageNode:
             return {"data": BlobPieces(pieces, nbytes), "results": msgpack.packb(results)}
         return results
 
-    def _serving_store(self, chain_id: int) -> ChunkStore | None:
-        """This node's store of ``chain_id`` when its target there is serving, else None."""
-        try:
-            _, me = self._read_target(chain_id)
-        except FsError:
-            return None
-        return self.stores[me["id"]] if me["state"] == TargetState.SERVING else None
-
     def _read_now(self, chain_id: int, inode: int, index: int, offset: int, length: int) -> tuple | None:
         """The common batched read, with no coroutine per read: a small read of a committed
         chunk with no pending version, on a serving target. Returns what :meth:`_read_one`
@@ -418,9 +388,13 @@ class StorageNode:
         then takes :meth:`_read_one`. Raises only a chunk's CRC32C mismatch."""
         if inode < 0 or index < 0 or offset < 0:
             return None
-        store = self._serving_store(chain_id)
-        if store is None:
+        try:
+            _, me = self._read_target(chain_id)
+        except FsError:
             return None
+        if me["state"] != TargetState.SERVING:
+            return None
+        store = self.stores[me["id"]]
         meta = store.get(inode, index)
         if meta is None or meta.pending_version is not None or meta.version == 0 or offset >= meta.length:
             return None
