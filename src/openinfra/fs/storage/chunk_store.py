@@ -170,7 +170,6 @@ class ChunkStore:
         return f"chunks/{inode % 256:02x}/{inode:x}.{index}.{version}"
 
     def _write_file(self, rel: str, data: bytes) -> None:
-        self._forget_file(rel)  # (never cached in practice: committed files are not rewritten)
         p = self.path / rel
         p.parent.mkdir(exist_ok=True)
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -391,6 +390,9 @@ class ChunkStore:
         rel = self._file(inode, index, version)
         if meta is not None and meta.file == rel:
             rel += ".r"  # re-applying the committed version number: never overwrite committed data
+        # (on this thread, not the writer's: the descriptor cache is the event loop's. Never
+        # cached in practice: a committed file is never rewritten, see ".r" above.)
+        self._forget_file(rel)
         await asyncio.to_thread(self._write_file, rel, content)
         old_pending = meta.pending_file if meta is not None else None
         self._pending[(inode, index)] = (version, rel, len(content), crc)
