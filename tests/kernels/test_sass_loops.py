@@ -47,3 +47,17 @@ def test_gluon_gemm_compiles_for_sm90_without_serialized_wgmma():
     # 128 x 256 tiles: two 128-column MMAs per slice and math partition, each waited for in full
     out = _run("gluon-gemm-ws", "4,256")
     assert "wgmma.wait_group {'0': 4}" in out and "C7514" not in out, out
+
+
+def test_gluon_mla_decode_compiles_for_sm90_without_spills():
+    """The warp-specialized MLA decode kernel fits its three partitions in the register split
+    without spills and its shared memory (Q, two K stages, P) under the 227 KB an SM offers;
+    each math partition waits for its own wgmma groups (S, then P V; P V in the other)."""
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")):
+        pytest.skip("Triton's bundled nvdisasm is missing; cannot disassemble sm_90a here")
+    out = _run("gluon-mla", "-")
+    assert " 0 B spill stores" in out and "wgmma.wait_group {'0': 3}" in out, out
+    shared_kb = float(out.split(" KB shared")[0].rsplit(", ", 1)[1])
+    assert shared_kb <= 227, out

@@ -30,6 +30,18 @@ def _config_spec(text: str) -> str:
     return text
 
 
+def _kernel_label(q: torch.Tensor, k_cache: torch.Tensor, cfg, rows: int) -> str:
+    """"gluon" where the Gluon decode kernel takes the call (the dense default at >= 64 rows on
+    Hopper unless OPENINFRA_MLA_GLUON=0), else the Triton kernel's resolved launch config."""
+    from openinfra.kernels.flash_mla.gluon_kernel import gluon_decode_supported
+    from openinfra.kernels.flash_mla.kernel import _gluon_enabled
+
+    if _gluon_enabled() and gluon_decode_supported(q, k_cache, rows, sparse=False, is_fp8=False, has_sink=False,
+                                                   write_max=False):
+        return "gluon"
+    return ",".join(str(v) for v in cfg.resolve(rows))
+
+
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=128, help="requests per decode step")
     p.add_argument("--sq", type=int, nargs="+", default=[1, 2], help="query tokens per request")
@@ -120,7 +132,7 @@ def bench_flash_mla(args: argparse.Namespace) -> BenchResult:
                             out = ours()
                             ms = gpu_time_ms(ours)
                             row = {
-                                "mode": mode, "variant": variant, "pps": pps, "s_k": sk, "s_q": s_q, "h_q": h_q, "cfg": ",".join(str(v) for v in cfg.resolve(s_q * h_q)),
+                                "mode": mode, "variant": variant, "pps": pps, "s_k": sk, "s_q": s_q, "h_q": h_q, "cfg": _kernel_label(q, k_cache, cfg, s_q * h_q),
                                 "parts": base_parts * pps, "us": ms * 1e3, "GB/s": nbytes / ms / 1e6,
                                 "TFLOPS": flops / ms / 1e9, "/copy": nbytes / ms / 1e6 / copy,
                             }

@@ -22,6 +22,8 @@ the schedule's chunk boundaries write fp32 partials (output normalized by its ow
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -358,6 +360,12 @@ class KernelConfig:
                 f"num_stages={self.num_stages})")
 
 
+def _gluon_enabled() -> bool:
+    """The Gluon decode kernel (:mod:`.gluon_kernel`) runs where it applies unless
+    OPENINFRA_MLA_GLUON=0."""
+    return os.environ.get("OPENINFRA_MLA_GLUON", "1") != "0"
+
+
 def mla_attention_triton(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -407,23 +415,34 @@ def mla_attention_triton(
     mx = max_logits if max_logits is not None else lse
     kv_arg = kv.view(torch.uint8) if is_fp8 else kv
     interpret = interpreter_enabled()
-    _mla_attn_kernel[(pieces, h_kv * m_blocks)](
-        q, kv_arg, bt, lengths, idx, tile_scheduler_metadata, num_splits, sink,
-        out, lse, mx, oacc, lacc,
-        s_q, n_tokens, page, h_kv, g, rows, softmax_scale * _LOG2E,
-        q.stride(0), q.stride(1), q.stride(2),
-        kv_arg.stride(0), kv_arg.stride(1), kv_arg.stride(2),
-        bt.stride(0) if block_table is not None else 0,
-        idx.stride(0) if sparse else 0, idx.stride(1) if sparse else 0,
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1), lse.stride(2),
-        BLOCK_M=bm, BLOCK_N=bn, SCHED_BLOCK=PAGE_BLOCK_SIZE,
-        D_V=HEAD_DIM_V, D_R=HEAD_DIM_ROPE,
-        CAUSAL=causal, SPARSE=sparse, FP8=is_fp8,
-        HAS_SINK=attn_sink is not None, WRITE_MAX=max_logits is not None, INTERPRET=interpret,
-        SCALE_OFF=FP8_SCALE_OFFSET, ROPE_OFF=FP8_ROPE_OFFSET, FP8_TILE=FP8_TILE,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    if not interpret and _gluon_enabled() and block_table is not None:
+        from openinfra.kernels.flash_mla.gluon_kernel import gluon_decode_supported, mla_decode_gluon
+
+        use_gluon = gluon_decode_supported(q, kv, rows, sparse=sparse, is_fp8=is_fp8, has_sink=attn_sink is not None,
+                                           write_max=max_logits is not None)
+    else:
+        use_gluon = False
+    if use_gluon:
+        mla_decode_gluon(q, kv, lengths, tile_scheduler_metadata, num_splits, softmax_scale, out=out, lse=lse,
+                         block_table=block_table, causal=causal, oacc=oacc, lacc=lacc)
+    else:
+        _mla_attn_kernel[(pieces, h_kv * m_blocks)](
+            q, kv_arg, bt, lengths, idx, tile_scheduler_metadata, num_splits, sink,
+            out, lse, mx, oacc, lacc,
+            s_q, n_tokens, page, h_kv, g, rows, softmax_scale * _LOG2E,
+            q.stride(0), q.stride(1), q.stride(2),
+            kv_arg.stride(0), kv_arg.stride(1), kv_arg.stride(2),
+            bt.stride(0) if block_table is not None else 0,
+            idx.stride(0) if sparse else 0, idx.stride(1) if sparse else 0,
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1), lse.stride(2),
+            BLOCK_M=bm, BLOCK_N=bn, SCHED_BLOCK=PAGE_BLOCK_SIZE,
+            D_V=HEAD_DIM_V, D_R=HEAD_DIM_ROPE,
+            CAUSAL=causal, SPARSE=sparse, FP8=is_fp8,
+            HAS_SINK=attn_sink is not None, WRITE_MAX=max_logits is not None, INTERPRET=interpret,
+            SCALE_OFF=FP8_SCALE_OFFSET, ROPE_OFF=FP8_ROPE_OFFSET, FP8_TILE=FP8_TILE,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     block_r = 16
     _mla_combine_kernel[(n_req, h_kv, ceil_div(rows, block_r))](
         num_splits, sink, out, lse, mx, oacc, lacc,
