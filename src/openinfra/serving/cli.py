@@ -6,27 +6,34 @@ import argparse
 import sys
 import time
 
-__all__ = ["register", "build_engine"]
+__all__ = ["register", "build_engine", "build_model"]
 
 
-def build_engine(config: str = "tiny", checkpoint: str | None = None, num_blocks: int = 64, page_size: int = 64,
-                 max_batch: int = 8, device: str = "cpu", seed: int = 0, prefix_cache_mb: int = 64, block_store=None):
-    """The engine the CLI and the demo use: a checkpoint when given, else a seeded fresh model.
-
-    The prefix store is ``block_store`` when given (e.g. a 3FS KVCache), else an in-memory LRU of
-    ``prefix_cache_mb`` MiB (0 disables prefix reuse)."""
+def build_model(config: str = "tiny", checkpoint: str | None = None, device: str = "cpu", seed: int = 0):
+    """The model the CLI, the demo and the prefill worker use: a checkpoint when given, else a fresh
+    model seeded with ``seed`` (the same weights in every process that builds it)."""
     import torch
 
     from openinfra.model import Transformer, get_config
     from openinfra.model.loader import load_checkpoint
-    from openinfra.serving.engine import Engine
-    from openinfra.serving.prefix_cache import MemoryBlockStore
 
     if checkpoint:
         model, _ = load_checkpoint(checkpoint, device=device)
-    else:
-        torch.manual_seed(seed)
-        model = Transformer(get_config(config)).to(device)
+        return model
+    torch.manual_seed(seed)
+    return Transformer(get_config(config)).to(device)
+
+
+def build_engine(config: str = "tiny", checkpoint: str | None = None, num_blocks: int = 64, page_size: int = 64,
+                 max_batch: int = 8, device: str = "cpu", seed: int = 0, prefix_cache_mb: int = 64, block_store=None):
+    """The engine the CLI and the demo use over :func:`build_model`.
+
+    The prefix store is ``block_store`` when given (e.g. a 3FS KVCache), else an in-memory LRU of
+    ``prefix_cache_mb`` MiB (0 disables prefix reuse)."""
+    from openinfra.serving.engine import Engine
+    from openinfra.serving.prefix_cache import MemoryBlockStore
+
+    model = build_model(config, checkpoint, device, seed)
     store = block_store
     if store is None and prefix_cache_mb > 0:
         store = MemoryBlockStore(prefix_cache_mb * 2**20)

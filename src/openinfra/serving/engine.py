@@ -10,10 +10,16 @@ Each :meth:`Engine.step`:
 
 A request reserves pages for its prompt plus ``max_tokens`` when admitted, so a running request
 never runs out of cache mid-generation; requests that cannot fit wait.
+
+Prefill/decode disaggregation (``openinfra.serving.disaggregated``) uses two more entries: a
+prefill worker calls :meth:`Engine.prefill_export` (prefill one prompt, write all its pages to the
+KV store), and the decode engine takes the result with :meth:`Engine.submit_prefilled` (its pages
+are read from the store at admission instead of being computed).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from collections import deque
@@ -24,7 +30,38 @@ import torch
 from openinfra.model import KVCacheManager, PagedMLACache, Transformer
 from openinfra.serving.prefix_cache import BlockStore, page_keys
 
-__all__ = ["Engine", "Request", "EngineStats"]
+__all__ = ["Engine", "Request", "EngineStats", "Prefilled", "PrefillExport", "partial_page_key"]
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    """What a prefill worker hands the decode side for one request: the first token it sampled and
+    the store keys of the prompt's pages in order (every full page, then the last partial page
+    when the prompt length is not a multiple of the page size)."""
+
+    first_token: int
+    keys: tuple[bytes, ...]
+    partial: bool  # keys[-1] is the request's own partial page (deleted once loaded, when the store can)
+
+
+@dataclass(frozen=True)
+class PrefillExport:
+    """:meth:`Engine.prefill_export`'s result; ``seconds`` is wall time of the whole prefill
+    (prefix load, compute, sampling, store writes)."""
+
+    prefilled: Prefilled
+    n_prompt_tokens: int
+    reused_tokens: int
+    seconds: float
+
+
+def partial_page_key(full_keys: list[bytes], tail: list[int], nonce: bytes) -> bytes:
+    """The store key of a request's last, partial prompt page: the prefix chain so far, the tail's
+    tokens and a per-request ``nonce``, so it never collides with a full-page (shared) key or with
+    another request's tail."""
+    h = hashlib.sha256(b"openinfra-partial-v1" + (full_keys[-1] if full_keys else b"") + nonce)
+    h.update(torch.tensor(tail, dtype=torch.int64).numpy().tobytes())
+    return h.digest()
 
 
 @dataclass
@@ -42,6 +79,8 @@ class Request:
     finished_at: float | None = None
     reused_tokens: int = 0
     finish_reason: str | None = None
+    prefilled: Prefilled | None = None  # set: the prompt's KV is in the store (disaggregated decode)
+    error: str | None = None  # set with finish_reason "error" when the request failed (disaggregated front)
 
     @property
     def finished(self) -> bool:
@@ -60,7 +99,10 @@ class Request:
 
 @dataclass
 class EngineStats:
-    """Totals since the engine started; prefill counts only tokens actually computed."""
+    """Totals since the engine started; prefill counts only tokens actually computed (seconds of wall
+    time). ``loaded_tokens``: prompt tokens of prefilled requests whose KV was read from the store
+    (computed by a prefill worker); ``fallback_prefills``: prefilled requests whose pages were
+    missing from the store and were prefilled here instead."""
 
     prompt_tokens: int = 0
     reused_tokens: int = 0
@@ -70,6 +112,8 @@ class EngineStats:
     decode_seconds: float = 0.0
     decode_steps: int = 0
     finished_requests: int = 0
+    loaded_tokens: int = 0
+    fallback_prefills: int = 0
 
     @property
     def prefix_hit_rate(self) -> float:
@@ -126,6 +170,33 @@ class Engine:
     def submit(self, prompt: list[int], max_tokens: int = 16, temperature: float = 0.0,
                stop_tokens: tuple[int, ...] | frozenset[int] = (), request_id: str | None = None) -> Request:
         """Queue a request; bad input raises ValueError naming the argument."""
+        req = self.new_request(prompt, max_tokens, temperature, stop_tokens, request_id)
+        self.waiting.append(req)
+        return req
+
+    def submit_prefilled(self, req: Request, prefilled: Prefilled) -> Request:
+        """Queue ``req`` (from :meth:`new_request`) whose prompt a prefill worker already ran: at
+        admission its pages are read from the block store into this engine's cache (no model compute
+        for the prompt) and ``prefilled.first_token`` is its first output token; then it decodes in
+        the batch like any other request. If a page is missing from the store (evicted), the prompt
+        is prefilled here instead (counted in ``stats.fallback_prefills``)."""
+        if self.block_store is None:
+            raise ValueError("submit_prefilled needs the engine's block_store (the store the prefill worker wrote to)")
+        n = len(req.prompt)
+        n_pages, partial = -(-n // self.page_size), bool(n % self.page_size)
+        if len(prefilled.keys) != n_pages or prefilled.partial != partial:
+            raise ValueError(f"prefilled.keys: a {n}-token prompt has {n_pages} pages of {self.page_size} tokens "
+                             f"(last partial: {partial}), got {len(prefilled.keys)} keys (partial={prefilled.partial})")
+        if not isinstance(prefilled.first_token, int) or not 0 <= prefilled.first_token < self.cfg.vocab_size:
+            raise ValueError(f"prefilled.first_token must be an int in [0, vocab_size={self.cfg.vocab_size})")
+        req.prefilled = prefilled
+        self.waiting.append(req)
+        return req
+
+    def new_request(self, prompt: list[int], max_tokens: int = 16, temperature: float = 0.0,
+                    stop_tokens: tuple[int, ...] | frozenset[int] = (), request_id: str | None = None) -> Request:
+        """A validated request, not queued (``submit`` queues it; a disaggregated front holds it while
+        a prefill worker runs its prompt). Bad input raises ValueError naming the argument."""
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise ValueError("prompt must be a non-empty list of token ids")
         if any(not isinstance(t, int) or t < 0 or t >= self.cfg.vocab_size for t in prompt):
@@ -140,10 +211,8 @@ class Engine:
         pages = -(-(len(prompt) + max_tokens) // self.page_size)
         if pages > self.cache.num_blocks:
             raise ValueError(f"request needs {pages} pages; the KV pool has only {self.cache.num_blocks}")
-        req = Request(request_id or f"req-{next(self._ids)}", list(prompt), max_tokens, float(temperature),
-                      frozenset(stop_tokens), arrival=time.perf_counter())
-        self.waiting.append(req)
-        return req
+        return Request(request_id or f"req-{next(self._ids)}", list(prompt), max_tokens, float(temperature),
+                       frozenset(stop_tokens), arrival=time.perf_counter())
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -160,7 +229,7 @@ class Engine:
             if need > self.cache.allocator.num_free:
                 break
             self.waiting.popleft()
-            emitted.append((req, self._prefill(req)))
+            emitted.append((req, self._admit(req)))
             self._finish_if_done(req)
             if not req.finished:
                 self.running.append(req)
@@ -199,10 +268,58 @@ class Engine:
                 out.append(int(torch.multinomial(probs, 1, generator=self._generator)))
         return out
 
-    def _prefill(self, req: Request) -> int:
+    @torch.inference_mode()
+    def prefill_export(self, prompt: list[int], temperature: float = 0.0, nonce: bytes = b"") -> PrefillExport:
+        """Prefill one prompt and leave its whole KV in the block store (what a prefill worker does):
+        full pages under their shared prefix keys (as every prefill does), the last partial page
+        under :func:`partial_page_key` (``nonce`` makes it request-specific). Pages already in the
+        store are read, not computed (prefix reuse). The engine's own pages are freed on return."""
+        if self.block_store is None:
+            raise ValueError("prefill_export needs a block_store to write the prompt's pages to")
+        req = self.new_request(prompt, 1, temperature)
         start = time.perf_counter()
+        try:
+            token = self._prefill(req, reserve=len(req.prompt))
+            keys = page_keys(req.prompt, self.page_size)
+            tail = len(req.prompt) - len(keys) * self.page_size
+            if tail:
+                keys.append(partial_page_key(keys, req.prompt[-tail:], nonce))
+                # The whole page goes (rows past the prompt are unused), so every block has one shape.
+                self.block_store.put(keys[-1], self.cache.storage[:, self.kv.pages(req.id)[-1]].contiguous())
+        finally:
+            self.kv.free(req.id)
+        return PrefillExport(Prefilled(token, tuple(keys), bool(tail)), len(req.prompt), req.reused_tokens,
+                             time.perf_counter() - start)
+
+    def _admit(self, req: Request) -> int:
+        """Give an admitted request its prompt's KV and its first token (pages are free: checked)."""
+        if req.prefilled is not None:
+            rows = self._fetch_pages(list(req.prefilled.keys))
+            if len(rows) == len(req.prefilled.keys):
+                return self._install_prefilled(req, rows)
+            self.stats.fallback_prefills += 1  # a page was evicted: compute the prompt here instead
+        return self._prefill(req)
+
+    def _install_prefilled(self, req: Request, rows: list[torch.Tensor]) -> int:
         self.kv.add(req.id)
         self.kv.reserve(req.id, len(req.prompt) + req.max_tokens)
+        for page, r in zip(self.kv.pages(req.id), rows):
+            self.cache.storage[:, page] = r
+        self.kv.advance([req.id], len(req.prompt))
+        delete = getattr(self.block_store, "delete", None)
+        if req.prefilled.partial and delete is not None:
+            delete(req.prefilled.keys[-1])  # nobody else reads a request's own tail page
+        req.output.append(req.prefilled.first_token)
+        req.first_token_at = time.perf_counter()
+        self.stats.prompt_tokens += len(req.prompt)
+        self.stats.loaded_tokens += len(req.prompt)
+        return req.prefilled.first_token
+
+    def _prefill(self, req: Request, reserve: int | None = None) -> int:
+        """Prefill ``req`` into pages reserved for ``reserve`` tokens (default: prompt + max_tokens)."""
+        start = time.perf_counter()
+        self.kv.add(req.id)
+        self.kv.reserve(req.id, len(req.prompt) + req.max_tokens if reserve is None else reserve)
         pages = self.kv.pages(req.id)
         reused = self._load_prefix(req, pages)
         if reused:
@@ -222,19 +339,29 @@ class Engine:
         self.stats.prefill_seconds += now - start
         return token
 
+    def _fetch_pages(self, keys: list[bytes]) -> list[torch.Tensor]:
+        """Rows of the pages ``keys`` from the block store, in the cache's device and dtype, up to the
+        first miss (so ``len(result) < len(keys)`` means a page is missing)."""
+        want = tuple(self.cache.storage[:, 0].shape)
+        rows = []
+        for key in keys:
+            r = self.block_store.get(key)
+            if r is None:
+                break
+            if tuple(r.shape) != want:
+                raise ValueError(f"block store page {key.hex()[:16]}.. has shape {tuple(r.shape)}, this engine's pages "
+                                 f"are {want} (a different model or page_size wrote it)")
+            rows.append(r.to(self.device, self.cache.storage.dtype))
+        return rows
+
     def _load_prefix(self, req: Request, pages: list[int]) -> int:
         # Reuse at most the pages before the last prompt token: its logits must be computed.
         if self.block_store is None:
             return 0
-        keys = page_keys(req.prompt[: len(req.prompt) - 1], self.page_size)
-        reused = 0
-        for i, key in enumerate(keys):
-            rows = self.block_store.get(key)
-            if rows is None:
-                break
-            self.cache.storage[:, pages[i]] = rows.to(self.device, self.dtype)
-            reused += self.page_size
-        return reused
+        rows = self._fetch_pages(page_keys(req.prompt[: len(req.prompt) - 1], self.page_size))
+        for page, r in zip(pages, rows):
+            self.cache.storage[:, page] = r
+        return len(rows) * self.page_size
 
     def _store_prefix(self, req: Request, pages: list[int], reused: int) -> None:
         if self.block_store is None:

@@ -60,6 +60,11 @@ class _EngineLoop(threading.Thread):
                         w.put(("error", str(exc)))
                     waiters.clear()
                     continue
+            # A disaggregated front also reports requests that failed before decoding (prefill errors).
+            for req in getattr(self.engine, "pop_failed", list)():
+                w = waiters.pop(req.id, None)
+                if w is not None:
+                    w.put(("error", req.error or "request failed"))
             for req, token in emitted:
                 w = waiters.get(req.id)
                 if w is not None:
