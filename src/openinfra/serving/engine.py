@@ -293,11 +293,15 @@ class Engine:
 
     def _admit(self, req: Request) -> int:
         """Give an admitted request its prompt's KV and its first token (pages are free: checked)."""
-        if req.prefilled is not None:
-            rows = self._fetch_pages(list(req.prefilled.keys))
-            if len(rows) == len(req.prefilled.keys):
-                return self._install_prefilled(req, rows)
-            self.stats.fallback_prefills += 1  # a page was evicted: compute the prompt here instead
+        if req.prefilled is None:
+            return self._prefill(req)
+        rows = self._fetch_pages(list(req.prefilled.keys))
+        delete = getattr(self.block_store, "delete", None)  # optional in the BlockStore protocol
+        if req.prefilled.partial and delete is not None:
+            delete(req.prefilled.keys[-1])  # nobody else reads a request's own tail page
+        if len(rows) == len(req.prefilled.keys):
+            return self._install_prefilled(req, rows)
+        self.stats.fallback_prefills += 1  # a page was evicted: compute the prompt here instead
         return self._prefill(req)
 
     def _install_prefilled(self, req: Request, rows: list[torch.Tensor]) -> int:
@@ -306,9 +310,6 @@ class Engine:
         for page, r in zip(self.kv.pages(req.id), rows):
             self.cache.storage[:, page] = r
         self.kv.advance([req.id], len(req.prompt))
-        delete = getattr(self.block_store, "delete", None)
-        if req.prefilled.partial and delete is not None:
-            delete(req.prefilled.keys[-1])  # nobody else reads a request's own tail page
         req.output.append(req.prefilled.first_token)
         req.first_token_at = time.perf_counter()
         self.stats.prompt_tokens += len(req.prompt)
