@@ -8,6 +8,8 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -163,6 +165,19 @@ def test_killed_worker_fails_pending_requests_then_restarts(tmp_path):
         srv.restart_prefill()
         assert srv.worker.pid != pid and srv.stats.worker_restarts == 1
         assert srv.generate(prompts, max_tokens=4) == _reference(prompts, 16, 4)
+        # With auto_restart, a worker that died while idle is replaced by the next submit.
+        srv.auto_restart, pid = True, srv.worker.pid
+        os.kill(pid, signal.SIGKILL)
+        srv.worker.proc.wait(timeout=10)
+        assert srv.generate(prompts[:1], max_tokens=4) == _reference(prompts[:1], 16, 4)
+        assert srv.worker.pid != pid and srv.stats.worker_restarts == 2
+
+
+def test_cli_serve_disaggregated():
+    out = subprocess.run([sys.executable, "-m", "openinfra", "serve", "--disaggregated", "--port", "0", "--duration", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "disaggregated: prefill worker pid" in out.stdout and "input tokens/s" in out.stdout
 
 
 def test_worker_with_another_model_is_refused(tmp_path, monkeypatch):

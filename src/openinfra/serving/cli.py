@@ -40,16 +40,47 @@ def build_engine(config: str = "tiny", checkpoint: str | None = None, num_blocks
     return Engine(model, num_blocks=num_blocks, page_size=page_size, max_batch=max_batch, block_store=store, seed=seed)
 
 
+def _store_spec(args: argparse.Namespace) -> tuple[dict, str | None]:
+    """The KV store both processes of ``--disaggregated`` open, and a temporary directory to remove
+    at exit (when no store was named)."""
+    if args.kvcache_mgmtd:
+        return {"kind": "3fs", "mgmtd": args.kvcache_mgmtd, "root": args.kvcache_root}, None
+    if args.kv_store_dir:
+        return {"kind": "dir", "path": args.kv_store_dir}, None
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="openinfra-kv-")
+    return {"kind": "dir", "path": tmp}, tmp
+
+
 def _run(args: argparse.Namespace) -> int:
+    import shutil
+
     from openinfra.serving.http_server import CompletionServer
 
+    front, tmp = None, None
     try:
-        engine = build_engine(args.config, args.checkpoint, args.num_blocks, args.page_size, args.max_batch, args.device)
+        if args.disaggregated:
+            from openinfra.serving.disaggregated import DisaggregatedServer, PrefillWorkerError
+
+            store, tmp = _store_spec(args)
+            try:
+                front = DisaggregatedServer(store, config=args.config, checkpoint=args.checkpoint, device=args.device,
+                                            num_blocks=args.num_blocks, page_size=args.page_size,
+                                            max_batch=args.max_batch, auto_restart=True).start()
+            except PrefillWorkerError as exc:
+                raise ValueError(str(exc)) from None
+            engine = front
+        else:
+            engine = build_engine(args.config, args.checkpoint, args.num_blocks, args.page_size, args.max_batch, args.device)
     except (ValueError, FileNotFoundError) as exc:
         print(f"openinfra serve: error: {exc}", file=sys.stderr)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
         return 2
     server = CompletionServer(engine, args.host, args.port, model_name=f"openinfra-{args.config}").start()
-    print(f"serving on {server.url}/v1/completions (Ctrl-C to stop)", flush=True)
+    mode = f" (disaggregated: prefill worker pid {front.worker.pid}, KV store {front.store_spec})" if front else ""
+    print(f"serving on {server.url}/v1/completions{mode} (Ctrl-C to stop)", flush=True)
     try:
         deadline = time.monotonic() + args.duration if args.duration else None
         while deadline is None or time.monotonic() < deadline:
@@ -58,6 +89,14 @@ def _run(args: argparse.Namespace) -> int:
         pass
     finally:
         server.stop()
+        if front is not None:
+            front.stop()
+            s = front.stats
+            print(f"prefill {s.prefill_input_tokens_per_s:,.0f} input tokens/s (prefix hit rate {s.prefix_hit_rate:.1%}), "
+                  f"decode {s.decode_output_tokens_per_s:,.0f} output tokens/s, {s.fallback_prefills} fallback prefills, "
+                  f"{s.failed_requests} failed requests", flush=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
@@ -72,4 +111,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together")
     p.add_argument("--device", default="cpu")
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: run until Ctrl-C)")
+    p.add_argument("--disaggregated", action="store_true",
+                   help="prefill in a separate worker process, decode here; KV goes through a shared store")
+    p.add_argument("--kvcache-mgmtd", default=None,
+                   help="with --disaggregated: 3FS mgmtd address; the KV store is 3FS KVCache under --kvcache-root")
+    p.add_argument("--kvcache-root", default="/kvcache/serve", help="3FS directory of the KV blocks")
+    p.add_argument("--kv-store-dir", default=None,
+                   help="with --disaggregated and no 3FS: a local directory as the KV store (default: a temporary one)")
     p.set_defaults(func=_run)

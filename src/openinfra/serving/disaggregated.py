@@ -326,6 +326,10 @@ class DisaggregatedServer:
         bad input, PrefillWorkerError when no worker serves (and ``auto_restart`` is off)."""
         req = self.engine.new_request(prompt, max_tokens, temperature, stop_tokens,
                                       request_id or f"dreq-{next(self._ids)}")
+        with self._lock:
+            if self.worker is not None and self.worker_error is None and not self.worker.alive():
+                # Died while idle: notice now, rather than when this request's send fails.
+                self.worker_error = f"prefill worker pid {self.worker.pid} {self.worker.describe_exit(0.0)}"
         if self.worker_error is not None and self.auto_restart:
             self.restart_prefill()
         with self._lock:
