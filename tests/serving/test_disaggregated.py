@@ -20,7 +20,7 @@ from openinfra.serving.cli import build_engine, build_model
 from openinfra.serving.disaggregated import DisaggregatedServer, PrefillWorkerError
 from openinfra.serving.engine import Engine, Prefilled
 from openinfra.serving.http_server import CompletionServer
-from openinfra.serving.prefix_cache import FileBlockStore
+from openinfra.serving.prefix_cache import FileBlockStore, page_keys
 from openinfra.serving.protocol import MAX_FRAME, recv_frame, send_frame, validate_prefill_reply
 
 pytestmark = pytest.mark.service
@@ -68,13 +68,8 @@ def test_outputs_equal_the_single_process_engine(server):
     assert s.decode.loaded_tokens >= sum(map(len, prompts)) and s.decode_output_tokens_per_s > 0
     assert server.engine.cache.allocator.num_free == 32
     # Request-specific partial pages are deleted once loaded; the shared full pages stay.
-    assert len(os.listdir(server.store_spec["path"])) == len({k for p in prompts for k in _full_keys(p, 64)})
+    assert len(os.listdir(server.store_spec["path"])) == len({k for p in prompts for k in page_keys(p, 64)})
 
-
-def _full_keys(prompt, page_size):
-    from openinfra.serving.prefix_cache import page_keys
-
-    return page_keys(prompt, page_size)
 
 
 def test_http_endpoint_over_the_disaggregated_front(server):
@@ -180,7 +175,7 @@ def test_cli_serve_disaggregated():
     assert "disaggregated: prefill worker pid" in out.stdout and "input tokens/s" in out.stdout
 
 
-def test_worker_with_another_model_is_refused(tmp_path, monkeypatch):
+def test_worker_with_another_model_is_refused(tmp_path):
     srv = DisaggregatedServer({"kind": "dir", "path": str(tmp_path)}, page_size=16, num_blocks=8, **_BOUNDS)
     srv._worker_args[srv._worker_args.index("--seed") + 1] = "1"  # the worker builds different weights
     with pytest.raises(PrefillWorkerError, match="garbage"):

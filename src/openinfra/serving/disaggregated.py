@@ -226,7 +226,9 @@ class DisaggregatedServer:
         num_blocks, page_size, max_batch: the decode engine's cache and batch (see :class:`Engine`).
         prefill_timeout_s: most seconds to wait for one prefill reply.
         start_timeout_s: most seconds to wait for a worker to start (model build included).
-        worker_threads: torch threads in the worker (0: torch's default).
+        worker_threads: torch threads in the worker (0: torch's default, one per core). On a CPU
+            shared by both processes give each about half the cores (``torch.set_num_threads`` here):
+            both at the default oversubscribe it and decode ran 15x slower on 2 cores.
         auto_restart: start a new worker on the next ``submit`` after one died (else submits raise
             until :meth:`restart_prefill`).
     """
