@@ -3,6 +3,8 @@ decode engine in the test process, KV through a shared store (a directory, and 3
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +13,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -166,6 +169,42 @@ def test_killed_worker_fails_pending_requests_then_restarts(tmp_path):
         srv.worker.proc.wait(timeout=10)
         assert srv.generate(prompts[:1], max_tokens=4) == _reference(prompts[:1], 16, 4)
         assert srv.worker.pid != pid and srv.stats.worker_restarts == 2
+
+
+def _post(url: str, payload: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_http_reports_a_dead_prefill_worker(tmp_path):
+    with DisaggregatedServer({"kind": "dir", "path": str(tmp_path)}, page_size=16, num_blocks=16, **_BOUNDS) as srv:
+        http = CompletionServer(srv, "127.0.0.1", 0).start()
+        try:
+            pid = srv.worker.pid
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    pending = pool.submit(_post, http.url, {"prompt": [1, 2, 3], "max_tokens": 3})
+                    time.sleep(0.5)  # the request is at the frozen worker
+                    assert not pending.done()
+                    os.kill(pid, signal.SIGKILL)
+                    status, body = pending.result(timeout=30)
+            finally:
+                with contextlib.suppress(ProcessLookupError):  # never leave a frozen worker behind
+                    os.kill(pid, signal.SIGKILL)
+            assert status == 500 and "signal 9" in body["error"]["message"]
+            status, body = _post(http.url, {"prompt": [1, 2, 3], "max_tokens": 3})
+            assert status == 503 and "restart_prefill" in body["error"]["message"]
+            srv.restart_prefill()
+            status, body = _post(http.url, {"prompt": [1, 2, 3], "max_tokens": 3})
+            assert status == 200 and body["choices"][0]["token_ids"] == _reference([[1, 2, 3]], 16, 3)[0]
+        finally:
+            http.stop()
 
 
 def test_cli_serve_disaggregated():

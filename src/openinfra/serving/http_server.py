@@ -121,7 +121,8 @@ class CompletionServer:
                 self.wfile.write(body)
 
             def _error(self, status: int, message: str) -> None:
-                self._json(status, {"error": {"message": message, "type": "invalid_request_error"}})
+                kind = "invalid_request_error" if status < 500 else "server_error"
+                self._json(status, {"error": {"message": message, "type": kind}})
 
             def do_GET(self):
                 if self.path == "/health":
@@ -162,6 +163,9 @@ class CompletionServer:
                     req, out = server.loop.submit(ids, max_tokens, temperature, (server.tokenizer.EOS,))
                 except (ValueError, TypeError) as exc:
                     self._error(400, str(exc))
+                    return
+                except RuntimeError as exc:  # the engine takes no requests now (a front without its prefill worker)
+                    self._error(503, str(exc))
                     return
                 created = int(time.time())
                 cid = f"cmpl-{uuid.uuid4().hex[:12]}"
