@@ -231,6 +231,7 @@ class DisaggregatedServer:
             both at the default oversubscribe it and decode ran 15x slower on 2 cores.
         auto_restart: start a new worker on the next ``submit`` after one died (else submits raise
             until :meth:`restart_prefill`).
+        idle_wait_s: seconds ``step`` waits for a prefill result when the decode engine is idle.
     """
 
     def __init__(self, store: dict, *, config: str = "tiny", checkpoint: str | None = None, seed: int = 0,
@@ -296,7 +297,11 @@ class DisaggregatedServer:
             self.worker_error = "prefill worker is restarting"
         if old is not None:
             old.close()
-        self._start_worker()
+        try:
+            self._start_worker()
+        except Exception as exc:
+            self.worker_error = f"prefill worker restart failed: {exc}"
+            raise
         self.stats.worker_restarts += 1
 
     def stop(self) -> None:
@@ -405,6 +410,9 @@ class DisaggregatedServer:
                         self.worker_error = str(exc)
                 worker.kill(grace_s=1.0)
                 self._results.put((req, None, f"{exc} while prefilling request {req.id!r}"))
+                continue
+            except Exception as exc:  # fail this request, never the dispatcher thread (its waiters would hang)
+                self._results.put((req, None, f"prefill dispatch failed: {type(exc).__name__}: {exc}"))
                 continue
             self._results.put((req, reply, None))
 
