@@ -242,3 +242,8 @@ def test_through_3fs_kvcache(cluster):
         assert srv.generate(prompts, max_tokens=5) == _reference(prompts, 16, 5)
         assert srv.stats.prefix_hit_rate > 0 and srv.stats.fallback_prefills == 0
         assert srv.stats.decode.loaded_tokens == sum(map(len, prompts))
+        # Only the shared full pages remain: each request's partial page was deleted once read.
+        from openinfra.fs.clients.kvcache import KVCache
+
+        with KVCache(cluster.address, root=store["root"]) as kv:
+            assert kv.stats()["blocks"] == len({k for p in prompts for k in page_keys(p, 16)})

@@ -344,9 +344,10 @@ class Engine:
         """Rows of the pages ``keys`` from the block store, in the cache's device and dtype, up to the
         first miss (so ``len(result) < len(keys)`` means a page is missing)."""
         want = tuple(self.cache.storage[:, 0].shape)
+        get_many = getattr(self.block_store, "get_many", None)  # optional: one batched read (3FS KVCache)
+        got = get_many(keys) if get_many is not None and len(keys) > 1 else map(self.block_store.get, keys)
         rows = []
-        for key in keys:
-            r = self.block_store.get(key)
+        for key, r in zip(keys, got):
             if r is None:
                 break
             if tuple(r.shape) != want:

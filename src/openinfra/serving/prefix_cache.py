@@ -24,6 +24,9 @@ __all__ = ["BlockStore", "MemoryBlockStore", "FileBlockStore", "open_block_store
 
 
 class BlockStore(Protocol):
+    """What the engine needs. Optional, used when present: ``delete(key)`` (a request's own partial
+    page is dropped once the decode side read it) and ``get_many(keys)`` (one batched read)."""
+
     def get(self, key: bytes) -> torch.Tensor | None: ...
     def put(self, key: bytes, value: torch.Tensor) -> None: ...
     def exists(self, key: bytes) -> bool: ...
@@ -135,7 +138,8 @@ def open_block_store(spec: dict | None):
     if kind == "dir":
         return FileBlockStore(spec["path"])
     if kind == "3fs":
-        from openinfra.fs.clients.kvcache import KVCache, KVCacheBlockStore
+        from openinfra.fs.clients.kvcache import KVCache
+        from openinfra.serving.kv_store import KVCacheStore
 
-        return KVCacheBlockStore(KVCache(spec["mgmtd"], root=spec.get("root", "/kvcache")))
+        return KVCacheStore(KVCache(spec["mgmtd"], root=spec.get("root", "/kvcache")))
     raise ValueError(f"block store spec: unknown kind {kind!r} (memory, dir or 3fs)")
