@@ -61,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
     front, tmp = None, None
     try:
         if args.disaggregated:
-            from openinfra.serving.disaggregated import DisaggregatedServer, PrefillWorkerError
+            from openinfra.serving.disaggregated import DisaggregatedServer
 
             store, tmp = _store_spec(args)
             worker_threads = 0
@@ -74,17 +74,13 @@ def _run(args: argparse.Namespace) -> int:
 
                 worker_threads = max(1, (os.cpu_count() or 2) // 2)
                 torch.set_num_threads(worker_threads)
-            try:
-                front = DisaggregatedServer(store, config=args.config, checkpoint=args.checkpoint, device=args.device,
-                                            num_blocks=args.num_blocks, page_size=args.page_size,
-                                            max_batch=args.max_batch, auto_restart=True,
-                                            worker_threads=worker_threads).start()
-            except PrefillWorkerError as exc:
-                raise ValueError(str(exc)) from None
+            front = DisaggregatedServer(store, config=args.config, checkpoint=args.checkpoint, device=args.device,
+                                        num_blocks=args.num_blocks, page_size=args.page_size, max_batch=args.max_batch,
+                                        auto_restart=True, worker_threads=worker_threads).start()
             engine = front
         else:
             engine = build_engine(args.config, args.checkpoint, args.num_blocks, args.page_size, args.max_batch, args.device)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # RuntimeError: the KV store or the prefill worker
         print(f"openinfra serve: error: {exc}", file=sys.stderr)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -141,5 +141,8 @@ def open_block_store(spec: dict | None):
         from openinfra.fs.clients.kvcache import KVCache
         from openinfra.serving.kv_store import KVCacheStore
 
-        return KVCacheStore(KVCache(spec["mgmtd"], root=spec.get("root", "/kvcache")))
+        try:  # the 3FS client retries for its retry_s (60 s) first: failovers are ridden out
+            return KVCacheStore(KVCache(spec["mgmtd"], root=spec.get("root", "/kvcache")))
+        except OSError as exc:
+            raise RuntimeError(f"block store: cannot open 3FS KVCache at mgmtd {spec['mgmtd']}: {exc}") from exc
     raise ValueError(f"block store spec: unknown kind {kind!r} (memory, dir or 3fs)")
