@@ -4,6 +4,8 @@
 in a helper thread). Metadata goes to a meta service; file data goes straight to the storage
 chains, placed by arithmetic on the file's layout (metadata is off the data path after open), in
 parallel per chunk. Writes are acknowledged once every replica of the chunk committed them.
+A file read sequentially (each read starting where the last one ended) has the next blocks
+fetched in the background (``OPENINFRA_FS_READAHEAD`` bytes ahead, 4 MiB; 0 turns it off).
 
 Example::
 
@@ -35,6 +37,12 @@ from openinfra.fs.rpc import RpcClient, parse_address
 from openinfra.fs.storage.service import MgmtdLink
 
 __all__ = ["AsyncClient", "AsyncFile", "Client", "File", "FileStat", "User"]
+
+# Sequential read-ahead window per open file (bytes ahead of the current read; 0: off), and the
+# largest block fetched in one request. Override with OPENINFRA_FS_READAHEAD (bytes).
+_RA_BYTES = int(os.environ.get("OPENINFRA_FS_READAHEAD", 4 << 20))
+_RA_BLOCK_MAX = 4 << 20
+_RA_SLACK = 256 << 10
 
 _TYPES = {"file": _stat.S_IFREG, "dir": _stat.S_IFDIR, "symlink": _stat.S_IFLNK}
 
@@ -89,6 +97,12 @@ def _check_int(value: Any, name: str, minimum: int = 0) -> int:
     return value
 
 
+def _ra_reap(t: asyncio.Task) -> None:
+    """Retrieve a read-ahead fetch's error (it surfaces, if at all, on the read that needs it)."""
+    if not t.cancelled():
+        t.exception()
+
+
 class AsyncClient:
     """Asyncio client. ``mgmtd``: one address or a list (all mgmtd instances of the cluster).
 
@@ -114,6 +128,7 @@ class AsyncClient:
                                      io_timeout_s=io_timeout_s)
         self._meta_rr = itertools.count()
         self._open_writes: dict[bytes, "AsyncFile"] = {}
+        self._reading_ahead: dict[int, set["AsyncFile"]] = {}  # inode -> its files with a read-ahead window
         self._reporter: asyncio.Task | None = None
         self._req = itertools.count(1)
 
@@ -128,6 +143,9 @@ class AsyncClient:
                 await f.close()
             except FsError:
                 pass
+        for files in list(self._reading_ahead.values()):  # read-only files left open: stop their fetches
+            for f in list(files):
+                f.drop_readahead()
         if self._reporter:
             self._reporter.cancel()
         await self.rpc.close()
@@ -313,6 +331,17 @@ class AsyncFile:
         self.written_end = 0
         self.position = 0
         self.closed = False
+        # Sequential read-ahead: blocks of ``_ra_blk`` bytes (a chunk, or a power-of-two part of a
+        # chunk larger than _RA_BLOCK_MAX) fetched in the background while a handle reads on from
+        # where its last read ended; block index -> (task, bytes asked). At most the blocks of the
+        # current read plus ``_ra_ahead`` are held.
+        blk = self.chunk_size
+        while blk > _RA_BLOCK_MAX and blk % 2 == 0:
+            blk //= 2
+        self._ra_blk = blk
+        self._ra_ahead = max(1, _RA_BYTES // blk) if _RA_BYTES > 0 else 0
+        self._ra: dict[int, tuple[asyncio.Task, int]] = {}
+        self._ra_pos = 0  # where the last read ended (0 at open: reading from the start is sequential)
 
     def _check_open(self, need_write: bool = False) -> None:
         if self.closed:
@@ -345,8 +374,10 @@ class AsyncFile:
         _check_int(offset, "offset")
         view = memoryview(data).cast("B")
         st = self.fs.storage
+        self._invalidate()
         await self._gather(st.write_chunk(self.layout, self.inode, idx, within, bytes(view[pos - offset:pos - offset + n]))
                            for idx, within, pos, n in self._pieces(offset, len(view)))
+        self._invalidate()  # a sequential read during the write may have fetched old bytes
         end = offset + len(view)
         self.written_end = max(self.written_end, end)
         self.length = max(self.length, end)
@@ -380,7 +411,9 @@ class AsyncFile:
                 return st.write_chunk(self.layout, self.inode, idx, ranges[0][0], ranges[0][1])
             return st.write_chunk(self.layout, self.inode, idx, 0, b"", op="writev", ranges=ranges)
 
+        self._invalidate()
         await self._gather(one(idx, r) for idx, r in sorted(per_chunk.items()))
+        self._invalidate()  # a sequential read during the write may have fetched old bytes
         if per_chunk:
             self.written_end = max(self.written_end, end)
             self.length = max(self.length, end)
@@ -398,7 +431,8 @@ class AsyncFile:
         if size == 0:
             return b""
         buf = bytearray(size)
-        await self._pread_into(memoryview(buf), offset)
+        if not await self._ra_read(memoryview(buf), offset):
+            await self._pread_into(memoryview(buf), offset)
         return bytes(buf)  # the one copy left: the chunks went from the socket into ``buf``
 
     async def pread_into(self, buffer, offset: int) -> int:
@@ -416,9 +450,103 @@ class AsyncFile:
             st = await self.fs._meta("stat_inode", {"inode": self.inode})  # another writer may have grown it
             self.length = max(self.length, st.get("length", 0))
         size = max(0, min(size, self.length - offset))
-        if size:
+        if size and not await self._ra_read(view[:size], offset):
             await self._pread_into(view[:size], offset)
         return size
+
+    # --- sequential read-ahead -----------------------------------------------------------------
+
+    def drop_readahead(self) -> None:
+        """Forget (and cancel) the blocks fetched ahead: after a write or truncate of the file, on
+        close, or when the handle stops reading sequentially. The FUSE mount calls it for every
+        handle of an inode it writes through another handle."""
+        ra, self._ra = self._ra, {}
+        for t, _ in ra.values():
+            t.cancel()
+        peers = self.fs._reading_ahead.get(self.inode)
+        if peers is not None:
+            peers.discard(self)
+            if not peers:
+                del self.fs._reading_ahead[self.inode]
+
+    def _invalidate(self) -> None:
+        """A write or truncate through this file: every file of the inode open in this client
+        drops what it fetched ahead."""
+        self.drop_readahead()
+        for f in list(self.fs._reading_ahead.get(self.inode, ())):
+            f.drop_readahead()
+
+    def _ra_start(self, b: int) -> None:
+        start = b * self._ra_blk
+        n = min(self._ra_blk, self.length - start)
+        if n <= 0 or b in self._ra:
+            return
+        index, within = divmod(start, self.chunk_size)
+        t = asyncio.ensure_future(self.fs.storage.read_chunk(self.layout, self.inode, index, within, n))
+        t.add_done_callback(_ra_reap)
+        if not self._ra:
+            self.fs._reading_ahead.setdefault(self.inode, set()).add(self)
+        self._ra[b] = (t, n)
+
+    def _ra_continues(self, offset: int) -> bool:
+        """Whether a read at ``offset`` continues this handle's sequential reading: it starts where
+        the last read ended or, while blocks are fetched ahead, within _RA_SLACK of it (FUSE may
+        deliver the kernel's concurrent read requests out of order) or inside a fetched block."""
+        if offset == self._ra_pos:
+            return True
+        return bool(self._ra) and (abs(offset - self._ra_pos) <= _RA_SLACK or offset // self._ra_blk in self._ra)
+
+    async def _ra_read(self, view: memoryview, offset: int) -> bool:
+        """Serve a read from (and keep filling) the read-ahead window when it continues the last
+        read; False for a read that does not (it then goes the direct way, and nothing is fetched
+        ahead: random access drops the window)."""
+        if self._ra_ahead == 0 or self.closed:
+            return False
+        size, blk = view.nbytes, self._ra_blk
+        first, last = offset // blk, (offset + size - 1) // blk
+        if not self._ra_continues(offset):
+            self._ra_pos = offset + size
+            if self._ra:
+                self.drop_readahead()
+            return False
+        self._ra_pos = max(self._ra_pos, offset + size)
+        for b in [k for k in self._ra if k < first]:  # behind the reader: no longer needed
+            del self._ra[b]
+        if (last - first + 1) * blk > _RA_BYTES + blk:  # a large read: direct (parallel), then fetch ahead
+            held = [self._ra.pop(b) for b in range(first, last + 1) if b in self._ra]
+            for t, _ in held:
+                t.cancel()
+            await self._pread_into(view, offset)
+            for b in range(last + 1, last + 1 + self._ra_ahead):
+                self._ra_start(b)
+            return True
+        for b in range(first, last + 1 + self._ra_ahead):
+            self._ra_start(b)
+        jobs = [(b, self._ra.get(b)) for b in range(first, last + 1)]
+        if (offset + size) % blk == 0:  # the read ends a block: it is consumed
+            self._ra.pop(last, None)
+
+        async def one(b: int, held) -> None:
+            lo, hi = max(offset, b * blk), min(offset + size, (b + 1) * blk)
+            part = view[lo - offset:hi - offset]
+            if held is not None:
+                t, n = held
+                await asyncio.wait((t,))
+                if not t.cancelled() and t.exception() is None and hi - b * blk <= n:
+                    data = t.result()
+                    within = lo - b * blk
+                    got = max(0, min(len(data) - within, hi - lo))
+                    part[:got] = data[within:within + got]
+                    if got < hi - lo:  # a hole or a chunk shorter than the file: zeros
+                        part[got:] = bytes(hi - lo - got)
+                    return
+            await self._pread_into(part, lo)  # not fetched, failed, cancelled or too short: directly
+
+        if len(jobs) == 1:
+            await one(*jobs[0])
+        else:
+            await asyncio.gather(*(one(b, h) for b, h in jobs))
+        return True
 
     async def _pread_into(self, view: memoryview, offset: int) -> None:
         st = self.fs.storage
@@ -445,10 +573,12 @@ class AsyncFile:
     async def truncate(self, length: int) -> None:
         self._check_open(need_write=True)
         _check_int(length, "length")
+        self._invalidate()
         await self.fs.storage.truncate_chunks(self.layout, self.inode, length)
         self.node = await self.fs._meta("set_length", {"inode": self.inode, "length": length})
         self.length = length
         self.written_end = min(self.written_end, length)
+        self._invalidate()
 
     async def fsync(self) -> None:
         """Writes are durable when acknowledged; fsync makes the recorded length exact."""
@@ -465,6 +595,7 @@ class AsyncFile:
         if self.closed:
             return
         self.closed = True
+        self.drop_readahead()
         if self.writable:
             self.fs._open_writes.pop(self.session, None)
             await self.fs._meta("close", {"inode": self.inode, "session": self.session, "length_hint": self.written_end})

@@ -15,6 +15,8 @@ mode bits, ``default_permissions``). Semantics follow 3FS's FUSE client:
   fsync or close, when the length recorded by meta is exact (3FS: exact length after close). A
   flush that fails keeps the data dirty and fails the fsync/close (EIO) that asked for it; it is
   never dropped silently (only a final release that fails again is logged and dropped);
+* sequential read-ahead is the native client's (``AsyncFile``): a write, flush or truncate through
+  any handle of an inode drops what every handle of it in this mount fetched ahead;
 * attributes and entries are cached by the kernel for ``attr_timeout`` seconds; while a file is
   open for writing here its size is the largest end written, buffered writes included;
 * xattrs: read-only ``user.3fs.inode`` and ``user.3fs.layout`` (chunk size, stripe, chains);
@@ -107,6 +109,7 @@ def _ops_class():
             self.paths: dict[int, str] = {pyfuse3.ROOT_INODE: "/"}
             self.handles: dict[int, Handle] = {}
             self.writing: dict[int, set[int]] = {}  # inode -> open write handles
+            self.open_fhs: dict[int, set[int]] = {}  # inode -> every open handle (read-ahead invalidation)
             self.wb = WriteBack(cfg.writeback_per_file, cfg.writeback_total)
             self._next_fh = 1
 
@@ -180,6 +183,23 @@ def _ops_class():
             self.paths[st.inode] = path
             return self._attrs(st)
 
+        def _drop_readahead(self, inode: int) -> None:
+            """Forget the bytes every handle of ``inode`` fetched ahead (a write, flush or truncate
+            through any handle of this mount: a later read must see the new bytes)."""
+            for fh in self.open_fhs.get(inode, ()):
+                h = self.handles.get(fh)
+                if h is not None:
+                    h.file.drop_readahead()
+
+        async def _read_storage(self, h: Handle, size: int, off: int) -> bytes:
+            """Stored bytes (read-ahead for a handle reading sequentially; the fast path otherwise)."""
+            f = h.file
+            if f._ra_ahead and not f.closed and f._ra_continues(off):
+                return await f.pread(size, off)
+            if f._ra_ahead:
+                f._ra_pos = off + size  # a random read: the next one continuing it is sequential
+            return await pread_fast(f, size, off)
+
         def _writer(self, inode: int, prefer: Handle | None = None) -> Handle | None:
             """An open handle of ``inode`` that can write (``prefer`` if it can)."""
             if prefer is not None and prefer.file.writable and not prefer.file.closed:
@@ -200,7 +220,11 @@ def _ops_class():
             if w is None:  # cannot happen while the cache is flushed before the last release
                 raise OSError(errno.EIO, f"inode {inode}: dirty data but no open writer")
             w.dirty = True  # even a failed flush may have written some chunks: sync the length later
-            await flush_file(w.file, ranges, lo, hi)
+            self._drop_readahead(inode)
+            try:
+                await flush_file(w.file, ranges, lo, hi)
+            finally:
+                self._drop_readahead(inode)  # what was fetched during the flush may be older
             for fh in self.writing.get(inode, ()):  # the writers' view of the length, for reads
                 o = self.handles.get(fh)
                 if o is not None:
@@ -266,6 +290,7 @@ def _ops_class():
             c = await self.client(ctx)
             path = self._path(inode)
             if fields.update_size:
+                self._drop_readahead(inode)
                 h = self.handles.get(fh) if fh is not None else None
                 d = self.wb.files.get(inode)
                 if d is not None:  # bytes past the new size need not be written; the rest must be first
@@ -279,6 +304,7 @@ def _ops_class():
                     await c.truncate(path, attr.st_size)
                 for other in self.writing.get(inode, ()):  # keep our open writers' view in step
                     self.handles[other].file.length = attr.st_size
+                self._drop_readahead(inode)
             if fields.update_mode:
                 await c.chmod(path, _stat.S_IMODE(attr.st_mode))
             if fields.update_uid or fields.update_gid:
@@ -409,6 +435,7 @@ def _ops_class():
             fh = self._next_fh
             self._next_fh += 1
             self.handles[fh] = Handle(f, f.inode, append=bool(flags & os.O_APPEND))
+            self.open_fhs.setdefault(f.inode, set()).add(fh)
             if f.writable:
                 self.writing.setdefault(f.inode, set()).add(fh)
             fi = pyfuse3.FileInfo(fh=fh)
@@ -421,6 +448,7 @@ def _ops_class():
             mode = "rb" if acc == os.O_RDONLY else "r+b"
             f = await (await self.client(ctx)).open(self._path(inode), mode)
             if flags & os.O_TRUNC and acc != os.O_RDONLY:
+                self._drop_readahead(inode)
                 self._drop_dirty(inode)  # other handles' buffered writes must not come back after it
                 if f.length or self.writing.get(inode):
                     await f.truncate(0)
@@ -439,6 +467,8 @@ def _ops_class():
                 if flags & os.O_TRUNC:
                     self._drop_dirty(self._lookup_inode(path))
                 f = await c.open(path, "w+b" if flags & os.O_TRUNC else "r+b", perm=perm)
+                if flags & os.O_TRUNC:
+                    self._drop_readahead(f.inode)
             self.paths[f.inode] = path
             fi = self._new_handle(f, flags)
             return fi, self._attrs(FileStat.from_inode(f.node))
@@ -448,7 +478,7 @@ def _ops_class():
             h = self.handles[fh]
             d = self.wb.files.get(h.inode)
             if d is None or not d.ranges or d.ranges.end <= off:
-                return await pread_fast(h.file, size, off)
+                return await self._read_storage(h, size, off)
             # Read-your-writes: storage data with this mount's dirty bytes laid over it.
             async with d.lock:
                 r = d.ranges
@@ -459,7 +489,7 @@ def _ops_class():
                 end = min(off + size, max(h.file.length, r.end))
                 if end <= off:
                     return b""
-                data = await pread_fast(h.file, end - off, off) if off < h.file.length else b""
+                data = await self._read_storage(h, end - off, off) if off < h.file.length else b""
                 if not r.overlaps(off, end - off) and len(data) == end - off:
                     return data
                 buf = bytearray(data)
@@ -471,10 +501,12 @@ def _ops_class():
         @fuse_errors
         async def write(self, fh, off, buf):
             h = self.handles[fh]
+            self._drop_readahead(h.inode)
             if not self.wb.enabled:  # write-through
                 if h.append:
                     off = h.file.length
                 await h.file.pwrite(bytes(buf), off)
+                self._drop_readahead(h.inode)  # what other handles fetched during the write may be older
                 h.dirty = True
                 return len(buf)
             d = self.wb.get(h.inode)
@@ -538,6 +570,11 @@ def _ops_class():
                 finally:
                     # Only now: until meta has the exact length, getattr adds what we wrote.
                     self.handles.pop(fh, None)
+                    fhs = self.open_fhs.get(h.inode)
+                    if fhs is not None:
+                        fhs.discard(fh)
+                        if not fhs:
+                            del self.open_fhs[h.inode]
                     ws = self.writing.get(h.inode)
                     if ws is not None:
                         ws.discard(fh)
