@@ -21,11 +21,13 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import os
 import stat as _stat
 import threading
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -607,6 +609,19 @@ class AsyncFile:
         await self.close()
 
 
+# Sync clients whose loop thread still runs. At interpreter exit their loops are stopped first
+# (atexit runs before finalization): a daemon loop thread left running would wake up during
+# finalization (a read-ahead fetch finishing, a server closing its connection) and run Python
+# code on a half-torn-down interpreter, which can crash the process on its way out.
+_LIVE_CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_clients() -> None:
+    for client in list(_LIVE_CLIENTS):
+        client._stop_loop()
+
+
 class Client:
     """Synchronous client: the same API as :class:`AsyncClient`, run on a private event loop."""
 
@@ -619,6 +634,7 @@ class Client:
             self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="openinfra-fs-client", daemon=True)
         self._thread.start()
+        _LIVE_CLIENTS.add(self)
         self.aio = AsyncClient(mgmtd, **kwargs)
         try:
             self._run(self.aio.connect())
@@ -630,8 +646,10 @@ class Client:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        _LIVE_CLIENTS.discard(self)
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
 
     def close(self) -> None:
         if self._thread.is_alive():
