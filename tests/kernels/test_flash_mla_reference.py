@@ -320,3 +320,27 @@ def test_default_configs_fit_sm90(rows, flags):
     assert rep.shared_bytes <= SMEM_LIMIT_SM90, rep
     if not dense:
         assert rep.spill_store_bytes <= 1024, rep  # ptxas reported 488-536 B for the FP8 variants
+
+
+def test_gluon_decode_switches(monkeypatch):
+    """Where the Gluon decode kernel's own check accepts a call, it still needs a block table, a
+    real GPU run (not the interpreter) and OPENINFRA_MLA_GLUON not set to 0."""
+    from openinfra.kernels.flash_mla import gluon_kernel
+    from openinfra.kernels.flash_mla.kernel import uses_gluon_decode
+
+    monkeypatch.setattr(gluon_kernel, "gluon_decode_supported", lambda *a, **k: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("OPENINFRA_MLA_GLUON", raising=False)
+    q, kv = torch.zeros(1, 1, 64, 576), torch.zeros(1, 64, 1, 576)
+    flags = dict(sparse=False, is_fp8=False, has_sink=False, write_max=False)
+    assert uses_gluon_decode(q, kv, 64, paged=True, **flags)
+    assert not uses_gluon_decode(q, kv, 64, paged=False, **flags)
+    monkeypatch.setenv("OPENINFRA_MLA_GLUON", "0")
+    assert not uses_gluon_decode(q, kv, 64, paged=True, **flags)
+    monkeypatch.delenv("OPENINFRA_MLA_GLUON")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not uses_gluon_decode(q, kv, 64, paged=True, **flags)
+    # and on this machine the kernel's own check refuses CPU tensors
+    monkeypatch.undo()
+    assert not gluon_kernel.gluon_decode_supported(q, kv, 64, sparse=False, is_fp8=False, has_sink=False,
+                                                   write_max=False)

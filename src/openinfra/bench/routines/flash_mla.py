@@ -33,11 +33,9 @@ def _config_spec(text: str) -> str:
 def _kernel_label(q: torch.Tensor, k_cache: torch.Tensor, cfg, rows: int) -> str:
     """"gluon" where the Gluon decode kernel takes the call (the dense default at >= 64 rows on
     Hopper unless OPENINFRA_MLA_GLUON=0), else the Triton kernel's resolved launch config."""
-    from openinfra.kernels.flash_mla.gluon_kernel import gluon_decode_supported
-    from openinfra.kernels.flash_mla.kernel import _gluon_enabled
+    from openinfra.kernels.flash_mla.kernel import uses_gluon_decode
 
-    if _gluon_enabled() and gluon_decode_supported(q, k_cache, rows, sparse=False, is_fp8=False, has_sink=False,
-                                                   write_max=False):
+    if uses_gluon_decode(q, k_cache, rows, paged=True, sparse=False, is_fp8=False, has_sink=False, write_max=False):
         return "gluon"
     return ",".join(str(v) for v in cfg.resolve(rows))
 

@@ -40,6 +40,7 @@ Ctrl-C / SIGTERM and when ``--time-limit`` runs out.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import ipaddress
 import os
@@ -380,7 +381,7 @@ class Netns:
         self.made.clear()
 
 
-class _FuseClient:
+class _FuseClient(abc.ABC):
     """A file system's FUSE client process at ``self.mnt`` (``base``, ``watch`` set by the subclass):
     mount, unmount and remount (the cold-read protocol) the same way for both systems."""
 
@@ -391,8 +392,9 @@ class _FuseClient:
     watch: list
     mount_proc: subprocess.Popen | None = None
 
+    @abc.abstractmethod
     def _mount_command(self) -> list[str]:
-        raise NotImplementedError
+        """The client process's command line (it mounts at ``self.mnt`` and stays in the foreground)."""
 
     def mount(self) -> None:
         os.makedirs(self.mnt, exist_ok=True)

@@ -33,7 +33,7 @@ from openinfra.kernels.flash_mla.layout import (
     BLOCK_M, FP8_ROPE_OFFSET, FP8_SCALE_OFFSET, FP8_TILE, HEAD_DIM_ROPE, HEAD_DIM_V, PAGE_BLOCK_SIZE, ceil_div,
 )
 
-__all__ = ["mla_attention_triton", "KernelConfig"]
+__all__ = ["mla_attention_triton", "KernelConfig", "uses_gluon_decode"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -360,10 +360,16 @@ class KernelConfig:
                 f"num_stages={self.num_stages})")
 
 
-def _gluon_enabled() -> bool:
-    """The Gluon decode kernel (:mod:`.gluon_kernel`) runs where it applies unless
-    OPENINFRA_MLA_GLUON=0."""
-    return os.environ.get("OPENINFRA_MLA_GLUON", "1") != "0"
+def uses_gluon_decode(q: torch.Tensor, kv: torch.Tensor, rows: int, *, paged: bool, sparse: bool, is_fp8: bool,
+                      has_sink: bool, write_max: bool) -> bool:
+    """Whether :func:`mla_attention_triton` runs this call on the Gluon decode kernel
+    (:mod:`.gluon_kernel`): where :func:`.gluon_kernel.gluon_decode_supported` takes it, with a
+    block table, outside the interpreter, unless OPENINFRA_MLA_GLUON=0."""
+    if interpreter_enabled() or not paged or os.environ.get("OPENINFRA_MLA_GLUON", "1") == "0":
+        return False
+    from openinfra.kernels.flash_mla.gluon_kernel import gluon_decode_supported
+
+    return gluon_decode_supported(q, kv, rows, sparse=sparse, is_fp8=is_fp8, has_sink=has_sink, write_max=write_max)
 
 
 def mla_attention_triton(
@@ -415,14 +421,10 @@ def mla_attention_triton(
     mx = max_logits if max_logits is not None else lse
     kv_arg = kv.view(torch.uint8) if is_fp8 else kv
     interpret = interpreter_enabled()
-    if not interpret and _gluon_enabled() and block_table is not None:
-        from openinfra.kernels.flash_mla.gluon_kernel import gluon_decode_supported, mla_decode_gluon
+    if uses_gluon_decode(q, kv, rows, paged=block_table is not None, sparse=sparse, is_fp8=is_fp8,
+                         has_sink=attn_sink is not None, write_max=max_logits is not None):
+        from openinfra.kernels.flash_mla.gluon_kernel import mla_decode_gluon
 
-        use_gluon = gluon_decode_supported(q, kv, rows, sparse=sparse, is_fp8=is_fp8, has_sink=attn_sink is not None,
-                                           write_max=max_logits is not None)
-    else:
-        use_gluon = False
-    if use_gluon:
         mla_decode_gluon(q, kv, lengths, tile_scheduler_metadata, num_splits, softmax_scale, out=out, lse=lse,
                          block_table=block_table, causal=causal, oacc=oacc, lacc=lacc)
     else:

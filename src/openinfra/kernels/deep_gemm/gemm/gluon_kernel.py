@@ -137,14 +137,9 @@ def _fp8_gemm_nt_kernel(a_desc, b_desc, d_desc, sfa_ptr, sfb_ptr, M, N, K, strid
 
 
 def gluon_supported(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> bool:
-    """Whether :func:`fp8_gemm_nt_gluon` takes these operands: Hopper, e4m3 K-major A / B with
-    16-byte aligned rows, a contiguous bf16 D with 16-byte aligned rows."""
-    if not (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] == 9):
-        return False
-    ok_dtype = a.dtype == b.dtype == torch.float8_e4m3fn and d.dtype == torch.bfloat16
-    aligned = all(t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
-                  for t in (a, b, d))
-    return ok_dtype and aligned and a.dim() == b.dim() == d.dim() == 2
+    """Whether :func:`fp8_gemm_nt_gluon` takes these operands: the dense case of
+    :func:`gluon_ws_supported` (Hopper, e4m3 K-major A / B and a bf16 D, 2-D, 16-byte aligned rows)."""
+    return gluon_ws_supported(_DENSE, a, b, d)
 
 
 def fp8_gemm_nt_gluon(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
