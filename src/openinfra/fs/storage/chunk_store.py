@@ -1,5 +1,5 @@
-"""The chunk engine of one storage target: copy-on-write chunk files, CRC32C per chunk, and one
-atomic metadata commit after the data is durable.
+"""The chunk engine of one storage target: copy-on-write chunk files or block-granular in-place
+updates, CRC32C per chunk (and per 64 KiB block), and one atomic metadata commit per update.
 
 On disk (``<target>/``): ``chunks/<xx>/<inode>.<index>.<version>`` data files and ``meta.db``
 (SQLite, WAL) with one row per committed chunk (version, file, length, CRC32C). An update never
@@ -9,6 +9,18 @@ a crash may forget it). Commit points the row at the new file in one SQLite tran
 then unlinks the old file. A crash at any point leaves either the old or the new version, never a
 torn chunk; :meth:`ChunkStore.recover` deletes the files no row points to.
 
+Small partial updates of a chunk longer than one block (at most ``INPLACE_MAX`` bytes, not a
+truncate) are not copied: the pending version is the update's ranges in memory plus the new CRC32C
+of every 64 KiB block they touch (the old bytes of those blocks are read and checked against their
+stored block CRC first). Commit writes, in the same SQLite transaction, the chunk row (new version,
+length, chunk CRC combined from the block CRCs, block CRCs) and a redo record holding the ranges;
+only after that transaction is durable are the ranges written into the committed file in place
+(``pwrite``, on the event loop, before the row cache shows the new version). A crash after the
+commit replays the redo records on open (:meth:`ChunkStore.recover`), so the file is either the
+old version (no commit) or the new one; a redo record is deleted only after its file was
+``fdatasync``ed (checkpoint, in batches). The chunk CRC stays the CRC32C of the whole content, so
+reads check it exactly as before.
+
 The table ``dedup`` keeps, per (client, channel), the last applied sequence number and its result,
 committed in the same transaction as the chunk, so a retried write is applied once.
 """
@@ -16,17 +28,24 @@ committed in the same transaction as the chunk, so a retried write is applied on
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import os
 import resource
 import sqlite3
+import struct
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import crc32c
+import msgpack
 
-__all__ = ["ChunkStore", "ChunkMeta", "checksum", "INLINE_READ_MAX", "OPEN_FILES_MAX"]
+__all__ = ["ChunkStore", "ChunkMeta", "checksum", "crc_combine", "INLINE_READ_MAX", "OPEN_FILES_MAX", "BLOCK_SIZE",
+           "INPLACE_MAX"]
+
+log = logging.getLogger("openinfra.fs.storage")
 
 # Committed rows kept in memory per target (entries; ~200 bytes each).
 ROW_CACHE_MAX = 1 << 18
@@ -36,11 +55,94 @@ INLINE_READ_MAX = 256 * 1024
 # open and a close (~5-10 us) per small read; a KV working set is thousands of chunks. At most
 # a quarter of the process's descriptor limit (RLIMIT_NOFILE) per target.
 OPEN_FILES_MAX = 4096
+# Block of the per-block CRC32Cs (bytes): an in-place update reads and re-CRCs the blocks it touches.
+BLOCK_SIZE = 64 * 1024
+# Updates of at most this many bytes (all ranges) of a chunk longer than one block are applied in
+# place through the redo log; bigger ones, truncates and full replacements are copied (bytes).
+INPLACE_MAX = 256 * 1024
+# Redo records applied since the last checkpoint that trigger one (records), and the longest a
+# record waits for one (seconds).
+CHECKPOINT_RECORDS = 512
+CHECKPOINT_S = 1.0
 
 
 def checksum(data: bytes | memoryview) -> int:
     """CRC32C of ``data`` (hardware accelerated where the package has it)."""
     return crc32c.crc32c(data)
+
+
+_POLY = 0x82F63B78  # CRC32C, reflected
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a * b modulo the CRC32C polynomial (reflected bit order; zlib's ``multmodp``)."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+_X2N = [1 << 30]  # x^(2^k) mod p, k = 0..31
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+@functools.lru_cache(maxsize=256)
+def _shift(nbytes: int) -> int:
+    """x^(8 * nbytes) mod p: the operator that appends ``nbytes`` bytes to a CRC."""
+    p, k, n = 1 << 31, 3, nbytes
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return p
+
+
+@functools.lru_cache(maxsize=64)
+def _shift_tables(nbytes: int) -> tuple[list[int], ...]:
+    """Byte tables of the (GF(2)-linear) product by :func:`_shift` (``nbytes``): four lookups
+    instead of a 32-step loop per combine."""
+    op = _shift(nbytes)
+    tables = []
+    for k in range(4):
+        t = [0] * 256
+        for bit in range(8):
+            t[1 << bit] = _multmodp(op, 1 << (8 * k + bit))
+        for v in range(3, 256):
+            low = v & -v
+            if v != low:
+                t[v] = t[v ^ low] ^ t[low]
+        tables.append(t)
+    return tuple(tables)
+
+
+def crc_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC32C of ``a + b`` from ``crc1 = CRC32C(a)``, ``crc2 = CRC32C(b)`` and ``len2 = len(b)``."""
+    if not len2:
+        return crc1
+    t0, t1, t2, t3 = _shift_tables(len2)
+    return t0[crc1 & 255] ^ t1[(crc1 >> 8) & 255] ^ t2[(crc1 >> 16) & 255] ^ t3[crc1 >> 24] ^ crc2
+
+
+def _chunk_crc(block_crcs: list[int], length: int) -> int:
+    """CRC32C of a chunk of ``length`` bytes from the CRC32Cs of its ``BLOCK_SIZE`` blocks."""
+    crc = 0
+    for b, c in enumerate(block_crcs):
+        crc = crc_combine(crc, c, min(BLOCK_SIZE, length - b * BLOCK_SIZE))
+    return crc
+
+
+def _pack_crcs(crcs: list[int]) -> bytes:
+    return struct.pack(f"<{len(crcs)}I", *crcs)
+
+
+def _unpack_crcs(blob: bytes) -> list[int]:
+    return list(struct.unpack(f"<{len(blob) // 4}I", blob))
 
 
 @dataclass
@@ -66,6 +168,10 @@ _SCHEMA = [
        file TEXT, PRIMARY KEY (inode, idx)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS dedup (client TEXT, channel INTEGER, seq INTEGER, result BLOB,
        PRIMARY KEY (client, channel)) WITHOUT ROWID""",
+    # In-place updates committed but maybe not yet durable in their chunk file: the ranges
+    # (msgpack [[offset, bytes], ...]) of version ``ver`` of the chunk stored in ``file``.
+    """CREATE TABLE IF NOT EXISTS redo (inode INTEGER, idx INTEGER, ver INTEGER, file TEXT, ranges BLOB,
+       PRIMARY KEY (inode, idx, ver)) WITHOUT ROWID""",
 ]
 
 
@@ -83,12 +189,27 @@ class ChunkStore:
         self.db = self._connect()
         for stmt in _SCHEMA:
             self.db.execute(stmt)
+        if "bcrc" not in [r[1] for r in self.db.execute("PRAGMA table_info(chunks)")]:
+            # Per-block CRC32Cs (little-endian u32 per BLOCK_SIZE block), NULL until a chunk's
+            # first in-place update (computed from the file then, checked against the chunk CRC).
+            self.db.execute("ALTER TABLE chunks ADD COLUMN bcrc BLOB")
         self._wdb = self._connect()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="chunk-db")
         self._queue: list[tuple[list[tuple[str, tuple]], asyncio.Future]] = []
         self._flushing = False
-        # Pending versions: (inode, index) -> (version, file, length, crc). In memory on purpose.
-        self._pending: dict[tuple[int, int], tuple[int, str, int, int]] = {}
+        # Pending versions: (inode, index) -> (version, file, length, crc, ranges, block_crcs). In
+        # memory on purpose. ``ranges``: None for a copy-on-write version (``file`` is its new
+        # file), else the ``[(offset, bytes), ...]`` of an in-place update of the committed ``file``.
+        self._pending: dict[tuple[int, int], tuple] = {}
+        # Block CRC32Cs of committed chunks: (inode, index) -> (version, [crc, ...]). Bounded.
+        self._bcrc: dict[tuple[int, int], tuple[int, list[int]]] = {}
+        # In-place updates written to their files since the last checkpoint: (inode, index, version, file).
+        self._applied: list[tuple[int, int, int, str]] = []
+        self._ckpt_task: asyncio.Future | None = None
+        self._ckpt_timer: asyncio.TimerHandle | None = None
+        # Reads of committed files running in worker threads, by file: an in-place commit of that
+        # file waits for them (they must not see a half-applied update).
+        self._reading: dict[str, set[asyncio.Future]] = {}
         # Committed rows as last read or written: (inode, index) -> row tuple, or None for "no
         # row". This process is the only writer of meta.db and updates an entry only once its
         # transaction committed (before the old file is unlinked), so a hit equals the row a
@@ -113,16 +234,29 @@ class ChunkStore:
 
     def close(self) -> None:
         self._close_files()
+        if self._ckpt_timer is not None:
+            self._ckpt_timer.cancel()
         self._executor.shutdown(wait=True)
+        if self._applied:  # best effort: records left behind are replayed (harmlessly) on the next open
+            try:
+                applied, self._applied = self._applied, []
+                if self.fsync:
+                    self._sync_files({rel for *_, rel in applied})
+                self._apply([[("DELETE FROM redo WHERE inode = ? AND idx = ? AND ver = ?", a[:3]) for a in applied]])
+            except Exception as exc:  # noqa: BLE001 - closing anyway; recovery replays the records
+                log.warning("chunk store %s: checkpoint at close failed: %s", self.path, exc)
         self._wdb.close()
         self.db.close()
 
-    async def _write(self, stmts: list[tuple[str, tuple]], rows: list[tuple[tuple[int, int], tuple | None]]) -> None:
+    async def _write(self, stmts: list[tuple[str, tuple]], rows: list[tuple[tuple[int, int], tuple | None]],
+                     after=None) -> None:
         """Apply ``stmts`` atomically; returns once they are committed (durable with fsync=True).
         ``rows``: the chunk rows they set (``(key, row or None)``), put in the row cache by the
-        flusher once the transaction committed, even if this caller was cancelled meanwhile."""
+        flusher once the transaction committed, even if this caller was cancelled meanwhile.
+        ``after``: a callable the flusher runs on the event loop right after the commit, before
+        the rows are cached (an in-place update's ``pwrite``s), also if this caller was cancelled."""
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append((stmts, fut, rows))
+        self._queue.append((stmts, fut, rows, after))
         if not self._flushing:
             self._flushing = True
             asyncio.ensure_future(self._flush())
@@ -134,9 +268,9 @@ class ChunkStore:
             while self._queue:
                 batch, self._queue = self._queue, []
                 try:
-                    await loop.run_in_executor(self._executor, self._apply, [stmts for stmts, _, _ in batch])
+                    await loop.run_in_executor(self._executor, self._apply, [e[0] for e in batch])
                 except BaseException as exc:
-                    for _, fut, rows in batch:
+                    for _, fut, rows, _ in batch:
                         for key, _ in rows:  # rolled back, or unknown if cancelled: ask SQLite next time
                             self._rows.pop(key, None)
                         if not fut.done():
@@ -144,11 +278,24 @@ class ChunkStore:
                     if not isinstance(exc, Exception):
                         raise
                 else:
-                    for _, fut, rows in batch:
+                    for _, fut, rows, after in batch:
+                        error = None
+                        if after is not None:
+                            try:
+                                after()
+                            except Exception as exc:  # committed, but the file lags: replayed on restart
+                                error = exc
+                                log.error("chunk store %s: applying a committed update failed: %s", self.path, exc)
                         for key, row in rows:
-                            self._cache_row(key, row)
+                            if error is None:
+                                self._cache_row(key, row)
+                            else:
+                                self._rows.pop(key, None)
                         if not fut.done():
-                            fut.set_result(None)
+                            if error is None:
+                                fut.set_result(None)
+                            else:
+                                fut.set_exception(error)
         finally:
             self._flushing = False
 
@@ -258,7 +405,7 @@ class ChunkStore:
             return None
         meta = ChunkMeta(*row) if row is not None else ChunkMeta(inode, index, 0, 0, 0, None)
         if pending is not None:
-            meta.pending_version, meta.pending_file, meta.pending_length, meta.pending_crc = pending
+            meta.pending_version, meta.pending_file, meta.pending_length, meta.pending_crc = pending[:4]
         return meta
 
     def _cache_row(self, key: tuple[int, int], row: tuple | None) -> None:
@@ -315,7 +462,16 @@ class ChunkStore:
             # (~50-100 us on a busy 2-core box): do it on the event loop.
             data = self._read_file(meta.file, offset, length)
         else:
-            data = await asyncio.to_thread(self._read_file, meta.file, offset, length)
+            # (registered: an in-place commit of this file waits for reads in flight)
+            fut = asyncio.ensure_future(asyncio.to_thread(self._read_file, meta.file, offset, length))
+            reading = self._reading.setdefault(meta.file, set())
+            reading.add(fut)
+            try:
+                data = await fut
+            finally:
+                reading.discard(fut)
+                if not reading and self._reading.get(meta.file) is reading:
+                    del self._reading[meta.file]
         if whole and checksum(data) != meta.crc:
             from openinfra.fs.errors import Code, FsError
 
@@ -357,8 +513,16 @@ class ChunkStore:
 
         ``op``: ``"write"`` (``data`` at ``offset``), ``"writev"`` (each ``(offset, data)`` of
         ``ranges`` in order; a gap past the old end reads as zeros), ``"truncate"`` (to ``length``
-        bytes) or a full replacement when ``full`` is given."""
+        bytes) or a full replacement when ``full`` is given.
+
+        A small partial ``write``/``writev`` of a chunk longer than one block is prepared in place
+        (see the module docstring): nothing is written yet and ``content`` comes back as None
+        (:meth:`pending_content` builds it when needed)."""
         meta = self.get(inode, index)
+        if full is None and op in ("write", "writev"):
+            upd = [(offset, data)] if op == "write" else list(ranges or ())
+            if self._inplace_ok(meta, upd):
+                return None, await self._prepare_inplace(meta, version, upd)
         if full is not None:
             content = bytes(full)
         elif op == "writev":
@@ -387,6 +551,11 @@ class ChunkStore:
             else:
                 raise ValueError(f"op: expected 'write' or 'truncate', got {op!r}")
         crc = checksum(content)
+        # per-block CRC32Cs too (~50 us a MiB): the chunk's first in-place update then reads only
+        # the blocks it touches
+        view = memoryview(content)
+        crcs = [checksum(view[o:o + BLOCK_SIZE]) for o in range(0, len(content), BLOCK_SIZE)]
+        del view
         rel = self._file(inode, index, version)
         if meta is not None and meta.file == rel:
             rel += ".r"  # re-applying the committed version number: never overwrite committed data
@@ -395,7 +564,7 @@ class ChunkStore:
         self._forget_file(rel)
         await asyncio.to_thread(self._write_file, rel, content)
         old_pending = meta.pending_file if meta is not None else None
-        self._pending[(inode, index)] = (version, rel, len(content), crc)
+        self._pending[(inode, index)] = (version, rel, len(content), crc, None, crcs)
         if old_pending and old_pending != rel and old_pending != (meta.file if meta else None):
             self._unlink(old_pending)  # an earlier attempt that never committed
         return content, crc
@@ -407,16 +576,221 @@ class ChunkStore:
         meta = self.get(inode, index)
         if meta is None or meta.pending_version != version:
             raise RuntimeError(f"chunk {inode}:{index}: no pending version {version} to commit")
-        stmts = [("INSERT OR REPLACE INTO chunks (inode, idx, ver, len, crc, file) VALUES (?, ?, ?, ?, ?, ?)",
-                  (inode, index, version, meta.pending_length, meta.pending_crc, meta.pending_file))]
+        pend = self._pending[(inode, index)]
+        if pend[4] is not None:
+            return await self._commit_inplace(meta, version, pend[4], pend[5], dedup)
+        stmts = [("INSERT OR REPLACE INTO chunks (inode, idx, ver, len, crc, file, bcrc) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                  (inode, index, version, meta.pending_length, meta.pending_crc, meta.pending_file,
+                   _pack_crcs(pend[5]))),
+                 ("DELETE FROM redo WHERE inode = ? AND idx = ?", (inode, index))]  # the new file has it all
         if dedup is not None:
             stmts.append(("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)", dedup))
+        self._bcrc.pop((inode, index), None)
         await self._write(stmts, [((inode, index), (inode, index, version, meta.pending_length, meta.pending_crc,
                                                     meta.pending_file))])
+        self._cache_bcrc((inode, index), version, pend[5])
         if self._pending.get((inode, index), (None,))[0] == version:
             del self._pending[(inode, index)]
         if meta.file and meta.file != meta.pending_file:
             self._unlink(meta.file)
+
+    # --- in-place (block-granular) updates -------------------------------------------------------
+
+    @staticmethod
+    def _inplace_ok(meta: ChunkMeta | None, upd: list) -> bool:
+        """Whether update ``upd`` (``[(offset, bytes), ...]``) of committed ``meta`` goes in place:
+        a chunk longer than one block, at most ``INPLACE_MAX`` bytes of ranges (and of zero gap
+        past the end), not one write over the whole old content (that is copied: no old bytes)."""
+        if meta is None or meta.version == 0 or meta.file is None or meta.length <= BLOCK_SIZE or not upd:
+            return False
+        total = sum(len(d) for _, d in upd)
+        if total == 0 or total > INPLACE_MAX:
+            return False
+        if max(off + len(d) for off, d in upd) - meta.length > INPLACE_MAX:
+            return False
+        return not (len(upd) == 1 and upd[0][0] == 0 and len(upd[0][1]) >= meta.length)
+
+    def _cache_bcrc(self, key: tuple[int, int], version: int, crcs: list[int]) -> None:
+        if len(self._bcrc) >= ROW_CACHE_MAX:
+            self._bcrc.clear()
+        self._bcrc[key] = (version, crcs)
+
+    async def _block_crcs(self, meta: ChunkMeta) -> list[int]:
+        """The block CRC32Cs of committed ``meta``: cached, stored with the row, or (the chunk's
+        first in-place update) computed from the file, which must match the chunk CRC."""
+        key = (meta.inode, meta.index)
+        nblocks = (meta.length + BLOCK_SIZE - 1) // BLOCK_SIZE
+        hit = self._bcrc.get(key)
+        if hit is not None and hit[0] == meta.version and len(hit[1]) == nblocks:
+            return hit[1]
+        row = self.db.execute("SELECT ver, bcrc FROM chunks WHERE inode = ? AND idx = ?", key).fetchone()
+        if row is not None and row[0] == meta.version and row[1] is not None and len(row[1]) == 4 * nblocks:
+            crcs = _unpack_crcs(row[1])
+        else:
+            data = await asyncio.to_thread(self._read_file, meta.file, 0, meta.length)
+            if len(data) != meta.length or checksum(data) != meta.crc:
+                from openinfra.fs.errors import Code, FsError
+
+                raise FsError(Code.CHECKSUM_MISMATCH,
+                              f"chunk {meta.inode}:{meta.index} v{meta.version} fails its CRC32C")
+            view = memoryview(data)
+            crcs = [checksum(view[o:o + BLOCK_SIZE]) for o in range(0, meta.length, BLOCK_SIZE)]
+        self._cache_bcrc(key, meta.version, crcs)
+        return crcs
+
+    def _read_spans(self, rel: str, spans: list[tuple[int, int]]) -> list[bytes]:
+        fd = os.open(self._root_slash + rel, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return [self._pread(fd, lo, hi - lo) for lo, hi in spans]
+        finally:
+            os.close(fd)
+
+    async def _prepare_inplace(self, meta: ChunkMeta, version: int, upd: list) -> int:
+        """Pending in-place version ``version`` of ``meta``: the ranges and the new CRC32C of every
+        block they touch (old bytes read and checked against the block's CRC). Returns the new
+        chunk CRC32C. Nothing is written until :meth:`commit`."""
+        from openinfra.fs.errors import Code, FsError
+
+        key = (meta.inode, meta.index)
+        crcs = await self._block_crcs(meta)
+        upd = [(off, bytes(d)) for off, d in upd if len(d)]
+        old_len = meta.length
+        new_len = max(old_len, max(off + len(d) for off, d in upd))
+        touched = set()
+        for off, d in upd:
+            touched.update(range(off // BLOCK_SIZE, (off + len(d) - 1) // BLOCK_SIZE + 1))
+        if new_len > old_len:  # the old last block grows and the gap reads as zeros
+            touched.update(range(old_len // BLOCK_SIZE, (new_len - 1) // BLOCK_SIZE + 1))
+        touched = sorted(touched)
+        spans = [(b * BLOCK_SIZE, min(b * BLOCK_SIZE + BLOCK_SIZE, old_len)) for b in touched
+                 if b * BLOCK_SIZE < old_len]
+        if sum(hi - lo for lo, hi in spans) <= INLINE_READ_MAX:
+            olds = self._read_spans(meta.file, spans)
+        else:
+            olds = await asyncio.to_thread(self._read_spans, meta.file, spans)
+        new = crcs + [0] * ((new_len + BLOCK_SIZE - 1) // BLOCK_SIZE - len(crcs))
+        j = 0
+        for b in touched:
+            lo = b * BLOCK_SIZE
+            hi = min(lo + BLOCK_SIZE, new_len)
+            if lo < old_len:
+                old = olds[j]
+                j += 1
+                if len(old) != min(lo + BLOCK_SIZE, old_len) - lo or checksum(old) != crcs[b]:
+                    raise FsError(Code.CHECKSUM_MISMATCH,
+                                  f"chunk {meta.inode}:{meta.index} v{meta.version} block {b} fails its CRC32C")
+                buf = bytearray(old)
+                if len(buf) < hi - lo:
+                    buf += bytes(hi - lo - len(buf))
+            else:
+                buf = bytearray(hi - lo)
+            for off, d in upd:
+                s, e = max(off, lo), min(off + len(d), hi)
+                if s < e:
+                    buf[s - lo:e - lo] = d[s - off:e - off]
+            new[b] = checksum(buf)
+        crc = _chunk_crc(new, new_len)
+        old_pending = meta.pending_file
+        self._pending[key] = (version, meta.file, new_len, crc, upd, new)
+        if old_pending and old_pending != meta.file:
+            self._unlink(old_pending)  # an earlier copy-on-write attempt that never committed
+        return crc
+
+    async def _commit_inplace(self, meta: ChunkMeta, version: int, upd: list, crcs: list[int],
+                              dedup: tuple[str, int, int, bytes] | None) -> None:
+        """Commit an in-place version: row + block CRCs + redo record in one transaction, then
+        (in the flusher, before the row cache shows the version) the ranges into the file."""
+        inode, index, rel = meta.inode, meta.index, meta.file
+        key = (inode, index)
+        reading = self._reading.get(rel)
+        if reading:  # threaded reads of the old bytes in flight: let them finish first
+            await asyncio.wait(list(reading))
+        row = (inode, index, version, meta.pending_length, meta.pending_crc, rel)
+        stmts = [("INSERT OR REPLACE INTO chunks (inode, idx, ver, len, crc, file, bcrc) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                  row + (_pack_crcs(crcs),)),
+                 ("INSERT OR REPLACE INTO redo (inode, idx, ver, file, ranges) VALUES (?, ?, ?, ?, ?)",
+                  (inode, index, version, rel, msgpack.packb(upd)))]
+        if dedup is not None:
+            stmts.append(("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)", dedup))
+
+        def after() -> None:
+            self._write_ranges(rel, upd)
+            self._cache_bcrc(key, version, crcs)
+            self._applied.append((inode, index, version, rel))
+            self._schedule_checkpoint()
+
+        await self._write(stmts, [(key, row)], after)
+        if self._pending.get(key, (None,))[0] == version:
+            del self._pending[key]
+
+    def _write_ranges(self, rel: str, ranges) -> None:
+        fd = os.open(self._root_slash + rel, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            for off, d in ranges:
+                view = memoryview(d)
+                while view:
+                    n = os.pwrite(fd, view, off)
+                    view, off = view[n:], off + n
+        finally:
+            os.close(fd)
+
+    def _sync_files(self, rels) -> None:
+        for rel in rels:
+            try:
+                fd = os.open(self._root_slash + rel, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # replaced or removed since: its redo records went in that transaction
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+    def _schedule_checkpoint(self) -> None:
+        if len(self._applied) >= CHECKPOINT_RECORDS:
+            self._start_checkpoint()
+        elif self._ckpt_timer is None:
+            self._ckpt_timer = asyncio.get_running_loop().call_later(CHECKPOINT_S, self._start_checkpoint)
+
+    def _start_checkpoint(self) -> None:
+        if self._ckpt_timer is not None:
+            self._ckpt_timer.cancel()
+            self._ckpt_timer = None
+        if self._applied and (self._ckpt_task is None or self._ckpt_task.done()):
+            self._ckpt_task = asyncio.ensure_future(self._checkpoint())
+
+    async def _checkpoint(self) -> None:
+        """Sync the files of applied in-place updates, then delete their redo records."""
+        loop = asyncio.get_running_loop()
+        try:
+            for _ in range(16):  # a burst of updates: a few rounds, then the timer takes over
+                batch, self._applied = self._applied, []
+                if not batch:
+                    break
+                if self.fsync:
+                    await loop.run_in_executor(None, self._sync_files, {rel for *_, rel in batch})
+                await self._write([("DELETE FROM redo WHERE inode = ? AND idx = ? AND ver = ?", a[:3])
+                                   for a in batch], [])
+                if len(self._applied) < CHECKPOINT_RECORDS:
+                    break
+        except Exception as exc:  # the records stay in the table: replayed (harmlessly) on the next open
+            log.warning("chunk store %s: checkpoint failed: %s", self.path, exc)
+        finally:
+            if self._applied and self._ckpt_timer is None:
+                self._ckpt_timer = loop.call_later(CHECKPOINT_S, self._start_checkpoint)
+
+    async def pending_content(self, inode: int, index: int) -> bytes:
+        """The whole content of the chunk's pending version (to resend it to a stale successor)."""
+        pend = self._pending.get((inode, index))
+        if pend is None:
+            raise RuntimeError(f"chunk {inode}:{index}: no pending version")
+        if pend[4] is None:
+            return await asyncio.to_thread(self._read_file, pend[1])
+        data = bytearray((await self.committed_content(inode, index))[0])
+        for off, d in pend[4]:
+            if off > len(data):
+                data += bytes(off - len(data))
+            data[off:off + len(d)] = d
+        return bytes(data)
 
     def abort(self, inode: int, index: int) -> None:
         """Drop a pending version (its write failed downstream and will be retried or abandoned)."""
@@ -430,9 +804,11 @@ class ChunkStore:
     async def remove(self, inode: int, index: int, dedup: tuple[str, int, int, bytes] | None = None) -> bool:
         """Delete a chunk (committed and pending); returns whether it existed."""
         meta = self.get(inode, index)
-        stmts = [("DELETE FROM chunks WHERE inode = ? AND idx = ?", (inode, index))]
+        stmts = [("DELETE FROM chunks WHERE inode = ? AND idx = ?", (inode, index)),
+                 ("DELETE FROM redo WHERE inode = ? AND idx = ?", (inode, index))]
         if dedup is not None:
             stmts.append(("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)", dedup))
+        self._bcrc.pop((inode, index), None)
         await self._write(stmts, [((inode, index), None)])
         self._pending.pop((inode, index), None)
         if meta is not None:
@@ -448,10 +824,24 @@ class ChunkStore:
         return crc
 
     def recover(self) -> int:
-        """Delete files no committed row points to (pending versions of a crashed process)."""
+        """Replay the redo records of committed in-place updates (in version order, then sync the
+        files), and delete files no committed row points to (pending versions of a crashed process)."""
         self._pending.clear()
         self._rows.clear()
+        self._bcrc.clear()
+        self._applied.clear()
         self._close_files()
+        redo = self.db.execute(
+            "SELECT r.file, r.ranges FROM redo r JOIN chunks c ON c.inode = r.inode AND c.idx = r.idx"
+            " WHERE c.file = r.file AND r.ver <= c.ver ORDER BY r.inode, r.idx, r.ver").fetchall()
+        for rel, blob in redo:
+            try:
+                self._write_ranges(rel, msgpack.unpackb(blob))
+            except FileNotFoundError:
+                log.error("chunk store %s: redo record for missing file %s", self.path, rel)
+        if redo and self.fsync:
+            self._sync_files({rel for rel, _ in redo})
+        self.db.execute("DELETE FROM redo")
         keep = {f for (f,) in self.db.execute("SELECT file FROM chunks WHERE ver > 0 AND file IS NOT NULL")}
         removed = 0
         for sub in (self.path / "chunks").iterdir():

@@ -287,6 +287,8 @@ class StorageNode:
                     # that number after an aborted one): the predecessor sends the whole chunk.
                     raise FsError(Code.STALE_UPDATE, f"chunk {inode}:{index} at v{current}, update is v{u}")
             content, crc = await store.prepare(inode, index, u, op, offset, data, length, full, ranges=ranges)
+            # (None: an in-place update, nothing copied; the whole content is built only for a resend)
+            new_length = len(content) if content is not None else store.get(inode, index).pending_length
             if successor is not None:
                 args = dict(chain_id=chain_id, chain_version=chain["version"], inode=inode, index=index, op=op,
                             offset=offset, data=data, length=length, client=client, channel=channel, seq=seq,
@@ -299,12 +301,14 @@ class StorageNode:
                     except FsError as exc:
                         if exc.code != Code.STALE_UPDATE:
                             raise
+                        if content is None:
+                            content = await store.pending_content(inode, index)
                         args.update(full=content, data=b"", ranges=None)
                         await self._forward(successor, args)
                 except FsError:
                     store.abort(inode, index)  # never acknowledged: leave the committed version
                     raise
-            result = {"version": u, "crc": crc, "length": len(content)}
+            result = {"version": u, "crc": crc, "length": new_length}
             await store.commit(inode, index, u, self._dedup(client, channel, seq, result))
         if self._bytes is not None and op in ("write", "writev"):
             self._bytes["write"].inc(len(data) if op == "write" else sum(len(d) for _, d in ranges))
