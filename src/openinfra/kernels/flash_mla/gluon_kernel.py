@@ -25,6 +25,8 @@ max-logit output; everything else runs the Triton kernel.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -266,12 +268,294 @@ def mla_decode_gluon(q, kv, lengths, tile_scheduler_metadata, num_splits, softma
     rows = s_q * h_q
     cache = kv[:, :, 0, :]  # [num_blocks, 64, 576], any block stride
     elt = gl.bfloat16 if kv.dtype == torch.bfloat16 else gl.float16
-    knope_desc = TensorDescriptor.from_tensor(cache, [1, 64, HEAD_DIM_V],
-                                              gl.NVMMASharedLayout.get_default_for([1, 64, HEAD_DIM_V], elt))
     kpe_desc = TensorDescriptor.from_tensor(cache, [1, 64, 64], gl.NVMMASharedLayout.get_default_for([1, 64, 64], elt))
     pieces = tile_scheduler_metadata.shape[0]
-    _mla_decode_kernel[(pieces, ceil_div(rows, 64))](
+    seesaw = os.environ.get("OPENINFRA_MLA_SCHEDULE", "seesaw") == "seesaw"
+    width = 256 if seesaw else HEAD_DIM_V  # seesaw: K in left / right halves with their own barriers
+    knope_desc = TensorDescriptor.from_tensor(cache, [1, 64, width],
+                                              gl.NVMMASharedLayout.get_default_for([1, 64, width], elt))
+    kernel = _mla_seesaw_kernel if seesaw else _mla_decode_kernel
+    kernel[(pieces, ceil_div(rows, 64))](
         q, knope_desc, kpe_desc, block_table, lengths, tile_scheduler_metadata, num_splits, out, lse, oacc, lacc,
         s_q, h_q, rows, softmax_scale * _LOG2E, q.stride(0), q.stride(1), q.stride(2), block_table.stride(0),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         SCHED_BLOCK=PAGE_BLOCK_SIZE, CAUSAL=causal, num_warps=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seesaw schedule: both warpgroups compute S, on alternate tiles.
+# ---------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _seesaw_producer(kh_desc, kpe_desc, kl_bufs, kr_bufs, kpe_bufs, full_l, full_r, empty_l, empty_r, bt_row,
+                     first_page, n_tiles):
+    # Tile t lives in stage t % 2 (even tiles: warpgroup 0's S, odd: warpgroup 1's). Each stage is two
+    # halves with their own barriers, so the left half of the next even tile (only warpgroup 0 reads it)
+    # starts loading while warpgroup 1 still multiplies the right half of the current one.
+    for t in range(n_tiles):
+        s = t % 2
+        ph = ((t // 2) & 1) ^ 1  # a fresh barrier has completed the phase before its first
+        page = gl.load(bt_row + first_page + t)
+        mbarrier.wait(empty_l.index(s), ph)
+        mbarrier.expect(full_l.index(s), kh_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(kh_desc, [page, 0, 0], full_l.index(s), kl_bufs.index(s))
+        mbarrier.wait(empty_r.index(s), ph)
+        mbarrier.expect(full_r.index(s), kh_desc.block_type.nbytes + kpe_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(kh_desc, [page, 0, 256], full_r.index(s), kr_bufs.index(s))
+        tma.async_copy_global_to_shared(kpe_desc, [page, 0, 512], full_r.index(s), kpe_bufs.index(s))
+
+
+@gluon.jit
+def _seesaw_scores(q_smem, qpe, kl, kr, kpe, full_l, full_r, ph, start, open_end, length, last_key, rows, cols, R,
+                   scale_log2, CAUSAL: gl.constexpr):
+    """S = Q K^T of one tile [64 rows, 64 tokens] (base-2 logits, masked), the left half of K first."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+    chunk_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    zero_s = gl.zeros((64, 64), dtype=gl.float32, layout=s_layout)
+    mbarrier.wait(full_l, ph)
+    s = warpgroup_mma(q_smem.slice(0, 256, dim=1), kl.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    mbarrier.wait(full_r, ph)
+    s = warpgroup_mma(q_smem.slice(256, 256, dim=1), kr.permute((1, 0)), s, is_async=True)
+    s = warpgroup_mma(qpe, kpe.permute((1, 0)), s, is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    s = s * scale_log2
+    if start + 64 > open_end:  # a tile cut by the length or the causal diagonal
+        pos = start + cols
+        keep = (pos < length)[None, :] & (rows < R)[:, None]
+        if CAUSAL:
+            keep = keep & (pos[None, :] <= last_key[:, None])
+        s = gl.where(keep, s, float("-inf"))
+        n_valid = length - start
+        if n_valid < 64:
+            # zero the V rows past the length (both halves) before any P V product reads them; the
+            # other warpgroup only reads this tile's V after this one publishes P (a barrier)
+            r = gl.arange(0, 64, layout=gl.SliceLayout(1, chunk_layout))
+            for c in gl.static_range(4):
+                part = kl.slice(c * 64, 64, dim=1)
+                x = part.load(chunk_layout)
+                part.store(gl.where((r < n_valid)[:, None], x, gl.zeros_like(x)))
+                part = kr.slice(c * 64, 64, dim=1)
+                x = part.load(chunk_layout)
+                part.store(gl.where((r < n_valid)[:, None], x, gl.zeros_like(x)))
+            fence_async_shared()
+    return s
+
+
+@gluon.jit
+def _seesaw_partition(WG: gl.constexpr, q_smem, q_req, stride_qs, stride_qh, kl_bufs, kr_bufs, kpe_bufs, p_bufs, m_bufs, l_bufs, full_l, full_r,
+                      empty_l, empty_r, p_ready, p_free, fin, n_tiles, lo, open_end, length, s_q, row0, R, G, bi,
+                      n_split, split, scale_log2, out_ptr, lse_ptr, oacc_ptr, lacc_ptr, stride_ob, stride_os, stride_oh,
+                      stride_lb, stride_lh, stride_ls, CAUSAL: gl.constexpr):
+    """One math warpgroup. Warpgroup ``WG`` computes S and P of the tiles t with t % 2 == WG and
+    accumulates output columns [256 WG, 256 WG + 256) over every tile: P V with its own P from
+    registers, with the other warpgroup's P from shared memory. Pair j = tiles (2j, 2j + 1):
+
+        wg0: S_a  softmax_a -> publish (m_a, P_a)  O_L = O_L a0 + P_a V_a  | O_L = O_L a1 + P_b V_b
+        wg1: S_b  (wait m_a) O_R = O_R a0 + P_a V_a  softmax_b -> publish (m_b, P_b) | O_R = O_R a1 + P_b V_b
+
+    so the tensor cores always have the other warpgroup's products while one runs its softmax. Each
+    warpgroup keeps the row sum of its own tiles' P at the running maximum; they add at the end.
+    """
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
+    qpe_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+    ME: gl.constexpr = WG       # this warpgroup's tiles, P buffer and maximum slot
+    OTHER: gl.constexpr = 1 - WG
+
+    # the rope part of Q stays in registers (shared memory is full: Q, two K tiles, two P buffers)
+    qr = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, qpe_layout))
+    qc = gl.arange(0, 64, layout=gl.SliceLayout(0, qpe_layout))
+    q_rows = q_req + (qr // G).to(gl.int64) * stride_qs + (qr % G).to(gl.int64) * stride_qh
+    qpe = gl.load(q_rows[:, None] + 512 + qc[None, :], mask=(qr < R)[:, None], other=0.0)
+
+    rows = row0 + gl.arange(0, 64, layout=row_layout)
+    cols = gl.arange(0, 64, layout=gl.SliceLayout(0, s_layout))
+    last_key = length - s_q + rows // G  # causal: the last key each row may see
+    m_cur = gl.full((64, ), float("-inf"), gl.float32, layout=row_layout)
+    l_own = gl.zeros((64, ), dtype=gl.float32, layout=row_layout)
+    o = gl.zeros((64, 256), dtype=gl.float32, layout=o_layout)
+    n_pairs = (n_tiles + 1) // 2
+    for j in range(n_pairs):
+        ph = j & 1
+        has_b = 2 * j + 1 < n_tiles
+        mine = 2 * j + ME < n_tiles
+        if mine:
+            s = _seesaw_scores(q_smem, qpe, kl_bufs.index(ME).reshape([64, 256]), kr_bufs.index(ME).reshape([64, 256]),
+                               kpe_bufs.index(ME).reshape([64, 64]), full_l.index(ME), full_r.index(ME), ph,
+                               lo + (2 * j + ME) * 64, open_end, length, last_key, rows, cols, R, scale_log2, CAUSAL)
+            row_max = gl.max(s, axis=1)
+            if WG == 0:
+                # S_a has read the right half of tile a; warpgroup 1's P_a V_a is the other arrival
+                mbarrier.arrive(empty_r.index(0), count=1)
+        else:
+            s = gl.zeros((64, 64), dtype=gl.float32, layout=s_layout)
+            row_max = gl.full((64, ), float("-inf"), gl.float32, layout=row_layout)
+        if WG == 0:
+            # tile a: the new maximum, P_a; publish both, then O_L += P_a V_a[:, :256]
+            m_a = gl.maximum(m_cur, row_max)
+            m_safe = gl.where(m_a == float("-inf"), 0.0, m_a)
+            alpha = gl.exp2(m_cur - m_safe)
+            p = gl.exp2(s - m_safe[:, None])
+            l_own = l_own * alpha + gl.sum(p, axis=1)
+            p16 = p.to(q_req.dtype.element_ty)
+            mbarrier.wait(p_free.index(0), ph ^ 1)
+            p_bufs.index(0).store(p16)
+            m_bufs.slice(0 * 64, 64).store(m_a)
+            fence_async_shared()
+            mbarrier.arrive(p_ready.index(0), count=1)
+            o = o * gl.convert_layout(alpha, orow_layout)[:, None]
+            o = warpgroup_mma(gl.convert_layout(p16, p_layout), kl_bufs.index(0).reshape([64, 256]), o, is_async=True)
+            o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
+            mbarrier.arrive(empty_l.index(0), count=1)
+            m_cur = m_a
+            if has_b:
+                # tile b: warpgroup 1's maximum and P; rescale, then O_L += P_b V_b[:, :256]
+                mbarrier.wait(p_ready.index(1), ph)
+                m_b = m_bufs.slice(1 * 64, 64).load(row_layout)
+                m_safe_b = gl.where(m_b == float("-inf"), 0.0, m_b)
+                beta = gl.exp2(m_cur - m_safe_b)
+                l_own = l_own * beta
+                o = o * gl.convert_layout(beta, orow_layout)[:, None]
+                o2 = warpgroup_mma(p_bufs.index(1), kl_bufs.index(1).reshape([64, 256]), o, is_async=True)
+                o2 = warpgroup_mma_wait(num_outstanding=0, deps=(o2, ))
+                o = o2
+                mbarrier.arrive(p_free.index(1), count=1)
+                mbarrier.arrive(empty_l.index(1), count=1)
+                m_cur = m_b
+        else:
+            if has_b:
+                # S_b is done: the left half of tile b is only read again by warpgroup 0's P_b V_b
+                mbarrier.arrive(empty_l.index(1), count=1)
+            # tile a: warpgroup 0's maximum and P; O_R = O_R alpha + P_a V_a[:, 256:]
+            mbarrier.wait(p_ready.index(0), ph)
+            m_a = m_bufs.slice(0 * 64, 64).load(row_layout)
+            m_safe = gl.where(m_a == float("-inf"), 0.0, m_a)
+            alpha = gl.exp2(m_cur - m_safe)
+            l_own = l_own * alpha
+            o = o * gl.convert_layout(alpha, orow_layout)[:, None]
+            o_tok = warpgroup_mma(p_bufs.index(0), kr_bufs.index(0).reshape([64, 256]), o, is_async=True)
+            # tile b's softmax while that product runs
+            m_b = gl.maximum(m_a, row_max)
+            m_safe_b = gl.where(m_b == float("-inf"), 0.0, m_b)
+            beta = gl.exp2(m_a - m_safe_b)
+            p = gl.exp2(s - m_safe_b[:, None])
+            p16 = p.to(q_req.dtype.element_ty)
+            if has_b:
+                mbarrier.wait(p_free.index(1), ph ^ 1)
+                p_bufs.index(1).store(p16)
+                m_bufs.slice(1 * 64, 64).store(m_b)
+                fence_async_shared()
+                mbarrier.arrive(p_ready.index(1), count=1)
+            o = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
+            mbarrier.arrive(p_free.index(0), count=1)
+            mbarrier.arrive(empty_r.index(0), count=1)
+            m_cur = m_a
+            if has_b:
+                l_own = l_own * beta + gl.sum(p, axis=1)
+                o = o * gl.convert_layout(beta, orow_layout)[:, None]
+                o3 = warpgroup_mma(gl.convert_layout(p16, p_layout), kr_bufs.index(1).reshape([64, 256]), o,
+                                   is_async=True)
+                o3 = warpgroup_mma_wait(num_outstanding=0, deps=(o3, ))
+                o = o3
+                mbarrier.arrive(empty_r.index(1), count=1)
+                m_cur = m_b
+    # the two warpgroups' row sums, both at the final maximum
+    l_bufs.slice(ME * 64, 64).store(l_own)
+    mbarrier.arrive(fin.index(ME), count=1)
+    mbarrier.wait(fin.index(OTHER), 0)
+    l_tot = l_own + l_bufs.slice(OTHER * 64, 64).load(row_layout)
+    _store_half(o, gl.convert_layout(l_tot, orow_layout), gl.convert_layout(m_cur, orow_layout), 256 * WG, row0, R,
+                G, bi, n_split, split, out_ptr, lse_ptr, oacc_ptr, lacc_ptr, stride_ob, stride_os, stride_oh,
+                stride_lb, stride_lh, stride_ls)
+
+
+@gluon.jit
+def _mla_seesaw_kernel(q_ptr, kh_desc, kpe_desc, bt_ptr, len_ptr, sched_ptr, splits_ptr, out_ptr, lse_ptr, oacc_ptr,
+                       lacc_ptr, s_q, G, R, scale_log2, stride_qb, stride_qs, stride_qh, stride_btb,
+                       stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
+                       SCHED_BLOCK: gl.constexpr, CAUSAL: gl.constexpr):
+    piece = gl.program_id(0)
+    row0 = gl.program_id(1) * 64
+    meta = sched_ptr + piece * 8
+    req = gl.load(meta + 0)
+    lo = gl.load(meta + 1) * SCHED_BLOCK
+    hi = gl.load(meta + 2) * SCHED_BLOCK
+    split_id = gl.load(meta + 3)
+    req_ok = req >= 0  # unused rows of the piece table have req = -1
+    req = gl.maximum(req, 0)
+    length = gl.load(len_ptr + req)
+    split_base = gl.load(splits_ptr + req)
+    n_split = gl.where(req_ok, gl.load(splits_ptr + req + 1) - split_base, 0)
+    stop = gl.minimum(hi, length)
+    n_tiles = gl.where(n_split > 0, gl.cdiv(gl.maximum(stop - lo, 0), 64), 0)
+    open_end = stop
+    if CAUSAL:
+        open_end = gl.minimum(stop, length - s_q + 1)  # keys <= length - s_q are visible to every row
+
+    # Q [64 rows, 512] (no rope part: that stays in each warpgroup's registers) into shared memory
+    swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    q_smem = gl.allocate_shared_memory(q_ptr.dtype.element_ty, [64, 512], swizzled)
+    chunk_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    rows = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, chunk_layout))
+    cols = gl.arange(0, 64, layout=gl.SliceLayout(0, chunk_layout))
+    row_ok = rows < R
+    q_req = q_ptr + req.to(gl.int64) * stride_qb
+    q_row = q_req + (rows // G).to(gl.int64) * stride_qs + (rows % G).to(gl.int64) * stride_qh
+    for c in gl.static_range(8):
+        q_smem.slice(c * 64, 64, dim=1).store(gl.load(q_row[:, None] + c * 64 + cols[None, :], mask=row_ok[:, None],
+                                                      other=0.0))
+    fence_async_shared()
+
+    kl_bufs = gl.allocate_shared_memory(kh_desc.dtype, [2] + kh_desc.block_type.shape, kh_desc.layout)
+    kr_bufs = gl.allocate_shared_memory(kh_desc.dtype, [2] + kh_desc.block_type.shape, kh_desc.layout)
+    kpe_bufs = gl.allocate_shared_memory(kpe_desc.dtype, [2] + kpe_desc.block_type.shape, kpe_desc.layout)
+    p_bufs = gl.allocate_shared_memory(q_ptr.dtype.element_ty, [2, 64, 64], swizzled)
+    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+    m_bufs = gl.allocate_shared_memory(gl.float32, [128], plain)  # [warpgroup 0's 64 rows | warpgroup 1's]
+    l_bufs = gl.allocate_shared_memory(gl.float32, [128], plain)
+    full_l = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    full_r = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    empty_l = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    empty_r = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    p_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    p_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    fin = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(full_l.index(i), count=1)
+        mbarrier.init(full_r.index(i), count=1)
+        mbarrier.init(p_ready.index(i), count=1)
+        mbarrier.init(p_free.index(i), count=1)
+        mbarrier.init(fin.index(i), count=1)
+    # who releases a half: tile a (stage 0) left: wg0 (S_a, P_a V_a); right: wg0 (S_a) and wg1 (P_a V_a).
+    # tile b (stage 1) left: wg1 (S_b) and wg0 (P_b V_b); right: wg1 (S_b, P_b V_b)
+    mbarrier.init(empty_l.index(0), count=1)
+    mbarrier.init(empty_r.index(0), count=2)
+    mbarrier.init(empty_l.index(1), count=2)
+    mbarrier.init(empty_r.index(1), count=1)
+
+    split = split_base + split_id
+    bt_row = bt_ptr + req.to(gl.int64) * stride_btb
+    gl.warp_specialize([
+        (_seesaw_partition, (0, q_smem, q_req, stride_qs, stride_qh, kl_bufs, kr_bufs, kpe_bufs, p_bufs, m_bufs, l_bufs, full_l, full_r,
+            empty_l, empty_r, p_ready, p_free, fin, n_tiles, lo, open_end, length, s_q, row0, R, G, req, n_split, split,
+            scale_log2, out_ptr, lse_ptr, oacc_ptr, lacc_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+            stride_ls, CAUSAL)),
+        (_seesaw_partition, (1, q_smem, q_req, stride_qs, stride_qh, kl_bufs, kr_bufs, kpe_bufs, p_bufs, m_bufs, l_bufs, full_l, full_r,
+            empty_l, empty_r, p_ready, p_free, fin, n_tiles, lo, open_end, length, s_q, row0, R, G, req, n_split, split,
+            scale_log2, out_ptr, lse_ptr, oacc_ptr, lacc_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
+            stride_ls, CAUSAL)),
+        (_seesaw_producer, (kh_desc, kpe_desc, kl_bufs, kr_bufs, kpe_bufs, full_l, full_r, empty_l, empty_r, bt_row,
+                            lo // SCHED_BLOCK, n_tiles)),
+    ], [4, 1], [240, 24])
+    for i in gl.static_range(2):
+        mbarrier.invalidate(full_l.index(i))
+        mbarrier.invalidate(full_r.index(i))
+        mbarrier.invalidate(empty_l.index(i))
+        mbarrier.invalidate(empty_r.index(i))
+        mbarrier.invalidate(p_ready.index(i))
+        mbarrier.invalidate(p_free.index(i))
+        mbarrier.invalidate(fin.index(i))
