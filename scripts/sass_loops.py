@@ -10,7 +10,7 @@ and `wgmma.wait_group` counts. The numbers in benchmarks/notes/{flash_mla,deep_g
     python scripts/sass_loops.py gluon-gemm-ws 4       # its warp-specialized variant
     python scripts/sass_loops.py gluon-gemm-ws 4,256   # ... with 128 x 256 tiles
     python scripts/sass_loops.py gluon-gemm-ws 4,128,1 # ... grouped contiguous (2 = masked)
-    python scripts/sass_loops.py gluon-mla seesaw     # the warp-specialized MLA decode kernel (or: split)
+    python scripts/sass_loops.py gluon-mla -          # the warp-specialized MLA decode kernel
 """
 from __future__ import annotations
 
@@ -108,29 +108,25 @@ def gluon_gemm(buffers: str, warp_specialized: bool = False):
     return triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4 if warp_specialized else 8})
 
 
-def gluon_mla(schedule: str):
+def gluon_mla():
     import torch
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
-    from openinfra.kernels.flash_mla.gluon_kernel import _mla_decode_kernel, _mla_seesaw_kernel
+    from openinfra.kernels.flash_mla.gluon_kernel import _mla_decode_kernel
 
-    kernel = _mla_seesaw_kernel if schedule == "seesaw" else _mla_decode_kernel
-    width = 256 if schedule == "seesaw" else 512
     cache = torch.empty(4, 64, 1, 576, dtype=torch.bfloat16)[:, :, 0, :]
-    knope = TensorDescriptor.from_tensor(cache, [1, 64, width],
-                                         gl.NVMMASharedLayout.get_default_for([1, 64, width], gl.bfloat16))
+    knope = TensorDescriptor.from_tensor(cache, [1, 64, 512], gl.NVMMASharedLayout.get_default_for([1, 64, 512], gl.bfloat16))
     kpe = TensorDescriptor.from_tensor(cache, [1, 64, 64], gl.NVMMASharedLayout.get_default_for([1, 64, 64], gl.bfloat16))
-    params = list(inspect.signature(kernel.fn).parameters)
+    params = list(inspect.signature(_mla_decode_kernel.fn).parameters)
     const = {"SCHED_BLOCK": 64, "CAUSAL": False}
     sig = {p: "constexpr" if p in const else "i32" for p in params}
-    sig.update(q_ptr="*bf16", kpe_desc=mangle_type(kpe), bt_ptr="*i32", len_ptr="*i32",
+    sig.update(q_ptr="*bf16", knope_desc=mangle_type(knope), kpe_desc=mangle_type(kpe), bt_ptr="*i32", len_ptr="*i32",
                sched_ptr="*i32", splits_ptr="*i32", out_ptr="*bf16", lse_ptr="*fp32", oacc_ptr="*fp32",
                lacc_ptr="*fp32", scale_log2="fp32")
-    sig["kh_desc" if schedule == "seesaw" else "knope_desc"] = mangle_type(knope)
-    src = GluonASTSource(fn=kernel, signature=sig,
+    src = GluonASTSource(fn=_mla_decode_kernel, signature=sig,
                          constexprs={(params.index(k),): v for k, v in const.items()}, attrs={})
     return triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4})
 
@@ -163,7 +159,7 @@ def loops(sass: str, min_size: int = 100) -> list[tuple[int, collections.Counter
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("kernel", choices=["mla", "gemm", "gluon-gemm", "gluon-gemm-ws", "gluon-mla"])
-    p.add_argument("config", help="mla / gemm: block_m,block_n,warps,stages; gluon-gemm: buffers; gluon-mla: seesaw|split")
+    p.add_argument("config", help="mla / gemm: block_m,block_n,warps,stages; gluon-gemm: buffers; gluon-mla: -")
     for flag in ("causal", "fp8", "sparse", "pointer", "pipeline"):
         p.add_argument(f"--{flag}", action="store_true")
     a = p.parse_args()
@@ -172,7 +168,7 @@ def main() -> None:
     elif a.kernel == "gemm":
         k = gemm(a.config, a.pointer, a.pipeline)
     elif a.kernel == "gluon-mla":
-        k = gluon_mla(a.config)
+        k = gluon_mla()
     else:
         k = gluon_gemm(a.config, warp_specialized=a.kernel == "gluon-gemm-ws")
     ptxas, nvdisasm = _tools()
