@@ -173,8 +173,10 @@ def _mla_decode_kernel(q_ptr, knope_desc, kpe_desc, bt_ptr, len_ptr, sched_ptr, 
                        lacc_ptr, s_q, G, R, scale_log2, stride_qb, stride_qs, stride_qh, stride_btb,
                        stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
                        SCHED_BLOCK: gl.constexpr, CAUSAL: gl.constexpr):
-    piece = gl.program_id(0)
-    row0 = gl.program_id(1) * 64
+    # row blocks vary fastest in launch order: the CTAs of one piece run together and share its
+    # pages through L2 (piece-major order read every page once per row block from HBM)
+    piece = gl.program_id(1)
+    row0 = gl.program_id(0) * 64
     meta = sched_ptr + piece * 8
     req = gl.load(meta + 0)
     lo = gl.load(meta + 1) * SCHED_BLOCK
@@ -270,7 +272,7 @@ def mla_decode_gluon(q, kv, lengths, tile_scheduler_metadata, num_splits, softma
                                               gl.NVMMASharedLayout.get_default_for([1, 64, HEAD_DIM_V], elt))
     kpe_desc = TensorDescriptor.from_tensor(cache, [1, 64, 64], gl.NVMMASharedLayout.get_default_for([1, 64, 64], elt))
     pieces = tile_scheduler_metadata.shape[0]
-    _mla_decode_kernel[(pieces, ceil_div(rows, 64))](
+    _mla_decode_kernel[(ceil_div(rows, 64), pieces)](
         q, knope_desc, kpe_desc, block_table, lengths, tile_scheduler_metadata, num_splits, out, lse, oacc, lacc,
         s_q, h_q, rows, softmax_scale * _LOG2E, q.stride(0), q.stride(1), q.stride(2), block_table.stride(0),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),

@@ -160,8 +160,10 @@ def _mla_attn_kernel(
     HAS_SINK: tl.constexpr, WRITE_MAX: tl.constexpr, INTERPRET: tl.constexpr,
     SCALE_OFF: tl.constexpr, ROPE_OFF: tl.constexpr, FP8_TILE: tl.constexpr,
 ):
-    piece = tl.program_id(0)
-    pid1 = tl.program_id(1)
+    # row blocks vary fastest in launch order, so the CTAs reading one piece's pages run together
+    # and all but the first read them from L2 (piece-major order streamed every page m_blocks times)
+    piece = tl.program_id(1)
+    pid1 = tl.program_id(0)
     kvh = pid1 % h_kv
     mb = pid1 // h_kv
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -428,7 +430,7 @@ def mla_attention_triton(
         mla_decode_gluon(q, kv, lengths, tile_scheduler_metadata, num_splits, softmax_scale, out=out, lse=lse,
                          block_table=block_table, causal=causal, oacc=oacc, lacc=lacc)
     else:
-        _mla_attn_kernel[(pieces, h_kv * m_blocks)](
+        _mla_attn_kernel[(h_kv * m_blocks, pieces)](
             q, kv_arg, bt, lengths, idx, tile_scheduler_metadata, num_splits, sink,
             out, lse, mx, oacc, lacc,
             s_q, n_tokens, page, h_kv, g, rows, softmax_scale * _LOG2E,
