@@ -166,6 +166,7 @@ class StorageClient:
         for ch in range(1, channels + 1):
             self._channels.put_nowait(ch)
         self._seq: dict[int, itertools.count] = {}
+        self._addrs_of: tuple[Routing | None, dict[int, list[str]]] = (None, {})
 
     def _node_address(self, r: Routing, target: dict) -> str:
         addr = r.address(target["node"])
@@ -364,6 +365,166 @@ class StorageClient:
                                            for i in missing))
             for i, v in zip(missing, again):
                 out[i] = v
+        return out
+
+    def chain_addresses(self, chain_id: int) -> list[str]:
+        """Addresses of ``chain_id``'s serving replicas in the current routing (remembered per
+        routing version: a batch asks for the same few chains many times)."""
+        r = self.routing.routing
+        if self._addrs_of[0] is not r:
+            self._addrs_of = (r, {})
+        amap = self._addrs_of[1]
+        addrs = amap.get(chain_id)
+        if addrs is None:
+            addrs = amap[chain_id] = [a for a in (r.address(t["node"]) for t in r.serving(chain_id)) if a is not None]
+        return addrs
+
+    async def read_exact(self, chains: list[int], items: list[bytes], dests: list[memoryview]) -> list[bool | None]:
+        """Batched reads whose size the caller knows (KV blocks at cached locations), with no
+        per-read Python beyond a few list operations: ``items[i]`` is the msgpack encoding of one
+        ``batch_read`` item ``[chain, inode, index, offset, length]`` of chain ``chains[i]``,
+        ``dests[i]`` a writable byte memoryview of exactly the size that read returns when the
+        bytes are there. One ``batch_read`` per storage node (split at ``BATCH_READ_BYTES``); the
+        request's reads are the items joined (no per-read packing); the reply's bytes are
+        received straight into ``dests``.
+
+        Returns per read: True (``dests[i]`` holds its bytes), False (it returned another byte
+        count: a hole, a chunk cut short or removed; ``dests[i]`` is untouched or holds
+        unspecified bytes), or None (not read: a retriable error, on that read or its node's
+        whole request; the caller goes through :meth:`read_chunk`, which retries). Raises the
+        first non-retriable per-read error (a chunk failing its CRC32C, say)."""
+        n = len(items)
+        if len(chains) != n or len(dests) != n:
+            raise ValueError(f"read_exact: {n} items, {len(chains)} chains, {len(dests)} destinations")
+        out: list[bool | None] = [None] * n
+        # Reads per chain, then per node (a random serving replica per read where there are
+        # several), then requests of at most BATCH_READ_BYTES reply bytes and 4096 reads.
+        by_chain: dict[int, list[int]] = {}
+        for i, c in enumerate(chains):
+            lst = by_chain.get(c)
+            if lst is None:
+                by_chain[c] = [i]
+            else:
+                lst.append(i)
+        by_node: dict[str, list[int]] = {}
+        for c, idxs in by_chain.items():
+            addrs = self.chain_addresses(c)
+            if not addrs:
+                continue  # left to the caller's retrying path
+            if len(addrs) == 1:
+                lst = by_node.get(addrs[0])
+                if lst is None:
+                    by_node[addrs[0]] = idxs
+                else:
+                    lst.extend(idxs)
+            else:
+                for i in idxs:
+                    by_node.setdefault(random.choice(addrs), []).append(i)
+        requests: list[tuple[str, list[int], list[int]]] = []
+        for addr, idxs in by_node.items():
+            sizes = [dests[i].nbytes for i in idxs]
+            if sum(sizes) <= BATCH_READ_BYTES and len(idxs) <= 4096:
+                requests.append((addr, idxs, sizes))
+                continue
+            start, total = 0, 0
+            for j, m in enumerate(sizes):
+                if j > start and (total + m > BATCH_READ_BYTES or j - start >= 4096):
+                    requests.append((addr, idxs[start:j], sizes[start:j]))
+                    start, total = j, 0
+                total += m
+            requests.append((addr, idxs[start:], sizes[start:]))
+
+        async def node_batch(addr: str, idxs: list[int], want: list[int]) -> None:
+            k = len(idxs)
+            head = bytes((0x90 | k,)) if k < 16 else b"\xdc" + k.to_bytes(2, "big")
+            parsed: list = []
+            exact = [False]  # every read returned its destination's size, all received in place
+
+            def sizes_of(res: list) -> list:
+                return [one[0] if type(one) is list and len(one) == 3 else None for one in res]
+
+            def sink(result) -> None:
+                if type(result) is not dict:
+                    return
+                ref = result.get("data")
+                if type(ref) is not BlobRef:
+                    return
+                try:
+                    res = msgpack.unpackb(result.get("results"))
+                except Exception:
+                    return
+                if type(res) is not list or len(res) != k:
+                    return
+                parsed.append(res)
+                if sizes_of(res) == want:  # the common case: every read whole
+                    if sum(want) == ref.nbytes:
+                        ref.dest = [dests[i] for i in idxs]
+                        exact[0] = True
+                    return
+                dest, total, cap = [], 0, ref.nbytes
+                for i, one in zip(idxs, res):
+                    if type(one) is list and len(one) == 3:
+                        m = one[0]
+                        if type(m) is not int or m <= 0:
+                            continue
+                        total += m
+                        if total > cap:
+                            return
+                        d = dests[i]
+                        dest.append(d if m == d.nbytes else memoryview(bytearray(m)))  # another size: scratch
+                if total == cap:
+                    ref.dest = dest
+
+            try:
+                res = await self.rpc.call(addr, "batch_read",
+                                          {"reads": head + b"".join([items[i] for i in idxs]), "packed": True},
+                                          timeout=self.io_timeout_s, sink=sink)
+            except FsError as exc:
+                if not exc.retriable:
+                    raise
+                return  # the whole request is left to the caller's retrying path
+            data = res.get("data", b"") if type(res) is dict else None
+            if exact[0] and isinstance(data, Placed) and data.nbytes == sum(want):
+                for i in idxs:
+                    out[i] = True
+                return
+            if parsed:
+                results = parsed[0]
+            else:
+                try:
+                    results = msgpack.unpackb(res.get("results")) if type(res) is dict else None
+                except Exception:
+                    results = None
+            if type(results) is not list or len(results) != k:
+                raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: {k} reads, a reply of "
+                                 f"{len(results) if isinstance(results, list) else type(res).__name__} results")
+            placed = isinstance(data, Placed)
+            if not placed:
+                data = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
+            pos = 0
+            for i, one in zip(idxs, results):
+                if type(one) is not list or len(one) not in (2, 3):
+                    raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: bad result {one!r}")
+                if len(one) == 2:
+                    if one[0] not in RETRIABLE_CODES:
+                        raise make_error(one[0], one[1])
+                    continue  # None: left to the caller
+                m = one[0]
+                if type(m) is not int or m < 0 or (not placed and pos + m > data.nbytes):
+                    raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: results add up past the data")
+                d = dests[i]
+                ok = m == d.nbytes
+                if ok and not placed:
+                    d[:] = data[pos:pos + m]
+                out[i] = ok
+                pos += m
+            if placed and pos != data.nbytes:
+                raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: results do not add up to the data")
+
+        if len(requests) == 1:
+            await node_batch(*requests[0])
+        elif requests:
+            await asyncio.gather(*(node_batch(*r) for r in requests))
         return out
 
     async def _on_chains(self, layout: dict, method: str, args: dict) -> list[Any]:

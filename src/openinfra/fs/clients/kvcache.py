@@ -163,6 +163,9 @@ class KVCache:
         self._dirs: set[str] = set()
         self._where: OrderedDict[str, dict] = OrderedDict()  # digest -> inode (layout, length)
         self._where_max = location_cache
+        # key -> its node in ``_where`` (for bytes keys read by ``get_into``): no digest per read.
+        # A node dropped from ``_where`` is marked ``gone`` and this entry is then skipped.
+        self._by_key: dict[bytes, dict] = {}
 
     def close(self) -> None:
         if self._own:
@@ -196,10 +199,20 @@ class KVCache:
         return await asyncio.gather(*(one(c) for c in coros))
 
     def _remember(self, digest: str, node: dict) -> None:
+        old = self._where.get(digest)
+        if old is not None and old is not node:
+            old["gone"] = True
+        node["gone"] = False
         self._where[digest] = node
         self._where.move_to_end(digest)
         while len(self._where) > self._where_max:
-            self._where.popitem(last=False)
+            self._where.popitem(last=False)[1]["gone"] = True
+
+    def _forget(self, digest: str) -> None:
+        """Drop ``digest``'s cached location (and every key-indexed entry that points at it)."""
+        node = self._where.pop(digest, None)
+        if node is not None:
+            node["gone"] = True
 
     # --- put -----------------------------------------------------------------------------------
 
@@ -219,7 +232,7 @@ class KVCache:
             await f.pwrite(head + payload.numpy().tobytes(), 0)
         finally:
             await f.close()
-        self._where.pop(digest, None)
+        self._forget(digest)
         return True
 
     def put_batch(self, keys: Sequence[bytes], values: Sequence[torch.Tensor], *, overwrite: bool = False) -> list[bool]:
@@ -250,7 +263,7 @@ class KVCache:
             h = _parse_header(raw, digest)
             if h is not None:
                 return h, raw
-            self._where.pop(digest, None)  # deleted since: ask meta again
+            self._forget(digest)  # deleted since: ask meta again
         try:
             # stat, not open: a read-only transaction on meta (read opens are not tracked anyway).
             st = await self._aio.stat(self._path(digest), follow_symlinks=False)
@@ -304,7 +317,7 @@ class KVCache:
                     if h is not None:
                         node["head"] = (bytes(raw), h)
             if h is None:
-                self._where.pop(d, None)
+                self._forget(d)
             out.append(h)
         return out
 
@@ -325,14 +338,76 @@ class KVCache:
         for (d, node, _), n in zip(todo, got):
             ok = n == node["length"] - HEADER_BYTES
             if not ok:
-                self._where.pop(d, None)
+                self._forget(d)
             out.append(ok)
         return out
 
+    def _fast_node(self, key: bytes, nbytes: int) -> dict | None:
+        """The cached one-chunk location of ``key``'s block of ``nbytes`` payload bytes with its
+        ``batch_read`` item precomputed (``node["kv"]``: chain, packed item), or None."""
+        node = self._by_key.get(key)
+        if node is None or node["gone"]:
+            node = self._cached_one_chunk(_digest(key), HEADER_BYTES + nbytes)
+            if node is None:
+                self._by_key.pop(key, None)
+                return None
+            if len(self._by_key) >= self._where_max:
+                self._by_key.clear()  # bounded; entries come back on the next reads
+            self._by_key[key] = node
+        elif node["length"] != HEADER_BYTES + nbytes:
+            return None
+        if "kv" not in node:
+            cid = node["layout"]["chains"][0]  # chunk 0's chain
+            node["kv"] = (cid, msgpack.packb([cid, node["id"], 0, HEADER_BYTES, nbytes]))
+        return node
+
+    async def _get_into_fast(self, keys: Sequence[bytes], outs: list[torch.Tensor], hits: list) -> None:
+        """``get_into`` of the blocks at cached locations (bytes keys, non-empty CPU tensors): per
+        block a dict lookup, a byte view of the tensor and a few list appends; the reads go out
+        as :meth:`StorageClient.read_exact` (one ``batch_read`` per storage node of the joined
+        items, the payloads received straight into the tensors). Sets ``hits[i] = True`` for the
+        blocks read; a block that read another byte count (deleted since) has its location
+        forgotten; the rest stay None for the general path."""
+        where, nodes, dests = [], [], []
+        fast = self._by_key
+        for i, k, t in zip(range(len(keys)), keys, outs):
+            if type(k) is not bytes or not t.is_cpu:
+                continue
+            n = t.nbytes
+            node = fast.get(k)
+            if node is None or node["gone"] or node["length"] != HEADER_BYTES + n or "kv" not in node:
+                if not n:
+                    continue  # (an empty payload reads as 0 bytes whether or not the block exists)
+                node = self._fast_node(k, n)
+                if node is None:
+                    continue
+            where.append(i)
+            nodes.append(node["kv"])
+            dests.append(_byte_view(t))
+        if not where:
+            return
+        got = await self._aio.storage.read_exact([kv[0] for kv in nodes], [kv[1] for kv in nodes], dests)
+        if all(got):
+            for i in where:
+                hits[i] = True
+            return
+        for i, ok in zip(where, got):
+            if ok:
+                hits[i] = True
+            elif ok is False:
+                node = fast.get(keys[i])
+                if node is not None and not node["gone"]:
+                    self._forget(_digest(keys[i]))  # read short: deleted since, ask meta again
+
     async def _get_into_many(self, keys: Sequence[bytes], outs: list[torch.Tensor]) -> list[bool]:
         hits: list[bool | None] = [None] * len(keys)
+        await self._get_into_fast(keys, outs, hits)
+        if all(hits):
+            return hits
         todo, where = [], []
         for i, (k, t) in enumerate(zip(keys, outs)):
+            if hits[i]:
+                continue
             d = _digest(k)
             # (an empty payload would read as 0 bytes whether or not the block still exists)
             node = self._cached_one_chunk(d, HEADER_BYTES + t.nbytes) if t.is_cpu and t.nbytes else None
@@ -423,7 +498,7 @@ class KVCache:
         return self.exists_batch([key])[0]
 
     async def _delete_one(self, digest: str) -> bool:
-        self._where.pop(digest, None)
+        self._forget(digest)
         try:
             await self._aio.remove(self._path(digest))
             return True
