@@ -346,3 +346,26 @@ def test_replica_killed_mid_inplace_updates_is_resynced(make_cluster):
         want[123_456:123_456 + 500] = b"after" * 100
         assert fs.read_bytes("/inplace") == bytes(want)
         _dumps_equal(cluster, chain_id)
+
+
+@pytest.mark.unit
+def test_checkpoint_deletes_only_the_records_it_synced(tmp_path):
+    """A chunk removed and written again reuses (inode, index, version): a checkpoint that synced
+    the old incarnation's record must not delete the new one's (each record has its own token)."""
+    s = ChunkStore(tmp_path, fsync=False)
+
+    async def main():
+        for _ in range(2):
+            await s.prepare(5, 0, 1, "write", 0, bytes(2 * BLOCK_SIZE))
+            await s.commit(5, 0, 1)
+            await s.prepare(5, 0, 2, "write", 100, b"x" * 100)
+            await s.commit(5, 0, 2)
+            if _ == 0:
+                synced, s._applied = list(s._applied), []  # a checkpoint's batch, its sync "running"
+                await s.remove(5, 0)
+        assert _redo_count(s) == 1
+        await s._write([(chunk_store._DELETE_REDO, a[:4]) for a in synced], [])  # that batch's delete
+        assert _redo_count(s) == 1  # the new incarnation's record is still there
+
+    run(main())
+    s.close()

@@ -34,6 +34,7 @@ import os
 import resource
 import sqlite3
 import struct
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -169,10 +170,15 @@ _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS dedup (client TEXT, channel INTEGER, seq INTEGER, result BLOB,
        PRIMARY KEY (client, channel)) WITHOUT ROWID""",
     # In-place updates committed but maybe not yet durable in their chunk file: the ranges
-    # (msgpack [[offset, bytes], ...]) of version ``ver`` of the chunk stored in ``file``.
+    # (msgpack [[offset, bytes], ...]) of version ``ver`` of the chunk stored in ``file``. ``tok``:
+    # unique per record, so a checkpoint deletes exactly the records it synced (a chunk removed
+    # and written again reuses (inode, idx, ver)).
     """CREATE TABLE IF NOT EXISTS redo (inode INTEGER, idx INTEGER, ver INTEGER, file TEXT, ranges BLOB,
-       PRIMARY KEY (inode, idx, ver)) WITHOUT ROWID""",
+       tok INTEGER, PRIMARY KEY (inode, idx, ver)) WITHOUT ROWID""",
 ]
+
+
+_DELETE_REDO = "DELETE FROM redo WHERE inode = ? AND idx = ? AND ver = ? AND tok = ?"
 
 
 class ChunkStore:
@@ -203,8 +209,10 @@ class ChunkStore:
         self._pending: dict[tuple[int, int], tuple] = {}
         # Block CRC32Cs of committed chunks: (inode, index) -> (version, [crc, ...]). Bounded.
         self._bcrc: dict[tuple[int, int], tuple[int, list[int]]] = {}
-        # In-place updates written to their files since the last checkpoint: (inode, index, version, file).
-        self._applied: list[tuple[int, int, int, str]] = []
+        # In-place updates written to their files since the last checkpoint: (inode, index,
+        # version, token, file).
+        self._applied: list[tuple[int, int, int, int, str]] = []
+        self._tok = time.time_ns()  # redo record tokens: unique across restarts of this store
         self._ckpt_task: asyncio.Future | None = None
         self._ckpt_timer: asyncio.TimerHandle | None = None
         # Reads of committed files running in worker threads, by file: an in-place commit of that
@@ -242,7 +250,7 @@ class ChunkStore:
                 applied, self._applied = self._applied, []
                 if self.fsync:
                     self._sync_files({rel for *_, rel in applied})
-                self._apply([[("DELETE FROM redo WHERE inode = ? AND idx = ? AND ver = ?", a[:3]) for a in applied]])
+                self._apply([[(_DELETE_REDO, a[:4]) for a in applied]])
             except Exception as exc:  # noqa: BLE001 - closing anyway; recovery replays the records
                 log.warning("chunk store %s: checkpoint at close failed: %s", self.path, exc)
         self._wdb.close()
@@ -702,21 +710,23 @@ class ChunkStore:
         (in the flusher, before the row cache shows the version) the ranges into the file."""
         inode, index, rel = meta.inode, meta.index, meta.file
         key = (inode, index)
+        self._tok += 1
+        tok = self._tok
         reading = self._reading.get(rel)
         if reading:  # threaded reads of the old bytes in flight: let them finish first
             await asyncio.wait(list(reading))
         row = (inode, index, version, meta.pending_length, meta.pending_crc, rel)
         stmts = [("INSERT OR REPLACE INTO chunks (inode, idx, ver, len, crc, file, bcrc) VALUES (?, ?, ?, ?, ?, ?, ?)",
                   row + (_pack_crcs(crcs),)),
-                 ("INSERT OR REPLACE INTO redo (inode, idx, ver, file, ranges) VALUES (?, ?, ?, ?, ?)",
-                  (inode, index, version, rel, msgpack.packb(upd)))]
+                 ("INSERT OR REPLACE INTO redo (inode, idx, ver, file, ranges, tok) VALUES (?, ?, ?, ?, ?, ?)",
+                  (inode, index, version, rel, msgpack.packb(upd), tok))]
         if dedup is not None:
             stmts.append(("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)", dedup))
 
         def after() -> None:
             self._write_ranges(rel, upd)
             self._cache_bcrc(key, version, crcs)
-            self._applied.append((inode, index, version, rel))
+            self._applied.append((inode, index, version, tok, rel))
             self._schedule_checkpoint()
 
         await self._write(stmts, [(key, row)], after)
@@ -768,8 +778,7 @@ class ChunkStore:
                     break
                 if self.fsync:
                     await loop.run_in_executor(None, self._sync_files, {rel for *_, rel in batch})
-                await self._write([("DELETE FROM redo WHERE inode = ? AND idx = ? AND ver = ?", a[:3])
-                                   for a in batch], [])
+                await self._write([(_DELETE_REDO, a[:4]) for a in batch], [])
                 if len(self._applied) < CHECKPOINT_RECORDS:
                     break
         except Exception as exc:  # the records stay in the table: replayed (harmlessly) on the next open
