@@ -13,7 +13,7 @@ NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -
 "$NCU" --version > "$P/ncu_version.txt" 2>&1 || { echo "no usable ncu: $NCU"; exit 1; }
 cases=("$@"); [ ${#cases[@]} -gt 0 ] || cases=(mla16 mla64 gemm4096 gemm64)
 for c in "${cases[@]}"; do
-    case $c in mla*) k=regex:_mla_attn_kernel ;; gemm*) k=regex:_gemm ;; esac
+    case $c in mla*) k="regex:_mla_(attn|decode)_kernel" ;; gemm*) k=regex:_gemm ;; esac
     timeout 150 "$NCU" --clock-control none --set full -k "$k" --launch-skip 2 --launch-count 1 -f -o "$P/$c" \
         python3 scripts/profile_kernels.py "$c" > "$P/$c.log" 2>&1 || echo "$c: ncu exit $?" | tee -a "$P/$c.log"
     "$NCU" -i "$P/$c.ncu-rep" --page details > "$P/$c.txt" 2>&1

@@ -1,6 +1,6 @@
 """Launch one kernel of one shape a few times, for Nsight Compute to profile (scripts/gpu_profile.sh).
 
-    python scripts/profile_kernels.py mla16|mla64|gemm4096|gemm4096_256|gemm64
+    python scripts/profile_kernels.py mla16|mla64|mla128|gemm4096|gemm4096_256|gemm64
 
 The first launches compile and warm up; the profiler is told to skip them (--launch-skip).
 """
@@ -50,5 +50,5 @@ def gemm(m: int, n: int, k: int, block_n: int | None = None) -> None:
 
 if __name__ == "__main__":
     case = sys.argv[1]
-    {"mla16": lambda: mla(16), "mla64": lambda: mla(64), "gemm4096": lambda: gemm(4096, 4096, 7168),
+    {"mla16": lambda: mla(16), "mla64": lambda: mla(64), "mla128": lambda: mla(128), "gemm4096": lambda: gemm(4096, 4096, 7168),
      "gemm4096_256": lambda: gemm(4096, 4096, 7168, block_n=256), "gemm64": lambda: gemm(64, 7168, 16384)}[case]()

@@ -10,6 +10,7 @@ and `wgmma.wait_group` counts. The numbers in benchmarks/notes/{flash_mla,deep_g
     python scripts/sass_loops.py gluon-gemm-ws 4       # its warp-specialized variant
     python scripts/sass_loops.py gluon-gemm-ws 4,256   # ... with 128 x 256 tiles
     python scripts/sass_loops.py gluon-gemm-ws 4,128,1 # ... grouped contiguous (2 = masked)
+    python scripts/sass_loops.py gluon-gemm-ws 6,128,0,7  # ... dense, 6 stages, split-K 7 (small M)
     python scripts/sass_loops.py gluon-mla -          # the warp-specialized MLA decode kernel
 """
 from __future__ import annotations
@@ -83,8 +84,9 @@ def gluon_gemm(buffers: str, warp_specialized: bool = False):
     from openinfra.kernels.deep_gemm.gemm.gluon_kernel import _fp8_gemm_nt_kernel, _fp8_gemm_nt_ws_kernel
 
     # descriptors over small CPU tensors only to get the signature strings the JIT would build
-    buffers, block_n, mode = (buffers.split(",") + ["", ""])[:3]  # gluon-gemm-ws: "buffers[,block_n[,mode]]"
-    block_n, mode = int(block_n or 128), int(mode or 0)
+    # gluon-gemm-ws: "buffers[,block_n[,mode[,split_k]]]"
+    buffers, block_n, mode, split = (buffers.split(",") + ["", "", ""])[:4]
+    block_n, mode, split = int(block_n or 128), int(mode or 0), int(split or 1)
     operand = TensorDescriptor.from_tensor(torch.empty(256, 256, dtype=torch.float8_e4m3fn), [128, 128],
                                            gl.NVMMASharedLayout.get_default_for([128, 128], gl.float8e4nv))
     b_operand = TensorDescriptor.from_tensor(torch.empty(256, 256, dtype=torch.float8_e4m3fn), [block_n, 128],
@@ -97,13 +99,14 @@ def gluon_gemm(buffers: str, warp_specialized: bool = False):
     const = {"GROUP_M": 8, "NUM_BUFFERS": int(buffers)}
     if warp_specialized:
         const["MODE"] = mode  # 0 dense, 1 contiguous, 2 masked
+        const["SPLIT"] = split
     else:
         const["num_warps"] = 8
     sig = {p: "constexpr" if p in const else "i32" for p in params}
     sig.update(a_desc=mangle_type(operand), b_desc=mangle_type(b_operand), d_desc=mangle_type(out), sfa_ptr="*fp32",
                sfb_ptr="*fp32")
     if warp_specialized:
-        sig.update(d_ptr="*bf16", layout_ptr="*i32" if mode else "*fp32")
+        sig.update(d_ptr="*bf16", ws_ptr="*fp32", layout_ptr="*i32" if mode else "*fp32")
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()}, attrs={})
     return triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4 if warp_specialized else 8})
 

@@ -257,6 +257,27 @@ def test_gluon_dense_kernel_matches_reference(m, n, k, buffers, variant):
     assert dg.calc_diff(d, x.float() @ w.float().T) < 1e-3
 
 
+@pytest.mark.parametrize("m, n, k, split", [(64, 2112, 7168, 7), (100, 1600, 1280, 4), (128, 384, 640, 5),
+                                            (64, 256, 256, 2), (1, 128, 512, 3)])
+def test_gluon_split_k_matches_reference(m, n, k, split):
+    """The warp-specialized kernel's split-K (the small-M default): uneven K parts (1280 / 4 =
+    2.5 slices, 640 / 5 = 1), ragged M and an N edge tile, one row; the workspace partials summed by
+    the reduce kernel into a NaN-poisoned output."""
+    from openinfra.kernels.deep_gemm.gemm.gluon_kernel import fp8_gemm_nt_gluon_ws, gluon_ws_supported
+
+    x, w = _rand(m, k), _rand(n, k)
+    xq, wq = dg.per_token_cast_to_fp8(x), dg.per_block_cast_to_fp8(w)
+    d = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    assert gluon_ws_supported(0, xq[0], wq[0], d)
+    fp8_gemm_nt_gluon_ws(xq[0], xq[1], wq[0], wq[1], d, num_buffers=6, split_k=split)
+    expected = ref.fp8_gemm_nt_reference(*xq, *wq, torch.empty(m, n, device="cuda"))
+    assert torch.isfinite(d).all()
+    assert dg.calc_diff(d, expected) < TIGHT
+    assert dg.calc_diff(d, x.float() @ w.float().T) < 1e-3
+    with pytest.raises(ValueError, match="split_k"):
+        fp8_gemm_nt_gluon_ws(xq[0], xq[1], wq[0], wq[1], d, split_k=2, block_n=256)
+
+
 @pytest.mark.parametrize("n", [1600, 2048])
 def test_gluon_grouped_kernels_match_reference(n):
     """The warp-specialized kernel's grouped layouts directly: contiguous with an empty expert,

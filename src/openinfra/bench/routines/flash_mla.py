@@ -48,7 +48,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", nargs="+", default=["fixed", "varlen"], choices=["fixed", "varlen"])
     p.add_argument("--configs", nargs="+", default=["0,0,0,0"], type=_config_spec,
                    help="kernel variants block_m,block_n,num_warps,num_stages (0 = the default)")
-    p.add_argument("--parts-per-sm", type=int, nargs="+", default=[1], help="schedule chunks per SM (variants)")
+    p.add_argument("--parts-per-sm", type=float, nargs="+", default=[1.0],
+                   help="multiplier of the default schedule chunks (variants; 0.5 = half as many)")
     p.add_argument("--no-peer", action="store_true", help="skip the plain-PyTorch peer (faster sweeps)")
     p.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure sparse FP8 decoding (b=128, h_q=128, s_q=2, topk=2048)")
@@ -118,7 +119,8 @@ def bench_flash_mla(args: argparse.Namespace) -> BenchResult:
                         peer_ms = gpu_time_ms(peer)
                     base_parts = default_num_sm_parts(dev, 1, s_q * h_q)
                     for pps in args.parts_per_sm:
-                        meta, splits = build_schedule(lens, base_parts * pps)
+                        parts = max(int(base_parts * pps), 1)
+                        meta, splits = build_schedule(lens, parts)
                         for variant, cfg in enumerate(configs):
                             def ours():
                                 out = torch.empty(b, s_q, h_q, 512, dtype=q.dtype, device=dev)
@@ -131,7 +133,7 @@ def bench_flash_mla(args: argparse.Namespace) -> BenchResult:
                             ms = gpu_time_ms(ours)
                             row = {
                                 "mode": mode, "variant": variant, "pps": pps, "s_k": sk, "s_q": s_q, "h_q": h_q, "cfg": _kernel_label(q, k_cache, cfg, s_q * h_q),
-                                "parts": base_parts * pps, "us": ms * 1e3, "GB/s": nbytes / ms / 1e6,
+                                "parts": parts, "us": ms * 1e3, "GB/s": nbytes / ms / 1e6,
                                 "TFLOPS": flops / ms / 1e9, "/copy": nbytes / ms / 1e6 / copy,
                             }
                             if peer_ms is not None:

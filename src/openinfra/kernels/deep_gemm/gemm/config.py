@@ -152,6 +152,8 @@ def choose_config(
     sms = num_sms(device)
     k_blocks = max(1, k // GROUP_SIZE)
     if m <= 128 and groups == 1:
+        # (the Gluon kernel with split-K, :func:`memory_bound_gluon_config`, measured 0.7-0.9x this
+        # on most small-M shapes of the H200 bench: benchmarks/notes/deep_gemm.md, run 8)
         return _memory_bound_config(m, n, k_blocks, sms, allow_split_k, element_size)
     best = None
     for (bm, bn), eff in _EFFICIENCY.items():
@@ -192,6 +194,30 @@ def _gluon_ws_enabled(device: torch.device) -> bool:
 _SHORT_K_BLOCKS = 12
 # Per-work-item fixed cost in byte-equivalents: filling the pipeline before the first slice lands.
 _ITEM_OVERHEAD_BYTES = 48 * 1024
+
+
+def memory_bound_gluon_config(m: int, n: int, k_blocks: int, sms: int, allow_split_k: bool = True) -> GemmConfig:
+    """Small M on the warp-specialized Gluon kernel (128 x 128 tiles; rows past M load as TMA
+    zeros and cost no memory traffic): the same cost model as :func:`_memory_bound_config` over the
+    split-K factor only. Opt-in (a sweep candidate), not the default: measured slower than the
+    Triton kernel on most small-M shapes (benchmarks/notes/deep_gemm.md, run 8)."""
+    tiles = ceil_div(n, 128) * ceil_div(m, 128)
+    best = None
+    for split in range(1, (16 if allow_split_k else 1) + 1):
+        if split > 1 and ceil_div(k_blocks, split) < 2:
+            break
+        split = ceil_div(k_blocks, ceil_div(k_blocks, split))  # no empty splits
+        items = tiles * split
+        k_item = ceil_div(k_blocks, split) * GROUP_SIZE
+        item_bytes = (min(m, 128) + 128) * k_item + min(m, 128) * 128 * (4 if split > 1 else 2)
+        cost = ceil_div(items, sms) * (item_bytes + _ITEM_OVERHEAD_BYTES)
+        if split > 1:
+            cost += m * n * (4 * split + 2) / sms
+        key = (cost, split)
+        if best is None or key < best[0]:
+            best = (key, split)
+    # 6 stages of 32 KB + the 32 KB output buffers: the most bytes in flight that fit
+    return GemmConfig(128, 128, best[1], group_m=8, num_stages=6, num_warps=8, gluon_ws=True)
 
 
 def _memory_bound_config(m: int, n: int, k_blocks: int, sms: int, allow_split_k: bool, element_size: int) -> GemmConfig:
@@ -244,6 +270,8 @@ def tuning_candidates(m: int, n: int, k: int, device: torch.device) -> list[tupl
         ]
         if m > 64:
             out.append(("128 rows, 8 warps", replace(base, block_m=128, num_warps=8, num_stages=4)))
+        out.append(("gluon ws split-K 6 buffers",
+                    memory_bound_gluon_config(m, n, max(1, k // GROUP_SIZE), num_sms(device))))
         return out
     return [
         ("triton 128x128 w8 s4", GemmConfig(128, 128, 1, 8, 4, 8)),

@@ -221,12 +221,17 @@ def _ws_tile(tile, layout_ptr, M, N, ROWS, G, MODE: gl.constexpr, BLOCK_N: gl.co
 
 @gluon.jit
 def _ws_producer(a_desc, b_desc, a_bufs, b_bufs, full, empty, layout_ptr, M, N, ROWS, G, num_tiles, num_k,
-                 MODE: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
+                 MODE: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
+                 SPLIT: gl.constexpr):
     step = 0
-    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+    k_per = gl.cdiv(num_k, SPLIT)
+    for item in range(gl.program_id(0), num_tiles * SPLIT, gl.num_programs(0)):
+        tile = item // SPLIT
+        k_lo = (item % SPLIT) * k_per
+        k_hi = gl.minimum(k_lo + k_per, num_k)
         live, g, off_m, off_n, a_row, b_row, rows = _ws_tile(tile, layout_ptr, M, N, ROWS, G, MODE, BLOCK_N, GROUP_M, 1)
         if live:
-            for k in range(num_k):
+            for k in range(k_lo, k_hi):
                 s = step % NUM_BUFFERS
                 # a fresh barrier has completed the phase before its first: the first lap does not wait
                 mbarrier.wait(empty.index(s), ((step // NUM_BUFFERS) & 1) ^ 1)
@@ -261,16 +266,34 @@ def _ws_store_rows(acc, d_ptr, layout_ptr, g, off_m, off_n, rows, N, stride_dg, 
 
 
 @gluon.jit
-def _ws_math(HALF: gl.constexpr, a_bufs, b_bufs, full, empty, d_desc, d_smem, d_ptr, sfa_ptr, sfb_ptr, layout_ptr,
-             M, N, ROWS, G, num_tiles, num_k, stride_dg, stride_dm, stride_sag, stride_sam, stride_sak, stride_sbg,
-             stride_sbn, stride_sbk, MODE: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
-    # This warpgroup's [64, 128] half of each 128 x 128 tile: rows off_m + HALF * 64 ...
+def _ws_store_partial(acc, ws_ptr, part, off_m, off_n, M, N):
+    # split-K: the fp32 [64, 128] partial of K part ``part`` into the workspace [SPLIT, M, N]
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, 128, 32])
+    r = off_m + gl.arange(0, 64, layout=gl.SliceLayout(1, mma_layout))
+    c = off_n + gl.arange(0, 128, layout=gl.SliceLayout(0, mma_layout))
+    ptrs = ws_ptr + (part.to(gl.int64) * M + r.to(gl.int64))[:, None] * N + c[None, :]
+    gl.store(ptrs, acc, mask=(r < M)[:, None] & (c < N)[None, :])
+
+
+@gluon.jit
+def _ws_math(HALF: gl.constexpr, a_bufs, b_bufs, full, empty, d_desc, d_smem, d_ptr, ws_ptr, sfa_ptr, sfb_ptr,
+             layout_ptr, M, N, ROWS, G, num_tiles, num_k, stride_dg, stride_dm, stride_sag, stride_sam, stride_sak,
+             stride_sbg, stride_sbn, stride_sbk, MODE: gl.constexpr, GROUP_M: gl.constexpr,
+             NUM_BUFFERS: gl.constexpr, SPLIT: gl.constexpr):
+    # This warpgroup's [64, 128] half of each 128 x 128 tile: rows off_m + HALF * 64 ... (with
+    # SPLIT > 1, of K slices [k_lo, k_hi) of it: work item = tile * SPLIT + part)
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, 128, 32])
     row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
     zero = gl.zeros((64, 128), dtype=gl.float32, layout=mma_layout)
     step = 0
-    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+    k_per = gl.cdiv(num_k, SPLIT)
+    for item in range(gl.program_id(0), num_tiles * SPLIT, gl.num_programs(0)):
+        tile = item // SPLIT
+        part = item % SPLIT
+        k_lo = part * k_per
+        k_hi = gl.minimum(k_lo + k_per, num_k)
         live, g, off_m, off_n, a_row, b_row, rows = _ws_tile(tile, layout_ptr, M, N, ROWS, G, MODE, 128, GROUP_M, 4)
         if live:
             r = off_m + HALF * 64 + gl.arange(0, 64, layout=row_layout)
@@ -281,7 +304,7 @@ def _ws_math(HALF: gl.constexpr, a_bufs, b_bufs, full, empty, d_desc, d_smem, d_
             acc = gl.zeros((64, 128), dtype=gl.float32, layout=mma_layout)
             done = zero
             done_scale = gl.zeros((64, ), dtype=gl.float32, layout=row_layout)
-            for k in range(num_k):
+            for k in range(k_lo, k_hi):
                 s = step % NUM_BUFFERS
                 scale = gl.load(sfa_rows + k * stride_sak, mask=r_ok, other=0.0) * gl.load(sfb_col + k * stride_sbk)
                 mbarrier.wait(full.index(s), (step // NUM_BUFFERS) & 1)
@@ -294,7 +317,9 @@ def _ws_math(HALF: gl.constexpr, a_bufs, b_bufs, full, empty, d_desc, d_smem, d_
                 done_scale = scale
                 step += 1
             acc += done * done_scale[:, None]
-            if MODE == 0:
+            if SPLIT > 1:
+                _ws_store_partial(acc, ws_ptr, part, off_m + HALF * 64, off_n, M, N)
+            elif MODE == 0:
                 _ws_store(acc, d_desc, d_smem, off_m + HALF * 64, off_n)
             else:
                 _ws_store_rows(acc, d_ptr, layout_ptr, g, off_m + HALF * 64, off_n, rows, N, stride_dg, stride_dm,
@@ -347,11 +372,13 @@ def _ws_math_wide(HALF: gl.constexpr, a_bufs, b_bufs, full, empty, d_desc, d_sme
 
 
 @gluon.jit
-def _fp8_gemm_nt_ws_kernel(a_desc, b_desc, d_desc, d_ptr, sfa_ptr, sfb_ptr, layout_ptr, M, N, K, ROWS, G, num_tiles,
-                           stride_dg, stride_dm, stride_sag, stride_sam, stride_sak, stride_sbg, stride_sbn,
-                           stride_sbk, MODE: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr):
+def _fp8_gemm_nt_ws_kernel(a_desc, b_desc, d_desc, d_ptr, ws_ptr, sfa_ptr, sfb_ptr, layout_ptr, M, N, K, ROWS, G,
+                           num_tiles, stride_dg, stride_dm, stride_sag, stride_sam, stride_sak, stride_sbg, stride_sbn,
+                           stride_sbk, MODE: gl.constexpr, GROUP_M: gl.constexpr, NUM_BUFFERS: gl.constexpr,
+                           SPLIT: gl.constexpr):
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     gl.static_assert(BLOCK_N == 128 or (BLOCK_N == 256 and MODE == 0), "tiles are 128 x 128, or 128 x 256 (dense)")
+    gl.static_assert(SPLIT == 1 or (BLOCK_N == 128 and MODE == 0), "split-K: dense 128 x 128 tiles only")
     num_k = gl.cdiv(K, 128)
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NUM_BUFFERS] + a_desc.block_type.shape, a_desc.layout)
     b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NUM_BUFFERS] + b_desc.block_type.shape, b_desc.layout)
@@ -366,14 +393,14 @@ def _fp8_gemm_nt_ws_kernel(a_desc, b_desc, d_desc, d_ptr, sfa_ptr, sfb_ptr, layo
     # tiles spill more (scripts/sass_loops.py gluon-gemm-ws 4,256)
     if BLOCK_N == 128:
         gl.warp_specialize([
-            (_ws_math, (0, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(0), d_ptr, sfa_ptr, sfb_ptr, layout_ptr,
-                        M, N, ROWS, G, num_tiles, num_k, stride_dg, stride_dm, stride_sag, stride_sam, stride_sak,
-                        stride_sbg, stride_sbn, stride_sbk, MODE, GROUP_M, NUM_BUFFERS)),
-            (_ws_math, (1, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(1), d_ptr, sfa_ptr, sfb_ptr, layout_ptr,
-                        M, N, ROWS, G, num_tiles, num_k, stride_dg, stride_dm, stride_sag, stride_sam, stride_sak,
-                        stride_sbg, stride_sbn, stride_sbk, MODE, GROUP_M, NUM_BUFFERS)),
+            (_ws_math, (0, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(0), d_ptr, ws_ptr, sfa_ptr, sfb_ptr,
+                        layout_ptr, M, N, ROWS, G, num_tiles, num_k, stride_dg, stride_dm, stride_sag, stride_sam,
+                        stride_sak, stride_sbg, stride_sbn, stride_sbk, MODE, GROUP_M, NUM_BUFFERS, SPLIT)),
+            (_ws_math, (1, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(1), d_ptr, ws_ptr, sfa_ptr, sfb_ptr,
+                        layout_ptr, M, N, ROWS, G, num_tiles, num_k, stride_dg, stride_dm, stride_sag, stride_sam,
+                        stride_sak, stride_sbg, stride_sbn, stride_sbk, MODE, GROUP_M, NUM_BUFFERS, SPLIT)),
             (_ws_producer, (a_desc, b_desc, a_bufs, b_bufs, full, empty, layout_ptr, M, N, ROWS, G, num_tiles, num_k,
-                            MODE, BLOCK_N, GROUP_M, NUM_BUFFERS)),
+                            MODE, BLOCK_N, GROUP_M, NUM_BUFFERS, SPLIT)),
         ], [4, 1], [208, 40])
     else:
         gl.warp_specialize([
@@ -382,7 +409,7 @@ def _fp8_gemm_nt_ws_kernel(a_desc, b_desc, d_desc, d_ptr, sfa_ptr, sfb_ptr, layo
             (_ws_math_wide, (1, a_bufs, b_bufs, full, empty, d_desc, d_smem.index(1), sfa_ptr, sfb_ptr, M, N,
                              num_tiles, num_k, stride_sam, stride_sak, stride_sbn, stride_sbk, GROUP_M, NUM_BUFFERS)),
             (_ws_producer, (a_desc, b_desc, a_bufs, b_bufs, full, empty, layout_ptr, M, N, ROWS, G, num_tiles, num_k,
-                            MODE, BLOCK_N, GROUP_M, NUM_BUFFERS)),
+                            MODE, BLOCK_N, GROUP_M, NUM_BUFFERS, SPLIT)),
         ], [4, 1], [208, 40])
     for i in gl.static_range(NUM_BUFFERS):
         mbarrier.invalidate(full.index(i))
@@ -413,14 +440,20 @@ def gluon_ws_supported(mode: int, a: torch.Tensor, b: torch.Tensor, d: torch.Ten
 
 def fp8_gemm_nt_gluon_ws(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor, d: torch.Tensor,
                          *, num_buffers: int = 4, group_m: int = 8, block_n: int = 128, mode: int = _DENSE,
-                         layout: torch.Tensor | None = None) -> torch.Tensor:
+                         layout: torch.Tensor | None = None, split_k: int = 1) -> torch.Tensor:
     """The warp-specialized persistent kernel. DENSE: a [M, K], b [N, K], d [M, N] bf16, sfa
     [M, K/128], sfb [ceil(N/128), K/128]; CONTIGUOUS: b [G, N, K], sfb [G, ceil(N/128), K/128],
     ``layout`` = m_indices [M] int32; MASKED: a [G, max_m, K], sfa [G, max_m, K/128], d
     [G, max_m, N], ``layout`` = masked_m [G] int32. Scales fp32, any strides; operands checked by
-    :func:`gluon_ws_supported`. ``block_n`` 128 or 256 (256: dense only, at most 4 buffers)."""
+    :func:`gluon_ws_supported`. ``block_n`` 128 or 256 (256: dense only, at most 4 buffers).
+    ``split_k`` > 1 (dense, 128 x 128 tiles): each tile's K slices are cut into that many parts,
+    each a work item of its own writing an fp32 partial to a [split_k, M, N] workspace, which a
+    second kernel sums into d -- for small M, where the tiles alone would leave most SMs idle."""
     if block_n not in (128, 256):
         raise ValueError(f"block_n: the warp-specialized kernel takes 128 or 256, got {block_n}")
+    if split_k < 1 or (split_k > 1 and (mode != _DENSE or block_n != 128)):
+        raise ValueError(f"split_k: >= 1, and > 1 only for dense 128 x 128 tiles; got {split_k} (mode {mode}, "
+                         f"block_n {block_n})")
     if block_n == 256 and (num_buffers > 4 or mode != _DENSE):
         raise ValueError(f"block_n 256: dense problems and at most 4 stages only, got mode {mode}, "
                          f"{num_buffers} buffers")
@@ -444,8 +477,17 @@ def fp8_gemm_nt_gluon_ws(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sf
     sa = sfa.stride() if sfa.dim() == 3 else (0, ) + sfa.stride()
     sb = sfb.stride() if sfb.dim() == 3 else (0, ) + sfb.stride()
     sd = d.stride() if d.dim() == 3 else (0, ) + d.stride()
-    grid = (min(num_sms(a.device), tiles),)
-    _fp8_gemm_nt_ws_kernel[grid](a_desc, b_desc, d_desc, d, sfa, sfb, layout if layout is not None else sfa,
+    grid = (min(num_sms(a.device), tiles * split_k),)
+    ws = torch.empty(split_k, rows, n, dtype=torch.float32, device=d.device) if split_k > 1 else sfa
+    _fp8_gemm_nt_ws_kernel[grid](a_desc, b_desc, d_desc, d, ws, sfa, sfb, layout if layout is not None else sfa,
                                  a2.shape[0], n, k, rows, groups, tiles, sd[0], sd[1], sa[0], sa[1], sa[2], sb[0],
-                                 sb[1], sb[2], MODE=mode, GROUP_M=group_m, NUM_BUFFERS=num_buffers, num_warps=4)
+                                 sb[1], sb[2], MODE=mode, GROUP_M=group_m, NUM_BUFFERS=num_buffers, SPLIT=split_k,
+                                 num_warps=4)
+    if split_k > 1:
+        from openinfra.kernels.deep_gemm.gemm.kernel import _split_k_reduce_kernel
+
+        block = 1024
+        _split_k_reduce_kernel[(ceil_div(rows * n, block), )](ws, d, d, rows, n, ws.stride(0), d.stride(0), d.stride(1),
+                                                              0, 0, SPLIT_K=split_k, HAS_C=False, BLOCK=block,
+                                                              num_warps=4)
     return d

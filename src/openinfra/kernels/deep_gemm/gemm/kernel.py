@@ -304,12 +304,13 @@ def launch_gemm(
         return d
     if config.split_k > 1 and mode != DENSE:
         raise ValueError("split_k > 1 is only supported by the dense kernel")
-    if config.gluon_ws and scaled and c is None and config.split_k == 1 and sfb_gran_n == GROUP_SIZE:
+    gluon_split_ok = config.split_k == 1 or (mode == DENSE and config.block_n == 128)
+    if config.gluon_ws and scaled and c is None and gluon_split_ok and sfb_gran_n == GROUP_SIZE:
         from openinfra.kernels.deep_gemm.gemm.gluon_kernel import fp8_gemm_nt_gluon_ws, gluon_ws_supported
 
         if gluon_ws_supported(mode, a, b, d):
             return fp8_gemm_nt_gluon_ws(a, sfa, b, sfb, d, num_buffers=config.num_stages, group_m=config.group_m,
-                                        block_n=config.block_n, mode=mode, layout=layout)
+                                        block_n=config.block_n, mode=mode, layout=layout, split_k=config.split_k)
     if config.gluon and mode == DENSE and scaled and c is None and config.split_k == 1 and sfb_gran_n == GROUP_SIZE:
         from openinfra.kernels.deep_gemm.gemm.gluon_kernel import fp8_gemm_nt_gluon, gluon_supported
 
