@@ -369,3 +369,46 @@ def test_checkpoint_deletes_only_the_records_it_synced(tmp_path):
 
     run(main())
     s.close()
+
+
+@pytest.mark.unit
+def test_overlapped_copy_write_commit_abort_and_failure(tmp_path, monkeypatch):
+    """``prepare(overlap=True)`` (a chain member forwarding while its copy is written): commit
+    waits for the file, an abort during the write removes it once written (no orphan, no race
+    with a retry of the same version), and a failed write fails the commit, leaving the old
+    version committed."""
+    s = ChunkStore(tmp_path, fsync=True)
+
+    def files():
+        return sorted(p.name for p in (tmp_path / "chunks").rglob("*") if p.is_file())
+
+    async def main():
+        content, crc = await s.prepare(9, 0, 1, "write", 0, b"a" * 300_000, overlap=True)
+        assert crc == checksum(b"a" * 300_000)
+        await s.commit(9, 0, 1)
+        assert (await s.read(9, 0, 0, MiB))[0] == b"a" * 300_000
+        await s.prepare(9, 0, 2, "write", 0, b"b" * 300_000, overlap=True)
+        s.abort(9, 0)  # the write may still be running: the file goes once it is done
+        await s.prepare(9, 0, 2, "write", 0, b"c" * 300_000, overlap=True)  # a retry, same file name
+        await s.commit(9, 0, 2)
+        assert (await s.read(9, 0, 0, MiB))[0] == b"c" * 300_000
+        for _ in range(100):  # bounded: the aborted write's cleanup callback
+            if not s._writing:
+                break
+            await asyncio.sleep(0.01)
+        assert files() == [os.path.basename(s.get(9, 0).file)]
+
+        def broken(rel, data):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(s, "_write_file", broken)
+        await s.prepare(9, 0, 3, "write", 0, b"d" * 300_000, overlap=True)
+        with pytest.raises(OSError):
+            await s.commit(9, 0, 3)
+        s.abort(9, 0)
+        meta = s.get(9, 0)
+        assert meta.version == 2 and meta.pending_version is None
+        assert (await s.read(9, 0, 0, MiB))[0] == b"c" * 300_000
+
+    run(main())
+    s.close()

@@ -218,6 +218,8 @@ class ChunkStore:
         # Reads of committed files running in worker threads, by file: an in-place commit of that
         # file waits for them (they must not see a half-applied update).
         self._reading: dict[str, set[asyncio.Future]] = {}
+        # Copy-on-write files being written in the background (``prepare(overlap=True)``), by file.
+        self._writing: dict[str, asyncio.Future] = {}
         # Committed rows as last read or written: (inode, index) -> row tuple, or None for "no
         # row". This process is the only writer of meta.db and updates an entry only once its
         # transaction committed (before the old file is unlinked), so a hit equals the row a
@@ -390,6 +392,22 @@ class ChunkStore:
         for fd in files.values():
             os.close(fd)
 
+    def _written(self, rel: str, fut: asyncio.Future) -> None:
+        """Done callback of a background file write: forget it (its error, if any, is raised to
+        the commit that awaits it; retrieved here so an abandoned one is not reported)."""
+        if self._writing.get(rel) is fut:
+            del self._writing[rel]
+        if not fut.cancelled():
+            fut.exception()
+
+    def _unlink_written(self, rel: str | None) -> None:
+        """:meth:`_unlink` once any background write of ``rel`` is over (never under a writer)."""
+        busy = self._writing.get(rel) if rel else None
+        if busy is None:
+            self._unlink(rel)
+        else:
+            busy.add_done_callback(lambda _f: None if self._writing.get(rel) else self._unlink(rel))
+
     def _unlink(self, rel: str | None) -> None:
         if rel:
             self._forget_file(rel)
@@ -516,8 +534,13 @@ class ChunkStore:
 
     async def prepare(self, inode: int, index: int, version: int, op: str, offset: int = 0, data: bytes = b"",
                       length: int = 0, full: bytes | None = None,
-                      ranges: list[tuple[int, bytes]] | None = None) -> tuple[bytes, int]:
+                      ranges: list[tuple[int, bytes]] | None = None,
+                      overlap: bool = False) -> tuple[bytes, int]:
         """Write version ``version`` as pending (copy-on-write); returns ``(content, crc)``.
+
+        ``overlap``: return as soon as the content and CRC are known and write (and sync) the new
+        file in the background; :meth:`commit` waits for that write (and fails if it failed), so
+        a caller can forward the update down the chain meanwhile.
 
         ``op``: ``"write"`` (``data`` at ``offset``), ``"writev"`` (each ``(offset, data)`` of
         ``ranges`` in order; a gap past the old end reads as zeros), ``"truncate"`` (to ``length``
@@ -570,11 +593,19 @@ class ChunkStore:
         # (on this thread, not the writer's: the descriptor cache is the event loop's. Never
         # cached in practice: a committed file is never rewritten, see ".r" above.)
         self._forget_file(rel)
-        await asyncio.to_thread(self._write_file, rel, content)
+        busy = self._writing.get(rel)
+        if busy is not None:  # an earlier attempt's background write of this very file
+            await asyncio.wait([busy])
+        if overlap:
+            fut = asyncio.ensure_future(asyncio.to_thread(self._write_file, rel, content))
+            self._writing[rel] = fut
+            fut.add_done_callback(functools.partial(self._written, rel))
+        else:
+            await asyncio.to_thread(self._write_file, rel, content)
         old_pending = meta.pending_file if meta is not None else None
         self._pending[(inode, index)] = (version, rel, len(content), crc, None, crcs)
         if old_pending and old_pending != rel and old_pending != (meta.file if meta else None):
-            self._unlink(old_pending)  # an earlier attempt that never committed
+            self._unlink_written(old_pending)  # an earlier attempt that never committed
         return content, crc
 
     async def commit(self, inode: int, index: int, version: int,
@@ -587,6 +618,11 @@ class ChunkStore:
         pend = self._pending[(inode, index)]
         if pend[4] is not None:
             return await self._commit_inplace(meta, version, pend[4], pend[5], dedup)
+        busy = self._writing.get(pend[1])
+        if busy is not None:
+            await busy  # the new file is durable before any row points at it (raises if the write failed)
+            if self._pending.get((inode, index)) is not pend:
+                raise RuntimeError(f"chunk {inode}:{index}: pending version {version} dropped during its write")
         stmts = [("INSERT OR REPLACE INTO chunks (inode, idx, ver, len, crc, file, bcrc) VALUES (?, ?, ?, ?, ?, ?, ?)",
                   (inode, index, version, meta.pending_length, meta.pending_crc, meta.pending_file,
                    _pack_crcs(pend[5]))),
@@ -793,6 +829,9 @@ class ChunkStore:
         if pend is None:
             raise RuntimeError(f"chunk {inode}:{index}: no pending version")
         if pend[4] is None:
+            busy = self._writing.get(pend[1])
+            if busy is not None:
+                await busy
             return await asyncio.to_thread(self._read_file, pend[1])
         data = bytearray((await self.committed_content(inode, index))[0])
         for off, d in pend[4]:
@@ -808,7 +847,7 @@ class ChunkStore:
             return
         row = self.db.execute("SELECT file FROM chunks WHERE inode = ? AND idx = ?", (inode, index)).fetchone()
         if row is None or row[0] != pending[1]:
-            self._unlink(pending[1])
+            self._unlink_written(pending[1])
 
     async def remove(self, inode: int, index: int, dedup: tuple[str, int, int, bytes] | None = None) -> bool:
         """Delete a chunk (committed and pending); returns whether it existed."""
@@ -823,7 +862,7 @@ class ChunkStore:
         if meta is not None:
             self._unlink(meta.file)
             if meta.pending_file != meta.file:
-                self._unlink(meta.pending_file)
+                self._unlink_written(meta.pending_file)
         return meta is not None and meta.version > 0
 
     async def replace(self, inode: int, index: int, version: int, content: bytes) -> int:

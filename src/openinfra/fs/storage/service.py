@@ -286,7 +286,9 @@ class StorageNode:
                     # Behind, ahead, or the same version with other bytes (a different update got
                     # that number after an aborted one): the predecessor sends the whole chunk.
                     raise FsError(Code.STALE_UPDATE, f"chunk {inode}:{index} at v{current}, update is v{u}")
-            content, crc = await store.prepare(inode, index, u, op, offset, data, length, full, ranges=ranges)
+            # A copy is written and synced while the update travels down the chain (commit waits for it).
+            content, crc = await store.prepare(inode, index, u, op, offset, data, length, full, ranges=ranges,
+                                               overlap=successor is not None)
             # (None: an in-place update, nothing copied; the whole content is built only for a resend)
             new_length = len(content) if content is not None else store.get(inode, index).pending_length
             if successor is not None:
