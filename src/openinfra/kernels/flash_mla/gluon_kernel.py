@@ -19,8 +19,9 @@ holds anything there, NaN in the tests; 0 x NaN would poison the output).
 
 Same schedule, outputs and partials as the Triton kernel (:mod:`.kernel`): a piece covering its
 whole request writes out and lse; other pieces write fp32 partials for the combine kernel. Taken
-for dense bf16/fp16 caches with h_kv = 1, 64-row tiles (s_q x h_q >= 64), no attention sink, no
-max-logit output; everything else runs the Triton kernel.
+for dense bf16/fp16 caches with h_kv = 1 and s_q x h_q >= MIN_ROWS (= 16; the rows of a 64-row
+tile past s_q x h_q are zeros), no attention sink, no max-logit output; everything else runs the
+Triton kernel.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ from openinfra.kernels.flash_mla.layout import HEAD_DIM_QK, HEAD_DIM_V, PAGE_BLO
 __all__ = ["gluon_decode_supported", "mla_decode_gluon"]
 
 _LOG2E = 1.4426950408889634
+# Query rows (s_q x h_q) from which the Gluon kernel takes a call. Below 64 the tile's rows past R
+# are zeros (wasted MMA work): the decode is memory-bound there, and a 64-row tile's compute per
+# page (~2.3 us) still fits under the page's stream time at full-machine bandwidth.
+MIN_ROWS = 16
 
 
 @gluon.jit
@@ -247,8 +252,8 @@ def _mla_decode_kernel(q_ptr, knope_desc, kpe_desc, bt_ptr, len_ptr, sched_ptr, 
 def gluon_decode_supported(q: torch.Tensor, kv: torch.Tensor, rows: int, *, sparse: bool, is_fp8: bool,
                            has_sink: bool, write_max: bool) -> bool:
     """Whether :func:`mla_decode_gluon` takes this call: Hopper, dense 16-bit cache with h_kv = 1
-    and 64-token pages whose strides TMA can address, >= 64 query rows, no sink, no max logits."""
-    if sparse or is_fp8 or has_sink or write_max or rows < 64 or not q.is_cuda:
+    and 64-token pages whose strides TMA can address, >= MIN_ROWS query rows, no sink, no max logits."""
+    if sparse or is_fp8 or has_sink or write_max or rows < MIN_ROWS or not q.is_cuda:
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
