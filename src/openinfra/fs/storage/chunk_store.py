@@ -199,6 +199,8 @@ class ChunkStore:
             # Per-block CRC32Cs (little-endian u32 per BLOCK_SIZE block), NULL until a chunk's
             # first in-place update (computed from the file then, checked against the chunk CRC).
             self.db.execute("ALTER TABLE chunks ADD COLUMN bcrc BLOB")
+        if "tok" not in [r[1] for r in self.db.execute("PRAGMA table_info(redo)")]:
+            self.db.execute("ALTER TABLE redo ADD COLUMN tok INTEGER")  # a table from before the tokens
         self._wdb = self._connect()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="chunk-db")
         self._queue: list[tuple[list[tuple[str, tuple]], asyncio.Future]] = []
