@@ -196,47 +196,42 @@ _SHORT_K_BLOCKS = 12
 _ITEM_OVERHEAD_BYTES = 48 * 1024
 
 
-def memory_bound_gluon_config(m: int, n: int, k_blocks: int, sms: int, allow_split_k: bool = True) -> GemmConfig:
-    """Small M on the warp-specialized Gluon kernel (128 x 128 tiles; rows past M load as TMA
-    zeros and cost no memory traffic): the same cost model as :func:`_memory_bound_config` over the
-    split-K factor only. Opt-in (a sweep candidate), not the default: measured slower than the
-    Triton kernel on most small-M shapes (benchmarks/notes/deep_gemm.md, run 8)."""
-    tiles = ceil_div(n, 128) * ceil_div(m, 128)
-    best = None
+def _split_costs(m: int, n: int, k_blocks: int, sms: int, allow_split_k: bool, block_m: int, block_n: int,
+                 rows_read: int, element_size: int):
+    """(cost, split) of each split-K factor for small-M tiles of block_m x block_n whose work items
+    stream ``rows_read`` A rows: waves x bytes each item streams (A and B slices, its output or fp32
+    partial) + the split-K reduction spread over all SMs."""
+    tiles = ceil_div(m, block_m) * ceil_div(n, block_n)
     for split in range(1, (16 if allow_split_k else 1) + 1):
         if split > 1 and ceil_div(k_blocks, split) < 2:
             break
         split = ceil_div(k_blocks, ceil_div(k_blocks, split))  # no empty splits
         items = tiles * split
         k_item = ceil_div(k_blocks, split) * GROUP_SIZE
-        item_bytes = (min(m, 128) + 128) * k_item + min(m, 128) * 128 * (4 if split > 1 else 2)
+        item_bytes = (rows_read + block_n) * k_item * element_size + rows_read * block_n * (4 if split > 1 else 2)
         cost = ceil_div(items, sms) * (item_bytes + _ITEM_OVERHEAD_BYTES)
         if split > 1:
             cost += m * n * (4 * split + 2) / sms
-        key = (cost, split)
-        if best is None or key < best[0]:
-            best = (key, split)
+        yield cost, split
+
+
+def memory_bound_gluon_config(m: int, n: int, k_blocks: int, sms: int, allow_split_k: bool = True) -> GemmConfig:
+    """Small M on the warp-specialized Gluon kernel (128 x 128 tiles; rows past M load as TMA
+    zeros and cost no memory traffic): the cost model of :func:`_memory_bound_config` over the
+    split-K factor only. Opt-in (a sweep candidate), not the default: measured slower than the
+    Triton kernel on most small-M shapes (benchmarks/notes/deep_gemm.md, run 8)."""
+    _, split = min(_split_costs(m, n, k_blocks, sms, allow_split_k, 128, 128, min(m, 128), 1))
     # 6 stages of 32 KB + the 32 KB output buffers: the most bytes in flight that fit
-    return GemmConfig(128, 128, best[1], group_m=8, num_stages=6, num_warps=8, gluon_ws=True)
+    return GemmConfig(128, 128, split, group_m=8, num_stages=6, num_warps=8, gluon_ws=True)
 
 
 def _memory_bound_config(m: int, n: int, k_blocks: int, sms: int, allow_split_k: bool, element_size: int) -> GemmConfig:
-    """Small M: time ~ waves x bytes each work item streams (A and B slices, its output or fp32
-    partial) + the split-K reduction spread over all SMs; pick the cheapest (block_n, split)."""
+    """Small M: the cheapest (block_n, split) by :func:`_split_costs` with 64-row tiles."""
     block_m = 64  # the smallest wgmma tile height
     best = None
     for block_n in (32, 64, 128):
-        tiles = ceil_div(m, block_m) * ceil_div(n, block_n)
-        for split in range(1, (16 if allow_split_k else 1) + 1):
-            if split > 1 and ceil_div(k_blocks, split) < 2:
-                break
-            split = ceil_div(k_blocks, ceil_div(k_blocks, split))  # no empty splits
-            items = tiles * split
-            k_item = ceil_div(k_blocks, split) * GROUP_SIZE
-            item_bytes = (block_m + block_n) * k_item * element_size + block_m * block_n * (4 if split > 1 else 2)
-            cost = ceil_div(items, sms) * (item_bytes + _ITEM_OVERHEAD_BYTES)
-            if split > 1:
-                cost += m * n * (4 * split + 2) / sms
+        for cost, split in _split_costs(m, n, k_blocks, sms, allow_split_k, block_m, block_n, block_m,
+                                        element_size):
             key = (cost, split, -block_n)
             if best is None or key < best[0]:
                 best = (key, block_n, split)
