@@ -412,3 +412,38 @@ def test_overlapped_copy_write_commit_abort_and_failure(tmp_path, monkeypatch):
 
     run(main())
     s.close()
+
+
+@pytest.mark.unit
+def test_whole_4k_pieces_need_no_old_bytes(tmp_path):
+    """CRCs are kept per 4 KiB piece: an update covering whole pieces reads nothing of the old
+    file (no cold read for aligned 4 KiB writes), and the chunk CRC is still exact; a partly
+    covered piece is read (and checked)."""
+    s = ChunkStore(tmp_path, fsync=False)
+    reads: list[list] = []
+    orig = s._read_old
+
+    async def counting(rel, spans):
+        reads.append(list(spans))
+        return await orig(rel, spans)
+
+    s._read_old = counting
+    rng = random.Random(13)
+
+    async def main():
+        ref = bytearray(rng.randbytes(MiB))
+        await s.prepare(2, 1, 1, "write", 0, bytes(ref))
+        await s.commit(2, 1, 1)
+        ranges = [(4096 * k, rng.randbytes(4096)) for k in (3, 17, 18, 200)]
+        _, crc = await s.prepare(2, 1, 2, "writev", ranges=ranges)
+        await s.commit(2, 1, 2)
+        _apply(ref, ranges)
+        assert crc == checksum(bytes(ref)) and reads == [[]]
+        _, crc = await s.prepare(2, 1, 3, "write", 4096 * 5 + 100, b"p" * 5000)  # partly covers 2 pieces
+        await s.commit(2, 1, 3)
+        _apply(ref, [(4096 * 5 + 100, b"p" * 5000)])
+        assert crc == checksum(bytes(ref)) and reads[-1] == [(4096 * 5, 4096 * 6), (4096 * 6, 4096 * 7)]
+        assert (await s.read(2, 1, 0, MiB))[0] == bytes(ref)
+
+    run(main())
+    s.close()

@@ -44,6 +44,7 @@ import crc32c
 import msgpack
 
 __all__ = ["ChunkStore", "ChunkMeta", "checksum", "crc_combine", "INLINE_READ_MAX", "OPEN_FILES_MAX", "BLOCK_SIZE",
+           "CRC_BLOCK",
            "INPLACE_MAX"]
 
 log = logging.getLogger("openinfra.fs.storage")
@@ -58,6 +59,11 @@ INLINE_READ_MAX = 256 * 1024
 OPEN_FILES_MAX = 4096
 # Block of the per-block CRC32Cs (bytes): an in-place update reads and re-CRCs the blocks it touches.
 BLOCK_SIZE = 64 * 1024
+# Granularity of the stored CRC32Cs (bytes): an update that covers a whole 4 KiB piece needs none
+# of its old bytes (no read of a cold file for aligned 4 KiB writes); a partly covered piece is
+# read and checked. Per 64 KiB block the CRC is combined from its pieces' (kept in memory).
+CRC_BLOCK = 4096
+_PIECES = BLOCK_SIZE // CRC_BLOCK
 # Updates of at most this many bytes (all ranges) of a chunk longer than one block are applied in
 # place through the redo log; bigger ones, truncates and full replacements are copied (bytes).
 INPLACE_MAX = 256 * 1024
@@ -138,6 +144,24 @@ def _chunk_crc(block_crcs: list[int], length: int) -> int:
     return crc
 
 
+def _group_crcs(sub: list[int], length: int) -> list[int]:
+    """The CRC32C of every ``BLOCK_SIZE`` block from the CRC32Cs of its ``CRC_BLOCK`` pieces."""
+    out = []
+    for g in range(0, len(sub), _PIECES):
+        c = sub[g]
+        for k in range(g + 1, min(g + _PIECES, len(sub))):
+            c = crc_combine(c, sub[k], min(CRC_BLOCK, length - k * CRC_BLOCK))
+        out.append(c)
+    return out
+
+
+def _content_crcs(view: memoryview) -> tuple[list[int], list[int]]:
+    """(piece CRC32Cs, block CRC32Cs) of a chunk's whole content."""
+    n = len(view)
+    return ([checksum(view[o:o + CRC_BLOCK]) for o in range(0, n, CRC_BLOCK)],
+            [checksum(view[o:o + BLOCK_SIZE]) for o in range(0, n, BLOCK_SIZE)])
+
+
 def _pack_crcs(crcs: list[int]) -> bytes:
     return struct.pack(f"<{len(crcs)}I", *crcs)
 
@@ -196,7 +220,7 @@ class ChunkStore:
         for stmt in _SCHEMA:
             self.db.execute(stmt)
         if "bcrc" not in [r[1] for r in self.db.execute("PRAGMA table_info(chunks)")]:
-            # Per-block CRC32Cs (little-endian u32 per BLOCK_SIZE block), NULL until a chunk's
+            # Per-piece CRC32Cs (little-endian u32 per CRC_BLOCK piece), NULL until a chunk's
             # first in-place update (computed from the file then, checked against the chunk CRC).
             self.db.execute("ALTER TABLE chunks ADD COLUMN bcrc BLOB")
         if "tok" not in [r[1] for r in self.db.execute("PRAGMA table_info(redo)")]:
@@ -205,7 +229,7 @@ class ChunkStore:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="chunk-db")
         self._queue: list[tuple[list[tuple[str, tuple]], asyncio.Future]] = []
         self._flushing = False
-        # Pending versions: (inode, index) -> (version, file, length, crc, ranges, block_crcs). In
+        # Pending versions: (inode, index) -> (version, file, length, crc, ranges, (piece CRCs, block CRCs)). In
         # memory on purpose. ``ranges``: None for a copy-on-write version (``file`` is its new
         # file), else the ``[(offset, bytes), ...]`` of an in-place update of the committed ``file``.
         self._pending: dict[tuple[int, int], tuple] = {}
@@ -587,7 +611,7 @@ class ChunkStore:
         # per-block CRC32Cs too (~50 us a MiB): the chunk's first in-place update then reads only
         # the blocks it touches
         view = memoryview(content)
-        crcs = [checksum(view[o:o + BLOCK_SIZE]) for o in range(0, len(content), BLOCK_SIZE)]
+        crcs = _content_crcs(view)
         del view
         rel = self._file(inode, index, version)
         if meta is not None and meta.file == rel:
@@ -627,7 +651,7 @@ class ChunkStore:
                 raise RuntimeError(f"chunk {inode}:{index}: pending version {version} dropped during its write")
         stmts = [("INSERT OR REPLACE INTO chunks (inode, idx, ver, len, crc, file, bcrc) VALUES (?, ?, ?, ?, ?, ?, ?)",
                   (inode, index, version, meta.pending_length, meta.pending_crc, meta.pending_file,
-                   _pack_crcs(pend[5]))),
+                   _pack_crcs(pend[5][0]))),
                  ("DELETE FROM redo WHERE inode = ? AND idx = ?", (inode, index))]  # the new file has it all
         if dedup is not None:
             stmts.append(("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)", dedup))
@@ -656,22 +680,23 @@ class ChunkStore:
             return False
         return not (len(upd) == 1 and upd[0][0] == 0 and len(upd[0][1]) >= meta.length)
 
-    def _cache_bcrc(self, key: tuple[int, int], version: int, crcs: list[int]) -> None:
+    def _cache_bcrc(self, key: tuple[int, int], version: int, crcs: tuple[list[int], list[int]]) -> None:
         if len(self._bcrc) >= ROW_CACHE_MAX:
             self._bcrc.clear()
         self._bcrc[key] = (version, crcs)
 
-    async def _block_crcs(self, meta: ChunkMeta) -> list[int]:
-        """The block CRC32Cs of committed ``meta``: cached, stored with the row, or (the chunk's
-        first in-place update) computed from the file, which must match the chunk CRC."""
+    async def _block_crcs(self, meta: ChunkMeta) -> tuple[list[int], list[int]]:
+        """(piece CRC32Cs, block CRC32Cs) of committed ``meta``: cached, stored with the row, or
+        (the chunk's first in-place update) computed from the file, which must match the chunk CRC."""
         key = (meta.inode, meta.index)
-        nblocks = (meta.length + BLOCK_SIZE - 1) // BLOCK_SIZE
+        npieces = (meta.length + CRC_BLOCK - 1) // CRC_BLOCK
         hit = self._bcrc.get(key)
-        if hit is not None and hit[0] == meta.version and len(hit[1]) == nblocks:
+        if hit is not None and hit[0] == meta.version and len(hit[1][0]) == npieces:
             return hit[1]
         row = self.db.execute("SELECT ver, bcrc FROM chunks WHERE inode = ? AND idx = ?", key).fetchone()
-        if row is not None and row[0] == meta.version and row[1] is not None and len(row[1]) == 4 * nblocks:
-            crcs = _unpack_crcs(row[1])
+        if row is not None and row[0] == meta.version and row[1] is not None and len(row[1]) == 4 * npieces:
+            sub = _unpack_crcs(row[1])
+            crcs = (sub, _group_crcs(sub, meta.length))
         else:
             data = await asyncio.to_thread(self._read_file, meta.file, 0, meta.length)
             if len(data) != meta.length or checksum(data) != meta.crc:
@@ -679,70 +704,110 @@ class ChunkStore:
 
                 raise FsError(Code.CHECKSUM_MISMATCH,
                               f"chunk {meta.inode}:{meta.index} v{meta.version} fails its CRC32C")
-            view = memoryview(data)
-            crcs = [checksum(view[o:o + BLOCK_SIZE]) for o in range(0, meta.length, BLOCK_SIZE)]
+            crcs = _content_crcs(memoryview(data))
         self._cache_bcrc(key, meta.version, crcs)
         return crcs
 
     def _read_spans(self, rel: str, spans: list[tuple[int, int]]) -> list[bytes]:
         fd = os.open(self._root_slash + rel, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            if len(spans) > 1:  # cold pieces: let the kernel fetch them all at once
+                for lo, hi in spans:
+                    os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
             return [self._pread(fd, lo, hi - lo) for lo, hi in spans]
         finally:
             os.close(fd)
 
+    async def _read_old(self, rel: str, spans: list[tuple[int, int]]) -> list:
+        """The bytes of ``spans`` of committed file ``rel``: on the event loop when the page cache
+        has them all (``RWF_NOWAIT``), else in a worker thread (a cold read must not stall the loop)."""
+        if not spans:
+            return []
+        if sum(hi - lo for lo, hi in spans) <= INLINE_READ_MAX:
+            fd = os.open(self._root_slash + rel, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                out = []
+                for lo, hi in spans:
+                    buf = bytearray(hi - lo)
+                    if os.preadv(fd, [buf], lo, os.RWF_NOWAIT) != hi - lo:
+                        break
+                    out.append(buf)
+                else:
+                    return out
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(fd)
+        return await asyncio.to_thread(self._read_spans, rel, spans)
+
     async def _prepare_inplace(self, meta: ChunkMeta, version: int, upd: list) -> int:
         """Pending in-place version ``version`` of ``meta``: the ranges and the new CRC32C of every
-        block they touch (old bytes read and checked against the block's CRC). Returns the new
-        chunk CRC32C. Nothing is written until :meth:`commit`."""
+        4 KiB piece they touch. A piece the ranges cover whole needs no old bytes; the old bytes of
+        a partly covered one are read and checked against its CRC. Returns the new chunk CRC32C.
+        Nothing is written until :meth:`commit`."""
         from openinfra.fs.errors import Code, FsError
 
         key = (meta.inode, meta.index)
-        crcs = await self._block_crcs(meta)
+        sub, groups = await self._block_crcs(meta)
         upd = [(off, bytes(d)) for off, d in upd if len(d)]
         old_len = meta.length
         new_len = max(old_len, max(off + len(d) for off, d in upd))
-        touched = set()
+        pieces: dict[int, list] = {}  # piece index -> [(start, end, range offset, range bytes)], in order
         for off, d in upd:
-            touched.update(range(off // BLOCK_SIZE, (off + len(d) - 1) // BLOCK_SIZE + 1))
-        if new_len > old_len:  # the old last block grows and the gap reads as zeros
-            touched.update(range(old_len // BLOCK_SIZE, (new_len - 1) // BLOCK_SIZE + 1))
-        touched = sorted(touched)
-        spans = [(b * BLOCK_SIZE, min(b * BLOCK_SIZE + BLOCK_SIZE, old_len)) for b in touched
-                 if b * BLOCK_SIZE < old_len]
-        if sum(hi - lo for lo, hi in spans) <= INLINE_READ_MAX:
-            olds = self._read_spans(meta.file, spans)
-        else:
-            olds = await asyncio.to_thread(self._read_spans, meta.file, spans)
-        new = crcs + [0] * ((new_len + BLOCK_SIZE - 1) // BLOCK_SIZE - len(crcs))
-        j = 0
-        for b in touched:
-            lo = b * BLOCK_SIZE
-            hi = min(lo + BLOCK_SIZE, new_len)
-            if lo < old_len:
-                old = olds[j]
-                j += 1
-                if len(old) != min(lo + BLOCK_SIZE, old_len) - lo or checksum(old) != crcs[b]:
+            pos, end = off, off + len(d)
+            while pos < end:
+                e = min(end, (pos // CRC_BLOCK + 1) * CRC_BLOCK)
+                pieces.setdefault(pos // CRC_BLOCK, []).append((pos, e, off, d))
+                pos = e
+        for p in range(old_len // CRC_BLOCK, (new_len - 1) // CRC_BLOCK + 1) if new_len > old_len else ():
+            pieces.setdefault(p, [])  # grown: the old last piece and the gap (zeros) change too
+        need = []
+        for p, ps in pieces.items():
+            lo = p * CRC_BLOCK
+            if lo >= old_len:
+                continue
+            hi, at = min(lo + CRC_BLOCK, new_len), lo
+            for s, e in sorted((q[0], q[1]) for q in ps):
+                if s > at:
+                    break
+                at = max(at, e)
+            if at < hi:
+                need.append(p)
+        need.sort()
+        olds = dict(zip(need, await self._read_old(
+            meta.file, [(p * CRC_BLOCK, min(p * CRC_BLOCK + CRC_BLOCK, old_len)) for p in need])))
+        new_sub = sub + [0] * ((new_len + CRC_BLOCK - 1) // CRC_BLOCK - len(sub))
+        for p, ps in pieces.items():
+            lo = p * CRC_BLOCK
+            hi = min(lo + CRC_BLOCK, new_len)
+            old = olds.get(p)
+            if old is not None:
+                if len(old) != min(lo + CRC_BLOCK, old_len) - lo or checksum(old) != sub[p]:
                     raise FsError(Code.CHECKSUM_MISMATCH,
-                                  f"chunk {meta.inode}:{meta.index} v{meta.version} block {b} fails its CRC32C")
+                                  f"chunk {meta.inode}:{meta.index} v{meta.version} bytes {lo}-{hi} fail their CRC32C")
                 buf = bytearray(old)
                 if len(buf) < hi - lo:
                     buf += bytes(hi - lo - len(buf))
             else:
-                buf = bytearray(hi - lo)
-            for off, d in upd:
-                s, e = max(off, lo), min(off + len(d), hi)
-                if s < e:
-                    buf[s - lo:e - lo] = d[s - off:e - off]
-            new[b] = checksum(buf)
-        crc = _chunk_crc(new, new_len)
+                buf = bytearray(hi - lo)  # covered whole by the ranges, or past the old end
+            for s, e, off, d in ps:
+                buf[s - lo:e - lo] = d[s - off:e - off]
+            new_sub[p] = checksum(buf)
+        new_groups = groups + [0] * ((new_len + BLOCK_SIZE - 1) // BLOCK_SIZE - len(groups))
+        for g in {p // _PIECES for p in pieces}:
+            first = g * _PIECES
+            c = new_sub[first]
+            for k in range(first + 1, min(first + _PIECES, len(new_sub))):
+                c = crc_combine(c, new_sub[k], min(CRC_BLOCK, new_len - k * CRC_BLOCK))
+            new_groups[g] = c
+        crc = _chunk_crc(new_groups, new_len)
         old_pending = meta.pending_file
-        self._pending[key] = (version, meta.file, new_len, crc, upd, new)
+        self._pending[key] = (version, meta.file, new_len, crc, upd, (new_sub, new_groups))
         if old_pending and old_pending != meta.file:
-            self._unlink(old_pending)  # an earlier copy-on-write attempt that never committed
+            self._unlink_written(old_pending)  # an earlier copy-on-write attempt that never committed
         return crc
 
-    async def _commit_inplace(self, meta: ChunkMeta, version: int, upd: list, crcs: list[int],
+    async def _commit_inplace(self, meta: ChunkMeta, version: int, upd: list, crcs: tuple[list[int], list[int]],
                               dedup: tuple[str, int, int, bytes] | None) -> None:
         """Commit an in-place version: row + block CRCs + redo record in one transaction, then
         (in the flusher, before the row cache shows the version) the ranges into the file."""
@@ -755,7 +820,7 @@ class ChunkStore:
             await asyncio.wait(list(reading))
         row = (inode, index, version, meta.pending_length, meta.pending_crc, rel)
         stmts = [("INSERT OR REPLACE INTO chunks (inode, idx, ver, len, crc, file, bcrc) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                  row + (_pack_crcs(crcs),)),
+                  row + (_pack_crcs(crcs[0]),)),
                  ("INSERT OR REPLACE INTO redo (inode, idx, ver, file, ranges, tok) VALUES (?, ?, ?, ?, ?, ?)",
                   (inode, index, version, rel, msgpack.packb(upd), tok))]
         if dedup is not None:
