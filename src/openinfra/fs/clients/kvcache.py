@@ -18,8 +18,10 @@ blocks of a batch at cached locations go out as one ``batch_read`` per storage n
 deleted since reads short once its chunks are gone (or fails its header check) and is looked up
 again. ``get_into`` of a cached block into a CPU tensor asks for the payload only and receives it
 straight from the socket into the tensor (the kernel's copy is the only one); CUDA tensors and
-uncached blocks go through a reply buffer and one copy. After a miss or an error the contents of
-``outs`` are unspecified.
+uncached blocks go through a reply buffer and one copy. For ``bytes`` keys the location is found
+by the key itself (no digest per read) and each block's ``batch_read`` item is packed once; a
+batch's items are joined per storage node (``StorageClient.read_exact``). After a miss or an error
+the contents of ``outs`` are unspecified.
 GC removes blocks older than ``max_age_s`` (time since put) and then the oldest until the total
 is under ``capacity_bytes``.
 """
