@@ -1,5 +1,5 @@
 """The chunk engine of one storage target: copy-on-write chunk files or block-granular in-place
-updates, CRC32C per chunk (and per 64 KiB block), and one atomic metadata commit per update.
+updates, CRC32C per chunk (and per 4 KiB piece), and one atomic metadata commit per update.
 
 On disk (``<target>/``): ``chunks/<xx>/<inode>.<index>.<version>`` data files and ``meta.db``
 (SQLite, WAL) with one row per committed chunk (version, file, length, CRC32C). An update never
@@ -9,11 +9,12 @@ a crash may forget it). Commit points the row at the new file in one SQLite tran
 then unlinks the old file. A crash at any point leaves either the old or the new version, never a
 torn chunk; :meth:`ChunkStore.recover` deletes the files no row points to.
 
-Small partial updates of a chunk longer than one block (at most ``INPLACE_MAX`` bytes, not a
-truncate) are not copied: the pending version is the update's ranges in memory plus the new CRC32C
-of every 64 KiB block they touch (the old bytes of those blocks are read and checked against their
-stored block CRC first). Commit writes, in the same SQLite transaction, the chunk row (new version,
-length, chunk CRC combined from the block CRCs, block CRCs) and a redo record holding the ranges;
+Small partial updates of a chunk longer than one 64 KiB block (at most ``INPLACE_MAX`` bytes, not
+a truncate) are not copied: the pending version is the update's ranges in memory plus the new
+CRC32C of every 4 KiB piece they touch (a piece the ranges cover only partly is read and checked
+against its stored CRC first; a whole one needs no old bytes). Commit writes, in the same SQLite
+transaction, the chunk row (new version, length, chunk CRC combined from the piece CRCs, piece
+CRCs) and a redo record holding the ranges;
 only after that transaction is durable are the ranges written into the committed file in place
 (``pwrite``, on the event loop, before the row cache shows the new version). A crash after the
 commit replays the redo records on open (:meth:`ChunkStore.recover`), so the file is either the
