@@ -231,6 +231,43 @@ def test_commit_waits_for_threaded_reads_of_the_file(tmp_path):
     s.close()
 
 
+@pytest.mark.unit
+def test_threaded_read_started_during_the_commit_transaction_sees_old_bytes(tmp_path, monkeypatch):
+    """A big read that starts while an in-place update's transaction is being committed (the row
+    cache still shows the old version) must not see the ranges written into the file: the flusher
+    writes them only after the file's threaded reads (and a resync's whole-file read) finished."""
+    s = ChunkStore(tmp_path, fsync=False)
+    old = random.Random(6).randbytes(MiB)
+    apply, read_file = s._apply, s._read_file
+
+    def slow_apply(stmts):
+        time.sleep(0.2)
+        return apply(stmts)
+
+    def slow_read(rel, offset=0, length=-1):
+        time.sleep(0.3)  # the transaction has committed by now
+        return read_file(rel, offset, length)
+
+    async def main():
+        await s.prepare(2, 0, 1, "write", 0, old)
+        await s.commit(2, 0, 1)
+        monkeypatch.setattr(s, "_apply", slow_apply)
+        monkeypatch.setattr(s, "_read_file", slow_read)
+        for v, reading in ((2, lambda: s.read(2, 0, 0, MiB)), (3, lambda: s.committed_content(2, 0))):
+            await s.prepare(2, 0, v, "write", 4096, bytes([v]) * 4096)
+            commit = asyncio.ensure_future(s.commit(2, 0, v))
+            await asyncio.sleep(0.05)  # inside the slow transaction
+            data, meta = await reading()
+            await commit
+            assert meta.version == v - 1 and checksum(data) == meta.crc
+            assert bytes(data[4096:8192]) == (old[4096:8192] if v == 2 else bytes([2]) * 4096)
+        data, meta = await s.read(2, 0, 0, MiB)
+        assert meta.version == 3 and bytes(data[4096:8192]) == bytes([3]) * 4096
+
+    run(main())
+    s.close()
+
+
 # --- through a cluster -----------------------------------------------------------------------------
 
 

@@ -286,14 +286,15 @@ class ChunkStore:
         self.db.close()
 
     async def _write(self, stmts: list[tuple[str, tuple]], rows: list[tuple[tuple[int, int], tuple | None]],
-                     after=None) -> None:
+                     after=None, after_file: str | None = None) -> None:
         """Apply ``stmts`` atomically; returns once they are committed (durable with fsync=True).
         ``rows``: the chunk rows they set (``(key, row or None)``), put in the row cache by the
         flusher once the transaction committed, even if this caller was cancelled meanwhile.
         ``after``: a callable the flusher runs on the event loop right after the commit, before
-        the rows are cached (an in-place update's ``pwrite``s), also if this caller was cancelled."""
+        the rows are cached (an in-place update's ``pwrite``s into ``after_file``), also if this
+        caller was cancelled; the worker-thread reads of ``after_file`` in flight finish first."""
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append((stmts, fut, rows, after))
+        self._queue.append((stmts, fut, rows, (after, after_file)))
         if not self._flushing:
             self._flushing = True
             asyncio.ensure_future(self._flush())
@@ -307,7 +308,7 @@ class ChunkStore:
                 try:
                     await loop.run_in_executor(self._executor, self._apply, [e[0] for e in batch])
                 except BaseException as exc:
-                    for _, fut, rows, _ in batch:
+                    for _, fut, rows, _after in batch:
                         for key, _ in rows:  # rolled back, or unknown if cancelled: ask SQLite next time
                             self._rows.pop(key, None)
                         if not fut.done():
@@ -315,9 +316,16 @@ class ChunkStore:
                     if not isinstance(exc, Exception):
                         raise
                 else:
-                    for _, fut, rows, after in batch:
+                    for _, fut, rows, (after, after_file) in batch:
                         error = None
                         if after is not None:
+                            # Reads of the old bytes in worker threads (begun before or during the
+                            # transaction: the row cache still shows the old version) must not see
+                            # the ranges land. No await between this wait and after(), so no new
+                            # threaded read of the file can start in between.
+                            reading = self._reading.get(after_file) if after_file else None
+                            if reading:
+                                await asyncio.wait(list(reading))
                             try:
                                 after()
                             except Exception as exc:  # committed, but the file lags: replayed on restart
@@ -515,16 +523,7 @@ class ChunkStore:
             # (~50-100 us on a busy 2-core box): do it on the event loop.
             data = self._read_file(meta.file, offset, length)
         else:
-            # (registered: an in-place commit of this file waits for reads in flight)
-            fut = asyncio.ensure_future(asyncio.to_thread(self._read_file, meta.file, offset, length))
-            reading = self._reading.setdefault(meta.file, set())
-            reading.add(fut)
-            try:
-                data = await fut
-            finally:
-                reading.discard(fut)
-                if not reading and self._reading.get(meta.file) is reading:
-                    del self._reading[meta.file]
+            data = await self._threaded_read(meta.file, offset, length)
         if whole and checksum(data) != meta.crc:
             from openinfra.fs.errors import Code, FsError
 
@@ -553,11 +552,26 @@ class ChunkStore:
             raise FsError(Code.CHECKSUM_MISMATCH, f"chunk {meta.inode}:{meta.index} v{meta.version} fails its CRC32C")
         return memoryview(data)[skip:] if skip else data
 
+    async def _threaded_read(self, rel: str, offset: int = 0, length: int = -1, spans=None):
+        """:meth:`_read_file` (or, given ``spans``, :meth:`_read_spans`) of committed file ``rel``
+        in a worker thread, registered in ``_reading`` so that an in-place commit's ``pwrite``s into
+        ``rel`` wait for it (the flusher)."""
+        call = (self._read_spans, rel, spans) if spans is not None else (self._read_file, rel, offset, length)
+        fut = asyncio.ensure_future(asyncio.to_thread(*call))
+        reading = self._reading.setdefault(rel, set())
+        reading.add(fut)
+        try:
+            return await fut
+        finally:
+            reading.discard(fut)
+            if not reading and self._reading.get(rel) is reading:
+                del self._reading[rel]
+
     async def committed_content(self, inode: int, index: int) -> tuple[bytes, ChunkMeta | None]:
         meta = self.get(inode, index)
         if meta is None or meta.version == 0:
             return b"", meta
-        return await asyncio.to_thread(self._read_file, meta.file), meta
+        return await self._threaded_read(meta.file), meta
 
     async def prepare(self, inode: int, index: int, version: int, op: str, offset: int = 0, data: bytes = b"",
                       length: int = 0, full: bytes | None = None,
@@ -699,7 +713,7 @@ class ChunkStore:
             sub = _unpack_crcs(row[1])
             crcs = (sub, _group_crcs(sub, meta.length))
         else:
-            data = await asyncio.to_thread(self._read_file, meta.file, 0, meta.length)
+            data = await self._threaded_read(meta.file, 0, meta.length)
             if len(data) != meta.length or checksum(data) != meta.crc:
                 from openinfra.fs.errors import Code, FsError
 
@@ -739,7 +753,7 @@ class ChunkStore:
                 pass
             finally:
                 os.close(fd)
-        return await asyncio.to_thread(self._read_spans, rel, spans)
+        return await self._threaded_read(rel, spans=spans)
 
     async def _prepare_inplace(self, meta: ChunkMeta, version: int, upd: list) -> int:
         """Pending in-place version ``version`` of ``meta``: the ranges and the new CRC32C of every
@@ -816,9 +830,6 @@ class ChunkStore:
         key = (inode, index)
         self._tok += 1
         tok = self._tok
-        reading = self._reading.get(rel)
-        if reading:  # threaded reads of the old bytes in flight: let them finish first
-            await asyncio.wait(list(reading))
         row = (inode, index, version, meta.pending_length, meta.pending_crc, rel)
         stmts = [("INSERT OR REPLACE INTO chunks (inode, idx, ver, len, crc, file, bcrc) VALUES (?, ?, ?, ?, ?, ?, ?)",
                   row + (_pack_crcs(crcs[0]),)),
@@ -833,7 +844,7 @@ class ChunkStore:
             self._applied.append((inode, index, version, tok, rel))
             self._schedule_checkpoint()
 
-        await self._write(stmts, [(key, row)], after)
+        await self._write(stmts, [(key, row)], after, rel)  # (threaded reads of rel finish first)
         if self._pending.get(key, (None,))[0] == version:
             del self._pending[key]
 
