@@ -44,6 +44,10 @@ def test_gluon_gemm_compiles_for_sm90_without_serialized_wgmma():
     # within the register split (256 / 208 / 40 per thread for the three warpgroups)
     out = _run("gluon-gemm-ws", "4")
     assert "wgmma.wait_group {'1': 2, '0': 2}" in out and " 0 B spill stores" in out and "C7514" not in out, out
+    # split-K for small M (6 stages, 7 K parts): the same loop, no spills, within 227 KB
+    out = _run("gluon-gemm-ws", "6,128,0,7")
+    assert "wgmma.wait_group {'1': 2, '0': 2}" in out and " 0 B spill stores" in out and "C7514" not in out, out
+    assert float(out.split(" KB shared")[0].rsplit(", ", 1)[1]) <= 227, out
     # 128 x 256 tiles: two 128-column MMAs per slice and math partition, each waited for in full
     out = _run("gluon-gemm-ws", "4,256")
     assert "wgmma.wait_group {'0': 4}" in out and "C7514" not in out, out
