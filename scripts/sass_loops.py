@@ -49,7 +49,7 @@ def mla(spec: str, causal: bool, fp8: bool, sparse: bool):
     bm, bn, nw, ns = (int(x) for x in spec.split(","))
     const = dict(BLOCK_M=bm, BLOCK_N=bn, SCHED_BLOCK=PAGE_BLOCK_SIZE, D_V=512, D_R=64, CAUSAL=causal, SPARSE=sparse,
                  FP8=fp8, HAS_SINK=False, WRITE_MAX=False, INTERPRET=False, SCALE_OFF=FP8_SCALE_OFFSET,
-                 ROPE_OFF=FP8_ROPE_OFFSET, FP8_TILE=FP8_TILE)
+                 ROPE_OFF=FP8_ROPE_OFFSET, FP8_TILE=FP8_TILE, PIECES_FIRST=False)
     sig = dict(_PTR_TYPES, scale_log2="fp32")
     if fp8:
         sig["kv_ptr"] = "*u8"
@@ -124,7 +124,7 @@ def gluon_mla():
     knope = TensorDescriptor.from_tensor(cache, [1, 64, 512], gl.NVMMASharedLayout.get_default_for([1, 64, 512], gl.bfloat16))
     kpe = TensorDescriptor.from_tensor(cache, [1, 64, 64], gl.NVMMASharedLayout.get_default_for([1, 64, 64], gl.bfloat16))
     params = list(inspect.signature(_mla_decode_kernel.fn).parameters)
-    const = {"SCHED_BLOCK": 64, "CAUSAL": False}
+    const = {"SCHED_BLOCK": 64, "CAUSAL": False, "PIECES_FIRST": False}
     sig = {p: "constexpr" if p in const else "i32" for p in params}
     sig.update(q_ptr="*bf16", knope_desc=mangle_type(knope), kpe_desc=mangle_type(kpe), bt_ptr="*i32", len_ptr="*i32",
                sched_ptr="*i32", splits_ptr="*i32", out_ptr="*bf16", lse_ptr="*fp32", oacc_ptr="*fp32",

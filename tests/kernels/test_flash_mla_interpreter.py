@@ -66,6 +66,20 @@ def test_dense_decode_matches_reference(b, s_q, sk, h_q, h_kv, varlen, causal, z
         assert empty.any() and (out[empty] == 0).all() and torch.isposinf(lse[empty]).all()
 
 
+def test_pieces_first_launch_order_matches_reference(monkeypatch):
+    """More schedule pieces than CUDA's second grid dimension takes (a ~65k-request batch) launch
+    [pieces, row blocks] instead of [row blocks, pieces]: forced here with a tiny limit, two row
+    blocks (h_q = 128), split KV and the combine kernel."""
+    from openinfra.kernels.flash_mla import kernel
+
+    monkeypatch.setattr(kernel, "MAX_GRID_Y", 1)
+    c = make_dense_case(2, 1, 140, 128, 1, varlen=True, seed=5)
+    meta, splits = get_mla_metadata(c.cache_seqlens, 128, 1, num_sm_parts=4)
+    out, lse = flash_mla_with_kvcache(c.q, c.k_cache, c.block_table, c.cache_seqlens, 512, meta, splits)
+    ref_out, ref_lse = mla_decode_reference(c.q, c.k_cache, c.block_table, c.cache_seqlens, 512, None, False)
+    _check(out, lse, ref_out, ref_lse)
+
+
 def test_lazy_metadata_is_built_once_and_reused():
     c = make_dense_case(2, 2, 140, 4, 1, varlen=True, seed=9)
     meta, _ = get_mla_metadata()

@@ -34,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from openinfra.kernels.flash_mla.layout import HEAD_DIM_QK, HEAD_DIM_V, PAGE_BLOCK_SIZE, ceil_div
+from openinfra.kernels.flash_mla.layout import HEAD_DIM_QK, HEAD_DIM_V, MAX_GRID_Y, PAGE_BLOCK_SIZE, ceil_div
 
 __all__ = ["gluon_decode_supported", "mla_decode_gluon"]
 
@@ -177,11 +177,16 @@ def _pv_partition(k_bufs, p_smem, alpha_smem, l_smem, m_smem, full, empty, p_rea
 def _mla_decode_kernel(q_ptr, knope_desc, kpe_desc, bt_ptr, len_ptr, sched_ptr, splits_ptr, out_ptr, lse_ptr, oacc_ptr,
                        lacc_ptr, s_q, G, R, scale_log2, stride_qb, stride_qs, stride_qh, stride_btb,
                        stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
-                       SCHED_BLOCK: gl.constexpr, CAUSAL: gl.constexpr):
+                       SCHED_BLOCK: gl.constexpr, CAUSAL: gl.constexpr, PIECES_FIRST: gl.constexpr):
     # row blocks vary fastest in launch order: the CTAs of one piece run together and share its
-    # pages through L2 (piece-major order read every page once per row block from HBM)
-    piece = gl.program_id(1)
-    row0 = gl.program_id(0) * 64
+    # pages through L2 (piece-major order read every page once per row block from HBM);
+    # PIECES_FIRST: more pieces than the grid's second dimension takes (MAX_GRID_Y)
+    if PIECES_FIRST:
+        piece = gl.program_id(0)
+        row0 = gl.program_id(1) * 64
+    else:
+        piece = gl.program_id(1)
+        row0 = gl.program_id(0) * 64
     meta = sched_ptr + piece * 8
     req = gl.load(meta + 0)
     lo = gl.load(meta + 1) * SCHED_BLOCK
@@ -277,8 +282,9 @@ def mla_decode_gluon(q, kv, lengths, tile_scheduler_metadata, num_splits, softma
                                               gl.NVMMASharedLayout.get_default_for([1, 64, HEAD_DIM_V], elt))
     kpe_desc = TensorDescriptor.from_tensor(cache, [1, 64, 64], gl.NVMMASharedLayout.get_default_for([1, 64, 64], elt))
     pieces = tile_scheduler_metadata.shape[0]
-    _mla_decode_kernel[(ceil_div(rows, 64), pieces)](
+    pieces_first = pieces > MAX_GRID_Y
+    _mla_decode_kernel[(pieces, ceil_div(rows, 64)) if pieces_first else (ceil_div(rows, 64), pieces)](
         q, knope_desc, kpe_desc, block_table, lengths, tile_scheduler_metadata, num_splits, out, lse, oacc, lacc,
         s_q, h_q, rows, softmax_scale * _LOG2E, q.stride(0), q.stride(1), q.stride(2), block_table.stride(0),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-        SCHED_BLOCK=PAGE_BLOCK_SIZE, CAUSAL=causal, num_warps=4)
+        SCHED_BLOCK=PAGE_BLOCK_SIZE, CAUSAL=causal, PIECES_FIRST=pieces_first, num_warps=4)

@@ -30,7 +30,8 @@ import triton.language as tl
 
 from openinfra.kernels.backend import interpreter_enabled
 from openinfra.kernels.flash_mla.layout import (
-    BLOCK_M, FP8_ROPE_OFFSET, FP8_SCALE_OFFSET, FP8_TILE, HEAD_DIM_ROPE, HEAD_DIM_V, PAGE_BLOCK_SIZE, ceil_div,
+    BLOCK_M, FP8_ROPE_OFFSET, FP8_SCALE_OFFSET, FP8_TILE, HEAD_DIM_ROPE, HEAD_DIM_V, MAX_GRID_Y, PAGE_BLOCK_SIZE,
+    ceil_div,
 )
 
 __all__ = ["mla_attention_triton", "KernelConfig", "uses_gluon_decode"]
@@ -158,12 +159,17 @@ def _mla_attn_kernel(
     D_V: tl.constexpr, D_R: tl.constexpr,
     CAUSAL: tl.constexpr, SPARSE: tl.constexpr, FP8: tl.constexpr,
     HAS_SINK: tl.constexpr, WRITE_MAX: tl.constexpr, INTERPRET: tl.constexpr,
-    SCALE_OFF: tl.constexpr, ROPE_OFF: tl.constexpr, FP8_TILE: tl.constexpr,
+    SCALE_OFF: tl.constexpr, ROPE_OFF: tl.constexpr, FP8_TILE: tl.constexpr, PIECES_FIRST: tl.constexpr,
 ):
     # row blocks vary fastest in launch order, so the CTAs reading one piece's pages run together
-    # and all but the first read them from L2 (piece-major order streamed every page m_blocks times)
-    piece = tl.program_id(1)
-    pid1 = tl.program_id(0)
+    # and all but the first read them from L2 (piece-major order streamed every page m_blocks times);
+    # PIECES_FIRST: more pieces than the grid's second dimension takes (MAX_GRID_Y)
+    if PIECES_FIRST:
+        piece = tl.program_id(0)
+        pid1 = tl.program_id(1)
+    else:
+        piece = tl.program_id(1)
+        pid1 = tl.program_id(0)
     kvh = pid1 % h_kv
     mb = pid1 // h_kv
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -430,7 +436,9 @@ def mla_attention_triton(
         mla_decode_gluon(q, kv, lengths, tile_scheduler_metadata, num_splits, softmax_scale, out=out, lse=lse,
                          block_table=block_table, causal=causal, oacc=oacc, lacc=lacc)
     else:
-        _mla_attn_kernel[(h_kv * m_blocks, pieces)](
+        pieces_first = pieces > MAX_GRID_Y
+        grid = (pieces, h_kv * m_blocks) if pieces_first else (h_kv * m_blocks, pieces)
+        _mla_attn_kernel[grid](
             q, kv_arg, bt, lengths, idx, tile_scheduler_metadata, num_splits, sink,
             out, lse, mx, oacc, lacc,
             s_q, n_tokens, page, h_kv, g, rows, softmax_scale * _LOG2E,
@@ -444,7 +452,7 @@ def mla_attention_triton(
             D_V=HEAD_DIM_V, D_R=HEAD_DIM_ROPE,
             CAUSAL=causal, SPARSE=sparse, FP8=is_fp8,
             HAS_SINK=attn_sink is not None, WRITE_MAX=max_logits is not None, INTERPRET=interpret,
-            SCALE_OFF=FP8_SCALE_OFFSET, ROPE_OFF=FP8_ROPE_OFFSET, FP8_TILE=FP8_TILE,
+            SCALE_OFF=FP8_SCALE_OFFSET, ROPE_OFF=FP8_ROPE_OFFSET, FP8_TILE=FP8_TILE, PIECES_FIRST=pieces_first,
             num_warps=num_warps, num_stages=num_stages,
         )
     block_r = 16

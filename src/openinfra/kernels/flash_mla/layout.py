@@ -35,6 +35,11 @@ SCHEDULE_OVERHEAD_BLOCKS = 5
 # Query rows (heads x query tokens) folded into one kernel tile.
 BLOCK_M = 64
 
+# The decode kernels launch [row blocks, pieces] so that a piece's row blocks run together (L2
+# sharing of its pages); CUDA caps the second grid dimension at 65,535, so a schedule with more
+# pieces (a batch of ~65k requests) launches [pieces, row blocks] instead.
+MAX_GRID_Y = 65535
+
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
