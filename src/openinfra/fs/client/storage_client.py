@@ -96,6 +96,35 @@ def _sink_one(segs: list[memoryview]):
     return sink
 
 
+def _reply_results(res, parsed: list, count: int, addr: str) -> list:
+    """The per-read results of a packed ``batch_read`` reply: the ones the blob sink already
+    unpacked (``parsed``), else unpacked here; exactly ``count`` of them or RPC_MALFORMED."""
+    results = parsed[0] if parsed else None
+    if results is None and type(res) is dict:
+        try:
+            results = msgpack.unpackb(res.get("results"))
+        except Exception:
+            results = None
+    if type(results) is not list or len(results) != count:
+        raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: {count} reads, a reply of "
+                         f"{len(results) if isinstance(results, list) else type(res).__name__} results")
+    return results
+
+
+def _result_size(one, addr: str) -> int | None:
+    """Bytes one read of a ``batch_read`` reply returned, or None for a retriable per-read error
+    (left to the caller's retrying path); any other error, or a malformed result, raises."""
+    if type(one) is not list or len(one) not in (2, 3):
+        raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: bad result {one!r}")
+    if len(one) == 2:
+        if one[0] not in RETRIABLE_CODES:
+            raise make_error(one[0], one[1])
+        return None
+    if type(one[0]) is not int or one[0] < 0:
+        raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: bad result size {one[0]!r}")
+    return one[0]
+
+
 def chunk_chain(layout: dict, index: int) -> int:
     """The chain id holding chunk ``index`` of a file with ``layout``."""
     return layout["chains"][index % layout["stripe"]]
@@ -311,23 +340,16 @@ class StorageClient:
                 if not exc.retriable:
                     raise
                 return  # the whole batch falls back to the one-by-one path
-            results = (parsed[0] if parsed else unpack(res.get("results"))) if isinstance(res, dict) else None
-            if not isinstance(results, list) or len(results) != len(idxs):
-                raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: {len(idxs)} reads, a reply of "
-                                 f"{len(results) if isinstance(results, list) else type(res).__name__} results")
+            results = _reply_results(res, parsed, len(idxs), addr)
             data = res.get("data", b"")
             placed = isinstance(data, Placed)
             if not placed:
                 data = memoryview(data)
             pos = 0
             for i, one in zip(idxs, results):
-                if type(one) is not list or len(one) not in (2, 3):
-                    raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: bad result {one!r}")
-                if len(one) == 2:
-                    if one[0] not in RETRIABLE_CODES:
-                        raise make_error(one[0], one[1])
+                n = _result_size(one, addr)
+                if n is None:
                     continue  # left for the one-by-one path
-                n = one[0]
                 if not placed and pos + n > data.nbytes:
                     raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: results add up past the data")
                 if segs is None:
@@ -488,29 +510,16 @@ class StorageClient:
                 for i in idxs:
                     out[i] = True
                 return
-            if parsed:
-                results = parsed[0]
-            else:
-                try:
-                    results = msgpack.unpackb(res.get("results")) if type(res) is dict else None
-                except Exception:
-                    results = None
-            if type(results) is not list or len(results) != k:
-                raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: {k} reads, a reply of "
-                                 f"{len(results) if isinstance(results, list) else type(res).__name__} results")
+            results = _reply_results(res, parsed, k, addr)
             placed = isinstance(data, Placed)
             if not placed:
                 data = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
             pos = 0
             for i, one in zip(idxs, results):
-                if type(one) is not list or len(one) not in (2, 3):
-                    raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: bad result {one!r}")
-                if len(one) == 2:
-                    if one[0] not in RETRIABLE_CODES:
-                        raise make_error(one[0], one[1])
+                m = _result_size(one, addr)
+                if m is None:
                     continue  # None: left to the caller
-                m = one[0]
-                if type(m) is not int or m < 0 or (not placed and pos + m > data.nbytes):
+                if not placed and pos + m > data.nbytes:
                     raise make_error(Code.RPC_MALFORMED, f"batch_read on {addr}: results add up past the data")
                 d = dests[i]
                 ok = m == d.nbytes
