@@ -18,16 +18,21 @@ from openinfra.kernels.flash_mla.kernel import mla_attention_triton
 from openinfra.kernels.flash_mla.metadata import build_schedule, default_num_sm_parts
 
 
-def main() -> None:
-    dev = torch.device("cuda")
-    b, sk = 128, 16384
+def decode_inputs(dev: torch.device, b: int = 128, sk: int = 16384):
+    """(lengths [b], bf16 cache [b * sk / 64, 64, 1, 576], block tables by name) of the probes:
+    "hbm" a shuffled table over every page, "l2" every entry one of 64 pages (L2-resident)."""
     pages = sk // 64
     lens = torch.full((b, ), sk, dtype=torch.int32, device=dev)
     k_cache = (torch.randn(b * pages, 64, 1, 576, device=dev) / 10).clamp_(-1, 1).to(torch.bfloat16)
-    tables = {
-        "shuffled": torch.randperm(b * pages, device=dev, dtype=torch.int32).view(b, pages),
-        "64 pages in L2": torch.randint(0, 64, (b, pages), device=dev, dtype=torch.int32),
-    }
+    tables = {"hbm": torch.randperm(b * pages, device=dev, dtype=torch.int32).view(b, pages),
+              "l2": torch.randint(0, 64, (b, pages), device=dev, dtype=torch.int32)}
+    return lens, k_cache, tables
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    b, sk = 128, 16384
+    lens, k_cache, tables = decode_inputs(dev, b, sk)
     out = {}
     for h_q, s_q in ((64, 1), (128, 1), (128, 2)):
         q = (torch.randn(b, s_q, h_q, 576, device=dev) / 10).clamp_(-1, 1).to(torch.bfloat16)

@@ -62,16 +62,14 @@ def load_variant(name: str):
 
 
 def main() -> None:
+    from mla_l2_probe import decode_inputs  # scripts/ is on the path when run as a script
+
     from openinfra.bench.harness import gpu_time_ms
     from openinfra.kernels.flash_mla.metadata import build_schedule, default_num_sm_parts
 
     dev = torch.device("cuda")
     b, sk = 128, 16384
-    pages = sk // 64
-    lens = torch.full((b, ), sk, dtype=torch.int32, device=dev)
-    kv = (torch.randn(b * pages, 64, 1, 576, device=dev) / 10).clamp_(-1, 1).to(torch.bfloat16)
-    tables = {"hbm": torch.randperm(b * pages, device=dev, dtype=torch.int32).view(b, pages),
-              "l2": torch.randint(0, 64, (b, pages), device=dev, dtype=torch.int32)}
+    lens, kv, tables = decode_inputs(dev, b, sk)
     res = {}
     for name in EDITS:
         mod = load_variant(name)
