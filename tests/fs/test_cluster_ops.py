@@ -63,7 +63,7 @@ def test_cli_start_status_put_get_admin_stop(tmp_path):
         # metrics endpoint per service, and JSON-lines logs
         metrics = st["processes"]["storage-1"]["metrics"]
         text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5).read().decode()
-        assert "openinfra_fs_rpc_requests_total" in text and 'method="write"' in text
+        assert "openinfra_fs_rpc_requests_total" in text and 'method="write_batch"' in text  # put: multi-chunk
         for line in (Path(d) / "logs" / "mgmtd-1.log").read_text().splitlines():
             rec = json.loads(line)
             assert {"ts", "level", "service", "msg"} <= rec.keys()

@@ -375,10 +375,15 @@ class AsyncFile:
             raise TypeError(f"data: expected bytes-like, got {type(data).__name__}")
         _check_int(offset, "offset")
         view = memoryview(data).cast("B")
+        pieces = list(self._pieces(offset, len(view)))
+        if len(pieces) > 1:  # several chunks: one write_batch per chain
+            self._raise_first(await self.write_chunks(
+                {idx: [(within, bytes(view[pos - offset:pos - offset + n]))] for idx, within, pos, n in pieces}))
+            return len(view)
         st = self.fs.storage
         self._invalidate()
         await self._gather(st.write_chunk(self.layout, self.inode, idx, within, bytes(view[pos - offset:pos - offset + n]))
-                           for idx, within, pos, n in self._pieces(offset, len(view)))
+                           for idx, within, pos, n in pieces)
         self._invalidate()  # a sequential read during the write may have fetched old bytes
         end = offset + len(view)
         self.written_end = max(self.written_end, end)
@@ -406,20 +411,44 @@ class AsyncFile:
                 per_chunk.setdefault(idx, []).append((within, bytes(view[pos - offset:pos - offset + n])))
             total += len(view)
             end = max(end, offset + len(view))
-        st = self.fs.storage
-
-        def one(idx: int, ranges: list[tuple[int, bytes]]):
-            if len(ranges) == 1:
-                return st.write_chunk(self.layout, self.inode, idx, ranges[0][0], ranges[0][1])
-            return st.write_chunk(self.layout, self.inode, idx, 0, b"", op="writev", ranges=ranges)
-
-        self._invalidate()
-        await self._gather(one(idx, r) for idx, r in sorted(per_chunk.items()))
-        self._invalidate()  # a sequential read during the write may have fetched old bytes
         if per_chunk:
+            self._raise_first(await self.write_chunks(per_chunk))
+        return total
+
+    @staticmethod
+    def _raise_first(outcome: dict[int, Exception | None]) -> None:
+        for idx in sorted(outcome):
+            if outcome[idx] is not None:
+                raise outcome[idx]
+
+    async def write_chunks(self, updates: dict[int, list[tuple[int, bytes]]]) -> dict[int, Exception | None]:
+        """Write ``updates`` (chunk index -> ``[(offset within the chunk, bytes), ...]``, applied in
+        order): the chunks of one chain go down it as one ``write_batch`` (one request and one
+        commit per replica for all of them). Returns per chunk None (every replica committed it)
+        or the exception it failed with; the others are not affected by it."""
+        self._check_open(need_write=True)
+        cs = self.chunk_size
+        for idx, ranges in updates.items():
+            _check_int(idx, "chunk index")
+            for off, d in ranges:
+                if off < 0 or off + len(d) > cs:
+                    raise ValueError(f"chunk {idx}: range [{off}, {off + len(d)}) is not inside a chunk of {cs} bytes")
+        self._invalidate()
+        res = await self.fs.storage.write_chunks(self.layout, self.inode, updates)
+        self._invalidate()  # a sequential read during the write may have fetched old bytes
+        out: dict[int, Exception | None] = {}
+        end = 0
+        for idx, ranges in updates.items():
+            r = res.get(idx)
+            if isinstance(r, dict):
+                out[idx] = None
+                end = max(end, idx * cs + max(off + len(d) for off, d in ranges))
+            else:
+                out[idx] = r if isinstance(r, Exception) else FsError(Code.INTERNAL, f"chunk {idx}: no result")
+        if end:
             self.written_end = max(self.written_end, end)
             self.length = max(self.length, end)
-        return total
+        return out
 
     async def pread(self, size: int, offset: int) -> bytes:
         """Up to ``size`` bytes at ``offset`` (short at end of file; b"" past it). Holes read as zeros."""
@@ -749,6 +778,10 @@ class File:
 
     def pwritev(self, pieces: list) -> int:
         return self._c._run(self._f.pwritev(pieces))
+
+    def write_chunks(self, updates: dict) -> dict:
+        """:meth:`AsyncFile.write_chunks`: per chunk index None (written) or its exception."""
+        return self._c._run(self._f.write_chunks(updates))
 
     def read(self, size: int = -1) -> bytes:
         return self._c._run(self._f.read(size))

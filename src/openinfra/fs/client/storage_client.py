@@ -28,6 +28,8 @@ __all__ = ["RoutingCache", "StorageClient", "chunk_chain", "retrying"]
 
 log = logging.getLogger("openinfra.fs.client")
 BATCH_READ_BYTES = 16 << 20  # the most bytes one batch_read request asks for
+BATCH_WRITE_BYTES = 16 << 20  # the most bytes of ranges one write_batch request carries
+BATCH_WRITE_ITEMS = 512       # the most chunks one write_batch request carries (storage takes 1024)
 T = TypeVar("T")
 
 
@@ -228,6 +230,82 @@ class StorageClient:
             return await retrying(attempt, self.routing, self.retry_s, f"write chunk {inode}:{index}")
         finally:
             self._channels.put_nowait(channel)
+
+    async def write_chunks(self, layout: dict, inode: int, updates: dict[int, list]) -> dict[int, dict | Exception]:
+        """Apply updates of many chunks of one file: ``updates`` maps a chunk index to its ranges
+        ``[(offset within the chunk, bytes), ...]`` (applied in order, as ``writev``). The chunks of
+        one chain go to its head as one ``write_batch`` (split at ``BATCH_WRITE_BYTES`` /
+        ``BATCH_WRITE_ITEMS``), so each replica handles one request and one commit for all of them;
+        chains in parallel.
+
+        Returns, per chunk index, ``{"version", "crc", "length"}`` or the exception that chunk
+        failed with: one chunk's failure is never reported as the others' success, nor theirs as
+        its. Whole-request errors that may pass (chain changed, a replica gone) and per-chunk ones
+        of that kind are retried (the request keeps its sequence number, so a chunk applied
+        before a lost reply is not applied twice) until ``retry_s``."""
+        by_chain: dict[int, list[int]] = {}
+        for idx in sorted(updates):
+            by_chain.setdefault(chunk_chain(layout, idx), []).append(idx)
+        requests: list[tuple[int, list[int]]] = []
+        for cid, idxs in by_chain.items():
+            cur: list[int] = []
+            size = 0
+            for idx in idxs:
+                n = sum(len(d) for _, d in updates[idx]) + 64 * len(updates[idx])
+                if cur and (size + n > BATCH_WRITE_BYTES or len(cur) >= BATCH_WRITE_ITEMS):
+                    requests.append((cid, cur))
+                    cur, size = [], 0
+                cur.append(idx)
+                size += n
+            if cur:
+                requests.append((cid, cur))
+        out: dict[int, dict | Exception] = {}
+
+        async def one(chain_id: int, idxs: list[int]) -> None:
+            left = {idx: [[off, d] for off, d in updates[idx]] for idx in idxs}
+            channel = await self._channels.get()
+            try:
+                seq = next(self._seq.setdefault(channel, itertools.count(1)))
+
+                async def attempt():
+                    r = self.routing.routing
+                    chain = r.chain(chain_id)
+                    serving = r.serving(chain_id)
+                    if chain is None or not serving:
+                        raise FsError(Code.NO_SERVING_TARGET, f"chain {chain_id} has no serving target")
+                    order = list(left)
+                    reply = await self.rpc.call(self._node_address(r, serving[0]), "write_batch", dict(
+                        chain_id=chain_id, chain_version=chain["version"], client=self.client_id, channel=channel,
+                        seq=seq, items=[[inode, idx, left[idx]] for idx in order]), timeout=self.io_timeout_s)
+                    res = reply.get("results") if type(reply) is dict else None
+                    if type(res) is not list or len(res) != len(order):
+                        raise make_error(Code.RPC_MALFORMED, f"write_batch on chain {chain_id}: {len(order)} chunks, "
+                                         f"a reply of {len(res) if type(res) is list else type(reply).__name__} results")
+                    again = None
+                    for idx, one in zip(order, res):
+                        if type(one) is list and len(one) == 3 and all(type(x) is int for x in one):
+                            out[idx] = {"version": one[0], "crc": one[1], "length": one[2]}
+                        elif type(one) is list and len(one) == 2 and type(one[0]) is str and type(one[1]) is str:
+                            if one[0] in RETRIABLE_CODES:
+                                again = again or one
+                                continue  # stays in ``left``: sent again (same seq) after a routing refresh
+                            out[idx] = make_error(one[0], f"chunk {inode}:{idx}: {one[1]}")
+                        else:
+                            out[idx] = make_error(Code.RPC_MALFORMED, f"write_batch: bad result {one!r:.80}")
+                        del left[idx]
+                    if again is not None:
+                        raise make_error(again[0], again[1])
+
+                try:
+                    await retrying(attempt, self.routing, self.retry_s, f"write_batch of {len(idxs)} chunks of {inode}")
+                except Exception as exc:  # noqa: BLE001 - reported per chunk
+                    for idx in left:
+                        out[idx] = exc
+            finally:
+                self._channels.put_nowait(channel)
+
+        await asyncio.gather(*(one(cid, idxs) for cid, idxs in requests))
+        return out
 
     async def read_chunk(self, layout: dict, inode: int, index: int, offset: int, length: int,
                          into=None):

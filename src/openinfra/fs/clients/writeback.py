@@ -7,10 +7,9 @@ touched chunk once when it flushes:
 * one :class:`DirtyRanges` per inode (shared by the mount's handles of that inode, so a read
   through any handle sees the writes of every handle), non-overlapping and sorted; a newer
   write replaces the bytes it covers (last write wins), and adjacent ranges merge;
-* a flush writes one request per touched chunk: the chunk's single range as is, or, when a chunk
-  holds several disjoint ranges, one read of the span from the first to the last dirty byte,
-  the ranges laid over it, and one write of the span (read-modify-write). Chunks go out in
-  parallel (up to the client's ``parallel_chunks``);
+* a flush sends one ``write_batch`` per chain (split when large) holding every touched chunk of
+  that chain with its ranges (several disjoint ranges of one chunk are one multi-range update);
+  storage handles the batch as one request and one commit per replica, with a result per chunk;
 * a chunk leaves the cache only once its write was acknowledged. On an error the chunks that
   failed stay dirty and the error propagates (the mount turns it into EIO for the caller of
   fsync/close/write/read); a later flush tries them again;
@@ -193,9 +192,9 @@ class WriteBack:
 
 async def flush_file(f, ranges: DirtyRanges, lo: int = 0, hi: int | None = None) -> None:
     """Write the dirty bytes of ``ranges`` within ``[lo, hi)`` through the open native file ``f``
-    (an :class:`~openinfra.fs.AsyncFile` open for writing): one storage write per touched chunk,
-    chunks in parallel. Written chunks leave ``ranges``; on errors the rest stay and the first
-    error is raised as ``OSError(EIO)``. The caller holds the inode's lock."""
+    (an :class:`~openinfra.fs.AsyncFile` open for writing): one ``write_batch`` per chain for its
+    touched chunks, chains in parallel. Written chunks leave ``ranges``; the chunks that failed
+    stay and the first error is raised as ``OSError(EIO)``. The caller holds the inode's lock."""
     if not ranges:
         return
     cs = f.chunk_size
@@ -203,21 +202,16 @@ async def flush_file(f, ranges: DirtyRanges, lo: int = 0, hi: int | None = None)
     if lo or hi is not None:
         first, last = lo // cs, (hi - 1) // cs if hi is not None else None
         chunks = {i: p for i, p in chunks.items() if i >= first and (last is None or i <= last)}
-    sem = asyncio.Semaphore(f.fs.parallel_chunks)
-
-    async def one(idx: int, pieces: list[tuple[int, bytearray]]) -> tuple[int, int]:
-        async with sem:
-            if len(pieces) == 1:
-                off, data = pieces[0]
-                await f.pwrite(data, off)
-                return off, off + len(data)
-            # Several disjoint ranges in one chunk: one multi-range update (storage's writev), so
-            # every replica copies the chunk once and only the dirty bytes travel -- and the bytes
-            # between the ranges are not rewritten (another client's writes there survive).
-            await f.pwritev(pieces)
-            return pieces[0][0], pieces[-1][0] + len(pieces[-1][1])
-
-    results = await asyncio.gather(*(one(i, p) for i, p in sorted(chunks.items())), return_exceptions=True)
+    # One write_batch per chain for all its chunks (one request and one commit per replica);
+    # several disjoint ranges in one chunk are one multi-range update of it, so every replica
+    # handles the chunk once, only the dirty bytes travel, and the bytes between the ranges are
+    # not rewritten (another client's writes there survive).
+    outcome = await f.write_chunks({idx: [(off - idx * cs, data) for off, data in pieces]
+                                    for idx, pieces in chunks.items()})
+    results = []
+    for idx, pieces in sorted(chunks.items()):
+        err = outcome.get(idx)
+        results.append(err if err is not None else (pieces[0][0], pieces[-1][0] + len(pieces[-1][1])))
     first_error = None
     for r in results:
         if isinstance(r, BaseException):

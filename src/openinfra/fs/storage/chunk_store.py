@@ -286,15 +286,15 @@ class ChunkStore:
         self.db.close()
 
     async def _write(self, stmts: list[tuple[str, tuple]], rows: list[tuple[tuple[int, int], tuple | None]],
-                     after=None, after_file: str | None = None) -> None:
+                     after=None, after_files: tuple[str, ...] = ()) -> None:
         """Apply ``stmts`` atomically; returns once they are committed (durable with fsync=True).
         ``rows``: the chunk rows they set (``(key, row or None)``), put in the row cache by the
         flusher once the transaction committed, even if this caller was cancelled meanwhile.
         ``after``: a callable the flusher runs on the event loop right after the commit, before
-        the rows are cached (an in-place update's ``pwrite``s into ``after_file``), also if this
-        caller was cancelled; the worker-thread reads of ``after_file`` in flight finish first."""
+        the rows are cached (in-place updates' ``pwrite``s into ``after_files``), also if this
+        caller was cancelled; the worker-thread reads of ``after_files`` in flight finish first."""
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append((stmts, fut, rows, (after, after_file)))
+        self._queue.append((stmts, fut, rows, (after, after_files)))
         if not self._flushing:
             self._flushing = True
             asyncio.ensure_future(self._flush())
@@ -316,16 +316,18 @@ class ChunkStore:
                     if not isinstance(exc, Exception):
                         raise
                 else:
-                    for _, fut, rows, (after, after_file) in batch:
+                    for _, fut, rows, (after, after_files) in batch:
                         error = None
                         if after is not None:
                             # Reads of the old bytes in worker threads (begun before or during the
                             # transaction: the row cache still shows the old version) must not see
-                            # the ranges land. No await between this wait and after(), so no new
-                            # threaded read of the file can start in between.
-                            reading = self._reading.get(after_file) if after_file else None
-                            if reading:
-                                await asyncio.wait(list(reading))
+                            # the ranges land. No await between the last wait and after(), so no
+                            # new threaded read of the files can start in between.
+                            while True:
+                                reading = [f for rel in after_files for f in self._reading.get(rel, ())]
+                                if not reading:
+                                    break
+                                await asyncio.wait(reading)
                             try:
                                 after()
                             except Exception as exc:  # committed, but the file lags: replayed on restart
@@ -653,31 +655,88 @@ class ChunkStore:
                      dedup: tuple[str, int, int, bytes] | None = None) -> None:
         """Make pending ``version`` the committed one (one SQLite transaction, shared with the commits
         that arrive together), then drop the old file."""
-        meta = self.get(inode, index)
-        if meta is None or meta.pending_version != version:
+        await self.commit_many([(inode, index, version)], dedup)
+
+    def _pending_of(self, inode: int, index: int, version: int) -> tuple:
+        pend = self._pending.get((inode, index))
+        if pend is None or pend[0] != version:
             raise RuntimeError(f"chunk {inode}:{index}: no pending version {version} to commit")
-        pend = self._pending[(inode, index)]
-        if pend[4] is not None:
-            return await self._commit_inplace(meta, version, pend[4], pend[5], dedup)
-        busy = self._writing.get(pend[1])
+        return pend
+
+    async def written(self, inode: int, index: int, version: int) -> None:
+        """Wait until the new file of pending copy-on-write ``version`` is written and synced
+        (``prepare(overlap=True)`` writes it in the background); raises if that write failed or the
+        version was dropped meanwhile. An in-place version has no file to wait for."""
+        pend = self._pending_of(inode, index, version)
+        busy = self._writing.get(pend[1]) if pend[4] is None else None
         if busy is not None:
             await busy  # the new file is durable before any row points at it (raises if the write failed)
             if self._pending.get((inode, index)) is not pend:
                 raise RuntimeError(f"chunk {inode}:{index}: pending version {version} dropped during its write")
-        stmts = [("INSERT OR REPLACE INTO chunks (inode, idx, ver, len, crc, file, bcrc) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                  (inode, index, version, meta.pending_length, meta.pending_crc, meta.pending_file,
-                   _pack_crcs(pend[5][0]))),
-                 ("DELETE FROM redo WHERE inode = ? AND idx = ?", (inode, index))]  # the new file has it all
+
+    async def commit_many(self, versions: list[tuple[int, int, int]],
+                          dedup: tuple[str, int, int, bytes] | None = None) -> None:
+        """Make the pending versions ``[(inode, index, version), ...]`` (distinct chunks) the
+        committed ones in one SQLite transaction, together with ``dedup``: a copy-on-write version
+        once its new file is durable (the old file is unlinked after the commit), an in-place one
+        with its row, piece CRCs and redo record, its ranges written into the file by the flusher
+        right after the transaction, before the row cache shows the version. All or nothing:
+        raises (and commits none) if one has no such pending version or its file write failed;
+        callers that want the others committed check :meth:`written` first."""
+        for inode, index, version in versions:
+            await self.written(inode, index, version)
+        stmts: list[tuple[str, tuple]] = []
+        rows: list[tuple[tuple[int, int], tuple]] = []
+        done: list[tuple[tuple[int, int], int, tuple, str | None]] = []  # (key, version, pending, old file)
+        inplace: list[tuple[tuple[int, int], int, tuple, int]] = []     # (key, version, pending, redo token)
+        for inode, index, version in versions:
+            key = (inode, index)
+            pend = self._pending_of(inode, index, version)
+            row = (inode, index, version, pend[2], pend[3], pend[1])
+            stmts.append(("INSERT OR REPLACE INTO chunks (inode, idx, ver, len, crc, file, bcrc) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?)", row + (_pack_crcs(pend[5][0]),)))
+            rows.append((key, row))
+            if pend[4] is None:  # copy-on-write: the new file has it all
+                stmts.append(("DELETE FROM redo WHERE inode = ? AND idx = ?", key))
+                meta = self.get(inode, index)
+                done.append((key, version, pend, meta.file if meta is not None else None))
+            else:
+                self._tok += 1
+                stmts.append(("INSERT OR REPLACE INTO redo (inode, idx, ver, file, ranges, tok) VALUES (?, ?, ?, ?, ?, ?)",
+                              (inode, index, version, pend[1], msgpack.packb(pend[4]), self._tok)))
+                inplace.append((key, version, pend, self._tok))
+                done.append((key, version, pend, None))
         if dedup is not None:
             stmts.append(("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)", dedup))
-        self._bcrc.pop((inode, index), None)
-        await self._write(stmts, [((inode, index), (inode, index, version, meta.pending_length, meta.pending_crc,
-                                                    meta.pending_file))])
-        self._cache_bcrc((inode, index), version, pend[5])
-        if self._pending.get((inode, index), (None,))[0] == version:
-            del self._pending[(inode, index)]
-        if meta.file and meta.file != meta.pending_file:
-            self._unlink(meta.file)
+        for key, _, pend, _ in done:
+            if pend[4] is None:
+                self._bcrc.pop(key, None)
+
+        after = None
+        if inplace:
+            def after() -> None:
+                error = None
+                for key, version, pend, tok in inplace:
+                    try:
+                        self._write_ranges(pend[1], pend[4])
+                    except Exception as exc:  # committed, the file lags: replayed on restart
+                        error = error or exc
+                        continue
+                    self._cache_bcrc(key, version, pend[5])
+                    self._applied.append((key[0], key[1], version, tok, pend[1]))
+                self._schedule_checkpoint()
+                if error is not None:
+                    raise error
+
+        # (threaded reads of the in-place files finish first)
+        await self._write(stmts, rows, after, tuple({pend[1] for _, _, pend, _ in inplace}))
+        for key, version, pend, old_file in done:
+            if pend[4] is None:
+                self._cache_bcrc(key, version, pend[5])
+            if self._pending.get(key, (None,))[0] == version:
+                del self._pending[key]
+            if old_file and old_file != pend[1]:
+                self._unlink(old_file)
 
     # --- in-place (block-granular) updates -------------------------------------------------------
 
@@ -821,32 +880,6 @@ class ChunkStore:
         if old_pending and old_pending != meta.file:
             self._unlink_written(old_pending)  # an earlier copy-on-write attempt that never committed
         return crc
-
-    async def _commit_inplace(self, meta: ChunkMeta, version: int, upd: list, crcs: tuple[list[int], list[int]],
-                              dedup: tuple[str, int, int, bytes] | None) -> None:
-        """Commit an in-place version: row + block CRCs + redo record in one transaction, then
-        (in the flusher, before the row cache shows the version) the ranges into the file."""
-        inode, index, rel = meta.inode, meta.index, meta.file
-        key = (inode, index)
-        self._tok += 1
-        tok = self._tok
-        row = (inode, index, version, meta.pending_length, meta.pending_crc, rel)
-        stmts = [("INSERT OR REPLACE INTO chunks (inode, idx, ver, len, crc, file, bcrc) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                  row + (_pack_crcs(crcs[0]),)),
-                 ("INSERT OR REPLACE INTO redo (inode, idx, ver, file, ranges, tok) VALUES (?, ?, ?, ?, ?, ?)",
-                  (inode, index, version, rel, msgpack.packb(upd), tok))]
-        if dedup is not None:
-            stmts.append(("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)", dedup))
-
-        def after() -> None:
-            self._write_ranges(rel, upd)
-            self._cache_bcrc(key, version, crcs)
-            self._applied.append((inode, index, version, tok, rel))
-            self._schedule_checkpoint()
-
-        await self._write(stmts, [(key, row)], after, rel)  # (threaded reads of rel finish first)
-        if self._pending.get(key, (None,))[0] == version:
-            del self._pending[key]
 
     def _write_ranges(self, rel: str, ranges) -> None:
         fd = os.open(self._root_slash + rel, os.O_WRONLY | os.O_CLOEXEC)

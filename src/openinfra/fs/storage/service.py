@@ -22,6 +22,7 @@ after T, so no client can be served by a node the cluster has already replaced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -56,6 +57,95 @@ def _check_ranges(ranges) -> list[tuple[int, bytes]]:
             raise ValueError(f"ranges: expected [offset >= 0, bytes] items, got {r!r:.80}")
         out.append((r[0], bytes(r[1])))
     return out
+
+
+MAX_BATCH_ITEMS = 1024
+MAX_BATCH_RANGES = 16384
+
+
+def _int_ge(v, minimum: int) -> bool:
+    return type(v) is int and v >= minimum
+
+
+def _check_items(items) -> list[tuple]:
+    """``write_batch``'s ``items`` from the wire: ``[inode, index, ranges]`` from a client, or
+    ``[inode, index, ranges, update_version, crc, full]`` from a predecessor (``ranges`` None when
+    ``full``, the whole chunk, is given). Distinct chunks, all items of one kind. Returns
+    ``(inode, index, ranges, update_version, crc, full)`` tuples."""
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError("items: expected a non-empty list of [inode, index, ranges] for write_batch")
+    if len(items) > MAX_BATCH_ITEMS:
+        raise ValueError(f"items: at most {MAX_BATCH_ITEMS} per write_batch, got {len(items)}")
+    out, seen, nranges = [], set(), 0
+    hop = None
+    for i, it in enumerate(items):
+        if not isinstance(it, (list, tuple)) or len(it) not in (3, 6):
+            raise ValueError(f"items[{i}]: expected [inode, index, ranges] or [inode, index, ranges, "
+                             f"update_version, crc, full], got {it!r:.80}")
+        inode, index, ranges = it[0], it[1], it[2]
+        u, crc, full = (it[3], it[4], it[5]) if len(it) == 6 else (None, None, None)
+        if not _int_ge(inode, 0) or not _int_ge(index, 0):
+            raise ValueError(f"items[{i}]: inode and index must be ints >= 0, got {inode!r}, {index!r}")
+        if (inode, index) in seen:
+            raise ValueError(f"items[{i}]: chunk {inode}:{index} appears twice in one write_batch")
+        seen.add((inode, index))
+        if u is not None and not _int_ge(u, 1):
+            raise ValueError(f"items[{i}]: update_version must be an int >= 1 or None, got {u!r}")
+        if crc is not None and not _int_ge(crc, 0):
+            raise ValueError(f"items[{i}]: crc must be an int >= 0 or None, got {crc!r}")
+        if hop is None:
+            hop = u is not None
+        elif hop != (u is not None):
+            raise ValueError(f"items[{i}]: every item of a write_batch has an update_version, or none has")
+        if full is not None:
+            if u is None or not isinstance(full, (bytes, bytearray, memoryview)):
+                raise ValueError(f"items[{i}]: full must be bytes, and only with an update_version")
+            ranges = None
+        else:
+            try:
+                ranges = _check_ranges(ranges)
+            except ValueError as exc:
+                raise ValueError(f"items[{i}]: {exc}") from None
+            nranges += len(ranges)
+            if nranges > MAX_BATCH_RANGES:
+                raise ValueError(f"items: at most {MAX_BATCH_RANGES} ranges per write_batch")
+        out.append((inode, index, ranges, u, crc, full))
+    return out
+
+
+def _batch_record(result: bytes) -> dict[tuple[int, int], list] | None:
+    """The per-chunk results of a ``write_batch`` dedup record, or None if ``result`` is not one."""
+    try:
+        rec = msgpack.unpackb(result)
+    except Exception:
+        return None
+    if type(rec) is not dict or type(rec.get("batch")) is not list:
+        return None
+    return {(r[0], r[1]): [r[2], r[3], r[4]] for r in rec["batch"]}
+
+
+def _item_error(exc: BaseException) -> list:
+    """``[code, message]`` of one chunk's failure in a ``write_batch`` reply."""
+    if isinstance(exc, FsError):
+        return [exc.code, exc.message]
+    if isinstance(exc, (ValueError, TypeError)):
+        return [Code.RPC_BAD_ARGS, str(exc)]
+    log.error("write_batch: a chunk update failed: %r", exc)
+    return [Code.INTERNAL, f"{type(exc).__name__}: {exc}"]
+
+
+def _batch_results(reply, count: int) -> list[list]:
+    """The per-chunk results of a ``write_batch`` reply: ``count`` of ``[version, crc, length]``
+    (ints) or ``[code, message]`` (strs), else RPC_MALFORMED."""
+    res = reply.get("results") if type(reply) is dict else None
+    if type(res) is not list or len(res) != count:
+        raise FsError(Code.RPC_MALFORMED, f"write_batch: expected {count} results, got "
+                      f"{len(res) if type(res) is list else type(reply).__name__}")
+    for r in res:
+        if not ((type(r) is list and len(r) == 3 and all(type(x) is int for x in r))
+                or (type(r) is list and len(r) == 2 and type(r[0]) is str and type(r[1]) is str)):
+            raise FsError(Code.RPC_MALFORMED, f"write_batch: bad result {r!r:.80}")
+    return res
 
 
 @dataclass
@@ -316,15 +406,176 @@ class StorageNode:
             self._bytes["write"].inc(len(data) if op == "write" else sum(len(d) for _, d in ranges))
         return result
 
+    async def rpc_write_batch(self, chain_id: int, chain_version: int, items: list, client: str = "",
+                              channel: int = 0, seq: int = 0) -> dict:
+        """Apply updates of many chunks of one chain as one request (a write-back flush): one
+        request per hop and one commit transaction per replica for all of them.
+
+        ``items``: ``[[inode, index, ranges], ...]`` from a client (``ranges`` as ``writev``'s:
+        ``[[offset, bytes], ...]`` within the chunk, applied in order), distinct chunks, at most
+        ``MAX_BATCH_ITEMS``. Each chunk's update is what ``write`` (one range) or ``writev`` would
+        do, with its own version (committed + 1 at the head), CRC32C check and chain-replication
+        steps; the batch travels down the chain as one request (items then carry their
+        ``update_version`` and ``crc``; a successor that answers STALE_UPDATE for some receives their
+        whole chunks). A chunk that fails (a corrupt piece, a successor's per-chunk error) is
+        reported as failed and aborted on this replica; the others still commit. A failure of the
+        whole forward (successor gone, chain changed) fails the request; nothing of it is
+        committed here then.
+
+        ``client``/``channel``/``seq``: as for ``write``; the dedup record of a batch holds each
+        committed chunk's result, so a retry with the same ``seq`` (all or some of the chunks)
+        returns those and applies only the rest.
+
+        Returns ``{"results": [...]}``, one per item in order: ``[version, crc, length]`` or
+        ``[code, message]``."""
+        self._check_fence()
+        items = _check_items(items)
+        if type(client) is not str or not _int_ge(channel, 0) or not _int_ge(seq, 0):
+            raise ValueError("client must be a str, channel and seq ints >= 0")
+        hop = items[0][3] is not None
+        chain, me, wchain = await self._chain(chain_id, chain_version)
+        if me["state"] not in TargetState.WRITE:
+            raise FsError(Code.TARGET_NOT_SERVING, f"target {me['id']} is {me['state']}")
+        pos = next(i for i, t in enumerate(wchain) if t["id"] == me["id"])
+        if not hop and (pos != 0 or me["state"] != TargetState.SERVING):
+            raise FsError(Code.NOT_HEAD, f"target {me['id']} is not the head of chain {chain_id}")
+        store = self.stores[me["id"]]
+        successor = wchain[pos + 1] if pos + 1 < len(wchain) else None
+        results: list = [None] * len(items)
+        async with contextlib.AsyncExitStack() as held:
+            for key in sorted((it[0], it[1]) for it in items):  # one order for every request: no deadlock
+                await held.enter_async_context(self._lock(me["id"], *key))
+            done: dict[tuple[int, int], list] = {}  # chunk -> result already committed under this seq
+            record = bool(client)  # write this request's dedup record (not over a newer one at a hop)
+            if client:
+                prior = store.dedup_get(client, channel)
+                if prior is not None and prior[0] > seq:
+                    if not hop:
+                        raise FsError(Code.EINVAL, f"channel {channel}: sequence {seq} is older than the last applied")
+                    record = False
+                elif prior is not None and prior[0] == seq:
+                    rec = _batch_record(prior[1])
+                    if rec is None and not hop:
+                        raise FsError(Code.EINVAL, f"channel {channel}: sequence {seq} was applied to a single write")
+                    done = rec or {}
+            todo: list[int] = []
+            for i, (inode, index, ranges, u, crc, full) in enumerate(items):
+                hit = done.get((inode, index))
+                if hit is not None and not hop:
+                    results[i] = hit  # a retry of an applied chunk
+                    continue
+                meta = store.get(inode, index)
+                current = meta.version if meta else 0
+                if u is None:
+                    u = current + 1
+                elif full is None and current == u and crc is not None and meta.crc == crc:
+                    results[i] = [current, meta.crc, meta.length]  # committed here before its ack was lost
+                    continue
+                elif full is None and current != u - 1:
+                    results[i] = [Code.STALE_UPDATE, f"chunk {inode}:{index} at v{current}, update is v{u}"]
+                    continue
+                items[i] = (inode, index, ranges, u, crc, full)
+                todo.append(i)
+
+            async def prepare(i: int):
+                inode, index, ranges, u, _, full = items[i]
+                if full is not None:
+                    return await store.prepare(inode, index, u, "write", full=full, overlap=True)
+                if len(ranges) == 1:
+                    return await store.prepare(inode, index, u, "write", ranges[0][0], ranges[0][1], overlap=True)
+                return await store.prepare(inode, index, u, "writev", ranges=ranges, overlap=True)
+
+            prepared = await asyncio.gather(*(prepare(i) for i in todo), return_exceptions=True)
+            ok: dict[int, tuple] = {}  # item -> (content or None, crc): pending here
+            for i, r in zip(todo, prepared):
+                if isinstance(r, BaseException):
+                    if isinstance(r, asyncio.CancelledError):
+                        raise r
+                    results[i] = _item_error(r)
+                else:
+                    ok[i] = r
+            try:
+                if successor is not None and ok:
+                    await self._forward_batch(successor, chain_id, chain, items, ok, results, store, client, channel,
+                                              seq)
+                for i in list(ok):
+                    inode, index, _, u, _, _ = items[i]
+                    try:
+                        await store.written(inode, index, u)
+                    except Exception as exc:  # this chunk's file write failed: the others still commit
+                        store.abort(inode, index)
+                        del ok[i]
+                        results[i] = _item_error(exc)
+            except BaseException:
+                for i in ok:
+                    store.abort(items[i][0], items[i][1])  # never acknowledged: leave the committed versions
+                raise
+            # (from here on no abort: a commit cancelled while its transaction runs still lands)
+            for i, (content, crc) in ok.items():
+                inode, index, _, u, _, _ = items[i]
+                results[i] = [u, crc, len(content) if content is not None else store.get(inode, index).pending_length]
+            if ok:
+                dedup = None
+                if record:
+                    rec = dict(done)
+                    for i, r in enumerate(results):
+                        if len(r) == 3:
+                            rec[(items[i][0], items[i][1])] = r
+                    dedup = (client, channel, seq, msgpack.packb({"batch": [[k[0], k[1], *v] for k, v in rec.items()]}))
+                await store.commit_many([(items[i][0], items[i][1], items[i][3]) for i in ok], dedup)
+        if self._bytes is not None:
+            self._bytes["write"].inc(sum(len(d) for i in ok for _, d in (items[i][2] or ())))
+        return {"results": results}
+
+    async def _forward_batch(self, successor: dict, chain_id: int, chain: dict, items: list, ok: dict,
+                             results: list, store: ChunkStore, client: str, channel: int, seq: int) -> None:
+        """Send the pending chunks ``ok`` (item -> (content, crc)) down the chain as one
+        ``write_batch``; chunks the successor rejects as STALE_UPDATE go again whole. A chunk the
+        successor fails leaves ``ok`` (aborted here, its error in ``results``); a failure of the
+        whole first request raises."""
+        order = list(ok)
+        args = dict(chain_id=chain_id, chain_version=chain["version"], client=client, channel=channel, seq=seq)
+        args["items"] = [[items[i][0], items[i][1], items[i][2], items[i][3], ok[i][1], items[i][5]] for i in order]
+        reply = await self._forward(successor, args, "write_batch")
+        got = _batch_results(reply, len(order))
+        stale = []
+        for i, r in zip(order, got):
+            if len(r) == 3:
+                continue  # committed downstream
+            if r[0] == Code.STALE_UPDATE and items[i][5] is None:
+                stale.append(i)
+                continue
+            store.abort(items[i][0], items[i][1])
+            del ok[i]
+            results[i] = [r[0], r[1]]
+
+        async def resend(i: int) -> None:
+            # one chunk per request: a whole chunk may be up to 64 MiB (the frame limit is ~72)
+            inode, index, _, u, _, _ = items[i]
+            content = ok[i][0] if ok[i][0] is not None else await store.pending_content(inode, index)
+            one = dict(args, items=[[inode, index, None, u, ok[i][1], content]])
+            r = _batch_results(await self._forward(successor, one, "write_batch"), 1)[0]
+            if len(r) != 3:
+                raise FsError(r[0], r[1])
+
+        outcome = await asyncio.gather(*(resend(i) for i in stale), return_exceptions=True)
+        for i, r in zip(stale, outcome):
+            if isinstance(r, BaseException):
+                if isinstance(r, asyncio.CancelledError):
+                    raise r
+                store.abort(items[i][0], items[i][1])
+                del ok[i]
+                results[i] = _item_error(r)
+
     @staticmethod
     def _dedup(client: str, channel: int, seq: int, result: dict):
         return (client, channel, seq, msgpack.packb(result)) if client else None
 
-    async def _forward(self, target: dict, args: dict) -> dict:
+    async def _forward(self, target: dict, args: dict, method: str = "write") -> dict:
         addr = self.routing.address(target["node"])
         if addr is None:
             raise FsError(Code.RPC_CONNECT, f"no address for node {target['node']}")
-        return await self.rpc.call(addr, "write", args, timeout=self.cfg.forward_timeout_s)
+        return await self.rpc.call(addr, method, args, timeout=self.cfg.forward_timeout_s)
 
     # --- read path -----------------------------------------------------------------------------
 
