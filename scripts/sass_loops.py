@@ -165,6 +165,7 @@ def main() -> None:
     p.add_argument("config", help="mla / gemm: block_m,block_n,warps,stages; gluon-gemm: buffers; gluon-mla: -")
     for flag in ("causal", "fp8", "sparse", "pointer", "pipeline"):
         p.add_argument(f"--{flag}", action="store_true")
+    p.add_argument("--dump", metavar="DIR", help="also write the kernel's PTX and SASS (k.ptx, k.sass) into DIR")
     a = p.parse_args()
     if a.kernel == "mla":
         k = mla(a.config, a.causal, a.fp8, a.sparse)
@@ -181,6 +182,11 @@ def main() -> None:
         r = subprocess.run([ptxas, "-arch=sm_90a", "-v", os.path.join(d, "k.ptx"), "-o", os.path.join(d, "k.cubin")],
                            capture_output=True, text=True, check=True)
         sass = subprocess.run([nvdisasm, "-c", os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True).stdout
+    if a.dump:
+        os.makedirs(a.dump, exist_ok=True)
+        for name, text in (("k.ptx", k.asm["ptx"]), ("k.sass", sass)):
+            with open(os.path.join(a.dump, name), "w") as f:
+                f.write(text)
     regs = re.search(r"Used (\d+) registers", r.stderr).group(1)
     spill = re.search(r"(\d+) bytes spill stores", r.stderr).group(1)
     waits = collections.Counter(re.findall(r"wgmma.wait_group.sync.aligned\s+(\d+)", k.asm["ptx"]))

@@ -40,13 +40,17 @@ def test_gluon_gemm_compiles_for_sm90_without_serialized_wgmma():
         out = _run("gluon-gemm", buffers)
         assert "wgmma.wait_group {'1': 1, '0': 1}" in out and " 0 B spill stores" in out, out
         assert "C7514" not in out, out
-    # warp-specialized: the same wait pattern in each of the two math partitions, and no spills
-    # within the register split (256 / 208 / 40 per thread for the three warpgroups)
-    out = _run("gluon-gemm-ws", "4")
-    assert "wgmma.wait_group {'1': 2, '0': 2}" in out and " 0 B spill stores" in out and "C7514" not in out, out
+    # warp-specialized: K slices in pairs in each of the two math partitions (wait 1 for the first
+    # of a pair, wait 0 for the second and for an odd slice out), no spills within the register
+    # split (256 / 208 / 40 per thread for the three warpgroups), nothing serialized (ptxas C7514
+    # reads / C7515 writes of accumulator registers while an MMA is in flight)
+    for config in ("4", "4,128,1", "4,128,2"):
+        out = _run("gluon-gemm-ws", config)
+        assert "wgmma.wait_group {'1': 2, '0': 4}" in out and " 0 B spill stores" in out, out
+        assert "serialized" not in out, out
     # split-K for small M (6 stages, 7 K parts): the same loop, no spills, within 227 KB
     out = _run("gluon-gemm-ws", "6,128,0,7")
-    assert "wgmma.wait_group {'1': 2, '0': 2}" in out and " 0 B spill stores" in out and "C7514" not in out, out
+    assert "wgmma.wait_group {'1': 2, '0': 4}" in out and " 0 B spill stores" in out and "serialized" not in out, out
     assert float(out.split(" KB shared")[0].rsplit(", ", 1)[1]) <= 227, out
     # 128 x 256 tiles: two 128-column MMAs per slice and math partition, each waited for in full
     out = _run("gluon-gemm-ws", "4,256")

@@ -277,12 +277,32 @@ def _ws_store_partial(acc, ws_ptr, part, off_m, off_n, M, N):
 
 
 @gluon.jit
+def _ws_issue(step, a_bufs, b_bufs, full, product, HALF: gl.constexpr, NUM_BUFFERS: gl.constexpr):
+    # the MMA of the slice in stage ``step`` into ``product``'s registers (its old value ignored)
+    s = step % NUM_BUFFERS
+    mbarrier.wait(full.index(s), (step // NUM_BUFFERS) & 1)
+    return warpgroup_mma(a_bufs.index(s).slice(HALF * 64, 64), b_bufs.index(s).permute((1, 0)), product,
+                         use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _ws_scale(sfa_rows, r_ok, sfb_col, k, stride_sak, stride_sbk):
+    # the [64] fp32 factors of K slice k: each row's A scale times the tile's B scale
+    return gl.load(sfa_rows + k * stride_sak, mask=r_ok, other=0.0) * gl.load(sfb_col + k * stride_sbk)
+
+
+@gluon.jit
 def _ws_math(HALF: gl.constexpr, a_bufs, b_bufs, full, empty, d_desc, d_smem, d_ptr, ws_ptr, sfa_ptr, sfb_ptr,
              layout_ptr, M, N, ROWS, G, num_tiles, num_k, stride_dg, stride_dm, stride_sag, stride_sam, stride_sak,
              stride_sbg, stride_sbn, stride_sbk, MODE: gl.constexpr, GROUP_M: gl.constexpr,
              NUM_BUFFERS: gl.constexpr, SPLIT: gl.constexpr):
     # This warpgroup's [64, 128] half of each 128 x 128 tile: rows off_m + HALF * 64 ... (with
-    # SPLIT > 1, of K slices [k_lo, k_hi) of it: work item = tile * SPLIT + part)
+    # SPLIT > 1, of K slices [k_lo, k_hi) of it: work item = tile * SPLIT + part).
+    # K slices go in pairs: both MMAs are issued into their own product registers, the first is
+    # waited for and promoted while the second runs, then the second. The warpgroup's MMA pipe
+    # drains once per two slices (a slice at a time, it drained every slice and the tensor cores
+    # idled through both warpgroups' drains when they ran in phase). Nothing is in flight across
+    # the loop's back edge, which keeps ptxas from serializing the wgmma (C7514/C7515).
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, 128, 32])
     row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
@@ -302,21 +322,25 @@ def _ws_math(HALF: gl.constexpr, a_bufs, b_bufs, full, empty, d_desc, d_smem, d_
             sfa_rows = sfa_ptr + g64 * stride_sag + r.to(gl.int64) * stride_sam
             sfb_col = sfb_ptr + g64 * stride_sbg + (off_n // 128) * stride_sbn
             acc = gl.zeros((64, 128), dtype=gl.float32, layout=mma_layout)
-            done = zero
-            done_scale = gl.zeros((64, ), dtype=gl.float32, layout=row_layout)
-            for k in range(k_lo, k_hi):
-                s = step % NUM_BUFFERS
-                scale = gl.load(sfa_rows + k * stride_sak, mask=r_ok, other=0.0) * gl.load(sfb_col + k * stride_sbk)
-                mbarrier.wait(full.index(s), (step // NUM_BUFFERS) & 1)
-                mma = warpgroup_mma(a_bufs.index(s).slice(HALF * 64, 64), b_bufs.index(s).permute((1, 0)), zero,
-                                    use_acc=False, is_async=True)
-                acc, done = warpgroup_mma_wait(num_outstanding=1, deps=(acc, done))  # pins the FMAs after the issue
-                acc += done * done_scale[:, None]
-                done = warpgroup_mma_wait(num_outstanding=0, deps=(mma, ))
-                mbarrier.arrive(empty.index(s), count=1)  # this warpgroup is done with stage s
-                done_scale = scale
+            for k in range(k_lo, k_hi - 1, 2):
+                scale0 = _ws_scale(sfa_rows, r_ok, sfb_col, k, stride_sak, stride_sbk)
+                scale1 = _ws_scale(sfa_rows, r_ok, sfb_col, k + 1, stride_sak, stride_sbk)
+                p0 = _ws_issue(step, a_bufs, b_bufs, full, zero, HALF, NUM_BUFFERS)
+                p1 = _ws_issue(step + 1, a_bufs, b_bufs, full, zero, HALF, NUM_BUFFERS)
+                p0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0, ))
+                mbarrier.arrive(empty.index(step % NUM_BUFFERS), count=1)  # this warpgroup is done with it
+                acc += p0 * scale0[:, None]
+                p1 = warpgroup_mma_wait(num_outstanding=0, deps=(p1, ))
+                mbarrier.arrive(empty.index((step + 1) % NUM_BUFFERS), count=1)
+                acc += p1 * scale1[:, None]
+                step += 2
+            if (k_hi - k_lo) % 2 == 1:  # the odd slice out (none when a split-K part is empty)
+                scale0 = _ws_scale(sfa_rows, r_ok, sfb_col, k_hi - 1, stride_sak, stride_sbk)
+                p0 = _ws_issue(step, a_bufs, b_bufs, full, zero, HALF, NUM_BUFFERS)
+                p0 = warpgroup_mma_wait(num_outstanding=0, deps=(p0, ))
+                mbarrier.arrive(empty.index(step % NUM_BUFFERS), count=1)
+                acc += p0 * scale0[:, None]
                 step += 1
-            acc += done * done_scale[:, None]
             if SPLIT > 1:
                 _ws_store_partial(acc, ws_ptr, part, off_m + HALF * 64, off_n, M, N)
             elif MODE == 0:
