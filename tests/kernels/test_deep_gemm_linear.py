@@ -86,8 +86,8 @@ def test_choose_config_rules(monkeypatch):
 
 
 def test_choose_config_takes_the_gluon_kernel_for_large_dense_fp8(monkeypatch):
-    """On Hopper, FP8 GEMMs from M = 512 (dense) or 256 rows a group (masked) take the
-    warp-specialized Gluon kernel; small M, contiguous (measured slower) and bf16 problems keep
+    """On Hopper, FP8 GEMMs from M = 512 (dense) or 256 rows a group (masked, contiguous) take the
+    warp-specialized Gluon kernel; small M and bf16 problems keep
     the Triton kernel; OPENINFRA_GEMM_GLUON=0 turns it off."""
     monkeypatch.setattr(cfg, "_device_sms", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -98,6 +98,7 @@ def test_choose_config_takes_the_gluon_kernel_for_large_dense_fp8(monkeypatch):
     assert cfg.choose_config(512, 4096, 7168, dev).gluon_ws
     assert not cfg.choose_config(256, 4096, 7168, dev).gluon_ws
     assert not cfg.choose_config(64, 4096, 7168, dev).gluon_ws
+    assert cfg.choose_config(8192, 4096, 7168, dev, groups=4, max_block_m=128).gluon_ws  # contiguous
     assert not cfg.choose_config(8192, 4096, 7168, dev, groups=4, max_block_m=128, allow_gluon=False).gluon_ws
     assert cfg.choose_config(256, 4096, 7168, dev, groups=4).gluon_ws  # masked, 256 rows a group
     assert not cfg.choose_config(128, 4096, 7168, dev, groups=4).gluon_ws

@@ -44,7 +44,7 @@ class GemmConfig:
     gluon_ws: the same through the warp-specialized persistent Gluon kernel (a TMA producer warp,
     two math warpgroups on the tile's halves; block_n 128 or 256, 256 dense only):
     :func:`choose_config` picks it for FP8 GEMMs on Hopper with M >= 512 (dense) or >= 256 rows per
-    group (masked).
+    group (masked, contiguous).
     """
 
     block_m: int = 128
@@ -144,8 +144,7 @@ def choose_config(
     ``m`` is the rows per group that will be computed (``expected_m`` for the masked kernel);
     ``max_block_m`` caps the tile height (the contiguous layout needs ``128 % block_m == 0``);
     ``element_size`` is 1 for FP8 and 2 for bf16 operands (halves the stages that fit);
-    ``allow_gluon=False`` keeps the Triton kernel (the contiguous layout: the Gluon kernel measured
-    0.92-0.95x it there, benchmarks/notes/deep_gemm.md).
+    ``allow_gluon=False`` keeps the Triton kernel.
     """
     if device.type != "cuda":
         return INTERPRETER_CONFIG
