@@ -5,11 +5,14 @@ request runs as the calling process's uid/gid (one native client per user; the k
 mode bits, ``default_permissions``). Semantics follow 3FS's FUSE client:
 
 * write-back cache (:mod:`openinfra.fs.clients.writeback`): writes, contiguous or not, stay in
-  the mount's memory as dirty ranges per inode (last write wins) and go to the chains one request
-  per touched chunk. They are flushed by ``fsync`` and by ``close`` (FUSE flush/release), when a
-  file holds ``writeback_per_file`` dirty bytes or the mount ``writeback_total``, when a contiguous
-  dirty run reaches ``write_buffer`` bytes (sequential writes stream out as before), before a
-  truncate of the file, and before a rename or unlink of it. Reads through this mount are served
+  the mount's memory as dirty ranges per inode (last write wins) and go to the chains as one
+  ``write_batch`` per chain (one request and one commit per replica for all its touched chunks).
+  They are flushed by ``fsync`` and by ``close`` (FUSE flush/release), when a file holds
+  ``writeback_per_file`` dirty bytes or the mount ``writeback_total``, when a contiguous dirty
+  run reaches ``write_buffer`` bytes (sequential writes: that run's full chunks go out in the
+  background, one run at a time per inode, while the writer goes on; what of it fails comes
+  back under newer writes for the next flush to write or report), before a truncate of the file,
+  and before a rename or unlink of it. Reads through this mount are served
   from storage data with the dirty bytes laid over it (no flush);
 * consistency is 3FS's: this mount reads its own writes at once; other clients see them after
   fsync or close, when the length recorded by meta is exact (3FS: exact length after close). A
@@ -213,6 +216,9 @@ def _ops_class():
         async def _flush_locked(self, inode: int, prefer: Handle | None = None, lo: int = 0,
                                 hi: int | None = None) -> None:
             """Write ``inode``'s dirty bytes in ``[lo, hi)`` to storage; the caller holds its lock."""
+            d = self.wb.files.get(inode)
+            if d is not None:  # in order, and its failed chunks are back in the ranges before we look
+                await d.settle()
             ranges = self.wb.peek(inode)
             if ranges is None:
                 return
@@ -229,6 +235,41 @@ def _ops_class():
                 o = self.handles.get(fh)
                 if o is not None:
                     o.file.length = max(o.file.length, w.file.length)
+
+        def _flush_behind(self, inode: int, d, prefer: Handle, lo: int, hi: int) -> None:
+            """Start writing the dirty bytes of ``[lo, hi)`` (a sequential run) in the background
+            (the caller holds the inode's lock and has settled the previous one): the writer goes
+            on filling the cache while the chunks go down their chains. The bytes leave the
+            ranges now; a chunk that fails comes back under any newer writes, so the next flush
+            (fsync, close, ...) writes it again or reports the error."""
+            import asyncio
+
+            w = self._writer(inode, prefer)
+            if w is None:
+                raise OSError(errno.EIO, f"inode {inode}: dirty data but no open writer")
+            sub = d.ranges.take(lo, hi)
+            if not sub:
+                return
+            w.dirty = True
+            self._drop_readahead(inode)
+
+            async def run() -> None:
+                try:
+                    await flush_file(w.file, sub)
+                except Exception as exc:  # noqa: BLE001 - kept dirty (below); flush_file logged it
+                    log.debug("background flush of inode %d: %s", inode, exc)
+                finally:
+                    for off, b in sub.ranges():  # what did not get written
+                        d.ranges.add_under(off, b)
+                    d.inflight = None
+                    self._drop_readahead(inode)  # what was fetched during the flush may be older
+                    for fh in self.writing.get(inode, ()):
+                        o = self.handles.get(fh)
+                        if o is not None:
+                            o.file.length = max(o.file.length, w.file.length)
+
+            d.span = (lo, hi)
+            d.inflight = asyncio.ensure_future(run())
 
         async def _flush_inode(self, inode: int, prefer: Handle | None = None) -> None:
             """Write all of ``inode``'s dirty bytes to storage (raises OSError(EIO) on failure)."""
@@ -249,10 +290,11 @@ def _ops_class():
                     await self._flush_inode(ino)
                     await self._sync_writers(ino)
 
-        def _drop_dirty(self, inode: int | None) -> None:
+        async def _drop_dirty(self, inode: int | None) -> None:
             """Forget ``inode``'s buffered writes (an O_TRUNC open: they precede the truncate)."""
             d = self.wb.files.get(inode) if inode is not None else None
             if d is not None:
+                await d.settle()  # a background flush must not land after the truncate
                 d.ranges.discard(0, d.ranges.end)
 
         def _lookup_inode(self, path: str) -> int | None:
@@ -295,6 +337,7 @@ def _ops_class():
                 d = self.wb.files.get(inode)
                 if d is not None:  # bytes past the new size need not be written; the rest must be first
                     async with d.lock:
+                        await d.settle()  # (what of it fails comes back before the cut below)
                         d.ranges.discard(attr.st_size, max(attr.st_size, d.ranges.end))
                         await self._flush_locked(inode, h)
                     self.wb.drop(inode)
@@ -449,7 +492,7 @@ def _ops_class():
             f = await (await self.client(ctx)).open(self._path(inode), mode)
             if flags & os.O_TRUNC and acc != os.O_RDONLY:
                 self._drop_readahead(inode)
-                self._drop_dirty(inode)  # other handles' buffered writes must not come back after it
+                await self._drop_dirty(inode)  # other handles' buffered writes must not come back after it
                 if f.length or self.writing.get(inode):
                     await f.truncate(0)
             return self._new_handle(f, flags)
@@ -465,7 +508,7 @@ def _ops_class():
                 if flags & os.O_EXCL:
                     raise
                 if flags & os.O_TRUNC:
-                    self._drop_dirty(self._lookup_inode(path))
+                    await self._drop_dirty(self._lookup_inode(path))
                 f = await c.open(path, "w+b" if flags & os.O_TRUNC else "r+b", perm=perm)
                 if flags & os.O_TRUNC:
                     self._drop_readahead(f.inode)
@@ -477,6 +520,8 @@ def _ops_class():
         async def read(self, fh, off, size):
             h = self.handles[fh]
             d = self.wb.files.get(h.inode)
+            if d is not None and d.inflight is not None and d.span[0] < off + size and off < d.span[1]:
+                await d.settle()  # its bytes are in neither the ranges nor (surely) storage yet
             if d is None or not d.ranges or d.ranges.end <= off:
                 return await self._read_storage(h, size, off)
             # Read-your-writes: storage data with this mount's dirty bytes laid over it.
@@ -512,16 +557,19 @@ def _ops_class():
             d = self.wb.get(h.inode)
             async with d.lock:
                 if h.append:  # O_APPEND: the end as this mount knows it, not the kernel's cached size
-                    off = max(h.file.length, d.ranges.end)
+                    off = max(h.file.length, self.wb.end(h.inode))  # (a background flush included)
                 lo, hi = d.ranges.add(off, buf)
                 if d.ranges.nbytes >= self.wb.per_file:
                     await self._flush_locked(h.inode, h)
                 elif hi - lo >= self.cfg.write_buffer:
                     # A long contiguous run (sequential writes): send its full chunks now, in one
                     # parallel burst, as the contiguous write buffer did; a partial last chunk waits.
+                    # The burst goes in the background (one at a time per inode), so the next
+                    # write_buffer of data arrives while it is written.
                     cs = h.file.chunk_size
                     top = hi - hi % cs if hi - hi % cs > lo else hi
-                    await self._flush_locked(h.inode, h, lo, top)
+                    await d.settle()
+                    self._flush_behind(h.inode, d, h, lo, top)
             if self.wb.nbytes > self.wb.total:  # the mount's limit: flush the biggest files first
                 for ino in self.wb.largest():
                     await self._flush_inode(ino, h if ino == h.inode else None)

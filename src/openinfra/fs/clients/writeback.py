@@ -123,6 +123,40 @@ class DirtyRanges:
             self.bufs[i:i + 1] = [k[1] for k in keep]
             i += len(keep)
 
+    def take(self, lo: int, hi: int) -> "DirtyRanges":
+        """Move the dirty bytes in ``[lo, hi)`` out into a new :class:`DirtyRanges` (copies)."""
+        out = DirtyRanges()
+        i = max(0, bisect.bisect_right(self.starts, lo) - 1)
+        while i < len(self.starts) and self.starts[i] < hi:
+            s, b = self.starts[i], self.bufs[i]
+            a, z = max(lo, s), min(hi, s + len(b))
+            if a < z:  # (clipped pieces of non-adjacent ranges stay non-adjacent)
+                out.starts.append(a)
+                out.bufs.append(bytearray(b[a - s:z - s]))
+                out.nbytes += z - a
+            i += 1
+        self.discard(lo, hi)
+        return out
+
+    def add_under(self, off: int, data) -> None:
+        """Record the bytes of ``data`` at ``off`` only where nothing is dirty now: older bytes
+        (of a failed background flush) coming back under the writes made since."""
+        end = off + len(data)
+        pos = off
+        i = max(0, bisect.bisect_right(self.starts, off) - 1)
+        gaps = []
+        while pos < end:
+            while i < len(self.starts) and self.starts[i] + len(self.bufs[i]) <= pos:
+                i += 1
+            if i < len(self.starts) and self.starts[i] <= pos:
+                pos = self.starts[i] + len(self.bufs[i])  # dirty here: skip past it
+                continue
+            stop = min(end, self.starts[i]) if i < len(self.starts) else end
+            gaps.append((pos, stop))
+            pos = stop
+        for a, z in gaps:
+            self.add(a, data[a - off:z - off])
+
     def by_chunk(self, chunk_size: int) -> dict[int, list[tuple[int, bytearray]]]:
         """The dirty pieces grouped by chunk index: ``{index: [(file offset, bytes), ...]}``, in order.
         Copies, not views: a view would pin the buffers (a bytearray with views cannot grow), and
@@ -140,10 +174,22 @@ class DirtyRanges:
 
 @dataclass
 class DirtyFile:
-    """The cache of one inode: its ranges and the lock that orders writes against flushes."""
+    """The cache of one inode: its ranges and the lock that orders writes against flushes.
+
+    ``inflight``: a background flush of a sequential run (``[span[0], span[1])``, its bytes moved
+    out of ``ranges``) that the writer does not wait for; at most one per inode. Whatever of it
+    fails comes back into ``ranges`` under the newer writes. Everything that flushes, truncates or
+    reads the span waits for it first."""
 
     ranges: DirtyRanges = field(default_factory=DirtyRanges)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    inflight: asyncio.Future | None = None
+    span: tuple[int, int] = (0, 0)
+
+    async def settle(self) -> None:
+        """Wait for the background flush, if any (it never raises: its failures are back in ``ranges``)."""
+        while self.inflight is not None:
+            await asyncio.wait([self.inflight])
 
 
 class WriteBack:
@@ -178,7 +224,9 @@ class WriteBack:
     def end(self, inode: int) -> int:
         """One past the inode's last dirty byte (0 when clean): the length getattr must report at least."""
         d = self.files.get(inode)
-        return d.ranges.end if d is not None else 0
+        if d is None:
+            return 0
+        return max(d.ranges.end, d.span[1]) if d.inflight is not None else d.ranges.end
 
     def largest(self) -> list[int]:
         """Inodes with dirty bytes, most dirty bytes first (who to flush when ``total`` is exceeded)."""
@@ -186,7 +234,7 @@ class WriteBack:
 
     def drop(self, inode: int) -> None:
         d = self.files.get(inode)
-        if d is not None and not d.ranges and not d.lock.locked():
+        if d is not None and not d.ranges and not d.lock.locked() and d.inflight is None:
             del self.files[inode]
 
 
