@@ -86,7 +86,8 @@ def test_choose_config_rules(monkeypatch):
 
 
 def test_choose_config_takes_the_gluon_kernel_for_large_dense_fp8(monkeypatch):
-    """On Hopper, FP8 GEMMs from M = 512 (dense) or 256 rows a group (masked, contiguous) take the
+    """On Hopper, FP8 GEMMs from M = 512 (dense; 256 when the tiles fill 3/4 of the SMs) or 256 rows
+    a group (masked, contiguous) take the
     warp-specialized Gluon kernel; small M and bf16 problems keep
     the Triton kernel; OPENINFRA_GEMM_GLUON=0 turns it off."""
     monkeypatch.setattr(cfg, "_device_sms", lambda index: 132)
@@ -96,7 +97,9 @@ def test_choose_config_takes_the_gluon_kernel_for_large_dense_fp8(monkeypatch):
     big = cfg.choose_config(4096, 7168, 16384, dev)
     assert big.gluon_ws and (big.block_m, big.block_n, big.split_k) == (128, 128, 1)
     assert cfg.choose_config(512, 4096, 7168, dev).gluon_ws
-    assert not cfg.choose_config(256, 4096, 7168, dev).gluon_ws
+    assert not cfg.choose_config(256, 4096, 7168, dev).gluon_ws  # 64 tiles for 132 SMs
+    assert cfg.choose_config(256, 7168, 16384, dev).gluon_ws  # 112 tiles: >= 3/4 of the SMs
+    assert cfg.choose_config(384, 24576, 1536, dev).gluon_ws
     assert not cfg.choose_config(64, 4096, 7168, dev).gluon_ws
     assert cfg.choose_config(8192, 4096, 7168, dev, groups=4, max_block_m=128).gluon_ws  # contiguous
     assert not cfg.choose_config(8192, 4096, 7168, dev, groups=4, max_block_m=128, allow_gluon=False).gluon_ws

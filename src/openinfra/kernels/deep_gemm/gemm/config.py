@@ -166,6 +166,10 @@ def choose_config(
             best = (key, bm, bn)
     _, bm, bn = best
     min_m = _GLUON_WS_MIN_M if groups == 1 else _GLUON_WS_MIN_M_GROUPED
+    if groups == 1 and _GLUON_WS_MIN_M_GROUPED <= m < min_m and ceil_div(m, 128) * ceil_div(n, 128) * 4 >= 3 * sms:
+        # M = 256 ... 511 with 128 x 128 tiles filling >= 3/4 of the SMs: 1.1-1.4x the Triton kernel
+        # on the H200 (fewer tiles: 0.88-0.96x; benchmarks/notes/deep_gemm.md, run 9)
+        min_m = _GLUON_WS_MIN_M_GROUPED
     if allow_gluon and element_size == 1 and m >= min_m and max_block_m >= 128 and _gluon_ws_enabled(device):
         # The warp-specialized persistent Gluon kernel: 1.02-1.6x the Triton kernel on every
         # M = 512 ... 4096 shape of the H200 sweeps (benchmarks/notes/deep_gemm.md, sweeps 5-6).
