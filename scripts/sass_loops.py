@@ -12,7 +12,6 @@ and `wgmma.wait_group` counts. The numbers in benchmarks/notes/{flash_mla,deep_g
     python scripts/sass_loops.py gluon-gemm-ws 4,128,1 # ... grouped contiguous (2 = masked)
     python scripts/sass_loops.py gluon-gemm-ws 6,128,0,7  # ... dense, 6 stages, split-K 7 (small M)
     python scripts/sass_loops.py gluon-mla -          # the warp-specialized MLA decode kernel
-    python scripts/sass_loops.py gluon-mla 32         # ... with 32-token K tiles in 4 stages
 """
 from __future__ import annotations
 
@@ -112,9 +111,7 @@ def gluon_gemm(buffers: str, warp_specialized: bool = False):
     return triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4 if warp_specialized else 8})
 
 
-def gluon_mla(config: str = "-"):
-    # config: "-" (64-token tiles, 2 stages) or the tokens per K tile (64 or 32; 32 = 4 stages)
-    block_t = 64 if config in ("-", "") else int(config)
+def gluon_mla():
     import torch
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -124,12 +121,10 @@ def gluon_mla(config: str = "-"):
     from openinfra.kernels.flash_mla.gluon_kernel import _mla_decode_kernel
 
     cache = torch.empty(4, 64, 1, 576, dtype=torch.bfloat16)[:, :, 0, :]
-    knope = TensorDescriptor.from_tensor(cache, [1, block_t, 512],
-                                         gl.NVMMASharedLayout.get_default_for([1, block_t, 512], gl.bfloat16))
-    kpe = TensorDescriptor.from_tensor(cache, [1, block_t, 64],
-                                       gl.NVMMASharedLayout.get_default_for([1, block_t, 64], gl.bfloat16))
+    knope = TensorDescriptor.from_tensor(cache, [1, 64, 512], gl.NVMMASharedLayout.get_default_for([1, 64, 512], gl.bfloat16))
+    kpe = TensorDescriptor.from_tensor(cache, [1, 64, 64], gl.NVMMASharedLayout.get_default_for([1, 64, 64], gl.bfloat16))
     params = list(inspect.signature(_mla_decode_kernel.fn).parameters)
-    const = {"SCHED_BLOCK": 64, "CAUSAL": False, "PIECES_FIRST": False, "STAGES": 128 // block_t}
+    const = {"SCHED_BLOCK": 64, "CAUSAL": False, "PIECES_FIRST": False}
     sig = {p: "constexpr" if p in const else "i32" for p in params}
     sig.update(q_ptr="*bf16", knope_desc=mangle_type(knope), kpe_desc=mangle_type(kpe), bt_ptr="*i32", len_ptr="*i32",
                sched_ptr="*i32", splits_ptr="*i32", out_ptr="*bf16", lse_ptr="*fp32", oacc_ptr="*fp32",
@@ -177,7 +172,7 @@ def main() -> None:
     elif a.kernel == "gemm":
         k = gemm(a.config, a.pointer, a.pipeline)
     elif a.kernel == "gluon-mla":
-        k = gluon_mla(a.config)
+        k = gluon_mla()
     else:
         k = gluon_gemm(a.config, warp_specialized=a.kernel == "gluon-gemm-ws")
     ptxas, nvdisasm = _tools()

@@ -102,24 +102,3 @@ def test_out_of_range_block_table_raises_on_gpu():
     c.block_table[1, 0] = c.k_cache.shape[0]
     with pytest.raises(ValueError, match=r"block_table\[1, 0\]"):
         flash_mla_with_kvcache(c.q, c.k_cache, c.block_table, c.cache_seqlens, 512, None)
-
-
-@pytest.mark.parametrize("block_tokens", [32, 64])
-@pytest.mark.parametrize("b,s_q,sk,h_q,varlen,causal,zero_len", [
-    (6, 2, 140, 16, True, True, False),     # tiles cut by the length and the causal diagonal
-    (2, 1, 4096, 64, False, False, False),
-    (64, 1, 20, 128, True, False, False),  # requests shorter than one tile
-    (128, 2, 4096, 32, True, True, True),  # zero-length requests among long ones
-])
-def test_gluon_decode_both_tile_sizes(monkeypatch, block_tokens, b, s_q, sk, h_q, varlen, causal, zero_len):
-    """The warp-specialized decode kernel with 64-token (2 stages) and 32-token (4 stages) K tiles,
-    whichever the row count would pick, against the reference (poisoned cache, strided blocks)."""
-    import openinfra.kernels.flash_mla.gluon_kernel as gk
-
-    monkeypatch.setattr(gk, "block_tokens_for", lambda rows: block_tokens)
-    c = make_dense_case(b, s_q, sk, h_q, 1, varlen=varlen, zero_len=zero_len, seed=b + sk + h_q, device="cuda",
-                        strided_cache=b % 2 == 0)
-    meta, splits = get_mla_metadata(c.cache_seqlens, s_q * h_q, 1)
-    out, lse = flash_mla_with_kvcache(c.q, c.k_cache, c.block_table, c.cache_seqlens, 512, meta, splits, causal=causal)
-    ref_out, ref_lse = mla_decode_reference(c.q, c.k_cache, c.block_table, c.cache_seqlens, 512, None, causal)
-    _check(out, lse, ref_out, ref_lse)

@@ -65,8 +65,7 @@ def test_gluon_mla_decode_compiles_for_sm90_without_spills():
 
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")):
         pytest.skip("Triton's bundled nvdisasm is missing; cannot disassemble sm_90a here")
-    for config in ("-", "32"):  # 64-token K tiles in 2 stages, 32-token tiles in 4
-        out = _run("gluon-mla", config)
-        assert " 0 B spill stores" in out and "wgmma.wait_group {'0': 3}" in out and "serialized" not in out, out
-        shared_kb = float(out.split(" KB shared")[0].rsplit(", ", 1)[1])
-        assert shared_kb <= 227, out
+    out = _run("gluon-mla", "-")
+    assert " 0 B spill stores" in out and "wgmma.wait_group {'0': 3}" in out and "C7514" not in out, out
+    shared_kb = float(out.split(" KB shared")[0].rsplit(", ", 1)[1])
+    assert shared_kb <= 227, out

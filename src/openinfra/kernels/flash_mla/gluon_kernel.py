@@ -36,7 +36,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from openinfra.kernels.flash_mla.layout import HEAD_DIM_QK, HEAD_DIM_V, MAX_GRID_Y, PAGE_BLOCK_SIZE, ceil_div
 
-__all__ = ["gluon_decode_supported", "mla_decode_gluon", "block_tokens_for"]
+__all__ = ["gluon_decode_supported", "mla_decode_gluon"]
 
 _LOG2E = 1.4426950408889634
 # Query rows (s_q x h_q) from which the Gluon kernel takes a call. Below 64 the tile's rows past R
@@ -46,19 +46,15 @@ MIN_ROWS = 16
 
 
 @gluon.jit
-def _producer(knope_desc, kpe_desc, k_bufs, kpe_bufs, full, empty, bt_row, first_page, n_tiles,
-              STAGES: gl.constexpr):
-    BLOCK_T: gl.constexpr = knope_desc.block_type.shape[1]
-    PER_PAGE: gl.constexpr = 64 // BLOCK_T  # K tiles per 64-token page
+def _producer(knope_desc, kpe_desc, k_bufs, kpe_bufs, full, empty, bt_row, first_page, n_tiles):
     for i in range(n_tiles):
-        s = i % STAGES
+        s = i % 2
         # a fresh barrier has completed the phase before its first: the first lap does not wait
-        mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-        page = gl.load(bt_row + first_page + i // PER_PAGE)
-        token = (i % PER_PAGE) * BLOCK_T
+        mbarrier.wait(empty.index(s), ((i // 2) & 1) ^ 1)
+        page = gl.load(bt_row + first_page + i)
         mbarrier.expect(full.index(s), knope_desc.block_type.nbytes + kpe_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(knope_desc, [page, token, 0], full.index(s), k_bufs.index(s))
-        tma.async_copy_global_to_shared(kpe_desc, [page, token, 512], full.index(s), kpe_bufs.index(s))
+        tma.async_copy_global_to_shared(knope_desc, [page, 0, 0], full.index(s), k_bufs.index(s))
+        tma.async_copy_global_to_shared(kpe_desc, [page, 0, 512], full.index(s), kpe_bufs.index(s))
 
 
 @gluon.jit
@@ -93,38 +89,36 @@ def _store_half(o, l, m2, COL0: gl.constexpr, row0, R, G, bi, n_split, split, ou
 def _softmax_partition(q_smem, qpe_smem, k_bufs, kpe_bufs, p_smem, alpha_smem, l_smem, m_smem, full, empty, p_ready, p_free,
                        fin, n_tiles, lo, open_end, length, s_q, row0, R, G, bi, n_split, split, scale_log2,
                        out_ptr, lse_ptr, oacc_ptr, lacc_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                       stride_ls, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
-    BLOCK_T: gl.constexpr = k_bufs.shape[2]  # tokens per K tile
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_T, 16])
+                       stride_ls, CAUSAL: gl.constexpr):
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
     chunk_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     rows = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
-    cols = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, s_layout))
+    cols = gl.arange(0, 64, layout=gl.SliceLayout(0, s_layout))
     last_key = length - s_q + rows // G  # causal: the last key each row may see
-    zero_s = gl.zeros((64, BLOCK_T), dtype=gl.float32, layout=s_layout)
+    zero_s = gl.zeros((64, 64), dtype=gl.float32, layout=s_layout)
     m_i = gl.full((64, ), float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
     l_i = gl.zeros((64, ), dtype=gl.float32, layout=gl.SliceLayout(1, s_layout))
     o = gl.zeros((64, 256), dtype=gl.float32, layout=o_layout)
     for i in range(n_tiles):
-        st = i % STAGES
-        mbarrier.wait(full.index(st), (i // STAGES) & 1)
-        k = k_bufs.index(st).reshape([BLOCK_T, 512])  # [tokens, 512]
+        st = i % 2
+        mbarrier.wait(full.index(st), (i // 2) & 1)
+        k = k_bufs.index(st).reshape([64, 512])  # [64 tokens, 512]
         s = warpgroup_mma(q_smem, k.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        s = warpgroup_mma(qpe_smem, kpe_bufs.index(st).reshape([BLOCK_T, 64]).permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma(qpe_smem, kpe_bufs.index(st).reshape([64, 64]).permute((1, 0)), s, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         s = s * scale_log2
-        start = lo + i * BLOCK_T
-        if start + BLOCK_T > open_end:  # a tile cut by the length or the causal diagonal
+        start = lo + i * 64
+        if start + 64 > open_end:  # a tile cut by the length or the causal diagonal
             pos = start + cols
             keep = (pos < length)[None, :] & (rows < R)[:, None]
             if CAUSAL:
                 keep = keep & (pos[None, :] <= last_key[:, None])
             s = gl.where(keep, s, float("-inf"))
             n_valid = length - start
-            if n_valid < BLOCK_T:
+            if n_valid < 64:
                 # zero the V rows past the length before any P V product reads them
-                r = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, chunk_layout))
+                r = gl.arange(0, 64, layout=gl.SliceLayout(1, chunk_layout))
                 for c in gl.static_range(8):
                     part = k.slice(c * 64, 64, dim=1)
                     x = part.load(chunk_layout)
@@ -158,18 +152,17 @@ def _softmax_partition(q_smem, qpe_smem, k_bufs, kpe_bufs, p_smem, alpha_smem, l
 @gluon.jit
 def _pv_partition(k_bufs, p_smem, alpha_smem, l_smem, m_smem, full, empty, p_ready, p_free, fin, n_tiles, row0, R, G, bi,
                   n_split, split, out_ptr, lse_ptr, oacc_ptr, lacc_ptr, stride_ob, stride_os, stride_oh, stride_lb,
-                  stride_lh, stride_ls, STAGES: gl.constexpr):
-    BLOCK_T: gl.constexpr = k_bufs.shape[2]
+                  stride_lh, stride_ls):
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
     row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
     o = gl.zeros((64, 256), dtype=gl.float32, layout=o_layout)
     for i in range(n_tiles):
-        st = i % STAGES
-        mbarrier.wait(full.index(st), (i // STAGES) & 1)
+        st = i % 2
+        mbarrier.wait(full.index(st), (i // 2) & 1)
         mbarrier.wait(p_ready, i & 1)
         alpha = alpha_smem.load(row_layout)
         o = o * alpha[:, None]
-        o = warpgroup_mma(p_smem, k_bufs.index(st).reshape([BLOCK_T, 512]).slice(256, 256, dim=1), o, is_async=True)
+        o = warpgroup_mma(p_smem, k_bufs.index(st).reshape([64, 512]).slice(256, 256, dim=1), o, is_async=True)
         o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
         mbarrier.arrive(p_free, count=1)
         mbarrier.arrive(empty.index(st), count=1)
@@ -184,9 +177,7 @@ def _pv_partition(k_bufs, p_smem, alpha_smem, l_smem, m_smem, full, empty, p_rea
 def _mla_decode_kernel(q_ptr, knope_desc, kpe_desc, bt_ptr, len_ptr, sched_ptr, splits_ptr, out_ptr, lse_ptr, oacc_ptr,
                        lacc_ptr, s_q, G, R, scale_log2, stride_qb, stride_qs, stride_qh, stride_btb,
                        stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
-                       SCHED_BLOCK: gl.constexpr, CAUSAL: gl.constexpr, PIECES_FIRST: gl.constexpr,
-                       STAGES: gl.constexpr):
-    BLOCK_T: gl.constexpr = knope_desc.block_type.shape[1]  # tokens per K tile: 64 (a page) or 32
+                       SCHED_BLOCK: gl.constexpr, CAUSAL: gl.constexpr, PIECES_FIRST: gl.constexpr):
     # row blocks vary fastest in launch order: the CTAs of one piece run together and share its
     # pages through L2 (piece-major order read every page once per row block from HBM);
     # PIECES_FIRST: more pieces than the grid's second dimension takes (MAX_GRID_Y)
@@ -207,7 +198,7 @@ def _mla_decode_kernel(q_ptr, knope_desc, kpe_desc, bt_ptr, len_ptr, sched_ptr, 
     split_base = gl.load(splits_ptr + req)
     n_split = gl.where(req_ok, gl.load(splits_ptr + req + 1) - split_base, 0)
     stop = gl.minimum(hi, length)
-    n_tiles = gl.where(n_split > 0, gl.cdiv(gl.maximum(stop - lo, 0), BLOCK_T), 0)
+    n_tiles = gl.where(n_split > 0, gl.cdiv(gl.maximum(stop - lo, 0), 64), 0)
     open_end = stop
     if CAUSAL:
         open_end = gl.minimum(stop, length - s_q + 1)  # keys <= length - s_q are visible to every row
@@ -228,18 +219,17 @@ def _mla_decode_kernel(q_ptr, knope_desc, kpe_desc, bt_ptr, len_ptr, sched_ptr, 
     qpe_smem.store(gl.load(q_row[:, None] + 512 + cols[None, :], mask=row_ok[:, None], other=0.0))
     fence_async_shared()
 
-    k_bufs = gl.allocate_shared_memory(knope_desc.dtype, [STAGES] + knope_desc.block_type.shape, knope_desc.layout)
-    kpe_bufs = gl.allocate_shared_memory(kpe_desc.dtype, [STAGES] + kpe_desc.block_type.shape, kpe_desc.layout)
-    p_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(128, BLOCK_T * 2), element_bitwidth=16, rank=2)
-    p_smem = gl.allocate_shared_memory(q_ptr.dtype.element_ty, [64, BLOCK_T], p_layout)
+    k_bufs = gl.allocate_shared_memory(knope_desc.dtype, [2] + knope_desc.block_type.shape, knope_desc.layout)
+    kpe_bufs = gl.allocate_shared_memory(kpe_desc.dtype, [2] + kpe_desc.block_type.shape, kpe_desc.layout)
+    p_smem = gl.allocate_shared_memory(q_ptr.dtype.element_ty, [64, 64], swizzled)
     plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
     alpha_smem = gl.allocate_shared_memory(gl.float32, [64], plain)
     l_smem = gl.allocate_shared_memory(gl.float32, [64], plain)
     m_smem = gl.allocate_shared_memory(gl.float32, [64], plain)
-    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     sync = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())  # p_ready, p_free, fin
-    for i in gl.static_range(STAGES):
+    for i in gl.static_range(2):
         mbarrier.init(full.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)
     for i in gl.static_range(3):
@@ -251,14 +241,13 @@ def _mla_decode_kernel(q_ptr, knope_desc, kpe_desc, bt_ptr, len_ptr, sched_ptr, 
         (_softmax_partition, (q_smem, qpe_smem, k_bufs, kpe_bufs, p_smem, alpha_smem, l_smem, m_smem, full, empty,
                               sync.index(0), sync.index(1), sync.index(2), n_tiles, lo, open_end, length, s_q, row0,
                               R, G, req, n_split, split, scale_log2, out_ptr, lse_ptr, oacc_ptr, lacc_ptr, stride_ob,
-                              stride_os, stride_oh, stride_lb, stride_lh, stride_ls, CAUSAL, STAGES)),
+                              stride_os, stride_oh, stride_lb, stride_lh, stride_ls, CAUSAL)),
         (_pv_partition, (k_bufs, p_smem, alpha_smem, l_smem, m_smem, full, empty, sync.index(0), sync.index(1),
                          sync.index(2), n_tiles, row0, R, G, req, n_split, split, out_ptr, lse_ptr, oacc_ptr,
-                         lacc_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls, STAGES)),
-        (_producer, (knope_desc, kpe_desc, k_bufs, kpe_bufs, full, empty, bt_row, lo // SCHED_BLOCK, n_tiles,
-                     STAGES)),
+                         lacc_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls)),
+        (_producer, (knope_desc, kpe_desc, k_bufs, kpe_bufs, full, empty, bt_row, lo // SCHED_BLOCK, n_tiles)),
     ], [4, 1], [208, 40])
-    for i in gl.static_range(STAGES):
+    for i in gl.static_range(2):
         mbarrier.invalidate(full.index(i))
         mbarrier.invalidate(empty.index(i))
     for i in gl.static_range(3):
@@ -280,36 +269,22 @@ def gluon_decode_supported(q: torch.Tensor, kv: torch.Tensor, rows: int, *, spar
     return all((s * kv.element_size()) % 16 == 0 for s in (kv.stride(0), kv.stride(1))) and kv.data_ptr() % 16 == 0
 
 
-def block_tokens_for(rows: int) -> int:
-    """Tokens per K tile: a whole page (64, two stages) when a CTA's 64 query rows are all used --
-    the compute-bound shapes; half a page (32, four stages) below that, where the decode is
-    memory-bound and a stage is released only after both warpgroups' P V, so smaller tiles let the
-    loads run three tiles ahead instead of one (benchmarks/notes/flash_mla.md, run 19)."""
-    return 64 if rows > 64 else 32
-
-
 def mla_decode_gluon(q, kv, lengths, tile_scheduler_metadata, num_splits, softmax_scale, *, out, lse, block_table,
-                     causal, oacc, lacc, block_tokens: int | None = None) -> None:
+                     causal, oacc, lacc) -> None:
     """Launch the attention kernel (the combine kernel stays the caller's): same arguments as
     :func:`.kernel.mla_attention_triton` for the calls :func:`gluon_decode_supported` accepts;
-    ``oacc`` [pieces * rows * 512] / ``lacc`` [pieces * rows] fp32 partial buffers;
-    ``block_tokens`` 64 or 32 (default :func:`block_tokens_for`)."""
+    ``oacc`` [pieces * rows * 512] / ``lacc`` [pieces * rows] fp32 partial buffers."""
     b, s_q, h_q, _ = q.shape
     rows = s_q * h_q
-    block_t = block_tokens_for(rows) if block_tokens is None else block_tokens
-    if block_t not in (32, 64):
-        raise ValueError(f"block_tokens: 32 or 64, got {block_t}")
-    stages = PAGE_BLOCK_SIZE * 2 // block_t  # 2 x 64 or 4 x 32 tokens: the same 128 KB of K stages
     cache = kv[:, :, 0, :]  # [num_blocks, 64, 576], any block stride
     elt = gl.bfloat16 if kv.dtype == torch.bfloat16 else gl.float16
-    knope_desc = TensorDescriptor.from_tensor(cache, [1, block_t, HEAD_DIM_V],
-                                              gl.NVMMASharedLayout.get_default_for([1, block_t, HEAD_DIM_V], elt))
-    kpe_desc = TensorDescriptor.from_tensor(cache, [1, block_t, 64],
-                                            gl.NVMMASharedLayout.get_default_for([1, block_t, 64], elt))
+    knope_desc = TensorDescriptor.from_tensor(cache, [1, 64, HEAD_DIM_V],
+                                              gl.NVMMASharedLayout.get_default_for([1, 64, HEAD_DIM_V], elt))
+    kpe_desc = TensorDescriptor.from_tensor(cache, [1, 64, 64], gl.NVMMASharedLayout.get_default_for([1, 64, 64], elt))
     pieces = tile_scheduler_metadata.shape[0]
     pieces_first = pieces > MAX_GRID_Y
     _mla_decode_kernel[(pieces, ceil_div(rows, 64)) if pieces_first else (ceil_div(rows, 64), pieces)](
         q, knope_desc, kpe_desc, block_table, lengths, tile_scheduler_metadata, num_splits, out, lse, oacc, lacc,
         s_q, h_q, rows, softmax_scale * _LOG2E, q.stride(0), q.stride(1), q.stride(2), block_table.stride(0),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-        SCHED_BLOCK=PAGE_BLOCK_SIZE, CAUSAL=causal, PIECES_FIRST=pieces_first, STAGES=stages, num_warps=4)
+        SCHED_BLOCK=PAGE_BLOCK_SIZE, CAUSAL=causal, PIECES_FIRST=pieces_first, num_warps=4)
