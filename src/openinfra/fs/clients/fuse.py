@@ -655,6 +655,12 @@ def mount(mountpoint: str, mgmtd: str | list[str] | None = None, cfg: FuseConfig
     if not os.path.exists("/dev/fuse"):
         raise RuntimeError("/dev/fuse is missing: FUSE is not available here (install fuse3, load the fuse module)")
     pyfuse3.asyncio.enable()
+    if os.environ.get("OI_KEEP_HEAP", "1") == "1":
+        # The write-back cache allocates and frees MiBs per sequential run; with glibc's defaults
+        # the freed heap top goes back to the kernel and the next run faults every page in again.
+        from openinfra.fs.server import keep_heap
+
+        keep_heap()
     ops = _ops_class()(addrs, cfg)
     options = set(pyfuse3.default_options) | {"fsname=3fs", "subtype=openinfra"}
     if cfg.allow_other:

@@ -132,7 +132,8 @@ class DirtyRanges:
             a, z = max(lo, s), min(hi, s + len(b))
             if a < z:  # (clipped pieces of non-adjacent ranges stay non-adjacent)
                 out.starts.append(a)
-                out.bufs.append(bytearray(b[a - s:z - s]))
+                # a buffer inside the span moves as it is (discard below drops it without a copy)
+                out.bufs.append(b if (a, z) == (s, s + len(b)) else b[a - s:z - s])
                 out.nbytes += z - a
             i += 1
         self.discard(lo, hi)
@@ -256,16 +257,20 @@ async def flush_file(f, ranges: DirtyRanges, lo: int = 0, hi: int | None = None)
     # not rewritten (another client's writes there survive).
     outcome = await f.write_chunks({idx: [(off - idx * cs, data) for off, data in pieces]
                                     for idx, pieces in chunks.items()})
-    results = []
+    first_error = None
+    spans: list[list[int]] = []  # written chunks' spans, adjacent ones merged: one discard each
     for idx, pieces in sorted(chunks.items()):
         err = outcome.get(idx)
-        results.append(err if err is not None else (pieces[0][0], pieces[-1][0] + len(pieces[-1][1])))
-    first_error = None
-    for r in results:
-        if isinstance(r, BaseException):
-            first_error = first_error or r
+        if err is not None:
+            first_error = first_error or err
+            continue
+        lo_, hi_ = pieces[0][0], pieces[-1][0] + len(pieces[-1][1])
+        if spans and spans[-1][1] == lo_:
+            spans[-1][1] = hi_
         else:
-            ranges.discard(*r)
+            spans.append([lo_, hi_])
+    for lo_, hi_ in spans:  # (a discard per chunk of a long run would copy the rest of it each time)
+        ranges.discard(lo_, hi_)
     if first_error is not None:
         if isinstance(first_error, asyncio.CancelledError):
             raise first_error
