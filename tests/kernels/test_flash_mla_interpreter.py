@@ -138,3 +138,38 @@ def test_sparse_prefill_matches_reference(h_q, topk_len, sink):
     _check(out, lse, ref_out, ref_lse, SPARSE_OUT_TOL)
     assert compare_outputs("max_logits", mx, ref_mx, **LSE_TOL) is None
 
+
+
+@pytest.mark.parametrize("b,s_q,h_q,topk,nb,page,fp8,topk_len,sink,parts", SPARSE)
+def test_sparse_decode_gathered_matches_reference(monkeypatch, b, s_q, h_q, topk, nb, page, fp8, topk_len, sink, parts):
+    """Hopper's sparse path (gather each query token's valid keys into a dense 16-bit workspace,
+    then the dense decode kernel; forced on here, where the interpreter runs the dense Triton
+    kernel): same cases and tolerances as the sparse kernel, the all-invalid row included."""
+    import openinfra.kernels.flash_mla.sparse_gather as sg
+
+    monkeypatch.setattr(sg, "uses_gathered_sparse_decode", lambda q, h_kv: True)
+    test_sparse_decode_matches_reference(b, s_q, h_q, topk, nb, page, fp8, topk_len, sink, parts)
+
+
+def test_sparse_gather_packs_valid_tokens_and_dequantizes_them():
+    """The gather alone: each row's valid indices (in range, within topk_length) packed to the front
+    in order, and the workspace rows equal to the dequantized cache tokens (FP8 and bf16 caches,
+    block stride wider than a page)."""
+    from openinfra.kernels.flash_mla import dequantize_kv_cache_fp8
+    from openinfra.kernels.flash_mla.sparse_gather import gather_tokens, pack_valid_indices
+
+    for fp8 in (True, False):
+        c = make_sparse_decode_case(3, 2, 4, 50, 6, 7, fp8=fp8, seed=5, with_topk_length=True)
+        n_tokens = 6 * 7
+        packed, counts = pack_valid_indices(c.indices, n_tokens, c.topk_length)
+        wide = torch.zeros(6, 9, *c.k_cache.shape[2:], dtype=c.k_cache.dtype)
+        wide[:, :7] = c.k_cache
+        cache = wide[:, :7]  # block stride 9 tokens
+        work = gather_tokens(cache, packed, counts, fp8).view(6, 64, 576)
+        flat = (dequantize_kv_cache_fp8(c.k_cache) if fp8 else c.k_cache).view(n_tokens, 576)
+        for r in range(6):
+            bi = r // 2
+            limit = int(c.topk_length[bi])
+            row = [int(t) for t in c.indices.view(6, 50)[r, :limit] if 0 <= int(t) < n_tokens]
+            assert int(counts[r]) == len(row) and packed[r, :len(row)].tolist() == row
+            assert torch.equal(work.view(-1, 576)[r * 64:r * 64 + len(row)], flat[row])

@@ -1,0 +1,145 @@
+"""Sparse decoding on Hopper as gather-then-dense: the top-k tokens of every query token are
+gathered (and, from the FP8 cache, dequantized) into a dense 16-bit workspace, which the
+warp-specialized dense decode kernel (:mod:`.gluon_kernel`) then reads as an ordinary paged cache.
+
+Why: in sparse decoding every query token has its own top-k keys, so the kernel cannot stream pages
+through TMA and, reading the FP8 cache, has to dequantize in the registers of the warps doing the
+matrix work (the Triton kernel: 75 TFLOPS at DeepSeek-V3.2's shape). Gathering first costs one pass
+over the selected bytes (656 read + 1,152 written per token) and then runs the 64-row decode at its
+dense rate. Same results as :func:`.reference.mla_sparse_decode_reference` within the kernel
+tolerances: the gathered values are the dequantized bf16 keys the other kernels use too; the valid
+indices of each query token are packed to the front (softmax does not care about key order), so
+invalid ones (``-1``, out of range, past ``topk_length``) are simply not there; the attention sink
+rescales the output afterwards (``out * sigmoid(lse - sink)``, lse without the sink, as FlashMLA).
+
+Workspace: ``b * s_q * ceil(topk / 64) * 64 * 1152`` bytes (604 MB at b = 128, s_q = 2, topk = 2048).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from openinfra.kernels.flash_mla.layout import (
+    FP8_BYTES_PER_TOKEN, FP8_ROPE_OFFSET, FP8_SCALE_OFFSET, FP8_TILE, HEAD_DIM_QK, HEAD_DIM_V, PAGE_BLOCK_SIZE,
+    ceil_div,
+)
+
+__all__ = ["pack_valid_indices", "gather_tokens", "sparse_decode_gathered", "uses_gathered_sparse_decode"]
+
+
+def uses_gathered_sparse_decode(q: torch.Tensor, h_kv: int) -> bool:
+    """Whether sparse decoding takes this path: the dense Gluon kernel can run the gathered
+    workspace (Hopper, bf16 queries, h_kv = 1, at least its MIN_ROWS heads; not under the
+    interpreter; OPENINFRA_MLA_GLUON=0 keeps the Triton sparse kernel)."""
+    import os
+
+    from openinfra.kernels.flash_mla.gluon_kernel import MIN_ROWS
+    from openinfra.kernels.backend import interpreter_enabled
+
+    if interpreter_enabled() or os.environ.get("OPENINFRA_MLA_GLUON", "1") == "0" or not q.is_cuda:
+        return False
+    return (torch.cuda.get_device_capability(q.device)[0] == 9 and q.dtype == torch.bfloat16 and h_kv == 1
+            and q.shape[2] >= MIN_ROWS and q.stride(-1) == 1)
+
+
+def pack_valid_indices(indices: torch.Tensor, n_tokens: int,
+                       topk_length: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``indices`` [b, s_q, topk] -> (packed [b * s_q, topk] int32 with each row's valid indices
+    first, in their order; counts [b * s_q] int32). Valid: 0 <= index < n_tokens and, with
+    ``topk_length`` [b], position < topk_length[request]."""
+    b, s_q, topk = indices.shape
+    idx = indices.reshape(b * s_q, topk)
+    valid = (idx >= 0) & (idx < n_tokens)
+    if topk_length is not None:
+        limit = topk_length.to(torch.int64).repeat_interleave(s_q)
+        valid &= torch.arange(topk, device=idx.device)[None, :] < limit[:, None]
+    order = torch.sort(valid.to(torch.int8), dim=1, descending=True, stable=True).indices
+    return torch.gather(idx, 1, order).to(torch.int32), valid.sum(dim=1, dtype=torch.int32)
+
+
+@triton.jit
+def _gather_kernel(cache_ptr, idx_ptr, count_ptr, out_ptr, page, stride_block, stride_page, stride_idx, topk_pad,
+                   IS_FP8: tl.constexpr, BLOCK_T: tl.constexpr, SCALE_OFF: tl.constexpr, ROPE_OFF: tl.constexpr,
+                   TILE: tl.constexpr, D_V: tl.constexpr, D_QK: tl.constexpr):
+    # one program: BLOCK_T slots of one query token's row of the workspace
+    r = tl.program_id(0)
+    j = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    count = tl.load(count_ptr + r)
+    ok = j < count  # slots past the count stay as they are: the decode kernel zeroes and masks them
+    tok = tl.load(idx_ptr + r.to(tl.int64) * stride_idx + j, mask=ok, other=0).to(tl.int64)
+    src = cache_ptr + (tok // page) * stride_block + (tok % page) * stride_page  # [BLOCK_T] token rows
+    dst = out_ptr + (r.to(tl.int64) * topk_pad + j) * D_QK  # [BLOCK_T] bf16 rows
+    if IS_FP8:
+        # bytes [0, 512): e4m3 latents, 4 tiles of 128 with an fp32 scale each at SCALE_OFF; bf16 rope at ROPE_OFF
+        c = tl.arange(0, D_V)
+        x = tl.load(src[:, None] + c[None, :], mask=ok[:, None], other=0)
+        x = x.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        scale_ptr = (src + SCALE_OFF).to(tl.pointer_type(tl.float32))
+        scale = tl.load(scale_ptr[:, None] + (c // TILE)[None, :], mask=ok[:, None], other=0.0)
+        tl.store(dst[:, None] + c[None, :], (x * scale).to(tl.bfloat16), mask=ok[:, None])
+        e = tl.arange(0, D_QK - D_V)
+        rope_ptr = (src + ROPE_OFF).to(tl.pointer_type(tl.bfloat16))
+        rope = tl.load(rope_ptr[:, None] + e[None, :], mask=ok[:, None], other=0.0)
+        tl.store(dst[:, None] + D_V + e[None, :], rope, mask=ok[:, None])
+    else:  # a 16-bit cache: copy the 576 values
+        c = tl.arange(0, D_V)
+        x = tl.load(src[:, None] + c[None, :], mask=ok[:, None], other=0.0)
+        tl.store(dst[:, None] + c[None, :], x.to(tl.bfloat16), mask=ok[:, None])
+        e = tl.arange(0, D_QK - D_V)
+        x = tl.load(src[:, None] + D_V + e[None, :], mask=ok[:, None], other=0.0)
+        tl.store(dst[:, None] + D_V + e[None, :], x.to(tl.bfloat16), mask=ok[:, None])
+
+
+def gather_tokens(k_cache: torch.Tensor, packed: torch.Tensor, counts: torch.Tensor, is_fp8: bool) -> torch.Tensor:
+    """The workspace [R * topk_pad / 64, 64, 1, 576] bf16 (pages of 64 tokens, R = packed rows): row
+    r's first counts[r] tokens are cache tokens packed[r, :counts[r]] (dequantized from the FP8
+    layout when ``is_fp8``); ``k_cache`` [num_blocks, page, 1, 656 bytes or 576 16-bit], any block
+    and page strides."""
+    rows, topk = packed.shape
+    topk_pad = ceil_div(max(topk, 1), PAGE_BLOCK_SIZE) * PAGE_BLOCK_SIZE
+    out = torch.empty(rows * topk_pad // PAGE_BLOCK_SIZE, PAGE_BLOCK_SIZE, 1, HEAD_DIM_QK, dtype=torch.bfloat16,
+                      device=k_cache.device)
+    if rows == 0:
+        return out
+    cache = k_cache.view(torch.uint8) if is_fp8 else k_cache
+    block_t = 16
+    _gather_kernel[(rows, ceil_div(topk, block_t))](
+        cache, packed, counts, out, k_cache.shape[1], cache.stride(0), cache.stride(1), packed.stride(0), topk_pad,
+        IS_FP8=is_fp8, BLOCK_T=block_t, SCALE_OFF=FP8_SCALE_OFFSET, ROPE_OFF=FP8_ROPE_OFFSET, TILE=FP8_TILE,
+        D_V=HEAD_DIM_V, D_QK=HEAD_DIM_QK, num_warps=4)
+    return out
+
+
+def sparse_decode_gathered(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor, meta: torch.Tensor,
+                           splits: torch.Tensor, softmax_scale: float, *, is_fp8: bool,
+                           topk_length: torch.Tensor | None, attn_sink: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse decoding through the dense kernel. q [b, s_q, h_q, 576] 16-bit; indices [b, s_q, topk]
+    int32; meta / splits: the schedule :func:`.api.flash_mla_with_kvcache` built for the b * s_q
+    top-k rows (the dense layout's schedule: b * s_q requests of h_q rows, 64-token blocks). Returns
+    out [b, s_q, h_q, 512] in q's dtype and lse [b, h_q, s_q] fp32 (+inf for a query token with no
+    valid index, whose output is 0)."""
+    from openinfra.kernels.flash_mla.kernel import mla_attention_triton
+
+    b, s_q, h_q, d = q.shape
+    n_tokens = k_cache.shape[0] * k_cache.shape[1]
+    packed, counts = pack_valid_indices(indices, n_tokens, topk_length)
+    work = gather_tokens(k_cache, packed, counts, is_fp8)
+    rows = b * s_q
+    pages = work.shape[0] // max(rows, 1)
+    table = torch.arange(rows * pages, dtype=torch.int32, device=q.device).view(rows, pages)
+    out = torch.empty(b, s_q, h_q, HEAD_DIM_V, dtype=q.dtype, device=q.device)
+    lse_rows = torch.empty(rows, h_q, 1, dtype=torch.float32, device=q.device)
+    mla_attention_triton(q.reshape(rows, 1, h_q, d), work, counts, meta, splits, softmax_scale,
+                         out=out.view(rows, 1, h_q, HEAD_DIM_V), lse=lse_rows, block_table=table)
+    if attn_sink is not None:
+        # the sink only adds e^sink to the softmax denominator: out * e^lse / (e^lse + e^sink)
+        lse3 = lse_rows.view(b, s_q, h_q)
+        # (a query token with no valid key has lse = +inf and output 0: its factor is moot, but an
+        # infinite sink would make it NaN)
+        factor = torch.where(torch.isposinf(lse3), 1.0, torch.sigmoid(lse3 - attn_sink.view(1, 1, h_q)))
+        out.copy_(out.float() * factor[..., None])
+    lse = lse_rows.view(b, s_q, h_q).transpose(1, 2).contiguous()
+    return out, lse
