@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from openinfra.kernels.flash_mla.layout import (
-    FP8_BYTES_PER_TOKEN, FP8_ROPE_OFFSET, FP8_SCALE_OFFSET, FP8_TILE, HEAD_DIM_QK, HEAD_DIM_V, PAGE_BLOCK_SIZE,
+    FP8_ROPE_OFFSET, FP8_SCALE_OFFSET, FP8_TILE, HEAD_DIM_QK, HEAD_DIM_V, PAGE_BLOCK_SIZE,
     ceil_div,
 )
 
@@ -44,19 +44,40 @@ def uses_gathered_sparse_decode(q: torch.Tensor, h_kv: int) -> bool:
             and q.shape[2] >= MIN_ROWS and q.stride(-1) == 1)
 
 
+@triton.jit
+def _pack_kernel(idx_ptr, limit_ptr, packed_ptr, count_ptr, topk, n_tokens, s_q, stride_idx, stride_packed,
+                 HAS_LIMIT: tl.constexpr, CHUNK: tl.constexpr):
+    # one program per query token: its valid indices, in order, to the front of its packed row
+    r = tl.program_id(0)
+    limit = topk
+    if HAS_LIMIT:
+        limit = tl.minimum(tl.load(limit_ptr + r // s_q), topk)
+    base = 0
+    for start in range(0, topk, CHUNK):
+        j = start + tl.arange(0, CHUNK)
+        t = tl.load(idx_ptr + r.to(tl.int64) * stride_idx + j, mask=j < topk, other=-1)
+        valid = (j < limit) & (t >= 0) & (t < n_tokens)
+        rank = base + tl.cumsum(valid.to(tl.int32), axis=0) - 1
+        tl.store(packed_ptr + r.to(tl.int64) * stride_packed + rank, t, mask=valid)
+        base += tl.sum(valid.to(tl.int32), axis=0)
+    tl.store(count_ptr + r, base)
+
+
 def pack_valid_indices(indices: torch.Tensor, n_tokens: int,
                        topk_length: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``indices`` [b, s_q, topk] -> (packed [b * s_q, topk] int32 with each row's valid indices
-    first, in their order; counts [b * s_q] int32). Valid: 0 <= index < n_tokens and, with
-    ``topk_length`` [b], position < topk_length[request]."""
+    """``indices`` [b, s_q, topk] int32 -> (packed [b * s_q, topk] int32 with each row's valid
+    indices first, in their order, the rest unspecified; counts [b * s_q] int32). Valid:
+    0 <= index < n_tokens and, with ``topk_length`` [b], position < topk_length[request]."""
     b, s_q, topk = indices.shape
     idx = indices.reshape(b * s_q, topk)
-    valid = (idx >= 0) & (idx < n_tokens)
-    if topk_length is not None:
-        limit = topk_length.to(torch.int64).repeat_interleave(s_q)
-        valid &= torch.arange(topk, device=idx.device)[None, :] < limit[:, None]
-    order = torch.sort(valid.to(torch.int8), dim=1, descending=True, stable=True).indices
-    return torch.gather(idx, 1, order).to(torch.int32), valid.sum(dim=1, dtype=torch.int32)
+    packed = torch.empty(b * s_q, topk, dtype=torch.int32, device=idx.device)
+    counts = torch.empty(b * s_q, dtype=torch.int32, device=idx.device)
+    if b * s_q:
+        limit = topk_length if topk_length is not None else counts
+        _pack_kernel[(b * s_q, )](idx, limit, packed, counts, topk, n_tokens, s_q, idx.stride(0), packed.stride(0),
+                                  HAS_LIMIT=topk_length is not None, CHUNK=min(1024, triton.next_power_of_2(topk)),
+                                  num_warps=4)
+    return packed, counts
 
 
 @triton.jit
@@ -73,12 +94,14 @@ def _gather_kernel(cache_ptr, idx_ptr, count_ptr, out_ptr, page, stride_block, s
     dst = out_ptr + (r.to(tl.int64) * topk_pad + j) * D_QK  # [BLOCK_T] bf16 rows
     if IS_FP8:
         # bytes [0, 512): e4m3 latents, 4 tiles of 128 with an fp32 scale each at SCALE_OFF; bf16 rope at ROPE_OFF
-        c = tl.arange(0, D_V)
-        x = tl.load(src[:, None] + c[None, :], mask=ok[:, None], other=0)
+        t = tl.arange(0, D_V // TILE)
+        c = (t * TILE)[:, None] + tl.arange(0, TILE)[None, :]  # [4, 128]
+        m3 = ok[:, None, None]
+        x = tl.load(src[:, None, None] + c[None, :, :], mask=m3, other=0)
         x = x.to(tl.float8e4nv, bitcast=True).to(tl.float32)
         scale_ptr = (src + SCALE_OFF).to(tl.pointer_type(tl.float32))
-        scale = tl.load(scale_ptr[:, None] + (c // TILE)[None, :], mask=ok[:, None], other=0.0)
-        tl.store(dst[:, None] + c[None, :], (x * scale).to(tl.bfloat16), mask=ok[:, None])
+        scale = tl.load(scale_ptr[:, None] + t[None, :], mask=ok[:, None], other=0.0)  # [BLOCK_T, 4]
+        tl.store(dst[:, None, None] + c[None, :, :], (x * scale[:, :, None]).to(tl.bfloat16), mask=m3)
         e = tl.arange(0, D_QK - D_V)
         rope_ptr = (src + ROPE_OFF).to(tl.pointer_type(tl.bfloat16))
         rope = tl.load(rope_ptr[:, None] + e[None, :], mask=ok[:, None], other=0.0)
@@ -92,7 +115,8 @@ def _gather_kernel(cache_ptr, idx_ptr, count_ptr, out_ptr, page, stride_block, s
         tl.store(dst[:, None] + D_V + e[None, :], x.to(tl.bfloat16), mask=ok[:, None])
 
 
-def gather_tokens(k_cache: torch.Tensor, packed: torch.Tensor, counts: torch.Tensor, is_fp8: bool) -> torch.Tensor:
+def gather_tokens(k_cache: torch.Tensor, packed: torch.Tensor, counts: torch.Tensor, is_fp8: bool, *,
+                  block_t: int = 16, num_warps: int = 4) -> torch.Tensor:
     """The workspace [R * topk_pad / 64, 64, 1, 576] bf16 (pages of 64 tokens, R = packed rows): row
     r's first counts[r] tokens are cache tokens packed[r, :counts[r]] (dequantized from the FP8
     layout when ``is_fp8``); ``k_cache`` [num_blocks, page, 1, 656 bytes or 576 16-bit], any block
@@ -104,11 +128,10 @@ def gather_tokens(k_cache: torch.Tensor, packed: torch.Tensor, counts: torch.Ten
     if rows == 0:
         return out
     cache = k_cache.view(torch.uint8) if is_fp8 else k_cache
-    block_t = 16
     _gather_kernel[(rows, ceil_div(topk, block_t))](
         cache, packed, counts, out, k_cache.shape[1], cache.stride(0), cache.stride(1), packed.stride(0), topk_pad,
         IS_FP8=is_fp8, BLOCK_T=block_t, SCALE_OFF=FP8_SCALE_OFFSET, ROPE_OFF=FP8_ROPE_OFFSET, TILE=FP8_TILE,
-        D_V=HEAD_DIM_V, D_QK=HEAD_DIM_QK, num_warps=4)
+        D_V=HEAD_DIM_V, D_QK=HEAD_DIM_QK, num_warps=num_warps)
     return out
 
 
