@@ -15,18 +15,15 @@ import torch
 
 def main() -> None:
     from openinfra.bench.harness import copy_bandwidth_gbps, gpu_time_ms
-    from openinfra.kernels.flash_mla import flash_mla_with_kvcache, get_mla_metadata, quantize_kv_cache_fp8
+    from openinfra.bench.routines.flash_mla import SPARSE_SHAPE, sparse_decode_inputs
+    from openinfra.kernels.flash_mla import flash_mla_with_kvcache, get_mla_metadata
     from openinfra.kernels.flash_mla.kernel import mla_attention_triton
     from openinfra.kernels.flash_mla.sparse_gather import gather_tokens, pack_valid_indices
 
     dev = torch.device("cuda")
-    b, s_q, h_q, topk, skv = 128, 2, 128, 2048, 32768
+    b, s_q, h_q, topk, skv = SPARSE_SHAPE
     nblocks = b * skv // 64
-    kv = (torch.randn(nblocks, 64, 1, 576, device=dev) / 10).clamp_(-1, 1).to(torch.bfloat16)
-    cache = quantize_kv_cache_fp8(kv)
-    del kv
-    idx = torch.randint(0, nblocks * 64, (b, s_q, topk), device=dev, dtype=torch.int32)
-    q = (torch.randn(b, s_q, h_q, 576, device=dev) / 10).clamp_(-1, 1).to(torch.bfloat16)
+    q, cache, idx = sparse_decode_inputs(dev)
     res = {"copy_GBps": round(copy_bandwidth_gbps(dev))}
     us = lambda fn: round(gpu_time_ms(fn) * 1e3, 1)  # noqa: E731
     res["pack"] = us(lambda: pack_valid_indices(idx, nblocks * 64, None))

@@ -77,10 +77,29 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return 1.0 - 2.0 * (a * b).sum().item() / max((a * a + b * b).sum().item(), 1e-30)
 
 
+#: The sparse FP8 decode of the bench: DeepSeek-V3.2's decode shape (b, s_q, h_q, topk, cache tokens a request).
+SPARSE_SHAPE = (128, 2, 128, 2048, 32768)
+
+
+def sparse_decode_inputs(dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q [b, s_q, h_q, 576] bf16, FP8 cache [b * s_kv / 64, 64, 1, 656], indices [b, s_q, topk]
+    uniform over the cache) at :data:`SPARSE_SHAPE`."""
+    from openinfra.kernels.flash_mla import quantize_kv_cache_fp8
+
+    b, s_q, h_q, topk, s_kv = SPARSE_SHAPE
+    nblocks = b * s_kv // 64
+    kv = (torch.randn(nblocks, 64, 1, 576, device=dev) / 10).clamp_(-1, 1).to(torch.bfloat16)
+    cache = quantize_kv_cache_fp8(kv)
+    del kv
+    idx = torch.randint(0, nblocks * 64, (b, s_q, topk), device=dev, dtype=torch.int32)
+    q = (torch.randn(b, s_q, h_q, 576, device=dev) / 10).clamp_(-1, 1).to(torch.bfloat16)
+    return q, cache, idx
+
+
 @routine("flash_mla", "paged MLA decode (FlashMLA API): GB/s and TFLOPS vs copy bandwidth and plain PyTorch",
          _add_arguments, needs_gpu=True)
 def bench_flash_mla(args: argparse.Namespace) -> BenchResult:
-    from openinfra.kernels.flash_mla import flash_mla_with_kvcache, get_mla_metadata, quantize_kv_cache_fp8
+    from openinfra.kernels.flash_mla import flash_mla_with_kvcache, get_mla_metadata
     from openinfra.kernels.flash_mla.kernel import KernelConfig, mla_attention_triton
     from openinfra.kernels.flash_mla.metadata import build_schedule, default_num_sm_parts
     from openinfra.kernels.flash_mla.reference import mla_sparse_decode_reference
@@ -172,13 +191,8 @@ def bench_flash_mla(args: argparse.Namespace) -> BenchResult:
         summary["max_cos_diff_vs_torch"] = max(r["cos vs torch"] for r in rows)
 
     if args.sparse:
-        sb, ssq, shq, topk, skv = 128, 2, 128, 2048, 32768
-        nblocks = sb * skv // 64
-        kv = (torch.randn(nblocks, 64, 1, 576, device=dev) / 10).clamp_(-1, 1).to(torch.bfloat16)
-        cache = quantize_kv_cache_fp8(kv)
-        del kv
-        idx = torch.randint(0, nblocks * 64, (sb, ssq, topk), device=dev, dtype=torch.int32)
-        q = (torch.randn(sb, ssq, shq, 576, device=dev) / 10).clamp_(-1, 1).to(torch.bfloat16)
+        sb, ssq, shq, topk, skv = SPARSE_SHAPE
+        q, cache, idx = sparse_decode_inputs(dev)
         meta, splits = get_mla_metadata(torch.zeros(sb, dtype=torch.int32, device=dev), ssq * shq, 1, shq, True, topk)
         run = lambda: flash_mla_with_kvcache(q, cache, None, None, 512, meta, splits, is_fp8_kvcache=True, indices=idx)
         out, _ = run()
