@@ -98,7 +98,8 @@ def test_choose_config_takes_the_gluon_kernel_for_large_dense_fp8(monkeypatch):
     assert big.gluon_ws and (big.block_m, big.block_n, big.split_k) == (128, 128, 1)
     assert cfg.choose_config(512, 4096, 7168, dev).gluon_ws
     assert not cfg.choose_config(256, 4096, 7168, dev).gluon_ws  # 64 tiles for 132 SMs
-    assert cfg.choose_config(256, 7168, 16384, dev).gluon_ws  # 112 tiles: >= 3/4 of the SMs
+    mid = cfg.choose_config(256, 7168, 16384, dev)  # 112 tiles: >= 3/4 of the SMs
+    assert mid.gluon_ws and mid.num_stages == 5 and big.num_stages == 4
     assert cfg.choose_config(384, 24576, 1536, dev).gluon_ws
     assert not cfg.choose_config(64, 4096, 7168, dev).gluon_ws
     assert cfg.choose_config(8192, 4096, 7168, dev, groups=4, max_block_m=128).gluon_ws  # contiguous

@@ -166,16 +166,18 @@ def choose_config(
             best = (key, bm, bn)
     _, bm, bn = best
     min_m = _GLUON_WS_MIN_M if groups == 1 else _GLUON_WS_MIN_M_GROUPED
+    stages = 4
     if groups == 1 and _GLUON_WS_MIN_M_GROUPED <= m < min_m and ceil_div(m, 128) * ceil_div(n, 128) * 4 >= 3 * sms:
         # M = 256 ... 511 with 128 x 128 tiles filling >= 3/4 of the SMs: 1.1-1.4x the Triton kernel
-        # on the H200 (fewer tiles: 0.88-0.96x; benchmarks/notes/deep_gemm.md, run 9)
-        min_m = _GLUON_WS_MIN_M_GROUPED
+        # on the H200 (fewer tiles: 0.88-0.96x), 5 stages 2-5 % faster than 4 on all six shapes there
+        # (benchmarks/notes/deep_gemm.md, run 9)
+        min_m, stages = _GLUON_WS_MIN_M_GROUPED, 5
     if allow_gluon and element_size == 1 and m >= min_m and max_block_m >= 128 and _gluon_ws_enabled(device):
         # The warp-specialized persistent Gluon kernel: 1.02-1.6x the Triton kernel on every
         # M = 512 ... 4096 shape of the H200 sweeps (benchmarks/notes/deep_gemm.md, sweeps 5-6).
         # Problems it does not take (C, split-K, 1-D B scales, rows a 2-D TMA descriptor cannot
         # address) fall back to the Triton kernel with the same 128 x 128 tile.
-        return GemmConfig(128, 128, 1, group_m=8, num_stages=4, num_warps=8, gluon_ws=True)
+        return GemmConfig(128, 128, 1, group_m=8, num_stages=stages, num_warps=8, gluon_ws=True)
     return GemmConfig(bm, bn, 1, group_m=8, num_stages=min(4, _stages(bm, bn, element_size)), num_warps=_WARPS[(bm, bn)])
 
 
