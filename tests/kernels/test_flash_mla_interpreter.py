@@ -147,7 +147,7 @@ def test_sparse_decode_gathered_matches_reference(monkeypatch, b, s_q, h_q, topk
     kernel): same cases and tolerances as the sparse kernel, the all-invalid row included."""
     import openinfra.kernels.flash_mla.sparse_gather as sg
 
-    monkeypatch.setattr(sg, "uses_gathered_sparse_decode", lambda q, h_kv: True)
+    monkeypatch.setattr(sg, "uses_gathered_sparse_decode", lambda q, h_kv, topk: True)
     test_sparse_decode_matches_reference(b, s_q, h_q, topk, nb, page, fp8, topk_len, sink, parts)
 
 
@@ -173,3 +173,13 @@ def test_sparse_gather_packs_valid_tokens_and_dequantizes_them():
             row = [int(t) for t in c.indices.view(6, 50)[r, :limit] if 0 <= int(t) < n_tokens]
             assert int(counts[r]) == len(row) and packed[r, :len(row)].tolist() == row
             assert torch.equal(work.view(-1, 576)[r * 64:r * 64 + len(row)], flat[row])
+
+
+def test_sparse_gather_workspace_size_and_limit():
+    """The workspace is b x s_q x topk (rounded up to 64-token pages) bf16 rows of 576; DeepSeek-V3.2's
+    decode batch fits the limit, a batch whose workspace would pass it keeps the Triton kernel."""
+    from openinfra.kernels.flash_mla.sparse_gather import WORKSPACE_LIMIT, workspace_bytes
+
+    assert workspace_bytes(128, 2, 2048) == 128 * 2 * 2048 * 1152 <= WORKSPACE_LIMIT
+    assert workspace_bytes(1, 1, 70) == 128 * 1152
+    assert workspace_bytes(1024, 4, 2048) > WORKSPACE_LIMIT

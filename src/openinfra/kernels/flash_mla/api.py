@@ -250,7 +250,7 @@ def flash_mla_with_kvcache(
         indices = _unit_last_stride(indices)
         from openinfra.kernels.flash_mla.sparse_gather import sparse_decode_gathered, uses_gathered_sparse_decode
 
-        if uses_gathered_sparse_decode(q, h_kv):
+        if uses_gathered_sparse_decode(q, h_kv, topk):
             # Hopper: gather (and dequantize) each query token's keys, then the dense kernel
             return sparse_decode_gathered(q, k_cache, indices, meta, splits, softmax_scale, is_fp8=is_fp8_kvcache,
                                           topk_length=topk_length, attn_sink=attn_sink)

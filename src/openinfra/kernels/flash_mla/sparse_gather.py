@@ -12,7 +12,8 @@ indices of each query token are packed to the front (softmax does not care about
 invalid ones (``-1``, out of range, past ``topk_length``) are simply not there; the attention sink
 rescales the output afterwards (``out * sigmoid(lse - sink)``, lse without the sink, as FlashMLA).
 
-Workspace: ``b * s_q * ceil(topk / 64) * 64 * 1152`` bytes (604 MB at b = 128, s_q = 2, topk = 2048).
+Workspace: ``b * s_q * ceil(topk / 64) * 64 * 1152`` bytes (604 MB at b = 128, s_q = 2, topk = 2048);
+calls that would need more than WORKSPACE_LIMIT (4 GiB) run the Triton sparse kernel.
 """
 
 from __future__ import annotations
@@ -26,13 +27,23 @@ from openinfra.kernels.flash_mla.layout import (
     ceil_div,
 )
 
-__all__ = ["pack_valid_indices", "gather_tokens", "sparse_decode_gathered", "uses_gathered_sparse_decode"]
+__all__ = ["pack_valid_indices", "gather_tokens", "sparse_decode_gathered", "uses_gathered_sparse_decode",
+           "workspace_bytes", "WORKSPACE_LIMIT"]
+
+#: Largest workspace the gathered path allocates (bytes); bigger calls run the Triton sparse kernel.
+WORKSPACE_LIMIT = 4 << 30
 
 
-def uses_gathered_sparse_decode(q: torch.Tensor, h_kv: int) -> bool:
+def workspace_bytes(b: int, s_q: int, topk: int) -> int:
+    """Bytes of the gathered bf16 workspace for ``b`` x ``s_q`` query tokens of ``topk`` keys."""
+    return b * s_q * ceil_div(max(topk, 1), PAGE_BLOCK_SIZE) * PAGE_BLOCK_SIZE * HEAD_DIM_QK * 2
+
+
+def uses_gathered_sparse_decode(q: torch.Tensor, h_kv: int, topk: int) -> bool:
     """Whether sparse decoding takes this path: the dense Gluon kernel can run the gathered
     workspace (Hopper, bf16 queries, h_kv = 1, at least its MIN_ROWS heads; not under the
-    interpreter; OPENINFRA_MLA_GLUON=0 keeps the Triton sparse kernel)."""
+    interpreter; OPENINFRA_MLA_GLUON=0 keeps the Triton sparse kernel) and the workspace stays
+    within :data:`WORKSPACE_LIMIT`."""
     import os
 
     from openinfra.kernels.flash_mla.gluon_kernel import MIN_ROWS
@@ -41,7 +52,8 @@ def uses_gathered_sparse_decode(q: torch.Tensor, h_kv: int) -> bool:
     if interpreter_enabled() or os.environ.get("OPENINFRA_MLA_GLUON", "1") == "0" or not q.is_cuda:
         return False
     return (torch.cuda.get_device_capability(q.device)[0] == 9 and q.dtype == torch.bfloat16 and h_kv == 1
-            and q.shape[2] >= MIN_ROWS and q.stride(-1) == 1)
+            and q.shape[2] >= MIN_ROWS and q.stride(-1) == 1
+            and workspace_bytes(q.shape[0], q.shape[1], topk) <= WORKSPACE_LIMIT)
 
 
 @triton.jit
