@@ -233,12 +233,13 @@ def test_fp8_linear_matches_reference_path(monkeypatch):
 
 
 @pytest.mark.parametrize("m, n, k, buffers", [(1000, 1600, 2048, 4), (4096, 4096, 7168, 4), (130, 256, 128, 3),
-                                              (257, 384, 256, 5), (64, 7168, 16384, 4)])
+                                              (257, 384, 256, 5), (64, 7168, 16384, 4), (200, 640, 640, 4)])
 @pytest.mark.parametrize("variant", ["one-partition", "warp-specialized", "warp-specialized-256"])
 def test_gluon_dense_kernel_matches_reference(m, n, k, buffers, variant):
     """The Gluon kernels directly (not through the fallback): ragged M, an N edge tile (1600; with
-    128 x 256 tiles also a missing right half: 1600 = 6 x 256 + 64), one and two K slices, every
-    buffer count the sweep uses."""
+    128 x 256 tiles also a missing right half: 1600 = 6 x 256 + 64), one and two K slices, five (two
+    pairs and the odd slice out of the warp-specialized kernel's paired loop), every buffer count the
+    sweep uses."""
     from openinfra.kernels.deep_gemm.gemm.gluon_kernel import fp8_gemm_nt_gluon, fp8_gemm_nt_gluon_ws, gluon_supported
 
     x, w = _rand(m, k), _rand(n, k)
