@@ -1,9 +1,10 @@
-"""The dense FP8 GEMM in Gluon, for Hopper: the promotion of slice k - 1 overlaps the MMA of slice k.
+"""The FP8 GEMM in Gluon, for Hopper: the promotion of one K slice overlaps the MMA of the next.
 
 Two kernels. ``fp8_gemm_nt_gluon_ws`` (warp-specialized, persistent: a TMA producer warp and two
-math warpgroups, DeepGEMM's structure) is what :func:`..config.choose_config` picks for dense FP8
-GEMMs from M = 512 on Hopper: 1.02-1.6x the Triton kernel on the H200 (benchmarks/notes/
-deep_gemm.md, sweep 5). ``fp8_gemm_nt_gluon`` (one partition, one tile per program; opt-in
+math warpgroups, DeepGEMM's structure; K slices in pairs, see its section below) is what
+:func:`..config.choose_config` picks for FP8 GEMMs on Hopper from M = 512 (dense; 256 when the
+tiles fill the SMs) and 256 rows a group (grouped contiguous / masked): 0.98-0.99x cuBLAS at
+M = 4096 on the H200, 1.2-1.4x the Triton kernel (benchmarks/notes/deep_gemm.md, run 9). ``fp8_gemm_nt_gluon`` (one partition, one tile per program; opt-in
 ``GemmConfig(gluon=True)``) came first and measured 0.80-0.97x the Triton kernel (sweep 3): a
 CTA-wide barrier around every TMA issue, no overlap of one tile's epilogue with the next's loads.
 
@@ -166,9 +167,10 @@ def fp8_gemm_nt_gluon(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: 
 # TMA loads into a ring of NUM_BUFFERS stages and runs on into the next tile's slices while the
 # math warpgroups store the last one; two math warpgroups in separate partitions take the upper
 # and lower 64 rows of each tile. They share each stage (its "empty" barrier counts both
-# releases) but nothing else, so they drift out of phase and one's promotion FMAs overlap the
-# other's MMA on the shared tensor cores -- DeepGEMM's arrangement -- without the CTA-wide
-# barriers the single-partition kernel pays around every TMA issue. Stage index and barrier phase
+# releases) but nothing else -- DeepGEMM's arrangement -- without the CTA-wide barriers the
+# single-partition kernel pays around every TMA issue. Each math warpgroup takes the K slices in
+# pairs (both MMAs in flight, the first promoted while the second runs), so its MMA pipe drains
+# once per two slices: 0.81x -> 0.98x cuBLAS at M = 4096 (notes run 9). Stage index and barrier phase
 # come from a step counter that runs across tiles, the same in every partition (every partition
 # decodes the same tiles and skips the same empty ones).
 # MODE (as in .kernel): DENSE stores through TMA; CONTIGUOUS (experts stacked along M, m_indices
