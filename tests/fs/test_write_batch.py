@@ -333,3 +333,34 @@ def test_replica_killed_mid_batch_then_resynced(make_cluster):
         _apply(want, cs, {3: [(5, b"after")], 7: [(9, b"again")]})
         assert fs.read_bytes("/kill") == bytes(want)
         _dumps_equal(cluster, chain_id)
+
+
+@pytest.mark.service
+@pytest.mark.timeout(180)
+def test_stale_successor_gets_whole_chunks_and_replicas_converge(make_cluster):
+    """A tail whose chunk took another update under the same version number (a forward whose
+    predecessor then failed, say) answers STALE_UPDATE for it inside a batch; its predecessor
+    resends that chunk whole, the other chunk of the batch goes through as ranges, and every
+    replica ends with the same version, CRC and bytes."""
+    cluster = make_cluster(storage_nodes=3, replication=3, stripe=1)
+    with cluster.client(retry_s=30) as fs:
+        ref = bytearray(random.Random(51).randbytes(2 * MiB))
+        fs.write_bytes("/stale", bytes(ref))
+        st = fs.stat("/stale")
+        r = cluster.routing()
+        chain = r.chain(st.layout["chains"][0])
+        tail = r.address(chain["targets"][-1]["node"])
+        # the tail alone gets a version-2 update of chunk 0 that the rest of the chain never saw
+        res = call(tail, "write_batch", dict(chain_id=chain["id"], chain_version=chain["version"],
+                                             items=[[st.inode, 0, [[0, b"T" * 100]], 2, 0, None]]))
+        assert len(res["results"][0]) == 3
+        assert [m["version"] for m in replica_metas(cluster, st.layout, st.inode, 0)] == [1, 1, 2]
+        with fs.open("/stale", "r+b") as f:
+            assert f.write_chunks({0: [(5000, b"a" * 4096)], 1: [(7, b"b" * 10)]}) == {0: None, 1: None}
+        ref[5000:9096] = b"a" * 4096
+        ref[MiB + 7:MiB + 17] = b"b" * 10
+        for idx in (0, 1):
+            m = _metas_agree(cluster, st.layout, st.inode, idx)
+            assert m["version"] == 2 and m["crc"] == checksum(bytes(ref[idx * MiB:(idx + 1) * MiB]))
+        assert fs.read_bytes("/stale") == bytes(ref)
+        _dumps_equal(cluster, chain["id"])
