@@ -6,7 +6,9 @@ applies the update as pending version u (the head picks u = committed + 1), forw
 successor and commits once the successor acknowledged; the tail commits at once. A successor
 whose committed version is not u - 1 answers STALE_UPDATE and receives the full chunk instead.
 Requests carry (client, channel, seq): a retried request that was already applied returns the
-first result (the dedup table commits with the chunk).
+first result (the dedup table commits with the chunk). ``write_batch`` does the same for many
+chunks of one chain in one request per hop and one commit transaction per replica, with a result
+per chunk (the write-back flush of the FUSE mount sends one per chain).
 
 Read: any serving replica returns committed data. A chunk with a pending version waits for the
 write holding its lock; a pending version left by a failed write (no lock held) is "dirty" and
