@@ -205,6 +205,16 @@ class StorageClient:
             raise FsError(Code.RPC_CONNECT, f"node {target['node']} has no address yet")
         return addr
 
+    def _chain_head(self, chain_id: int) -> tuple[dict, str]:
+        """(the chain's current routing entry, the address of its head, the first serving target):
+        where a write of the chain goes now."""
+        r = self.routing.routing
+        chain = r.chain(chain_id)
+        serving = r.serving(chain_id)
+        if chain is None or not serving:
+            raise FsError(Code.NO_SERVING_TARGET, f"chain {chain_id} has no serving target")
+        return chain, self._node_address(r, serving[0])
+
     async def write_chunk(self, layout: dict, inode: int, index: int, offset: int, data: bytes,
                           op: str = "write", length: int = 0, ranges: list | None = None) -> dict:
         """Apply one update through the chain; returns ``{"version", "crc", "length"}``.
@@ -215,17 +225,12 @@ class StorageClient:
             seq = next(self._seq.setdefault(channel, itertools.count(1)))
 
             async def attempt():
-                r = self.routing.routing
-                chain = r.chain(chain_id)
-                serving = r.serving(chain_id)
-                if chain is None or not serving:
-                    raise FsError(Code.NO_SERVING_TARGET, f"chain {chain_id} has no serving target")
+                chain, head = self._chain_head(chain_id)
                 args = dict(chain_id=chain_id, chain_version=chain["version"], inode=inode, index=index, op=op,
                             offset=offset, data=data, length=length, client=self.client_id, channel=channel, seq=seq)
                 if ranges is not None:
                     args["ranges"] = ranges
-                return await self.rpc.call(self._node_address(r, serving[0]), "write", args,
-                                           timeout=self.io_timeout_s)
+                return await self.rpc.call(head, "write", args, timeout=self.io_timeout_s)
 
             return await retrying(attempt, self.routing, self.retry_s, f"write chunk {inode}:{index}")
         finally:
@@ -268,13 +273,9 @@ class StorageClient:
                 seq = next(self._seq.setdefault(channel, itertools.count(1)))
 
                 async def attempt():
-                    r = self.routing.routing
-                    chain = r.chain(chain_id)
-                    serving = r.serving(chain_id)
-                    if chain is None or not serving:
-                        raise FsError(Code.NO_SERVING_TARGET, f"chain {chain_id} has no serving target")
+                    chain, head = self._chain_head(chain_id)
                     order = list(left)
-                    reply = await self.rpc.call(self._node_address(r, serving[0]), "write_batch", dict(
+                    reply = await self.rpc.call(head, "write_batch", dict(
                         chain_id=chain_id, chain_version=chain["version"], client=self.client_id, channel=channel,
                         seq=seq, items=[[inode, idx, left[idx]] for idx in order]), timeout=self.io_timeout_s)
                     res = reply.get("results") if type(reply) is dict else None
