@@ -413,3 +413,55 @@ def test_corrupt_small_chunk_is_never_served_by_batched_reads(cluster):
                 with pytest.raises(FsError) as e:
                     fs._run(fs.aio.storage.read_chunks([one], into))
                 assert e.value.code == Code.CHECKSUM_MISMATCH
+
+
+def test_read_rpc_fast_path_and_its_fallbacks(cluster):
+    """``read`` is served by ``fast_read`` in the server's read loop for a small committed read
+    and by ``rpc_read`` otherwise: the same bytes, versions and errors either way (holes, reads
+    past the chunk end, whole-chunk reads, bad arguments, an unknown chain, a corrupt small
+    chunk's CRC32C on every replica), and the node serves on after the errors."""
+    import pathlib
+
+    with cluster.client(retry_s=5) as fs:
+        data, node = _file(fs, "/fast-read.bin", 2 * CHUNK + 5000, 43)
+        r = cluster.routing()
+        layout, inode = node["layout"], node["id"]
+        chain0 = chunk_chain(layout, 0)
+        addr = r.address(r.serving(chain0)[0]["node"])
+
+        def rd(**kw):
+            return call(addr, "read", {"chain_id": chain0, "inode": inode, **kw})
+
+        for off in (0, 4096, 12345, CHUNK - 4096):  # fast: small reads of a committed chunk
+            got = rd(index=0, offset=off, length=4096)
+            assert bytes(got["data"]) == data[off:off + 4096] and got["version"] >= 1 and got["chunk_length"] == CHUNK
+        assert bytes(rd(index=0, offset=CHUNK - 100, length=4096)["data"]) == data[CHUNK - 100:CHUNK]
+        assert bytes(rd(index=0)["data"]) == data[:CHUNK]  # whole chunk (CRC checked)
+        assert rd(index=0, offset=CHUNK + 10, length=10)["data"] == b""  # past the chunk end: rpc_read
+        assert rd(index=50, offset=0, length=10) == {"data": b"", "version": 0, "chunk_length": 0}  # a hole
+        for bad in ({"index": 0, "offset": -1, "length": 10}, {"index": "0", "offset": 0, "length": 10},
+                    {"index": 0, "offset": 0, "length": 10, "nope": 1}):
+            with pytest.raises(FsError) as e:
+                rd(**bad)
+            assert e.value.code == Code.RPC_BAD_ARGS
+        with pytest.raises(FsError) as e:
+            call(addr, "read", {"chain_id": 999, "inode": inode, "index": 0, "offset": 0, "length": 10})
+        assert e.value.code == Code.CHAIN_VERSION_MISMATCH
+        # A small chunk (the file's last, 5000 bytes) read to its end is CRC-checked on the fast path too.
+        last = 2
+        chain2 = chunk_chain(layout, last)
+        addr2 = r.address(r.serving(chain2)[0]["node"])
+        assert bytes(call(addr2, "read", {"chain_id": chain2, "inode": inode, "index": last, "offset": 100,
+                                          "length": 4900})["data"]) == data[2 * CHUNK + 100:]
+        for p in pathlib.Path(cluster.spec.data_dir).glob(f"**/chunks/*/{inode:x}.{last}.*"):
+            with open(p, "r+b") as f:
+                f.seek(2000)
+                byte = f.read(1)
+                f.seek(2000)
+                f.write(bytes([byte[0] ^ 0xFF]))
+        for t in r.serving(chain2):
+            with pytest.raises(FsError) as e:
+                call(r.address(t["node"]), "read", {"chain_id": chain2, "inode": inode, "index": last,
+                                                    "offset": 100, "length": 4900})
+            assert e.value.code == Code.CHECKSUM_MISMATCH
+        assert bytes(rd(index=0, offset=0, length=4096)["data"]) == data[:4096]  # still serving

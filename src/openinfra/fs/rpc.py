@@ -33,7 +33,7 @@ from openinfra.fs.errors import Code, FsError, RpcError, make_error
 from openinfra.fs.rawsock import dup_socket, recv_into
 
 __all__ = [
-    "RpcServer", "RpcClient", "BlobRef", "BlobPieces", "Placed", "DEFAULT_MAX_FRAME", "pack_frame", "parse_address", "format_address", "run_loop",
+    "RpcServer", "RpcClient", "SLOW", "BlobRef", "BlobPieces", "Placed", "DEFAULT_MAX_FRAME", "pack_frame", "parse_address", "format_address", "run_loop",
 ]
 
 DEFAULT_MAX_FRAME = 72 * 2**20  # a 64 MiB chunk plus its request fields
@@ -192,6 +192,10 @@ def pack_frame(obj: Any) -> bytes:
     return b"".join(bytes(p) for p in _encode(obj))
 
 
+SLOW = object()  # a ``fast_`` handler's "not here: take the usual path"
+_FAST_MAX = 4096  # bodies offered to fast handlers at most (small requests: no blobs)
+
+
 class _Outbox:
     """Frames queued on one connection and written once per event-loop turn: replies (or
     requests) that are ready together share one send() system call, which costs more than the
@@ -205,12 +209,20 @@ class _Outbox:
     async def send(self, obj: Any) -> None:
         self.pieces.extend(_encode(obj))  # one frame's pieces stay together and in order
         if not self.scheduled:
+            # The first frame of a loop turn goes out now (a lone request or reply waits for no
+            # loop turn: ~40 us a hop on this 2-core box); frames queued after it in the same turn
+            # go out together at the end of the turn.
             self.scheduled = True
+            self._write()
             asyncio.get_running_loop().call_soon(self._flush)
         await self.writer.drain()
 
     def _flush(self) -> None:
         self.scheduled = False
+        if self.pieces:
+            self._write()
+
+    def _write(self) -> None:
         pieces, self.pieces = self.pieces, []
         out: list = []
         small: list = []
@@ -261,13 +273,22 @@ class RpcServer:
             raise ValueError(f"max_frame: expected an int >= 1024 bytes, got {max_frame!r}")
         self.host, self.port, self.max_frame, self.name = host, port, max_frame, name
         self._methods: dict[str, _Method] = {}
+        self._fast: dict[str, Callable[..., Any]] = {}
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task] = set()
         self.on_request = on_request  # (method, status, seconds) for metrics
 
     def add_service(self, obj: Any, prefix: str = "") -> None:
+        """Also registers ``fast_<name>`` plain (not async) methods: a request for ``<name>`` is
+        first offered to it, right in the connection's read loop (no task, no loop turn before
+        the reply is written); it returns the result, raises :class:`FsError` for an error
+        reply, or returns :data:`SLOW` (having changed nothing) to hand the request to
+        ``rpc_<name>`` as usual. Any other exception it raises also hands the request on."""
         for attr in dir(obj):
+            if attr.startswith("fast_") and callable(getattr(obj, attr)) and hasattr(obj, "rpc_" + attr[5:]):
+                self._fast[prefix + attr[5:]] = getattr(obj, attr)
+                continue
             if not attr.startswith("rpc_"):
                 continue
             fn = getattr(obj, attr)
@@ -321,6 +342,8 @@ class RpcServer:
                     body = await reader.readexactly(length)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
+                if self._fast and length <= _FAST_MAX and await self._handle_fast(body, outbox):
+                    continue
                 task = asyncio.ensure_future(self._handle(body, outbox))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -329,6 +352,47 @@ class RpcServer:
         finally:
             self._conns.discard(writer)
             writer.close()
+
+    async def _handle_fast(self, body: bytes, outbox: _Outbox) -> bool:
+        """Serve a small request with its method's ``fast_`` handler (see :meth:`add_service`);
+        False when it is not one, is malformed in any way, or the handler says SLOW: the
+        request then takes :meth:`_handle`, which replies to everything."""
+        t0 = time.perf_counter()
+        try:
+            msg = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        except Exception:
+            return False
+        if type(msg) is not list or len(msg) != 5 or msg[0] != _REQUEST:
+            return False
+        _, rid, method, timeout, args = msg
+        fast = self._fast.get(method) if type(method) is str else None
+        if (fast is None or type(rid) is not int or type(args) is not dict or not isinstance(timeout, (int, float))
+                or timeout <= 0 or not all(type(k) is str for k in args)):
+            return False
+        m = self._methods[method]
+        if (not m.var_kw and not args.keys() <= m.params) or not m.required <= args.keys():
+            return False
+        status = "ok"
+        try:
+            result = fast(**args)
+        except FsError as exc:
+            status = exc.code
+            reply = [_REPLY, rid, exc.code, exc.message]
+        except Exception:
+            return False
+        else:
+            if result is SLOW:
+                return False
+            reply = [_REPLY, rid, None, result]
+        if self.on_request is not None:
+            self.on_request(method, status, time.perf_counter() - t0)
+        try:
+            await outbox.send(reply)
+        except (ConnectionError, RuntimeError):
+            pass  # the caller went away; nothing to do
+        except Exception:
+            log.exception("%s: could not send reply to %s", self.name, method)
+        return True
 
     async def _handle(self, body: bytes, outbox: _Outbox) -> None:
         t0 = time.perf_counter()

@@ -35,7 +35,7 @@ import msgpack
 
 from openinfra.fs.errors import Code, FsError
 from openinfra.fs.routing import Routing, TargetState
-from openinfra.fs.rpc import BlobPieces, RpcClient, RpcServer
+from openinfra.fs.rpc import SLOW, BlobPieces, RpcClient, RpcServer
 from openinfra.fs.storage.chunk_store import ChunkStore
 
 __all__ = ["StorageConfig", "StorageNode", "MgmtdLink"]
@@ -587,6 +587,25 @@ class StorageNode:
         version 0 for a chunk never written: a hole)."""
         self._check_fence()
         data, version, chunk_length = await self._read_one(chain_id, inode, index, offset, length)
+        return {"data": data, "version": version, "chunk_length": chunk_length}
+
+    def fast_read(self, chain_id: int, inode: int, index: int, offset: int = 0, length: int = -1,
+                  chain_version: int | None = None):
+        """:meth:`rpc_read` served in the RPC server's read loop (no task, no loop turn) when it
+        needs no waiting: a small read of a committed chunk with no pending version on a serving
+        target (:meth:`_read_now`, the same checks and CRC32C verification as :meth:`_read_one`).
+        Everything else (holes, pending writes, big reads, bad arguments) returns SLOW and takes
+        :meth:`rpc_read`."""
+        self._check_fence()
+        if type(chain_id) is not int or type(inode) is not int or type(index) is not int \
+                or type(offset) is not int or type(length) is not int:
+            return SLOW
+        hit = self._read_now(chain_id, inode, index, offset, length)
+        if hit is None:
+            return SLOW
+        data, version, chunk_length = hit
+        if self._bytes is not None:
+            self._bytes["read"].inc(len(data))
         return {"data": data, "version": version, "chunk_length": chunk_length}
 
     async def rpc_batch_read(self, reads: list, packed: bool = False) -> list | dict:
