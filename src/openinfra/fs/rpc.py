@@ -384,6 +384,11 @@ class RpcServer:
             if result is SLOW:
                 return False
             reply = [_REPLY, rid, None, result]
+        await self._reply(outbox, reply, method, status, t0)
+        return True
+
+    async def _reply(self, outbox: _Outbox, reply: list, method: str, status, t0: float) -> None:
+        # the request's metric (method, status, seconds), then its reply on the connection
         if self.on_request is not None:
             self.on_request(method, status, time.perf_counter() - t0)
         try:
@@ -392,7 +397,6 @@ class RpcServer:
             pass  # the caller went away; nothing to do
         except Exception:
             log.exception("%s: could not send reply to %s", self.name, method)
-        return True
 
     async def _handle(self, body: bytes, outbox: _Outbox) -> None:
         t0 = time.perf_counter()
@@ -435,14 +439,7 @@ class RpcServer:
             log.exception("%s: handler %s failed", self.name, method)
             status = Code.INTERNAL
             reply = [_REPLY, rid, Code.INTERNAL, f"{method}: {type(exc).__name__}: {exc}"]
-        if self.on_request is not None:
-            self.on_request(method, status, time.perf_counter() - t0)
-        try:
-            await outbox.send(reply)
-        except (ConnectionError, RuntimeError):
-            pass  # the caller went away; nothing to do
-        except Exception:
-            log.exception("%s: could not send reply to %s", self.name, method)
+        await self._reply(outbox, reply, method, status, t0)
 
 
 class BlobRef:
