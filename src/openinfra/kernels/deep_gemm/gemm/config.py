@@ -43,8 +43,8 @@ class GemmConfig:
     it. Off: measured 0.80-0.97x the Triton kernel's speed (benchmarks/notes/deep_gemm.md, sweep 3);
     gluon_ws: the same through the warp-specialized persistent Gluon kernel (a TMA producer warp,
     two math warpgroups on the tile's halves; block_n 128 or 256, 256 dense only):
-    :func:`choose_config` picks it for FP8 GEMMs on Hopper with M >= 512 (dense) or >= 256 rows per
-    group (masked, contiguous).
+    :func:`choose_config` picks it for FP8 GEMMs on Hopper with M >= 512 (dense; >= 256 when its
+    128 x 128 tiles fill 3/4 of the SMs) or >= 256 rows per group (masked, contiguous).
     """
 
     block_m: int = 128
@@ -174,7 +174,9 @@ def choose_config(
         min_m, stages = _GLUON_WS_MIN_M_GROUPED, 5
     if allow_gluon and element_size == 1 and m >= min_m and max_block_m >= 128 and _gluon_ws_enabled(device):
         # The warp-specialized persistent Gluon kernel: 1.02-1.6x the Triton kernel on every
-        # M = 512 ... 4096 shape of the H200 sweeps (benchmarks/notes/deep_gemm.md, sweeps 5-6).
+        # M = 512 ... 4096 shape of the H200 sweeps (benchmarks/notes/deep_gemm.md, sweeps 5-6),
+        # more since its K slices go in pairs (dense 0.98x cuBLAS at M = 4096, contiguous
+        # 1.27-1.37x the Triton kernel: run 9).
         # Problems it does not take (C, split-K, 1-D B scales, rows a 2-D TMA descriptor cannot
         # address) fall back to the Triton kernel with the same 128 x 128 tile.
         return GemmConfig(128, 128, 1, group_m=8, num_stages=stages, num_warps=8, gluon_ws=True)
