@@ -89,3 +89,17 @@ def target_dump(cluster, node_name: str, target_id: int) -> dict:
 
     rows = call(cluster.services[node_name]["address"], "dump_target", {"target_id": target_id}, timeout=30)
     return {(i, x): (v, c) for i, x, v, c in rows}
+
+
+def storage_node_name(cluster, node_id: int) -> str:
+    """The cluster's service name of storage node ``node_id``."""
+    return next(n for n, s in cluster.services.items() if s["role"] == "storage" and s["node_id"] == node_id)
+
+
+def chain_dumps_equal(cluster, chain_id: int) -> list[dict]:
+    """Asserts that every replica of chain ``chain_id`` holds the same committed chunks (versions
+    and CRCs); returns their dumps."""
+    r = cluster.routing()
+    dumps = [target_dump(cluster, storage_node_name(cluster, t["node"]), t["id"]) for t in r.chain(chain_id)["targets"]]
+    assert all(d == dumps[0] for d in dumps), "replicas differ"
+    return dumps

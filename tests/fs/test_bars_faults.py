@@ -12,7 +12,7 @@ import pytest
 from openinfra.fs import Code, FsError, TargetState
 from openinfra.fs.cluster import call
 
-from .conftest import target_dump
+from .conftest import chain_dumps_equal, storage_node_name
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(240)]
 MiB = 1 << 20
@@ -20,17 +20,6 @@ MiB = 1 << 20
 
 def _block(i: int) -> bytes:
     return random.Random(i).randbytes(MiB)
-
-
-def _node_name(cluster, node_id: int) -> str:
-    return next(n for n, s in cluster.services.items() if s["role"] == "storage" and s["node_id"] == node_id)
-
-
-def _chain_dumps_equal(cluster, chain_id: int) -> list[dict]:
-    r = cluster.routing()
-    dumps = [target_dump(cluster, _node_name(cluster, t["node"]), t["id"]) for t in r.chain(chain_id)["targets"]]
-    assert all(d == dumps[0] for d in dumps), "replicas differ"
-    return dumps
 
 
 def test_bar2_sigkill_middle_target_mid_write(make_cluster):
@@ -41,7 +30,7 @@ def test_bar2_sigkill_middle_target_mid_write(make_cluster):
         chain_id = victim.layout["chains"][0]
         r0 = cluster.routing()
         middle = r0.chain(chain_id)["targets"][1]
-        middle_name = _node_name(cluster, middle["node"])
+        middle_name = storage_node_name(cluster, middle["node"])
         acked: list[int] = []
         errors: list[BaseException] = []
         f = fs.open("/stream", "wb")
@@ -74,7 +63,7 @@ def test_bar2_sigkill_middle_target_mid_write(make_cluster):
         data = fs.read_bytes("/stream")
         for i in acked:
             assert data[i * MiB:(i + 1) * MiB] == _block(i), f"acknowledged block {i} lost"
-        dumps = _chain_dumps_equal(cluster, chain_id)
+        dumps = chain_dumps_equal(cluster, chain_id)
         assert not [k for k in dumps[0] if k[0] == victim.inode], "chunk deleted while down survived the sync"
 
 
@@ -85,7 +74,7 @@ def test_bar2_unacknowledged_write_is_all_or_nothing(make_cluster):
         fs.write_bytes("/aon", b"o" * MiB)
         st = fs.stat("/aon")
         chain = cluster.routing().chain(st.layout["chains"][0])
-        tail_name = _node_name(cluster, chain["targets"][-1]["node"])
+        tail_name = storage_node_name(cluster, chain["targets"][-1]["node"])
         cluster.kill(tail_name)
         with cluster.client(retry_s=0.3, io_timeout_s=0.5) as impatient:
             f = impatient.open("/aon", "r+b")
@@ -97,7 +86,7 @@ def test_bar2_unacknowledged_write_is_all_or_nothing(make_cluster):
         cluster.wait_healthy(60)
         got2 = fs.read_bytes("/aon")
         assert got2 in (b"o" * MiB, b"n" * MiB)
-        _chain_dumps_equal(cluster, st.layout["chains"][0])
+        chain_dumps_equal(cluster, st.layout["chains"][0])
 
 
 def test_bar3_sigstop_tail_reads_never_mix(make_cluster):
@@ -107,7 +96,7 @@ def test_bar3_sigstop_tail_reads_never_mix(make_cluster):
         fs.write_bytes("/mix", b"a" * MiB)
         st = fs.stat("/mix")
         chain = cluster.routing().chain(st.layout["chains"][0])
-        tail_name = _node_name(cluster, chain["targets"][-1]["node"])
+        tail_name = storage_node_name(cluster, chain["targets"][-1]["node"])
         cluster.kill(tail_name, signal.SIGSTOP)
         try:
             done = threading.Event()
@@ -141,7 +130,7 @@ def test_bar3_sigstop_tail_reads_never_mix(make_cluster):
         finally:
             cluster.kill(tail_name, signal.SIGCONT)
         cluster.wait_healthy(60)
-        _chain_dumps_equal(cluster, st.layout["chains"][0])
+        chain_dumps_equal(cluster, st.layout["chains"][0])
 
 
 def test_bar4_fencing_and_mgmtd_failover(make_cluster):
@@ -193,7 +182,7 @@ def test_bar5_kill_all_replicas_lastsrv_first(make_cluster):
         fs.write_bytes("/f", b"1" * MiB)
         chain_id = fs.stat("/f").layout["chains"][0]
         order = [t["node"] for t in cluster.routing().chain(chain_id)["targets"]]
-        names = [_node_name(cluster, n) for n in order]
+        names = [storage_node_name(cluster, n) for n in order]
 
         def state_of(r, node):
             return next(t["state"] for t in r.chain(chain_id)["targets"] if t["node"] == node)
@@ -222,7 +211,7 @@ def test_bar5_kill_all_replicas_lastsrv_first(make_cluster):
         cluster.restart(names[1])
         cluster.wait_healthy(60)
         assert fs.read_bytes("/f") == b"3" * MiB
-        _chain_dumps_equal(cluster, chain_id)
+        chain_dumps_equal(cluster, chain_id)
 
 
 def test_bar7_concurrent_creates_from_two_meta_processes(make_cluster):
@@ -328,4 +317,4 @@ def test_bar8_bounded_chaos(make_cluster):
         for path, data in acked.items():
             assert fs.read_bytes(path) == data, f"acknowledged {path} lost"
     for chain_id in cluster.routing().chains:
-        _chain_dumps_equal(cluster, chain_id)
+        chain_dumps_equal(cluster, chain_id)

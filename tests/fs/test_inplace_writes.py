@@ -16,6 +16,8 @@ from openinfra.fs.errors import Code, FsError
 from openinfra.fs.storage import chunk_store
 from openinfra.fs.storage.chunk_store import BLOCK_SIZE, ChunkStore, checksum, crc_combine
 
+from .conftest import chain_dumps_equal, storage_node_name
+
 KiB, MiB = 1 << 10, 1 << 20
 
 
@@ -271,18 +273,6 @@ def test_threaded_read_started_during_the_commit_transaction_sees_old_bytes(tmp_
 # --- through a cluster -----------------------------------------------------------------------------
 
 
-def _node_name(cluster, node_id: int) -> str:
-    return next(n for n, s in cluster.services.items() if s["role"] == "storage" and s["node_id"] == node_id)
-
-
-def _dumps_equal(cluster, chain_id: int) -> None:
-    from .conftest import target_dump
-
-    r = cluster.routing()
-    dumps = [target_dump(cluster, _node_name(cluster, t["node"]), t["id"]) for t in r.chain(chain_id)["targets"]]
-    assert all(d == dumps[0] for d in dumps), "replicas differ"
-
-
 @pytest.mark.service
 @pytest.mark.timeout(240)
 def test_concurrent_small_writers_read_after_write(make_cluster):
@@ -322,7 +312,7 @@ def test_concurrent_small_writers_read_after_write(make_cluster):
             for off in mine[w]:
                 want[off:off + 4096] = bytes([w + 1]) * 4096
         assert fs.read_bytes("/conc") == bytes(want)
-        _dumps_equal(cluster, fs.stat("/conc").layout["chains"][0])
+        chain_dumps_equal(cluster, fs.stat("/conc").layout["chains"][0])
 
 
 @pytest.mark.service
@@ -342,7 +332,7 @@ def test_replica_killed_mid_inplace_updates_is_resynced(make_cluster):
 
         r0 = cluster.routing()
         middle = r0.chain(chain_id)["targets"][1]
-        middle_name = _node_name(cluster, middle["node"])
+        middle_name = storage_node_name(cluster, middle["node"])
         rng = random.Random(12)
         updates = [(rng.randrange(0, size - 5000), rng.randbytes(rng.choice([1, 512, 4096, 5000])))
                    for _ in range(120)]
@@ -375,14 +365,14 @@ def test_replica_killed_mid_inplace_updates_is_resynced(make_cluster):
         assert fs.read_bytes("/inplace") == bytes(want)
         cluster.restart(middle_name)
         cluster.wait_healthy(60)
-        _dumps_equal(cluster, chain_id)
+        chain_dumps_equal(cluster, chain_id)
         assert fs.read_bytes("/inplace") == bytes(want)
         # and it keeps taking in-place updates on every replica after the resync
         with fs.open("/inplace", "r+b") as g:
             g.pwrite(b"after" * 100, 123_456)
         want[123_456:123_456 + 500] = b"after" * 100
         assert fs.read_bytes("/inplace") == bytes(want)
-        _dumps_equal(cluster, chain_id)
+        chain_dumps_equal(cluster, chain_id)
 
 
 @pytest.mark.unit

@@ -16,19 +16,9 @@ from openinfra.fs.cluster import call
 from openinfra.fs.errors import Code, FsError
 from openinfra.fs.storage.chunk_store import BLOCK_SIZE, ChunkStore, checksum
 
-from .conftest import replica_metas, target_dump
+from .conftest import chain_dumps_equal, replica_metas, storage_node_name
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-def _node_name(cluster, node_id: int) -> str:
-    return next(n for n, s in cluster.services.items() if s["role"] == "storage" and s["node_id"] == node_id)
-
-
-def _dumps_equal(cluster, chain_id: int) -> None:
-    r = cluster.routing()
-    dumps = [target_dump(cluster, _node_name(cluster, t["node"]), t["id"]) for t in r.chain(chain_id)["targets"]]
-    assert all(d == dumps[0] for d in dumps), "replicas differ"
 
 
 def _apply(ref: bytearray, cs: int, updates: dict) -> None:
@@ -143,7 +133,7 @@ def test_write_chunks_matches_a_byte_model_and_replicas_agree(make_cluster):
             assert m["crc"] == checksum(bytes(ref[idx * cs:idx * cs + m["length"]]))
             assert not any(ref[idx * cs + m["length"]:(idx + 1) * cs])  # past a chunk's end: zeros
         for c in layout["chains"]:
-            _dumps_equal(cluster, c)
+            chain_dumps_equal(cluster, c)
 
 
 @pytest.mark.service
@@ -187,7 +177,7 @@ def test_write_batch_bad_requests_get_clear_errors_and_the_server_survives(make_
         assert [len(x) for x in res["results"]] == [3, 3]
         assert fs.read_bytes("/bad")[:2] == b"ok"
         assert fs.read_bytes("/bad")[MiB + 10:MiB + 12] == b"yy"
-        _dumps_equal(cluster, chain_id)
+        chain_dumps_equal(cluster, chain_id)
 
 
 @pytest.mark.service
@@ -220,7 +210,7 @@ def test_write_batch_retry_with_the_same_sequence_applies_once(make_cluster):
         with pytest.raises(FsError) as ei:
             call(head, "write_batch", dict(args, seq=4))
         assert ei.value.code == Code.EINVAL
-        _dumps_equal(cluster, chain_id)
+        chain_dumps_equal(cluster, chain_id)
 
 
 def _corrupt(cluster, target: dict, inode: int, index: int, version: int, at: int) -> None:
@@ -314,7 +304,7 @@ def test_replica_killed_mid_batch_then_resynced(make_cluster):
         deadline = time.monotonic() + 60
         while len(acked) < 8 and t.is_alive() and time.monotonic() < deadline:
             time.sleep(0.005)
-        cluster.kill(_node_name(cluster, middle["node"]))
+        cluster.kill(storage_node_name(cluster, middle["node"]))
         cluster.wait_for(lambda r: any(x["id"] == middle["id"] and x["state"] == TargetState.OFFLINE
                                        for x in r.chain(chain_id)["targets"]), 30, "middle target offline")
         t.join(150)
@@ -325,14 +315,14 @@ def test_replica_killed_mid_batch_then_resynced(make_cluster):
         for b in batches:
             _apply(want, cs, b)
         assert fs.read_bytes("/kill") == bytes(want)
-        cluster.restart(_node_name(cluster, middle["node"]))
+        cluster.restart(storage_node_name(cluster, middle["node"]))
         cluster.wait_healthy(60)
-        _dumps_equal(cluster, chain_id)
+        chain_dumps_equal(cluster, chain_id)
         with fs.open("/kill", "r+b") as g:
             assert g.write_chunks({3: [(5, b"after")], 7: [(9, b"again")]}) == {3: None, 7: None}
         _apply(want, cs, {3: [(5, b"after")], 7: [(9, b"again")]})
         assert fs.read_bytes("/kill") == bytes(want)
-        _dumps_equal(cluster, chain_id)
+        chain_dumps_equal(cluster, chain_id)
 
 
 @pytest.mark.service
@@ -363,4 +353,4 @@ def test_stale_successor_gets_whole_chunks_and_replicas_converge(make_cluster):
             m = _metas_agree(cluster, st.layout, st.inode, idx)
             assert m["version"] == 2 and m["crc"] == checksum(bytes(ref[idx * MiB:(idx + 1) * MiB]))
         assert fs.read_bytes("/stale") == bytes(ref)
-        _dumps_equal(cluster, chain["id"])
+        chain_dumps_equal(cluster, chain["id"])
