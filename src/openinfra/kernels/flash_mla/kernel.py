@@ -368,12 +368,18 @@ class KernelConfig:
                 f"num_stages={self.num_stages})")
 
 
+def gluon_decode_enabled() -> bool:
+    """The Gluon decode kernel may run at all: not under the interpreter, and not switched off with
+    OPENINFRA_MLA_GLUON=0 (then the Triton kernels take every call)."""
+    return not interpreter_enabled() and os.environ.get("OPENINFRA_MLA_GLUON", "1") != "0"
+
+
 def uses_gluon_decode(q: torch.Tensor, kv: torch.Tensor, rows: int, *, paged: bool, sparse: bool, is_fp8: bool,
                       has_sink: bool, write_max: bool) -> bool:
     """Whether :func:`mla_attention_triton` runs this call on the Gluon decode kernel
     (:mod:`.gluon_kernel`): where :func:`.gluon_kernel.gluon_decode_supported` takes it, with a
     block table, outside the interpreter, unless OPENINFRA_MLA_GLUON=0."""
-    if interpreter_enabled() or not paged or os.environ.get("OPENINFRA_MLA_GLUON", "1") == "0":
+    if not paged or not gluon_decode_enabled():
         return False
     from openinfra.kernels.flash_mla.gluon_kernel import gluon_decode_supported
 

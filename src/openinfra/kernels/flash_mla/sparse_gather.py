@@ -44,12 +44,10 @@ def uses_gathered_sparse_decode(q: torch.Tensor, h_kv: int, topk: int) -> bool:
     workspace (Hopper, bf16 queries, h_kv = 1, at least its MIN_ROWS heads; not under the
     interpreter; OPENINFRA_MLA_GLUON=0 keeps the Triton sparse kernel) and the workspace stays
     within :data:`WORKSPACE_LIMIT`."""
-    import os
-
     from openinfra.kernels.flash_mla.gluon_kernel import MIN_ROWS
-    from openinfra.kernels.backend import interpreter_enabled
+    from openinfra.kernels.flash_mla.kernel import gluon_decode_enabled
 
-    if interpreter_enabled() or os.environ.get("OPENINFRA_MLA_GLUON", "1") == "0" or not q.is_cuda:
+    if not gluon_decode_enabled() or not q.is_cuda:
         return False
     return (torch.cuda.get_device_capability(q.device)[0] == 9 and q.dtype == torch.bfloat16 and h_kv == 1
             and q.shape[2] >= MIN_ROWS and q.stride(-1) == 1
