@@ -679,6 +679,17 @@ class Client:
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            # Finish the loop here, on the caller's thread: cancel what is left (the report task of
+            # a client that was never closed, say) and close it, so that no task or uvloop handle
+            # is left for interpreter finalization to tear down (a demo run once died with SIGSEGV
+            # at exit after "Task was destroyed but it is pending" for the report task).
+            tasks = asyncio.all_tasks(self._loop)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                self._loop.run_until_complete(asyncio.wait(tasks, timeout=2))
+            self._loop.close()
 
     def close(self) -> None:
         if self._thread.is_alive():
