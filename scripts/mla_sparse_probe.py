@@ -1,7 +1,8 @@
-"""Where the gathered sparse decode's time goes (H200 probe): DeepSeek-V3.2's decode shape (b = 128,
+"""Where the sparse decode's time goes (H200 probe): DeepSeek-V3.2's decode shape (b = 128,
 s_q = 2, h_q = 128, topk = 2048, FP8 cache of 32,768 tokens a request), timing each step alone:
 packing the valid indices, the gather + dequantization (several tile shapes), the dense decode of
-the workspace (attention + combine), and the whole call.
+the workspace (attention + combine), the fused kernel (gathering producer; register splits and
+schedules as variants, each checked against gather-then-dense), and the whole call.
 
     python3 scripts/mla_sparse_probe.py     # JSON: us per step and variant, GB/s of the gather
 """
@@ -29,7 +30,7 @@ def main() -> None:
     res["pack"] = us(lambda: pack_valid_indices(idx, nblocks * 64, None))
     packed, counts = pack_valid_indices(idx, nblocks * 64, None)
     moved = b * s_q * topk * (656 + 1152)
-    for block_t, warps in ((16, 4), (32, 4), (32, 8), (64, 8)):
+    for block_t, warps in ((16, 4), ):
         t = us(lambda: gather_tokens(cache, packed, counts, True, block_t=block_t, num_warps=warps))
         res[f"gather {block_t}x{warps}"] = [t, round(moved / t / 1e3)]
     work = gather_tokens(cache, packed, counts, True)
@@ -40,6 +41,31 @@ def main() -> None:
     lse = torch.empty(rows, h_q, 1, dtype=torch.float32, device=dev)
     run = lambda: flash_mla_with_kvcache(q, cache, None, None, 512, meta, splits, is_fp8_kvcache=True, indices=idx)
     res["whole call"] = us(run)
+    os.environ["OPENINFRA_MLA_SPARSE_FUSED"] = "0"
+    res["whole call, gather-then-dense"] = us(run)
+    del os.environ["OPENINFRA_MLA_SPARSE_FUSED"]
+    from openinfra.kernels.flash_mla.gluon_sparse import SparseKernelConfig, mla_sparse_decode_fused
+
+    ref = out.clone()
+    mla_attention_triton(q.view(rows, 1, h_q, 576), work, counts, meta, splits, 576 ** -0.5, out=ref, lse=lse,
+                         block_table=table)
+    ref_lse = lse.clone()
+    flops = 2 * rows * h_q * topk * (576 + 512)
+    for cfg in (SparseKernelConfig(), SparseKernelConfig(168, 88, False)):
+        o2 = torch.empty(rows, h_q, 512, dtype=q.dtype, device=dev)
+        l2 = torch.empty(rows, h_q, dtype=torch.float32, device=dev)
+        f = lambda: mla_sparse_decode_fused(q.view(rows, h_q, 576), cache, packed, counts, meta, splits,  # noqa: E731
+                                            576 ** -0.5, is_fp8=True, out=o2, lse=l2, config=cfg)
+        try:
+            f()
+            torch.cuda.synchronize()
+            err = (o2.float() - ref.view(rows, h_q, 512).float()).abs().max().item()
+            lerr = (l2 - ref_lse.view(rows, h_q)).abs().max().item()
+            t = us(f)
+            res[f"fused {tuple(cfg)}"] = {"us": t, "TFLOPS": round(flops / t / 1e6, 1), "max_abs_err_vs_gathered": err,
+                                          "lse_err": lerr}
+        except Exception as e:  # noqa: BLE001 - a variant that fails to compile or run is reported, not fatal
+            res[f"fused {tuple(cfg)}"] = f"{type(e).__name__}: {e}"[:300]
     res["dense decode"] = us(lambda: mla_attention_triton(q.view(rows, 1, h_q, 576), work, counts, meta, splits,
                                                           576 ** -0.5,
                                                           out=out, lse=lse, block_table=table))

@@ -12,6 +12,7 @@ and `wgmma.wait_group` counts. The numbers in benchmarks/notes/{flash_mla,deep_g
     python scripts/sass_loops.py gluon-gemm-ws 4,128,1 # ... grouped contiguous (2 = masked)
     python scripts/sass_loops.py gluon-gemm-ws 6,128,0,7  # ... dense, 6 stages, split-K 7 (small M)
     python scripts/sass_loops.py gluon-mla -          # the warp-specialized MLA decode kernel
+    python scripts/sass_loops.py gluon-mla-sparse 168,120,1  # ... sparse (FP8 cache): pv / producer registers, prefetch
 """
 from __future__ import annotations
 
@@ -134,6 +135,29 @@ def gluon_mla():
     return triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4})
 
 
+def gluon_mla_sparse(producer_regs: str, fp8: bool = True):
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from openinfra.kernels.flash_mla.gluon_sparse import _mla_sparse_kernel
+
+    params = list(inspect.signature(_mla_sparse_kernel.fn).parameters)
+    # config: "pv_regs,producer_regs,prefetch"
+    pv, prod, pre = (int(x) for x in producer_regs.split(","))
+    const = {"SCHED_BLOCK": 64, "PIECES_FIRST": False, "IS_FP8": fp8, "PV_REGS": pv, "PRODUCER_REGS": prod,
+             "PREFETCH": bool(pre)}
+    sig = {p: "constexpr" if p in const else "i32" for p in params}
+    sig.update(q_ptr="*bf16", cache_ptr="*u8" if fp8 else "*bf16", idx_ptr="*i32", len_ptr="*i32", sched_ptr="*i32",
+               splits_ptr="*i32", out_ptr="*bf16", lse_ptr="*fp32", oacc_ptr="*fp32", lacc_ptr="*fp32",
+               scale_log2="fp32")
+    # the JIT marks integer arguments divisible by 16 (strides of the 656-byte rows are): mark them here too
+    attrs = {(params.index(p),): [["tt.divisibility", 16]]
+             for p in ("q_ptr", "cache_ptr", "idx_ptr", "stride_qb", "stride_qh", "stride_idx", "stride_block",
+                       "stride_page", "stride_ob", "stride_oh")}
+    src = GluonASTSource(fn=_mla_sparse_kernel, signature=sig,
+                         constexprs={(params.index(k),): v for k, v in const.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4})
+
+
 def loops(sass: str, min_size: int = 100) -> list[tuple[int, collections.Counter]]:
     """(size, opcode counts) of every backward-branch region of at least ``min_size`` instructions."""
     ins, labels, pending = [], {}, None
@@ -161,9 +185,10 @@ def loops(sass: str, min_size: int = 100) -> list[tuple[int, collections.Counter
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("kernel", choices=["mla", "gemm", "gluon-gemm", "gluon-gemm-ws", "gluon-mla"])
+    p.add_argument("kernel", choices=["mla", "gemm", "gluon-gemm", "gluon-gemm-ws", "gluon-mla",
+                                           "gluon-mla-sparse"])
     p.add_argument("config", help="mla / gemm: block_m,block_n,warps,stages; gluon-gemm: buffers; gluon-mla: -")
-    for flag in ("causal", "fp8", "sparse", "pointer", "pipeline"):
+    for flag in ("causal", "fp8", "sparse", "pointer", "pipeline", "bf16"):
         p.add_argument(f"--{flag}", action="store_true")
     p.add_argument("--dump", metavar="DIR", help="also write the kernel's PTX and SASS (k.ptx, k.sass) into DIR")
     a = p.parse_args()
@@ -173,6 +198,8 @@ def main() -> None:
         k = gemm(a.config, a.pointer, a.pipeline)
     elif a.kernel == "gluon-mla":
         k = gluon_mla()
+    elif a.kernel == "gluon-mla-sparse":
+        k = gluon_mla_sparse(a.config, fp8=not a.bf16)
     else:
         k = gluon_gemm(a.config, warp_specialized=a.kernel == "gluon-gemm-ws")
     ptxas, nvdisasm = _tools()

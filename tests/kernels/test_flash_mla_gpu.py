@@ -87,6 +87,21 @@ def test_sparse_decode(b, s_q, h_q, topk, page, topk_len, sink):
     _check(out, lse, *ref, SPARSE_OUT_TOL)
 
 
+@pytest.mark.parametrize("fp8", [True, False])
+@pytest.mark.parametrize("fused", [True, False])
+def test_sparse_decode_hopper_paths(monkeypatch, fused, fp8):
+    """Both Hopper sparse paths (the fused kernel with its gathering producer, and gather-then-dense)
+    on both cache formats, with invalid indices, an all-invalid row, topk_length, sinks, odd pages."""
+    monkeypatch.setenv("OPENINFRA_MLA_SPARSE_FUSED", "1" if fused else "0")
+    c = make_sparse_decode_case(6, 2, 64, 700, 300, 37, fp8=fp8, seed=5, device="cuda", with_topk_length=True,
+                                with_sink=True, all_invalid_rows=True)
+    meta, _ = get_mla_metadata()
+    out, lse = flash_mla_with_kvcache(c.q, c.k_cache, None, None, 512, meta, None, is_fp8_kvcache=fp8,
+                                      indices=c.indices, attn_sink=c.attn_sink, topk_length=c.topk_length)
+    ref = mla_sparse_decode_reference(c.q, c.k_cache, c.indices, 512, None, fp8, c.topk_length, c.attn_sink)
+    _check(out, lse, *ref, SPARSE_OUT_TOL)
+
+
 @pytest.mark.parametrize("h_q,topk_len,sink", [(128, False, False), (64, True, True)])
 def test_sparse_prefill(h_q, topk_len, sink):
     q, kv, idx, tl_, sk = make_sparse_prefill_case(256, 8192, h_q, 2048, seed=h_q, device="cuda",

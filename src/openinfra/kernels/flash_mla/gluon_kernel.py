@@ -174,12 +174,12 @@ def _pv_partition(k_bufs, p_smem, alpha_smem, l_smem, m_smem, full, empty, p_rea
 
 
 @gluon.jit
-def _mla_decode_kernel(q_ptr, knope_desc, kpe_desc, bt_ptr, len_ptr, sched_ptr, splits_ptr, out_ptr, lse_ptr, oacc_ptr,
-                       lacc_ptr, s_q, G, R, scale_log2, stride_qb, stride_qs, stride_qh, stride_btb,
-                       stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
-                       SCHED_BLOCK: gl.constexpr, CAUSAL: gl.constexpr, PIECES_FIRST: gl.constexpr):
+def _piece_bounds(sched_ptr, len_ptr, splits_ptr, s_q, SCHED_BLOCK: gl.constexpr, CAUSAL: gl.constexpr,
+                  PIECES_FIRST: gl.constexpr):
+    """This program's piece of the schedule: (request, first row, first key, tiles, open end,
+    length, splits of the request, partial slot)."""
     # row blocks vary fastest in launch order: the CTAs of one piece run together and share its
-    # pages through L2 (piece-major order read every page once per row block from HBM);
+    # keys through L2 (piece-major order read every key once per row block from HBM);
     # PIECES_FIRST: more pieces than the grid's second dimension takes (MAX_GRID_Y)
     if PIECES_FIRST:
         piece = gl.program_id(0)
@@ -202,8 +202,13 @@ def _mla_decode_kernel(q_ptr, knope_desc, kpe_desc, bt_ptr, len_ptr, sched_ptr, 
     open_end = stop
     if CAUSAL:
         open_end = gl.minimum(stop, length - s_q + 1)  # keys <= length - s_q are visible to every row
+    return req, row0, lo, n_tiles, open_end, length, n_split, split_base + split_id
 
-    # Q [64 rows, 576] into shared memory (rows: query token major, head minor; zeros past R)
+
+@gluon.jit
+def _stage_q(q_ptr, req, row0, R, G, stride_qb, stride_qs, stride_qh):
+    """Q [64 rows, 576] of one row block into shared memory (rows: query token major, head minor;
+    zeros past R): returns the [64, 512] and [64, 64] parts."""
     swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     q_smem = gl.allocate_shared_memory(q_ptr.dtype.element_ty, [64, 512], swizzled)
     qpe_smem = gl.allocate_shared_memory(q_ptr.dtype.element_ty, [64, 64], swizzled)
@@ -218,10 +223,15 @@ def _mla_decode_kernel(q_ptr, knope_desc, kpe_desc, bt_ptr, len_ptr, sched_ptr, 
                                                       other=0.0))
     qpe_smem.store(gl.load(q_row[:, None] + 512 + cols[None, :], mask=row_ok[:, None], other=0.0))
     fence_async_shared()
+    return q_smem, qpe_smem
 
-    k_bufs = gl.allocate_shared_memory(knope_desc.dtype, [2] + knope_desc.block_type.shape, knope_desc.layout)
-    kpe_bufs = gl.allocate_shared_memory(kpe_desc.dtype, [2] + kpe_desc.block_type.shape, kpe_desc.layout)
-    p_smem = gl.allocate_shared_memory(q_ptr.dtype.element_ty, [64, 64], swizzled)
+
+@gluon.jit
+def _exchange_buffers(dtype: gl.constexpr):
+    """P (one [64, 64] buffer), the rescale factors, the final row sums and maxima, and the
+    barriers: full / empty per K stage (empty counts both warpgroups), p_ready, p_free, fin."""
+    swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    p_smem = gl.allocate_shared_memory(dtype, [64, 64], swizzled)
     plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
     alpha_smem = gl.allocate_shared_memory(gl.float32, [64], plain)
     l_smem = gl.allocate_shared_memory(gl.float32, [64], plain)
@@ -234,8 +244,29 @@ def _mla_decode_kernel(q_ptr, knope_desc, kpe_desc, bt_ptr, len_ptr, sched_ptr, 
         mbarrier.init(empty.index(i), count=2)
     for i in gl.static_range(3):
         mbarrier.init(sync.index(i), count=1)
+    return p_smem, alpha_smem, l_smem, m_smem, full, empty, sync
 
-    split = split_base + split_id
+
+@gluon.jit
+def _release_barriers(full, empty, sync):
+    for i in gl.static_range(2):
+        mbarrier.invalidate(full.index(i))
+        mbarrier.invalidate(empty.index(i))
+    for i in gl.static_range(3):
+        mbarrier.invalidate(sync.index(i))
+
+
+@gluon.jit
+def _mla_decode_kernel(q_ptr, knope_desc, kpe_desc, bt_ptr, len_ptr, sched_ptr, splits_ptr, out_ptr, lse_ptr, oacc_ptr,
+                       lacc_ptr, s_q, G, R, scale_log2, stride_qb, stride_qs, stride_qh, stride_btb,
+                       stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
+                       SCHED_BLOCK: gl.constexpr, CAUSAL: gl.constexpr, PIECES_FIRST: gl.constexpr):
+    req, row0, lo, n_tiles, open_end, length, n_split, split = _piece_bounds(
+        sched_ptr, len_ptr, splits_ptr, s_q, SCHED_BLOCK, CAUSAL, PIECES_FIRST)
+    q_smem, qpe_smem = _stage_q(q_ptr, req, row0, R, G, stride_qb, stride_qs, stride_qh)
+    k_bufs = gl.allocate_shared_memory(knope_desc.dtype, [2] + knope_desc.block_type.shape, knope_desc.layout)
+    kpe_bufs = gl.allocate_shared_memory(kpe_desc.dtype, [2] + kpe_desc.block_type.shape, kpe_desc.layout)
+    p_smem, alpha_smem, l_smem, m_smem, full, empty, sync = _exchange_buffers(q_ptr.dtype.element_ty)
     bt_row = bt_ptr + req.to(gl.int64) * stride_btb
     gl.warp_specialize([
         (_softmax_partition, (q_smem, qpe_smem, k_bufs, kpe_bufs, p_smem, alpha_smem, l_smem, m_smem, full, empty,
@@ -247,11 +278,7 @@ def _mla_decode_kernel(q_ptr, knope_desc, kpe_desc, bt_ptr, len_ptr, sched_ptr, 
                          lacc_ptr, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls)),
         (_producer, (knope_desc, kpe_desc, k_bufs, kpe_bufs, full, empty, bt_row, lo // SCHED_BLOCK, n_tiles)),
     ], [4, 1], [208, 40])
-    for i in gl.static_range(2):
-        mbarrier.invalidate(full.index(i))
-        mbarrier.invalidate(empty.index(i))
-    for i in gl.static_range(3):
-        mbarrier.invalidate(sync.index(i))
+    _release_barriers(full, empty, sync)
 
 
 def gluon_decode_supported(q: torch.Tensor, kv: torch.Tensor, rows: int, *, sparse: bool, is_fp8: bool,

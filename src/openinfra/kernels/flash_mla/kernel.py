@@ -34,7 +34,7 @@ from openinfra.kernels.flash_mla.layout import (
     ceil_div,
 )
 
-__all__ = ["mla_attention_triton", "KernelConfig", "uses_gluon_decode"]
+__all__ = ["mla_attention_triton", "launch_combine", "KernelConfig", "uses_gluon_decode"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -414,14 +414,13 @@ def mla_attention_triton(
     """
     config = config or KernelConfig()
     b, s_q, h_q, _ = q.shape
-    num_blocks, page, h_kv = kv.shape[0], kv.shape[1], kv.shape[2]
+    page, h_kv = kv.shape[1], kv.shape[2]
     sparse = indices is not None
     g = h_q // h_kv
     rows = g if sparse else s_q * g
     bm, bn, num_warps, num_stages = config.resolve(rows, dense_16bit=not (sparse or is_fp8))
     m_blocks = ceil_div(rows, bm)
     pieces = tile_scheduler_metadata.shape[0]
-    n_req = lengths.shape[0]
     dev = q.device
     # Partials: at most one per row of the piece table.
     cap = pieces
@@ -461,12 +460,25 @@ def mla_attention_triton(
             SCALE_OFF=FP8_SCALE_OFFSET, ROPE_OFF=FP8_ROPE_OFFSET, FP8_TILE=FP8_TILE, PIECES_FIRST=pieces_first,
             num_warps=num_warps, num_stages=num_stages,
         )
+    launch_combine(num_splits, out, lse, oacc, lacc, s_q=s_q, h_kv=h_kv, g=g, rows=rows, sparse=sparse,
+                   attn_sink=attn_sink, max_logits=max_logits)
+
+
+def launch_combine(num_splits: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, oacc: torch.Tensor,
+                   lacc: torch.Tensor, *, s_q: int, h_kv: int, g: int, rows: int, sparse: bool,
+                   attn_sink: torch.Tensor | None = None, max_logits: torch.Tensor | None = None) -> None:
+    """Merge the fp32 partials of every split request into out / lse (/ max_logits); requests
+    with one split were written whole by the attention kernel. num_splits: [n_req + 1] int32
+    prefix sums; oacc [slots * h_kv * rows * 512] / lacc [slots * h_kv * rows] fp32 (base-2 lse)."""
+    dev = out.device
+    sink = attn_sink if attn_sink is not None else torch.zeros(1, dtype=torch.float32, device=dev)
+    mx = max_logits if max_logits is not None else lse
     block_r = 16
-    _mla_combine_kernel[(n_req, h_kv, ceil_div(rows, block_r))](
+    _mla_combine_kernel[(num_splits.shape[0] - 1, h_kv, ceil_div(rows, block_r))](
         num_splits, sink, out, lse, mx, oacc, lacc,
         s_q, h_kv, g, rows,
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
         BLOCK_R=block_r, D_V=HEAD_DIM_V, SPARSE=sparse, HAS_SINK=attn_sink is not None,
-        WRITE_MAX=max_logits is not None, INTERPRET=interpret, num_warps=4,
+        WRITE_MAX=max_logits is not None, INTERPRET=interpreter_enabled(), num_warps=4,
     )

@@ -1,22 +1,30 @@
-"""Sparse decoding on Hopper as gather-then-dense: the top-k tokens of every query token are
-gathered (and, from the FP8 cache, dequantized) into a dense 16-bit workspace, which the
-warp-specialized dense decode kernel (:mod:`.gluon_kernel`) then reads as an ordinary paged cache.
+"""Sparse decoding on Hopper: the top-k tokens of each query token decoded by the dense kernel's
+warpgroups, either fused (default) or as gather-then-dense.
 
-Why: in sparse decoding every query token has its own top-k keys, so the kernel cannot stream pages
-through TMA and, reading the FP8 cache, has to dequantize in the registers of the warps doing the
-matrix work (the Triton kernel: 75 TFLOPS at DeepSeek-V3.2's shape). Gathering first costs one pass
-over the selected bytes (656 read + 1,152 written per token) and then runs the 64-row decode at its
-dense rate. Same results as :func:`.reference.mla_sparse_decode_reference` within the kernel
-tolerances: the gathered values are the dequantized bf16 keys the other kernels use too; the valid
-indices of each query token are packed to the front (softmax does not care about key order), so
-invalid ones (``-1``, out of range, past ``topk_length``) are simply not there; the attention sink
-rescales the output afterwards (``out * sigmoid(lse - sink)``, lse without the sink, as FlashMLA).
+Why not the sparse Triton kernel: every query token has its own top-k keys, so a kernel cannot
+stream pages through TMA and, reading the FP8 cache, has to dequantize in the registers of the
+warps doing the matrix work (75 TFLOPS at DeepSeek-V3.2's shape). Both Hopper paths first pack each
+query token's valid indices to the front of its row (:func:`pack_valid_indices`; softmax does not
+care about key order, so invalid ones, ``-1``, out of range or past ``topk_length``, are simply not
+there), then:
 
-Workspace: ``b * s_q * ceil(topk / 64) * 64 * 1152`` bytes (604 MB at b = 128, s_q = 2, topk = 2048);
-calls that would need more than WORKSPACE_LIMIT (4 GiB) run the Triton sparse kernel.
+- **fused** (:mod:`.gluon_sparse`): a producer warpgroup gathers and dequantizes each 64-token tile
+  straight into the K stages of the warp-specialized decode kernel; no workspace.
+- **gather-then-dense** (``OPENINFRA_MLA_SPARSE_FUSED=0``): :func:`gather_tokens` writes the tokens,
+  dequantized, into a dense bf16 workspace of 64-token pages (656 bytes read + 1,152 written a
+  token), which the dense kernel (:mod:`.gluon_kernel`) then reads as an ordinary paged cache.
+  Workspace ``b * s_q * ceil(topk / 64) * 64 * 1152`` bytes (604 MB at b = 128, s_q = 2,
+  topk = 2048); above WORKSPACE_LIMIT (4 GiB) the Triton sparse kernel runs instead.
+
+Same results as :func:`.reference.mla_sparse_decode_reference` within the kernel tolerances (the
+two paths agree bit for bit: the same dequantized bf16 keys, the same math warpgroups); the
+attention sink rescales the output afterwards (``out * sigmoid(lse - sink)``, lse without the
+sink, as FlashMLA).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -34,16 +42,22 @@ __all__ = ["pack_valid_indices", "gather_tokens", "sparse_decode_gathered", "use
 WORKSPACE_LIMIT = 4 << 30
 
 
+def fused_sparse_enabled() -> bool:
+    """Whether the Hopper sparse path runs the fused kernel (:mod:`.gluon_sparse`: the gathering
+    producer feeds the dense kernel's math warpgroups) rather than gather-then-dense;
+    OPENINFRA_MLA_SPARSE_FUSED=0 keeps gather-then-dense (for A/B timing)."""
+    return os.environ.get("OPENINFRA_MLA_SPARSE_FUSED", "1") != "0"
+
+
 def workspace_bytes(b: int, s_q: int, topk: int) -> int:
     """Bytes of the gathered bf16 workspace for ``b`` x ``s_q`` query tokens of ``topk`` keys."""
     return b * s_q * ceil_div(max(topk, 1), PAGE_BLOCK_SIZE) * PAGE_BLOCK_SIZE * HEAD_DIM_QK * 2
 
 
 def uses_gathered_sparse_decode(q: torch.Tensor, h_kv: int, topk: int) -> bool:
-    """Whether sparse decoding takes this path: the dense Gluon kernel can run the gathered
-    workspace (Hopper, bf16 queries, h_kv = 1, at least its MIN_ROWS heads; not under the
-    interpreter; OPENINFRA_MLA_GLUON=0 keeps the Triton sparse kernel) and the workspace stays
-    within :data:`WORKSPACE_LIMIT`."""
+    """Whether sparse decoding takes a Hopper path (Hopper, bf16 queries, h_kv = 1, at least the
+    dense kernel's MIN_ROWS heads; not under the interpreter; OPENINFRA_MLA_GLUON=0 keeps the
+    Triton sparse kernel); gather-then-dense also needs its workspace within :data:`WORKSPACE_LIMIT`."""
     from openinfra.kernels.flash_mla.gluon_kernel import MIN_ROWS
     from openinfra.kernels.flash_mla.kernel import gluon_decode_enabled
 
@@ -51,7 +65,7 @@ def uses_gathered_sparse_decode(q: torch.Tensor, h_kv: int, topk: int) -> bool:
         return False
     return (torch.cuda.get_device_capability(q.device)[0] == 9 and q.dtype == torch.bfloat16 and h_kv == 1
             and q.shape[2] >= MIN_ROWS and q.stride(-1) == 1
-            and workspace_bytes(q.shape[0], q.shape[1], topk) <= WORKSPACE_LIMIT)
+            and (fused_sparse_enabled() or workspace_bytes(q.shape[0], q.shape[1], topk) <= WORKSPACE_LIMIT))
 
 
 @triton.jit
@@ -149,7 +163,8 @@ def sparse_decode_gathered(q: torch.Tensor, k_cache: torch.Tensor, indices: torc
                            splits: torch.Tensor, softmax_scale: float, *, is_fp8: bool,
                            topk_length: torch.Tensor | None, attn_sink: torch.Tensor | None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse decoding through the dense kernel. q [b, s_q, h_q, 576] 16-bit; indices [b, s_q, topk]
+    """Sparse decoding through the dense kernel's warpgroups (fused, or gather-then-dense with
+    OPENINFRA_MLA_SPARSE_FUSED=0 or off the GPU). q [b, s_q, h_q, 576] 16-bit; indices [b, s_q, topk]
     int32; meta / splits: the schedule :func:`.api.flash_mla_with_kvcache` built for the b * s_q
     top-k rows (the dense layout's schedule: b * s_q requests of h_q rows, 64-token blocks). Returns
     out [b, s_q, h_q, 512] in q's dtype and lse [b, h_q, s_q] fp32 (+inf for a query token with no
@@ -159,14 +174,20 @@ def sparse_decode_gathered(q: torch.Tensor, k_cache: torch.Tensor, indices: torc
     b, s_q, h_q, d = q.shape
     n_tokens = k_cache.shape[0] * k_cache.shape[1]
     packed, counts = pack_valid_indices(indices, n_tokens, topk_length)
-    work = gather_tokens(k_cache, packed, counts, is_fp8)
     rows = b * s_q
-    pages = work.shape[0] // max(rows, 1)
-    table = torch.arange(rows * pages, dtype=torch.int32, device=q.device).view(rows, pages)
     out = torch.empty(b, s_q, h_q, HEAD_DIM_V, dtype=q.dtype, device=q.device)
     lse_rows = torch.empty(rows, h_q, 1, dtype=torch.float32, device=q.device)
-    mla_attention_triton(q.reshape(rows, 1, h_q, d), work, counts, meta, splits, softmax_scale,
-                         out=out.view(rows, 1, h_q, HEAD_DIM_V), lse=lse_rows, block_table=table)
+    if fused_sparse_enabled() and q.is_cuda and rows:
+        from openinfra.kernels.flash_mla.gluon_sparse import mla_sparse_decode_fused
+
+        mla_sparse_decode_fused(q.reshape(rows, h_q, d), k_cache, packed, counts, meta, splits, softmax_scale,
+                                is_fp8=is_fp8, out=out.view(rows, h_q, HEAD_DIM_V), lse=lse_rows.view(rows, h_q))
+    else:
+        work = gather_tokens(k_cache, packed, counts, is_fp8)
+        pages = work.shape[0] // max(rows, 1)
+        table = torch.arange(rows * pages, dtype=torch.int32, device=q.device).view(rows, pages)
+        mla_attention_triton(q.reshape(rows, 1, h_q, d), work, counts, meta, splits, softmax_scale,
+                             out=out.view(rows, 1, h_q, HEAD_DIM_V), lse=lse_rows, block_table=table)
     if attn_sink is not None:
         # the sink only adds e^sink to the softmax denominator: out * e^lse / (e^lse + e^sink)
         lse3 = lse_rows.view(b, s_q, h_q)
