@@ -1,7 +1,8 @@
 """KVCache ``get_into`` at cached locations (``StorageClient.read_exact``: the joined per-block
-request items, one ``batch_read`` per storage node, payloads received into the tensors): same
+request items, one ``batch_read`` per storage node, payloads received into the tensors; by default
+issued from the calling thread through ``BlockingReads``, else through the event loop): same
 bytes as put, misses, stale locations, a storage node killed in the middle of batches,
-corrupt chunks detected, and ``read_exact`` on its own."""
+corrupt chunks detected, and ``read_exact`` on its own (both versions)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from openinfra.fs import Code, FsError
+from openinfra.fs.client.blocking_reads import BlockingReads
 from openinfra.fs.client.storage_client import StorageClient
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(240)]
@@ -37,25 +39,40 @@ def _blocks(n: int, seed: int, size: int = 65536) -> list[torch.Tensor]:
 
 
 def _count_read_exact(monkeypatch) -> list[list]:
-    """Spy on ``read_exact``: per call, what it returned."""
+    """Spy on ``read_exact`` (both versions): per call, what it returned."""
     seen: list[list] = []
     orig = StorageClient.read_exact
+    orig_blocking = BlockingReads.read_exact
 
     async def spy(self, chains, items, dests):
         out = await orig(self, chains, items, dests)
         seen.append(list(out))
         return out
 
+    def spy_blocking(self, chains, items, dests):
+        out = orig_blocking(self, chains, items, dests)
+        seen.append(list(out))
+        return out
+
     monkeypatch.setattr(StorageClient, "read_exact", spy)
+    monkeypatch.setattr(BlockingReads, "read_exact", spy_blocking)
     return seen
 
 
-def test_fast_get_into_returns_the_put_bytes_and_misses(cluster, monkeypatch):
+@pytest.fixture(params=["blocking", "loop"])
+def kv_mode(request, monkeypatch):
+    """Both versions of the fast path: from the calling thread (the default) and on the loop."""
+    monkeypatch.setenv("OPENINFRA_FS_KV_BLOCKING", "1" if request.param == "blocking" else "0")
+    return request.param
+
+
+def test_fast_get_into_returns_the_put_bytes_and_misses(cluster, monkeypatch, kv_mode):
     from openinfra.fs.clients import KVCache
 
     seen = _count_read_exact(monkeypatch)
     with cluster.client() as fs:
-        kv = KVCache(client=fs, root="/kvfast-data")
+        kv = KVCache(client=fs, root=f"/kvfast-data-{kv_mode}")
+        assert kv._blocking_on == (kv_mode == "blocking")
         keys = [f"blk-{i}".encode() for i in range(150)]
         vals = _blocks(150, 1)
         vals[7] = torch.randn(4, 1000, dtype=torch.float32)  # other dtypes and sizes in the same batch
@@ -84,14 +101,14 @@ def test_fast_get_into_returns_the_put_bytes_and_misses(cluster, monkeypatch):
             kv.get_into([keys[0], keys[1]], [torch.zeros(65536, dtype=torch.uint8), torch.zeros(10, dtype=torch.uint8)])
 
 
-def test_fast_get_into_forgets_stale_locations(cluster):
+def test_fast_get_into_forgets_stale_locations(cluster, kv_mode):
     """A block deleted (and its chunks removed) since its location was cached reads short through
     the fast path; it is looked up again and reported missing, or read anew when put again."""
     from openinfra.fs.clients import KVCache
 
     with cluster.client() as fs:
-        kv = KVCache(client=fs, root="/kvfast-stale")
-        other = KVCache(client=fs, root="/kvfast-stale")
+        kv = KVCache(client=fs, root=f"/kvfast-stale-{kv_mode}")
+        other = KVCache(client=fs, root=f"/kvfast-stale-{kv_mode}")
         keys = [f"s-{i}".encode() for i in range(6)]
         vals = _blocks(6, 2)
         kv.put_batch(keys, vals)
@@ -114,13 +131,13 @@ def test_fast_get_into_forgets_stale_locations(cluster):
         assert kv.get_into(keys[:1], [out]) == [True] and torch.equal(out, new)
 
 
-def test_fast_get_into_survives_a_storage_node_killed_mid_batch(cluster):
+def test_fast_get_into_survives_a_storage_node_killed_mid_batch(cluster, kv_mode):
     """R=2: a storage node is killed while batches are being read through the fast path; the
     reads that went to it are retried on the other replica, every batch returns the put bytes."""
     from openinfra.fs.clients import KVCache
 
     with cluster.client(retry_s=30) as fs:
-        kv = KVCache(client=fs, root="/kvfast-kill")
+        kv = KVCache(client=fs, root=f"/kvfast-kill-{kv_mode}")
         keys = [f"k-{i}".encode() for i in range(128)]
         vals = _blocks(128, 4)
         kv.put_batch(keys, vals)
@@ -162,14 +179,14 @@ def test_fast_get_into_survives_a_storage_node_killed_mid_batch(cluster):
         assert before >= 1 and after_kill > before  # batches completed across the kill
 
 
-def test_fast_get_into_detects_corrupt_blocks(cluster):
+def test_fast_get_into_detects_corrupt_blocks(cluster, kv_mode):
     """A flipped byte in a block's chunk file (every replica) fails the storage's CRC32C check:
     the fast path raises CHECKSUM_MISMATCH, never returns the bad bytes as a hit."""
     from openinfra.fs.clients import KVCache
     from openinfra.fs.clients.kvcache import _digest
 
     with cluster.client(retry_s=5) as fs:
-        kv = KVCache(client=fs, root="/kvfast-crc")
+        kv = KVCache(client=fs, root=f"/kvfast-crc-{kv_mode}")
         keys = [f"c-{i}".encode() for i in range(4)]
         vals = _blocks(4, 5)
         kv.put_batch(keys, vals)
@@ -193,11 +210,18 @@ def test_fast_get_into_detects_corrupt_blocks(cluster):
         assert all(torch.equal(o, v) for o, v in zip(outs, vals[:2]))
 
 
-def test_read_exact_sizes_holes_and_errors(cluster):
+@pytest.mark.parametrize("mode", ["loop", "blocking"])
+def test_read_exact_sizes_holes_and_errors(cluster, mode):
     """``read_exact`` on its own: True where the read filled its destination exactly, False for
     another byte count (a hole, a destination of the wrong size: never written past), and a
-    per-read error that is not retriable raised."""
+    per-read error that is not retriable raised. The same from the calling thread."""
     with cluster.client() as fs:
+        if mode == "loop":
+            def read_exact(chains, items, dests):
+                return fs._run(fs.aio.storage.read_exact(chains, items, dests))
+        else:
+            blocking = BlockingReads(fs.aio.storage)
+            read_exact = blocking.read_exact
         data = bytes(range(256)) * 400  # 102,400 bytes: one chunk
         fs.write_bytes("/read-exact.bin", data)
 
@@ -220,18 +244,25 @@ def test_read_exact_sizes_holes_and_errors(cluster):
                  item(0, len(data) - 20, 50),  # 20 bytes at the end: not the 50 asked for
                  item(0, 0, 1000)]
         views = [memoryview(b) for b in bufs]
-        got = fs._run(fs.aio.storage.read_exact([cid] * 5, items, views))
+        got = read_exact([cid] * 5, items, views)
         assert got == [True, True, False, False, True]
         assert bytes(bufs[0]) == data[5:1005] and bytes(bufs[1]) == data[128:] and bytes(bufs[4]) == data[:1000]
         assert bytes(bufs[3]) == bytes(50)  # the 20 bytes went to scratch, not into a short destination
         assert bytes(guard) == b"\xee" * 10
-        assert fs._run(fs.aio.storage.read_exact([], [], [])) == []
+        assert read_exact([], [], []) == []
         with pytest.raises(ValueError):
-            fs._run(fs.aio.storage.read_exact([cid], [], []))
+            read_exact([cid], [], [])
         bad = msgpack.packb([cid, inode, 0, -5, 10])  # a bad read: served as a per-read error
         with pytest.raises(FsError) as e:
-            fs._run(fs.aio.storage.read_exact([cid], [bad], [memoryview(bytearray(10))]))
+            read_exact([cid], [bad], [memoryview(bytearray(10))])
         assert e.value.code == Code.RPC_BAD_ARGS
+        # after a per-read error the sockets are still in step: the next call reads right
+        bufs2 = [bytearray(1000)]
+        assert read_exact([cid], [item(0, 5, 1000)], [memoryview(bufs2[0])]) == [True]
+        assert bytes(bufs2[0]) == data[5:1005]
+        if mode == "blocking":
+            blocking.close()
+            assert read_exact([cid], [item(0, 5, 1000)], [memoryview(bytearray(1000))]) == [None]
 
 
 def test_keep_heap_takes_on_glibc():

@@ -480,26 +480,11 @@ class StorageClient:
             addrs = amap[chain_id] = [a for a in (r.address(t["node"]) for t in r.serving(chain_id)) if a is not None]
         return addrs
 
-    async def read_exact(self, chains: list[int], items: list[bytes], dests: list[memoryview]) -> list[bool | None]:
-        """Batched reads whose size the caller knows (KV blocks at cached locations), with no
-        per-read Python beyond a few list operations: ``items[i]`` is the msgpack encoding of one
-        ``batch_read`` item ``[chain, inode, index, offset, length]`` of chain ``chains[i]``,
-        ``dests[i]`` a writable byte memoryview of exactly the size that read returns when the
-        bytes are there. One ``batch_read`` per storage node (split at ``BATCH_READ_BYTES``); the
-        request's reads are the items joined (no per-read packing); the reply's bytes are
-        received straight into ``dests``.
-
-        Returns per read: True (``dests[i]`` holds its bytes), False (it returned another byte
-        count: a hole, a chunk cut short or removed; ``dests[i]`` is untouched or holds
-        unspecified bytes), or None (not read: a retriable error, on that read or its node's
-        whole request; the caller goes through :meth:`read_chunk`, which retries). Raises the
-        first non-retriable per-read error (a chunk failing its CRC32C, say)."""
-        n = len(items)
-        if len(chains) != n or len(dests) != n:
-            raise ValueError(f"read_exact: {n} items, {len(chains)} chains, {len(dests)} destinations")
-        out: list[bool | None] = [None] * n
-        # Reads per chain, then per node (a random serving replica per read where there are
-        # several), then requests of at most BATCH_READ_BYTES reply bytes and 4096 reads.
+    def exact_requests(self, chains: list[int], dests: list[memoryview]) -> list[tuple[str, list[int], list[int]]]:
+        """:meth:`read_exact`'s requests: ``(address, read indexes, their sizes)``. Reads per chain,
+        then per node (a random serving replica per read where there are several), then requests
+        of at most ``BATCH_READ_BYTES`` reply bytes and 4096 reads. A chain with no serving
+        replica has its reads in no request (left to the caller's retrying path)."""
         by_chain: dict[int, list[int]] = {}
         for i, c in enumerate(chains):
             lst = by_chain.get(c)
@@ -534,6 +519,27 @@ class StorageClient:
                     start, total = j, 0
                 total += m
             requests.append((addr, idxs[start:], sizes[start:]))
+        return requests
+
+    async def read_exact(self, chains: list[int], items: list[bytes], dests: list[memoryview]) -> list[bool | None]:
+        """Batched reads whose size the caller knows (KV blocks at cached locations), with no
+        per-read Python beyond a few list operations: ``items[i]`` is the msgpack encoding of one
+        ``batch_read`` item ``[chain, inode, index, offset, length]`` of chain ``chains[i]``,
+        ``dests[i]`` a writable byte memoryview of exactly the size that read returns when the
+        bytes are there. One ``batch_read`` per storage node (split at ``BATCH_READ_BYTES``); the
+        request's reads are the items joined (no per-read packing); the reply's bytes are
+        received straight into ``dests``.
+
+        Returns per read: True (``dests[i]`` holds its bytes), False (it returned another byte
+        count: a hole, a chunk cut short or removed; ``dests[i]`` is untouched or holds
+        unspecified bytes), or None (not read: a retriable error, on that read or its node's
+        whole request; the caller goes through :meth:`read_chunk`, which retries). Raises the
+        first non-retriable per-read error (a chunk failing its CRC32C, say)."""
+        n = len(items)
+        if len(chains) != n or len(dests) != n:
+            raise ValueError(f"read_exact: {n} items, {len(chains)} chains, {len(dests)} destinations")
+        out: list[bool | None] = [None] * n
+        requests = self.exact_requests(chains, dests)
 
         async def node_batch(addr: str, idxs: list[int], want: list[int]) -> None:
             k = len(idxs)

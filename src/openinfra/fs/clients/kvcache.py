@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import struct
 import time
 import warnings
@@ -168,8 +169,14 @@ class KVCache:
         # key -> its node in ``_where`` (for bytes keys read by ``get_into``): no digest per read.
         # A node dropped from ``_where`` is marked ``gone`` and this entry is then skipped.
         self._by_key: dict[bytes, dict] = {}
+        # get_into's reads at cached locations from the calling thread (BlockingReads, made on
+        # first use); OPENINFRA_FS_KV_BLOCKING=0 sends them through the event loop instead.
+        self._blocking = None
+        self._blocking_on = os.environ.get("OPENINFRA_FS_KV_BLOCKING", "1") != "0"
 
     def close(self) -> None:
+        if self._blocking is not None:
+            self._blocking.close()
         if self._own:
             self.client.close()
 
@@ -370,6 +377,30 @@ class KVCache:
         items, the payloads received straight into the tensors). Sets ``hits[i] = True`` for the
         blocks read; a block that read another byte count (deleted since) has its location
         forgotten; the rest stay None for the general path."""
+        plan = self._fast_plan(keys, outs)
+        if plan is not None:
+            where, nodes, dests = plan
+            got = await self._aio.storage.read_exact([kv[0] for kv in nodes], [kv[1] for kv in nodes], dests)
+            self._fast_settle(keys, where, got, hits)
+
+    def _get_into_blocking(self, keys: Sequence[bytes], outs: list[torch.Tensor], hits: list) -> None:
+        """:meth:`_get_into_fast` on the calling thread (:class:`BlockingReads`: no hand-off to
+        the event-loop thread and back, no event-loop work per reply piece)."""
+        plan = self._fast_plan(keys, outs)
+        if plan is not None:
+            where, nodes, dests = plan
+            if self._blocking is None:
+                from openinfra.fs.client.blocking_reads import BlockingReads
+
+                rpc = self._aio.rpc
+                self._blocking = BlockingReads(self._aio.storage, connect_timeout=rpc.connect_timeout,
+                                               max_frame=rpc.max_frame)
+            got = self._blocking.read_exact([kv[0] for kv in nodes], [kv[1] for kv in nodes], dests)
+            self._fast_settle(keys, where, got, hits)
+
+    def _fast_plan(self, keys: Sequence[bytes], outs: list[torch.Tensor]):
+        """``(indexes, (chain, item) per read, destinations)`` of the blocks at cached locations,
+        or None when there are none."""
         where, nodes, dests = [], [], []
         fast = self._by_key
         for i, k, t in zip(range(len(keys)), keys, outs):
@@ -386,9 +417,10 @@ class KVCache:
             where.append(i)
             nodes.append(node["kv"])
             dests.append(_byte_view(t))
-        if not where:
-            return
-        got = await self._aio.storage.read_exact([kv[0] for kv in nodes], [kv[1] for kv in nodes], dests)
+        return (where, nodes, dests) if where else None
+
+    def _fast_settle(self, keys: Sequence[bytes], where: list[int], got: list, hits: list) -> None:
+        fast = self._by_key
         if all(got):
             for i in where:
                 hits[i] = True
@@ -401,9 +433,12 @@ class KVCache:
                 if node is not None and not node["gone"]:
                     self._forget(_digest(keys[i]))  # read short: deleted since, ask meta again
 
-    async def _get_into_many(self, keys: Sequence[bytes], outs: list[torch.Tensor]) -> list[bool]:
-        hits: list[bool | None] = [None] * len(keys)
-        await self._get_into_fast(keys, outs, hits)
+    async def _get_into_many(self, keys: Sequence[bytes], outs: list[torch.Tensor],
+                             hits: list | None = None) -> list[bool]:
+        """``hits``: the fast path was tried already (on the calling thread): only the rest."""
+        if hits is None:
+            hits = [None] * len(keys)
+            await self._get_into_fast(keys, outs, hits)
         if all(hits):
             return hits
         todo, where = [], []
@@ -470,6 +505,12 @@ class KVCache:
         if len(keys) != len(outs):
             raise ValueError(f"outs: expected {len(keys)} tensors (one per key), got {len(outs)}")
         ts = [_check_tensor(o, f"outs[{i}]") for i, o in enumerate(outs)]
+        if self._blocking_on:
+            hits: list[bool | None] = [None] * len(keys)
+            self._get_into_blocking(keys, ts, hits)
+            if all(hits):
+                return hits
+            return self.client._run(self._get_into_many(keys, ts, hits))
         return self.client._run(self._get_into_many(keys, ts))
 
     async def _get_one(self, key: bytes) -> torch.Tensor | None:
