@@ -1,6 +1,6 @@
 """Where the sparse decode's time goes (H200 probe): DeepSeek-V3.2's decode shape (b = 128,
 s_q = 2, h_q = 128, topk = 2048, FP8 cache of 32,768 tokens a request), timing each step alone:
-packing the valid indices, the gather + dequantization (several tile shapes), the dense decode of
+packing the valid indices, the gather + dequantization, the dense decode of
 the workspace (attention + combine), the fused kernel (gathering producer; register splits and
 schedules as variants, each checked against gather-then-dense), and the whole call.
 
@@ -41,6 +41,19 @@ def main() -> None:
     lse = torch.empty(rows, h_q, 1, dtype=torch.float32, device=dev)
     run = lambda: flash_mla_with_kvcache(q, cache, None, None, 512, meta, splits, is_fp8_kvcache=True, indices=idx)
     res["whole call"] = us(run)
+
+    def host_us(fn, n: int = 30) -> float:  # launch-side time of one call (the GPU keeps up unless it is shorter)
+        import time
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        return round((t1 - t0) / n * 1e6, 1)
+
+    res["host: whole call"] = host_us(run)
+    res["host: pack"] = host_us(lambda: pack_valid_indices(idx, nblocks * 64, None))
     os.environ["OPENINFRA_MLA_SPARSE_FUSED"] = "0"
     res["whole call, gather-then-dense"] = us(run)
     del os.environ["OPENINFRA_MLA_SPARSE_FUSED"]
@@ -51,7 +64,10 @@ def main() -> None:
                          block_table=table)
     ref_lse = lse.clone()
     flops = 2 * rows * h_q * topk * (576 + 512)
-    for cfg in (SparseKernelConfig(), SparseKernelConfig(168, 88, False)):
+    # the default; without the two-group loads; without the L2 requests; loads that hit L1 (the
+    # latency removed, the conversion kept); no producer work at all (the math warpgroups alone)
+    for cfg in (SparseKernelConfig(), SparseKernelConfig(prefetch=0), SparseKernelConfig(l2_ahead=0),
+                SparseKernelConfig(debug=1), SparseKernelConfig(debug=4)):
         o2 = torch.empty(rows, h_q, 512, dtype=q.dtype, device=dev)
         l2 = torch.empty(rows, h_q, dtype=torch.float32, device=dev)
         f = lambda: mla_sparse_decode_fused(q.view(rows, h_q, 576), cache, packed, counts, meta, splits,  # noqa: E731
@@ -59,9 +75,10 @@ def main() -> None:
         try:
             f()
             torch.cuda.synchronize()
-            err = (o2.float() - ref.view(rows, h_q, 512).float()).abs().max().item()
+            err = (o2.float() - ref.view(rows, h_q, 512).float()).abs().max().item() if not cfg.debug else None
             lerr = (l2 - ref_lse.view(rows, h_q)).abs().max().item()
             t = us(f)
+            res[f"host: fused {tuple(cfg)}"] = host_us(f)
             res[f"fused {tuple(cfg)}"] = {"us": t, "TFLOPS": round(flops / t / 1e6, 1), "max_abs_err_vs_gathered": err,
                                           "lse_err": lerr}
         except Exception as e:  # noqa: BLE001 - a variant that fails to compile or run is reported, not fatal

@@ -12,7 +12,7 @@ and `wgmma.wait_group` counts. The numbers in benchmarks/notes/{flash_mla,deep_g
     python scripts/sass_loops.py gluon-gemm-ws 4,128,1 # ... grouped contiguous (2 = masked)
     python scripts/sass_loops.py gluon-gemm-ws 6,128,0,7  # ... dense, 6 stages, split-K 7 (small M)
     python scripts/sass_loops.py gluon-mla -          # the warp-specialized MLA decode kernel
-    python scripts/sass_loops.py gluon-mla-sparse 168,120,1  # ... sparse (FP8 cache): pv / producer registers, prefetch
+    python scripts/sass_loops.py gluon-mla-sparse 168,120,2,2  # ... sparse (FP8 cache): registers, prefetch, L2 lead
 """
 from __future__ import annotations
 
@@ -141,10 +141,11 @@ def gluon_mla_sparse(producer_regs: str, fp8: bool = True):
     from openinfra.kernels.flash_mla.gluon_sparse import _mla_sparse_kernel
 
     params = list(inspect.signature(_mla_sparse_kernel.fn).parameters)
-    # config: "pv_regs,producer_regs,prefetch"
-    pv, prod, pre = (int(x) for x in producer_regs.split(","))
+    # config: "pv_regs,producer_regs,prefetch[,l2_ahead[,debug]]"
+    pv, prod, pre, l2, dbg = (int(x) for x in (producer_regs + ",2,0").split(",")[:5])
     const = {"SCHED_BLOCK": 64, "PIECES_FIRST": False, "IS_FP8": fp8, "PV_REGS": pv, "PRODUCER_REGS": prod,
-             "PREFETCH": bool(pre)}
+             "PREFETCH": pre, "L2_AHEAD": l2, "ROW_BYTES": 656 if fp8 else 1152,
+             "DEBUG": dbg}
     sig = {p: "constexpr" if p in const else "i32" for p in params}
     sig.update(q_ptr="*bf16", cache_ptr="*u8" if fp8 else "*bf16", idx_ptr="*i32", len_ptr="*i32", sched_ptr="*i32",
                splits_ptr="*i32", out_ptr="*bf16", lse_ptr="*fp32", oacc_ptr="*fp32", lacc_ptr="*fp32",
