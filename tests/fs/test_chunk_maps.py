@@ -193,3 +193,70 @@ def test_map_reads_off_serves_the_same(tmp_path, monkeypatch):
             store.close()
 
     asyncio.run(go())
+
+
+def test_fast_batch_read_matches_the_usual_path(tmp_path):
+    """``StorageNode.fast_batch_read`` (served in the read loop) returns what the usual packed
+    ``batch_read`` returns for a batch of small committed reads, a corrupt chunk as a per-read
+    CHECKSUM_MISMATCH, and SLOW (for the usual path) for anything that needs waiting or is
+    malformed: a hole, a pending version, a target not serving, an unknown chain, bad items."""
+    import time
+
+    import msgpack
+
+    from openinfra.fs.routing import Routing
+    from openinfra.fs.rpc import SLOW, BlobPieces
+    from openinfra.fs.storage.service import StorageConfig, StorageNode
+
+    async def go():
+        node = StorageNode(StorageConfig(node_id=1, targets={101: str(tmp_path / "t")}, mgmtd=["127.0.0.1:1"],
+                                         fsync=False))
+        node._acked_version, node._last_ok = 1, time.monotonic() + 3600  # not fenced
+        node.routing = Routing({"version": 1, "nodes": {}, "tables": {},
+                                "chains": {7: {"id": 7, "version": 1, "targets": [{"id": 101, "node": 1, "state": "serving"}]},
+                                           8: {"id": 8, "version": 1, "targets": [{"id": 101, "node": 1, "state": "syncing"}]}}})
+        store = node.stores[101]
+        try:
+            blocks = {ino: random.Random(ino).randbytes(KV) for ino in range(1, 6)}
+            for ino, d in blocks.items():
+                await _put(store, ino, 1, d)
+
+            def flat(res):
+                return b"".join(bytes(p) for p in res["data"].pieces), msgpack.unpackb(res["results"])
+
+            reads = [[7, ino, 0, 128, 65536] for ino in blocks] + [[7, 1, 0, 0, 4096], [7, 2, 0, 0, KV]]
+            fast = node.fast_batch_read(msgpack.packb(reads), packed=True)
+            assert type(fast["data"]) is BlobPieces
+            usual = await node.rpc_batch_read(reads, packed=True)
+            assert flat(fast) == flat(usual)
+            data, results = flat(fast)
+            assert data == b"".join(blocks[i][128:] for i in blocks) + blocks[1][:4096] + blocks[2]
+            assert results[0] == [65536, 1, KV]
+            # a corrupt chunk: a per-read error, the others served, on both paths
+            p = tmp_path / "t" / store.get(3, 0).file
+            raw = bytearray(p.read_bytes())
+            raw[1000] ^= 0xFF
+            p.write_bytes(bytes(raw))
+            fast = node.fast_batch_read(reads, packed=True)
+            assert flat(fast) == flat(await node.rpc_batch_read(reads, packed=True))
+            assert flat(fast)[1][2][0] == Code.CHECKSUM_MISMATCH
+            # everything that waits or is malformed: SLOW
+            await store.prepare(4, 0, 2, "write", 0, b"x" * KV)  # a pending version
+            for bad in ([[7, 9, 0, 0, 10]],            # a hole
+                        [[7, 4, 0, 0, 10]],            # pending version
+                        [[8, 1, 0, 0, 10]],            # the target is not serving that chain
+                        [[9, 1, 0, 0, 10]],            # unknown chain
+                        [[7, 1, 0, -1, 10]], [[7, "1", 0, 0, 10]], [[7, 1, 0]], ["x"]):
+                assert node.fast_batch_read(bad, packed=True) is SLOW
+                assert node.fast_batch_read(reads[:1] + bad, packed=True) is SLOW
+            assert node.fast_batch_read(b"\xc1", packed=True) is SLOW
+            assert node.fast_batch_read(reads, packed=False) is SLOW
+            node._last_ok = 0.0  # fenced: an error reply, as the usual path gives
+            with pytest.raises(FsError) as e:
+                node.fast_batch_read(reads, packed=True)
+            assert e.value.code == Code.FENCED
+        finally:
+            for s in node.stores.values():
+                s.close()
+
+    asyncio.run(go())
