@@ -147,7 +147,7 @@ def test_sparse_decode_gathered_matches_reference(monkeypatch, b, s_q, h_q, topk
     kernel): same cases and tolerances as the sparse kernel, the all-invalid row included."""
     import openinfra.kernels.flash_mla.sparse_gather as sg
 
-    monkeypatch.setattr(sg, "uses_gathered_sparse_decode", lambda q, h_kv, topk: True)
+    monkeypatch.setattr(sg, "uses_hopper_sparse_decode", lambda q, h_kv, topk: True)
     monkeypatch.setenv("OPENINFRA_MLA_SPARSE_FUSED", "0")  # the fused kernel is Gluon: GPU tier only
     test_sparse_decode_matches_reference(b, s_q, h_q, topk, nb, page, fp8, topk_len, sink, parts)
 

@@ -248,12 +248,12 @@ def flash_mla_with_kvcache(
     q = _unit_last_stride(q)
     if sparse:
         indices = _unit_last_stride(indices)
-        from openinfra.kernels.flash_mla.sparse_gather import sparse_decode_gathered, uses_gathered_sparse_decode
+        from openinfra.kernels.flash_mla.sparse_gather import sparse_decode_hopper, uses_hopper_sparse_decode
 
-        if uses_gathered_sparse_decode(q, h_kv, topk):
-            # Hopper: gather (and dequantize) each query token's keys, then the dense kernel
-            return sparse_decode_gathered(q, k_cache, indices, meta, splits, softmax_scale, is_fp8=is_fp8_kvcache,
-                                          topk_length=topk_length, attn_sink=attn_sink)
+        if uses_hopper_sparse_decode(q, h_kv, topk):
+            # Hopper: the top-k keys through the dense kernel's warpgroups (fused, or gather-then-dense)
+            return sparse_decode_hopper(q, k_cache, indices, meta, splits, softmax_scale, is_fp8=is_fp8_kvcache,
+                                        topk_length=topk_length, attn_sink=attn_sink)
     out = torch.empty(b, s_q, h_q, HEAD_DIM_V, dtype=q.dtype, device=dev)
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=dev)
     mla_attention_triton(

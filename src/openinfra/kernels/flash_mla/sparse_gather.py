@@ -35,8 +35,8 @@ from openinfra.kernels.flash_mla.layout import (
     ceil_div,
 )
 
-__all__ = ["pack_valid_indices", "gather_tokens", "sparse_decode_gathered", "uses_gathered_sparse_decode",
-           "workspace_bytes", "WORKSPACE_LIMIT"]
+__all__ = ["pack_valid_indices", "gather_tokens", "sparse_decode_hopper", "uses_hopper_sparse_decode",
+           "fused_sparse_enabled", "workspace_bytes", "WORKSPACE_LIMIT"]
 
 #: Largest workspace the gathered path allocates (bytes); bigger calls run the Triton sparse kernel.
 WORKSPACE_LIMIT = 4 << 30
@@ -54,7 +54,7 @@ def workspace_bytes(b: int, s_q: int, topk: int) -> int:
     return b * s_q * ceil_div(max(topk, 1), PAGE_BLOCK_SIZE) * PAGE_BLOCK_SIZE * HEAD_DIM_QK * 2
 
 
-def uses_gathered_sparse_decode(q: torch.Tensor, h_kv: int, topk: int) -> bool:
+def uses_hopper_sparse_decode(q: torch.Tensor, h_kv: int, topk: int) -> bool:
     """Whether sparse decoding takes a Hopper path (Hopper, bf16 queries, h_kv = 1, at least the
     dense kernel's MIN_ROWS heads; not under the interpreter; OPENINFRA_MLA_GLUON=0 keeps the
     Triton sparse kernel); gather-then-dense also needs its workspace within :data:`WORKSPACE_LIMIT`."""
@@ -159,7 +159,7 @@ def gather_tokens(k_cache: torch.Tensor, packed: torch.Tensor, counts: torch.Ten
     return out
 
 
-def sparse_decode_gathered(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor, meta: torch.Tensor,
+def sparse_decode_hopper(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor, meta: torch.Tensor,
                            splits: torch.Tensor, softmax_scale: float, *, is_fp8: bool,
                            topk_length: torch.Tensor | None, attn_sink: torch.Tensor | None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
