@@ -160,9 +160,9 @@ def gather_tokens(k_cache: torch.Tensor, packed: torch.Tensor, counts: torch.Ten
 
 
 def sparse_decode_hopper(q: torch.Tensor, k_cache: torch.Tensor, indices: torch.Tensor, meta: torch.Tensor,
-                           splits: torch.Tensor, softmax_scale: float, *, is_fp8: bool,
-                           topk_length: torch.Tensor | None, attn_sink: torch.Tensor | None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                         splits: torch.Tensor, softmax_scale: float, *, is_fp8: bool,
+                         topk_length: torch.Tensor | None, attn_sink: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse decoding through the dense kernel's warpgroups (fused, or gather-then-dense with
     OPENINFRA_MLA_SPARSE_FUSED=0 or off the GPU). q [b, s_q, h_q, 576] 16-bit; indices [b, s_q, topk]
     int32; meta / splits: the schedule :func:`.api.flash_mla_with_kvcache` built for the b * s_q
