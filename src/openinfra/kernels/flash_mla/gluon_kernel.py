@@ -21,7 +21,8 @@ Same schedule, outputs and partials as the Triton kernel (:mod:`.kernel`): a pie
 whole request writes out and lse; other pieces write fp32 partials for the combine kernel. Taken
 for dense bf16/fp16 caches with h_kv = 1 and s_q x h_q >= MIN_ROWS (= 16; the rows of a 64-row
 tile past s_q x h_q are zeros), no attention sink, no max-logit output; everything else runs the
-Triton kernel.
+Triton kernel. The sparse kernel (:mod:`.gluon_sparse`) reuses the prologue helpers and both math
+partitions, with a gathering producer warpgroup in the TMA warp's place.
 """
 
 from __future__ import annotations
