@@ -42,7 +42,6 @@ def intranode_checks(rank: int, num_ranks: int, device: str, buffer: Buffer | No
     gen = torch.Generator().manual_seed(1000 + rank)
     num_tokens, hidden, num_topk, num_experts = NUM_TOKENS, HIDDEN, NUM_TOPK, 16 * num_ranks
     buffer = buffer or Buffer(dist.group.WORLD)
-    group = dist.group.WORLD
 
     x = torch.ones(num_tokens, hidden, dtype=torch.bfloat16, device=device) * rank
     x_pure_rand = torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16).to(device)

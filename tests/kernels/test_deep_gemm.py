@@ -8,9 +8,6 @@ import pytest
 import torch
 
 from openinfra.kernels import deep_gemm as dg
-from openinfra.kernels.deep_gemm.block_cast.reference import (
-    per_block_cast_to_fp8_reference, per_channel_cast_to_fp8_reference,
-)
 from openinfra.kernels.deep_gemm.gemm.reference import dequantize
 
 pytestmark = pytest.mark.unit

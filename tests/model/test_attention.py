@@ -150,11 +150,15 @@ def test_rope_is_a_rotation_and_relative():
     c, s = _rope(cfg, torch.arange(5)[None])
     rx, ry = apply_rope(x, c.double(), s.double()), apply_rope(y, c.double(), s.double())
     torch.testing.assert_close(rx.norm(dim=-1), x.norm(dim=-1))
-    # <R(p) x, R(p) y> is position independent when x, y are the same at every position.
-    x1 = x[:, :1].expand(-1, 5, -1, -1)
-    rx1 = apply_rope(x1, c.double(), s.double())
-    dots = (rx1 * rx1.roll(0, 1)).sum(-1)
+    torch.testing.assert_close(ry.norm(dim=-1), y.norm(dim=-1))
+    # <R(p) x, R(p + 1) y> depends on the offset only: the same for every p when x and y are the
+    # same vectors at every position
+    x1, y1 = x[:, :1].expand(-1, 5, -1, -1), y[:, :1].expand(-1, 5, -1, -1)
+    rx1, ry1 = apply_rope(x1, c.double(), s.double()), apply_rope(y1, c.double(), s.double())
+    dots = (rx1[:, :-1] * ry1[:, 1:]).sum(-1)
     torch.testing.assert_close(dots, dots[:, :1].expand_as(dots))
+    # and it is not the offset-0 product: the rotation is there
+    assert not torch.allclose(dots, (x1 * y1).sum(-1)[:, :-1])
 
 
 def test_cache_errors():

@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from openinfra.parallel.dualpipe import (
     DualPipe, DualPipeV, ScheduleRecorder, calc_diff, compute_counts, phase_counts,

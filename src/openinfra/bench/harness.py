@@ -11,7 +11,6 @@ import pkgutil
 import platform
 import re
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

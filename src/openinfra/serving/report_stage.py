@@ -10,7 +10,6 @@ A section whose inputs are missing (its stage did not run) says so instead of in
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from openinfra.serving.cost import PUBLISHED, compute_cost, format_table
 

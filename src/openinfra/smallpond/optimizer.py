@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from openinfra.smallpond.node import HashPartitionNode, LimitNode, LogicalPlan, Node, SqlEngineNode
+from openinfra.smallpond.node import HashPartitionNode, LogicalPlan, Node, SqlEngineNode
 
 __all__ = ["Optimizer", "optimize"]
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from openinfra.smallpond import storage
 from openinfra.smallpond.udf import to_duckdb_params
 from openinfra.smallpond.dataset import (
-    DataSet, FileSet, ParquetDataSet, arrow_of, merge_datasets, new_connection, reader_of, schema_from_text,
+    DataSet, FileSet, ParquetDataSet, arrow_of, merge_datasets, new_connection, schema_from_text,
     schema_to_text,
 )
 

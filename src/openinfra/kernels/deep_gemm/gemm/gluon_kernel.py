@@ -34,7 +34,6 @@ path and the tests' oracle stay the PyTorch reference and the Triton kernel.
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
