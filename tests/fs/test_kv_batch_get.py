@@ -274,3 +274,44 @@ def test_keep_heap_takes_on_glibc():
     ok = keep_heap()
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert ok
+
+
+def test_fast_get_into_destination_views_follow_the_tensors(cluster, kv_mode):
+    """The remembered byte views of destination tensors never outlive or outgrow them: a tensor
+    whose storage was replaced (``set_``, ``resize_``) is written in its new memory, a dead
+    tensor is not kept alive by the cache, and another tensor that gets the dead one's id gets a
+    view of its own."""
+    import gc
+    import weakref
+
+    from openinfra.fs.clients import KVCache
+
+    with cluster.client() as fs:
+        kv = KVCache(client=fs, root=f"/kvfast-views-{kv_mode}")
+        keys = [f"v-{i}".encode() for i in range(3)]
+        vals = _blocks(2, 9) + [torch.randn(8, 2048, dtype=torch.float32)]  # 64 KiB as float32 too
+        kv.put_batch(keys, vals)
+        outs = [torch.zeros_like(v) for v in vals]
+        assert kv.get_into(keys, outs) == [True] * 3  # cold: locations cached
+        for _ in range(2):
+            outs = [o.zero_() for o in outs]
+            assert kv.get_into(keys, outs) == [True] * 3
+            assert all(torch.equal(o, v) for o, v in zip(outs, vals))
+        old_ptr = outs[0].data_ptr()
+        outs[0].set_(torch.zeros(65536, dtype=torch.uint8))  # new storage, same tensor object
+        keep = torch.zeros(65536, dtype=torch.uint8)
+        outs[1].resize_(0)
+        outs[1].resize_(65536)
+        outs[1].zero_()
+        assert outs[0].data_ptr() != old_ptr
+        assert kv.get_into(keys, outs) == [True] * 3
+        assert all(torch.equal(o, v) for o, v in zip(outs, vals)) and not keep.any()
+        ref = weakref.ref(outs[2])
+        del outs
+        gc.collect()
+        assert ref() is None  # not kept alive by the view cache
+        for _ in range(20):  # new tensors (some may get a dead one's id): right bytes every time
+            outs = [torch.zeros_like(v) for v in vals]
+            assert kv.get_into(keys, outs) == [True] * 3
+            assert all(torch.equal(o, v) for o, v in zip(outs, vals))
+            del outs
