@@ -7,7 +7,7 @@ Code written against FlashMLA ports by changing the import::
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -100,16 +100,16 @@ def _capturing(x: torch.Tensor) -> bool:
 
 
 def _resolve_schedule(
-    sched: object, num_splits: object, lengths: torch.Tensor, rows_per_kv: int, h_kv: int,
-    config: FlashMLASchedMeta.Config,
+    sched: object, num_splits: object, n_req: int, lengths_of: Callable[[], torch.Tensor], device: torch.device,
+    rows_per_kv: int, h_kv: int, config: FlashMLASchedMeta.Config,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    n_req = lengths.shape[0]
+    # lengths_of() builds the per-request lengths: called only when a schedule is built here
     if isinstance(sched, FlashMLASchedMeta):
         if num_splits is not None:
             raise ValueError("num_splits must be None when tile_scheduler_metadata is a FlashMLASchedMeta")
         if not sched.have_initialized:
-            parts = default_num_sm_parts(lengths.device, h_kv, rows_per_kv)
-            sched.tile_scheduler_metadata, sched.num_splits = build_schedule(lengths, parts)
+            parts = default_num_sm_parts(device, h_kv, rows_per_kv)
+            sched.tile_scheduler_metadata, sched.num_splits = build_schedule(lengths_of(), parts)
             sched.config = config
             sched.have_initialized = True
         elif sched.config != config:
@@ -119,8 +119,8 @@ def _resolve_schedule(
                              "use a new get_mla_metadata() per shape")
         return sched.tile_scheduler_metadata, sched.num_splits
     if sched is None:
-        parts = default_num_sm_parts(lengths.device, h_kv, rows_per_kv)
-        return build_schedule(lengths, parts)
+        parts = default_num_sm_parts(device, h_kv, rows_per_kv)
+        return build_schedule(lengths_of(), parts)
     if not isinstance(sched, torch.Tensor) or sched.dim() != 2 or sched.shape[1] != 8 or sched.dtype != torch.int32:
         raise ValueError("tile_scheduler_metadata must be a FlashMLASchedMeta, or the [num_sm_parts, 8] int32 "
                          f"tensor of get_mla_metadata, got {type(sched).__name__} {tuple(getattr(sched, 'shape', ()))}")
@@ -128,8 +128,8 @@ def _resolve_schedule(
             or num_splits.shape[0] != n_req + 1):
         raise ValueError(f"num_splits must be the [{n_req + 1}] int32 tensor get_mla_metadata returned with "
                          f"tile_scheduler_metadata, got {type(num_splits).__name__} {tuple(getattr(num_splits, 'shape', ()))}")
-    if sched.device != lengths.device or num_splits.device != lengths.device:
-        raise ValueError(f"tile_scheduler_metadata and num_splits must be on {lengths.device}")
+    if sched.device != device or num_splits.device != device:
+        raise ValueError(f"tile_scheduler_metadata and num_splits must be on {device}")
     return sched, num_splits
 
 
@@ -237,14 +237,20 @@ def flash_mla_with_kvcache(
     from openinfra.kernels.flash_mla.kernel import mla_attention_triton
 
     if sparse:
-        per = topk_length.clamp(0, topk) if topk_length is not None else torch.full((b,), topk, dtype=torch.int32, device=dev)
-        lengths = per.repeat_interleave(s_q).to(torch.int32)
-        rows_per_kv = h_q
+        # the top-k lengths of the b * s_q query tokens (built only where they are used: the Hopper
+        # path takes the packed counts instead, so a call with a schedule launches nothing for them)
+        def lengths_of() -> torch.Tensor:
+            per = (topk_length.clamp(0, topk) if topk_length is not None
+                   else torch.full((b,), topk, dtype=torch.int32, device=dev))
+            return per.repeat_interleave(s_q).to(torch.int32)
+        n_req, rows_per_kv = b * s_q, h_q
     else:
-        lengths = cache_seqlens
-        rows_per_kv = s_q * h_q // h_kv
+        def lengths_of() -> torch.Tensor:
+            return cache_seqlens
+        n_req, rows_per_kv = b, s_q * h_q // h_kv
     config = FlashMLASchedMeta.Config(b, s_q, h_q, page, h_kv, bool(causal), bool(is_fp8_kvcache), topk)
-    meta, splits = _resolve_schedule(tile_scheduler_metadata, num_splits, lengths, rows_per_kv, h_kv, config)
+    meta, splits = _resolve_schedule(tile_scheduler_metadata, num_splits, n_req, lengths_of, dev, rows_per_kv, h_kv,
+                                     config)
     q = _unit_last_stride(q)
     if sparse:
         indices = _unit_last_stride(indices)
@@ -257,7 +263,7 @@ def flash_mla_with_kvcache(
     out = torch.empty(b, s_q, h_q, HEAD_DIM_V, dtype=q.dtype, device=dev)
     lse = torch.empty(b, h_q, s_q, dtype=torch.float32, device=dev)
     mla_attention_triton(
-        q, k_cache, lengths, meta, splits, softmax_scale, out=out, lse=lse, block_table=block_table,
+        q, k_cache, lengths_of(), meta, splits, softmax_scale, out=out, lse=lse, block_table=block_table,
         indices=indices, n_tokens=nb * page, causal=causal, is_fp8=is_fp8_kvcache, attn_sink=attn_sink,
     )
     return out, lse
