@@ -426,11 +426,11 @@ def mla_attention_triton(
     cap = pieces
     oacc = torch.empty(cap * h_kv * rows * HEAD_DIM_V, dtype=torch.float32, device=dev)
     lacc = torch.empty(cap * h_kv * rows, dtype=torch.float32, device=dev)
-    dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
-    dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
-    bt = block_table if block_table is not None else dummy_i
-    idx = indices if indices is not None else dummy_i
-    sink = attn_sink if attn_sink is not None else dummy_f
+    # stand-ins for the absent optional tensors: never read (their constexpr flags are off), so an
+    # argument of the right dtype does, with no allocation or fill launched per call
+    bt = block_table if block_table is not None else lengths
+    idx = indices if indices is not None else lengths
+    sink = attn_sink if attn_sink is not None else lse
     mx = max_logits if max_logits is not None else lse
     kv_arg = kv.view(torch.uint8) if is_fp8 else kv
     interpret = interpreter_enabled()
@@ -470,8 +470,7 @@ def launch_combine(num_splits: torch.Tensor, out: torch.Tensor, lse: torch.Tenso
     """Merge the fp32 partials of every split request into out / lse (/ max_logits); requests
     with one split were written whole by the attention kernel. num_splits: [n_req + 1] int32
     prefix sums; oacc [slots * h_kv * rows * 512] / lacc [slots * h_kv * rows] fp32 (base-2 lse)."""
-    dev = out.device
-    sink = attn_sink if attn_sink is not None else torch.zeros(1, dtype=torch.float32, device=dev)
+    sink = attn_sink if attn_sink is not None else lse  # (never read without HAS_SINK)
     mx = max_logits if max_logits is not None else lse
     block_r = 16
     _mla_combine_kernel[(num_splits.shape[0] - 1, h_kv, ceil_div(rows, block_r))](
