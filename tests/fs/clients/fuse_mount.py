@@ -17,9 +17,11 @@ import pytest
 
 
 @contextlib.contextmanager
-def fuse_mount(cluster, *args: str, prefix: str = "openinfra-mnt-", mode: int | None = None):
+def fuse_mount(cluster, *args: str, prefix: str = "openinfra-mnt-", mode: int | None = None,
+               env: dict | None = None, log: str | None = None):
     """Yield a mount point of ``cluster``: extra mount ``args`` (``{mnt}`` in one stands for the
-    mount point), ``mode``: chmod of the mount point."""
+    mount point), ``mode``: chmod of the mount point, ``env``: extra environment of the mount
+    process, ``log``: a file for its stderr (``--debug`` output is more than a pipe holds)."""
     if not os.path.exists("/dev/fuse"):
         pytest.skip("/dev/fuse is missing: FUSE mounts are not possible on this machine")
     pytest.importorskip("pyfuse3", reason="pyfuse3 is not installed")
@@ -27,14 +29,19 @@ def fuse_mount(cluster, *args: str, prefix: str = "openinfra-mnt-", mode: int | 
     mountpoint = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     if mode is not None:
         os.chmod(mountpoint, mode)
+    errf = open(log, "wb") if log else None
     proc = subprocess.Popen([sys.executable, "-m", "openinfra.fs.clients.fuse", mountpoint, "--mgmtd", cluster.address,
                              "--attr-timeout", "0.2", *(a.format(mnt=mountpoint) for a in args)],
-                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+                            stderr=errf if errf else subprocess.PIPE)
+    if errf:
+        errf.close()  # the child has its own descriptor
     deadline = time.monotonic() + 30
     while not os.path.ismount(mountpoint):
         if proc.poll() is not None:
             os.rmdir(mountpoint)
-            pytest.skip(f"mounting is not permitted here: {proc.stderr.read().decode(errors='replace')[-500:]}")
+            err = open(log, "rb").read() if log else proc.stderr.read()
+            pytest.skip(f"mounting is not permitted here: {err.decode(errors='replace')[-500:]}")
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail("the FUSE mount did not appear within 30 s")
@@ -48,5 +55,6 @@ def fuse_mount(cluster, *args: str, prefix: str = "openinfra-mnt-", mode: int | 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-        proc.stderr.close()
+        if proc.stderr is not None:
+            proc.stderr.close()
         os.rmdir(mountpoint)

@@ -24,6 +24,12 @@ mode bits, ``default_permissions``). Semantics follow 3FS's FUSE client:
   open for writing here its size is the largest end written, buffered writes included;
 * xattrs: read-only ``user.3fs.inode`` and ``user.3fs.layout`` (chunk size, stripe, chains);
   setting xattrs is not supported (the meta service stores none);
+* set-user-ID / set-group-ID: the mount asks for ``FUSE_HANDLE_KILLPRIV_V2`` (``fuse_init``; else
+  the kernel sends a GETXATTR(security.capability) before every write) and so clears those bits
+  itself, as the kernel did: on a write or truncate by a non-root caller (the opener's uid stands
+  for the writer's CAP_FSETID, which FUSE does not pass on), on any chown of a regular file, and on
+  an open(O_TRUNC) by a non-root caller (which the kernel left undone with atomic O_TRUNC);
+  set-group-ID only where group-execute is set;
 * ``--ring-socket PATH`` makes the mount process serve ring I/O too (3FS's FUSE daemon serves
   USRBIO): ``RingServer.connect(PATH)``;
 * statfs reports 4 KiB blocks and the namespace limits; the cluster exposes no capacity figure yet,
@@ -69,6 +75,15 @@ class FuseConfig:
     ring_socket: str | None = None  # also serve ring I/O (USRBIO) on this Unix socket, as 3FS's FUSE daemon does
 
 
+def _kill_bits(mode: int) -> int:
+    """The bits of ``mode`` a write / truncate / chown clears: set-user-ID, and set-group-ID where
+    group-execute is set (without it, set-group-ID marks mandatory locking and stays)."""
+    bits = mode & _stat.S_ISUID
+    if mode & _stat.S_ISGID and mode & _stat.S_IXGRP:
+        bits |= _stat.S_ISGID
+    return bits
+
+
 def _ops_class():
     """The Operations subclass (built lazily: importing this module must not need pyfuse3)."""
     import pyfuse3
@@ -101,6 +116,7 @@ def _ops_class():
         inode: int
         append: bool = False
         dirty: bool = False  # written through this handle's session since meta last recorded the length
+        kill_priv: bool = False  # opened by a non-root user: its writes clear set-user/group-ID bits
 
     class Ops(pyfuse3.Operations):
         enable_writeback_cache = False
@@ -115,6 +131,10 @@ def _ops_class():
             self.open_fhs: dict[int, set[int]] = {}  # inode -> every open handle (read-ahead invalidation)
             self.wb = WriteBack(cfg.writeback_per_file, cfg.writeback_total)
             self._next_fh = 1
+            # FUSE_HANDLE_KILLPRIV_V2 granted (fuse_init.negotiate): this mount, not the kernel,
+            # clears set-user-ID / set-group-ID on write, truncate and chown.
+            self.killpriv = False
+            self.privileged: dict[int, int] = {}  # inode -> mode, where it has bits a write clears
 
         async def client(self, ctx=None) -> AsyncClient:
             key = (ctx.uid, ctx.gid) if ctx is not None else (0, 0)
@@ -156,6 +176,10 @@ def _ops_class():
             a.generation = 0
             a.entry_timeout, a.attr_timeout = self.cfg.entry_timeout, self.cfg.attr_timeout
             a.st_mode, a.st_nlink, a.st_uid, a.st_gid = st.mode, st.nlink, st.uid, st.gid
+            if st.mode & 0o6000 and _kill_bits(st.mode) and _stat.S_ISREG(st.mode):
+                self.privileged[st.inode] = st.mode
+            elif self.privileged:
+                self.privileged.pop(st.inode, None)
             size = st.size
             for fh in self.writing.get(st.inode, ()):  # our own unflushed/unreported writes
                 h = self.handles.get(fh)
@@ -193,6 +217,30 @@ def _ops_class():
                 h = self.handles.get(fh)
                 if h is not None:
                     h.file.drop_readahead()
+
+        async def _kill_privs(self, inode: int) -> None:
+            """Clear ``inode``'s set-user-ID bit, and set-group-ID where group-execute is set (what the
+            kernel does on a write, truncate or open(O_TRUNC) by a caller without CAP_FSETID and on
+            any chown of a non-directory; with FUSE_HANDLE_KILLPRIV_V2 it is ours to do). As the
+            mount (root): the caller need not own the file. Fresh mode from meta, not the cache.
+            Meta changes modes by path only: an inode no longer at its path (unlinked or moved by
+            another client) keeps its bits."""
+            c, path = await self.client(), self._path(inode)
+            try:
+                st = await c.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is None or st.inode != inode or not _stat.S_ISREG(st.mode):
+                self.privileged.pop(inode, None)
+                return
+            new = _stat.S_IMODE(st.mode) & ~_kill_bits(st.mode)
+            if new != _stat.S_IMODE(st.mode):
+                await c.chmod(path, new)
+                try:  # the kernel's cached mode is stale now (attributes only: no page lock taken)
+                    pyfuse3.invalidate_inode(inode, attr_only=True)
+                except OSError:
+                    pass
+            self.privileged.pop(inode, None)
 
         async def _read_storage(self, h: Handle, size: int, off: int) -> bytes:
             """Stored bytes (read-ahead for a handle reading sequentially; the fast path otherwise)."""
@@ -356,6 +404,9 @@ def _ops_class():
             if fields.update_atime or fields.update_mtime:
                 await c.utime(path, attr.st_atime_ns / 1e9 if fields.update_atime else None,
                               attr.st_mtime_ns / 1e9 if fields.update_mtime else None)
+            if self.killpriv and inode in self.privileged and not fields.update_mode and (
+                    fields.update_uid or fields.update_gid or (fields.update_size and ctx.uid != 0)):
+                await self._kill_privs(inode)  # chown: always; truncate: callers without CAP_FSETID
             return self._attrs(await self._stat(inode, ctx))
 
         @fuse_errors
@@ -474,10 +525,11 @@ def _ops_class():
 
         # --- files -----------------------------------------------------------------------------
 
-        def _new_handle(self, f: AsyncFile, flags: int = 0) -> "pyfuse3.FileInfo":
+        def _new_handle(self, f: AsyncFile, flags: int = 0, ctx=None) -> "pyfuse3.FileInfo":
             fh = self._next_fh
             self._next_fh += 1
-            self.handles[fh] = Handle(f, f.inode, append=bool(flags & os.O_APPEND))
+            self.handles[fh] = Handle(f, f.inode, append=bool(flags & os.O_APPEND),
+                                      kill_priv=ctx is not None and ctx.uid != 0)
             self.open_fhs.setdefault(f.inode, set()).add(fh)
             if f.writable:
                 self.writing.setdefault(f.inode, set()).add(fh)
@@ -495,16 +547,20 @@ def _ops_class():
                 await self._drop_dirty(inode)  # other handles' buffered writes must not come back after it
                 if f.length or self.writing.get(inode):
                     await f.truncate(0)
-            return self._new_handle(f, flags)
+                if ctx.uid != 0 and inode in self.privileged:
+                    await self._kill_privs(inode)  # as do_truncate does for callers without CAP_FSETID
+            return self._new_handle(f, flags, ctx)
 
         @fuse_errors
         async def create(self, parent_inode, name, mode, flags, ctx):
             path = self._child(parent_inode, name)
             c = await self.client(ctx)
             perm = _stat.S_IMODE(mode)
+            existed = False
             try:
                 f = await c.open(path, "xb", perm=perm)
             except FileExistsError:
+                existed = True
                 if flags & os.O_EXCL:
                     raise
                 if flags & os.O_TRUNC:
@@ -513,8 +569,12 @@ def _ops_class():
                 if flags & os.O_TRUNC:
                     self._drop_readahead(f.inode)
             self.paths[f.inode] = path
-            fi = self._new_handle(f, flags)
-            return fi, self._attrs(FileStat.from_inode(f.node))
+            st = FileStat.from_inode(f.node)
+            if existed and flags & os.O_TRUNC and ctx.uid != 0 and _kill_bits(st.mode):
+                await self._kill_privs(f.inode)  # an existing file truncated: as open(O_TRUNC)
+                st = await self._stat(f.inode)
+            fi = self._new_handle(f, flags, ctx)
+            return fi, self._attrs(st)
 
         @fuse_errors
         async def read(self, fh, off, size):
@@ -546,6 +606,8 @@ def _ops_class():
         @fuse_errors
         async def write(self, fh, off, buf):
             h = self.handles[fh]
+            if self.privileged and h.kill_priv and self.killpriv and h.inode in self.privileged:
+                await self._kill_privs(h.inode)  # the kernel left it to us (FUSE_HANDLE_KILLPRIV_V2)
             self._drop_readahead(h.inode)
             if not self.wb.enabled:  # write-through
                 if h.append:
@@ -676,6 +738,9 @@ def mount(mountpoint: str, mgmtd: str | list[str] | None = None, cfg: FuseConfig
 
             ring = asyncio.ensure_future(serve(addrs, cfg.ring_socket))
         pyfuse3.init(ops, mountpoint, options)
+        from openinfra.fs.clients.fuse_init import negotiate
+
+        ops.killpriv = negotiate()  # no GETXATTR(security.capability) per write; see fuse_init
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, pyfuse3.terminate)
