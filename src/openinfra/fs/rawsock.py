@@ -17,7 +17,7 @@ import asyncio
 import os
 import socket
 
-__all__ = ["recv_into", "dup_socket", "IOV_MAX"]
+__all__ = ["recv_into", "consume", "dup_socket", "IOV_MAX"]
 
 # Buffers per recvmsg_into call (Linux's UIO_MAXIOV).
 IOV_MAX = 1024
@@ -45,3 +45,18 @@ def recv_into(sock: socket.socket, segs: list[memoryview]) -> int:
     if n == 0:
         raise ConnectionResetError("connection closed in the middle of a reply")
     return n
+
+
+def consume(segs: list[memoryview], nbytes: int) -> None:
+    """Drop the first ``nbytes`` (received) bytes of ``segs`` in place: filled segments leave the
+    list, a partly filled one is cut to what it still expects."""
+    i = 0
+    while nbytes:
+        head = segs[i]
+        if nbytes < head.nbytes:
+            segs[i] = head[nbytes:]
+            break
+        nbytes -= head.nbytes
+        i += 1
+    if i:
+        del segs[:i]

@@ -30,7 +30,7 @@ from typing import Any, Awaitable, Callable
 import msgpack
 
 from openinfra.fs.errors import Code, FsError, RpcError, make_error
-from openinfra.fs.rawsock import dup_socket, recv_into
+from openinfra.fs.rawsock import consume, dup_socket, recv_into
 
 __all__ = [
     "RpcServer", "RpcClient", "SLOW", "BlobRef", "BlobPieces", "Placed", "DEFAULT_MAX_FRAME", "pack_frame", "parse_address", "format_address", "run_loop",
@@ -605,18 +605,8 @@ class _ClientProtocol(asyncio.BufferedProtocol):
 
     def _filled(self, nbytes: int) -> None:
         """``nbytes`` were received into the front of ``fill`` (across segments)."""
-        fill = self.fill
         self.fill_left -= nbytes
-        i = 0
-        while nbytes:
-            head = fill[i]
-            if nbytes < head.nbytes:
-                fill[i] = head[nbytes:]
-                break
-            nbytes -= head.nbytes
-            i += 1
-        if i:
-            del fill[:i]
+        consume(self.fill, nbytes)
         if self.fill_left == 0:
             self.fill, self.fill_guard = [], None
             cb, self.on_filled = self.on_filled, None

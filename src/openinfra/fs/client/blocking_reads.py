@@ -28,7 +28,7 @@ import time
 import msgpack
 
 from openinfra.fs.errors import Code, make_error
-from openinfra.fs.rawsock import IOV_MAX
+from openinfra.fs.rawsock import IOV_MAX, consume
 from openinfra.fs.rpc import _BLOB_EXT, _BLOB_MARK, _REPLY, _REQUEST, _encode, parse_address
 
 __all__ = ["BlockingReads"]
@@ -144,16 +144,7 @@ class BlockingReads:
             if not got:
                 raise _Broken("connection closed in the middle of a reply")
             n -= got
-            i = 0
-            while got:
-                head = segs[i]
-                if got < head.nbytes:
-                    segs[i] = head[got:]
-                    break
-                got -= head.nbytes
-                i += 1
-            if i:
-                del segs[:i]
+            consume(segs, got)
 
     def _reply(self, s: socket.socket, rid: int, deadline: float):
         """The next reply on ``s`` up to its blob: ``(code, payload, blob sizes, blob bytes
