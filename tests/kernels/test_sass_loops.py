@@ -69,3 +69,22 @@ def test_gluon_mla_decode_compiles_for_sm90_without_spills():
     assert " 0 B spill stores" in out and "wgmma.wait_group {'0': 3}" in out and "C7514" not in out, out
     shared_kb = float(out.split(" KB shared")[0].rsplit(", ", 1)[1])
     assert shared_kb <= 227, out
+
+
+def test_gluon_mla_sparse_compiles_for_sm90_without_spills():
+    """The fused sparse decode kernel (the dense kernel's math partitions, a 4-warp gathering
+    producer) with its default register split (168 / 120, leaving the softmax partition 216)
+    compiles for sm_90a without spills for both cache formats, within 227 KB of shared memory,
+    with the math partitions' wgmma waits as in the dense kernel and nothing serialized."""
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")):
+        pytest.skip("Triton's bundled nvdisasm is missing; cannot disassemble sm_90a here")
+    from openinfra.kernels.flash_mla.gluon_sparse import SparseKernelConfig
+
+    cfg = SparseKernelConfig()
+    spec = f"{cfg.pv_regs},{cfg.producer_regs},{cfg.prefetch},{cfg.l2_ahead}"
+    for extra in ((), ("--bf16", )):
+        out = _run("gluon-mla-sparse", spec, *extra)
+        assert " 0 B spill stores" in out and "wgmma.wait_group {'0': 3}" in out and "C7514" not in out, out
+        assert float(out.split(" KB shared")[0].rsplit(", ", 1)[1]) <= 227, out
