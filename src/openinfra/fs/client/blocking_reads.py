@@ -116,11 +116,12 @@ class BlockingReads:
             except (BlockingIOError, InterruptedError):
                 self._wait(s, deadline, select.POLLOUT)
 
-    def _recv_some(self, s: socket.socket, buf: memoryview, deadline: float) -> int:
-        """What ``s`` holds now into ``buf`` (at least one byte; waits for it)."""
+    def _receive(self, s: socket.socket, recv, deadline: float) -> int:
+        """``recv()`` (a receive call on ``s``) once something is there: at least one byte, waited
+        for up to the deadline; a reset or the end of the stream breaks the socket."""
         while True:
             try:
-                got = s.recv_into(buf)
+                got = recv()
             except (BlockingIOError, InterruptedError):
                 self._wait(s, deadline)
                 continue
@@ -130,19 +131,15 @@ class BlockingReads:
                 raise _Broken("connection closed in the middle of a reply")
             return got
 
+    def _recv_some(self, s: socket.socket, buf: memoryview, deadline: float) -> int:
+        """What ``s`` holds now into ``buf`` (at least one byte; waits for it)."""
+        return self._receive(s, lambda: s.recv_into(buf), deadline)
+
     def _recv_into(self, s: socket.socket, segs: list[memoryview], n: int, deadline: float) -> None:
         """Exactly ``n`` bytes into ``segs`` (which hold exactly ``n``, none empty)."""
         segs = list(segs)
         while n:
-            try:
-                got = s.recvmsg_into(segs[:IOV_MAX])[0]
-            except (BlockingIOError, InterruptedError):
-                self._wait(s, deadline)
-                continue
-            except OSError as exc:
-                raise _Broken(str(exc) or type(exc).__name__) from None
-            if not got:
-                raise _Broken("connection closed in the middle of a reply")
+            got = self._receive(s, lambda: s.recvmsg_into(segs[:IOV_MAX])[0], deadline)
             n -= got
             consume(segs, got)
 
