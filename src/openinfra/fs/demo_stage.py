@@ -26,6 +26,15 @@ def stop_stage(ctx) -> None:
         LocalCluster.attach(root).stop()
 
 
+def _stop_at_exit(cluster) -> None:
+    """The exit hook: this process's clients first (their connections closed while the servers
+    still answer), then the cluster."""
+    from openinfra.fs.client.native import abandon_live_clients
+
+    abandon_live_clients()
+    cluster.stop()
+
+
 def run_stage(ctx) -> dict[str, object]:
     from openinfra.fs.cluster import ClusterSpec, LocalCluster
 
@@ -45,7 +54,7 @@ def run_stage(ctx) -> dict[str, object]:
                            heartbeat_s=0.5, failure_timeout_s=4.0, lease_s=2.0)
         cluster = LocalCluster.start(spec, timeout=120)
         if os.environ.get("OPENINFRA_KEEP_CLUSTER", "0") in ("", "0"):
-            atexit.register(cluster.stop)
+            atexit.register(_stop_at_exit, cluster)
     started = time.perf_counter() - t0
     ctx.log(f"cluster up in {started:.1f} s: mgmtd {cluster.address}")
     # A quick read-after-write check through the native client, and its speed.

@@ -57,6 +57,14 @@ def run_stage(ctx) -> dict[str, object]:
     train = ctx.results.get("train", {})
     checkpoint = train.get("checkpoint_local")
     store, store_name = _prefix_store(ctx)
+    try:
+        return _serve(ctx, checkpoint, store, store_name)
+    finally:
+        if store is not None:
+            store.close()  # its 3FS client: connections closed before the cluster stage's cluster stops
+
+
+def _serve(ctx, checkpoint: str | None, store, store_name: str) -> dict[str, object]:
     engine = build_engine("tiny", checkpoint, num_blocks=48, page_size=16, max_batch=8, block_store=store)
     tok = ByteTokenizer()
     if engine.cfg.vocab_size < tok.vocab_size:

@@ -305,7 +305,8 @@ class DisaggregatedServer:
         self.stats.worker_restarts += 1
 
     def stop(self) -> None:
-        """Stop the worker and the dispatcher; requests not yet decoded fail with 'server stopped'."""
+        """Stop the worker and the dispatcher; requests not yet decoded fail with 'server stopped'.
+        The block store this server opened is closed: a stopped server is not started again."""
         with self._lock:
             worker, self.worker = self.worker, None
             self.worker_error = "server stopped"
@@ -318,6 +319,9 @@ class DisaggregatedServer:
         with self._lock:
             for req in list(self._pending.values()):
                 self._fail(req, "server stopped before the request was prefilled")
+        close = getattr(self.engine.block_store, "close", None)  # (a "dir" store holds nothing open)
+        if close is not None:
+            close()
 
     def __enter__(self) -> "DisaggregatedServer":
         return self.start()

@@ -638,17 +638,22 @@ class AsyncFile:
         await self.close()
 
 
-# Sync clients whose loop thread still runs. At interpreter exit their loops are stopped first
-# (atexit runs before finalization): a daemon loop thread left running would wake up during
-# finalization (a read-ahead fetch finishing, a server closing its connection) and run Python
-# code on a half-torn-down interpreter, which can crash the process on its way out.
+# Sync clients whose loop thread still runs. At interpreter exit their connections are closed and
+# their loops stopped first (atexit runs before finalization): a daemon loop thread left running
+# would wake up during finalization (a read-ahead fetch finishing, a server closing its
+# connection) and run Python code on a half-torn-down interpreter, and a connection left open on a
+# closed loop leaves a libuv handle for finalization to free; either can crash the process on its
+# way out.
 _LIVE_CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()
 
 
 @atexit.register
-def _stop_live_clients() -> None:
+def abandon_live_clients() -> None:
+    """Close every sync client still open in this process without a word to the servers (see
+    :meth:`Client._abandon`): the exit hook; also for a program's own exit hook that must run
+    before its servers stop."""
     for client in list(_LIVE_CLIENTS):
-        client._stop_loop()
+        client._abandon()
 
 
 class Client:
@@ -690,6 +695,26 @@ class Client:
             if tasks:
                 self._loop.run_until_complete(asyncio.wait(tasks, timeout=2))
             self._loop.close()
+
+    def _abandon(self, timeout_s: float = 2.0) -> None:
+        """Close without talking to anyone (the interpreter is exiting, servers may be gone):
+        cancel the report task and close the connections on the loop, give the loop a few turns
+        to finish closing their handles, then stop it. Open write sessions are left to meta's
+        session timeout, as for a client that was killed."""
+
+        async def drop_connections():
+            if self.aio._reporter:
+                self.aio._reporter.cancel()
+            await self.aio.rpc.close()
+            for _ in range(3):  # uv_close callbacks run on the loop's next turns
+                await asyncio.sleep(0)
+
+        if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(drop_connections(), self._loop).result(timeout_s)
+            except Exception:  # noqa: BLE001 - exiting anyway: the loop is stopped below either way
+                pass
+        self._stop_loop()
 
     def close(self) -> None:
         if self._thread.is_alive():

@@ -633,3 +633,13 @@ class KVCacheBlockStore:
 
     def exists(self, key: bytes) -> bool:
         return self.cache.exists(key)
+
+    def close(self) -> None:
+        """Close the cache (its client, when the cache made it)."""
+        self.cache.close()
+
+    def __enter__(self) -> "KVCacheBlockStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
