@@ -163,3 +163,26 @@ def test_update_bias_errors():
     soft = Gate(get_config("tiny", score_func="softmax"))
     with pytest.raises(ValueError, match="selection bias"):
         soft.update_bias()
+
+
+def test_grouped_linear_contiguous_gradients_with_an_empty_expert():
+    """The CPU grouped product (one split of x, one unbind of w) against a loop over experts,
+    forward and both gradients, with expert 1 receiving no rows and padded blocks."""
+    from openinfra.model.grouped import grouped_linear_contiguous
+
+    g = torch.Generator().manual_seed(3)
+    idx = torch.tensor([[0, 2], [2, 3], [0, 3], [3, 0], [2, 0]])
+    lay = contiguous_layout(idx, 4, alignment=4)
+    assert lay.counts.tolist()[1] == 0
+    x = torch.randn(lay.offsets[-1], 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 8, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    grouped_linear_contiguous(x, w, lay).square().sum().backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    want = torch.cat([x[a:b] @ w[e].t() for e, (a, b) in enumerate(zip(lay.offsets[:-1], lay.offsets[1:]))])
+    want.square().sum().backward()
+    torch.testing.assert_close(gx, x.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-12, atol=1e-12)
+    assert gw[1].abs().max() == 0  # the empty expert gets a zero gradient, not garbage
+    with pytest.raises(ValueError, match="rows"):
+        grouped_linear_contiguous(x[:-1], w, lay)
