@@ -264,7 +264,8 @@ class MoEStage(nn.Module):
         with self._span("experts"), torch.set_grad_enabled(st.train):
             x = recv_x if not self.segmented else recv_x.requires_grad_()
             xs = x[st.local_perm].split(st.local_counts)
-            ys = [F.gelu(xe @ layer.w1[e]) @ layer.w2[e] for e, xe in enumerate(xs)]
+            # unbind, not w1[e] per expert: each index's backward would zero-fill a whole-tensor gradient
+            ys = [F.gelu(xe @ w1) @ w2 for xe, w1, w2 in zip(xs, layer.w1.unbind(0), layer.w2.unbind(0))]
             y_sorted = torch.cat(ys) if ys else x[:0]
             y = torch.empty_like(y_sorted).index_copy(0, st.local_perm, y_sorted)
         st.recv_x, st.y_exp = x, y
