@@ -69,8 +69,8 @@ def test_cli_start_status_put_get_admin_stop(tmp_path):
             assert {"ts", "level", "service", "msg"} <= rec.keys()
     finally:
         _cli("stop", "--data-dir", d)
-    st = json.loads(_cli("status", "--data-dir", d, "--json", check=False).stdout or "{}")
-    assert not any(p["running"] for p in st.get("processes", {}).values())
+    st = json.loads(_cli("status", "--data-dir", d, "--json").stdout)  # exit status 0, JSON on stdout
+    assert st["processes"] and not any(p["running"] for p in st["processes"].values()), st["processes"]
     nope = _cli("status", "--data-dir", str(tmp_path / "none"), check=False)
     assert nope.returncode == 2 and "no cluster" in nope.stderr
 

@@ -164,8 +164,13 @@ def test_fast_get_into_survives_a_storage_node_killed_mid_batch(cluster, kv_mode
         t = threading.Thread(target=reader)
         t.start()
         try:
-            time.sleep(0.3)
+            deadline = time.monotonic() + 60.0  # at least one whole batch before the kill
+            while rounds[0] < 1 and not errors and t.is_alive():
+                assert time.monotonic() < deadline, "no get_into batch finished within 60 s before the kill"
+                time.sleep(0.01)
+            assert not errors, errors
             before = rounds[0]
+            assert before >= 1, "the reader stopped before finishing a batch"
             cluster.kill("storage-2")
             time.sleep(4.0)  # past the failure timeout: routing drops the node
             after_kill = rounds[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 
 import msgpack
 import pytest
@@ -35,26 +36,29 @@ async def _server(max_frame: int = 4 << 20) -> RpcServer:
     return server
 
 
-def _raw_exchange(address: str, data: bytes) -> list:
-    """Send raw bytes on a fresh socket and read replies until the server stops sending."""
+def _raw_exchange(address: str, data: bytes, frames: int, timeout_s: float = 20.0) -> list:
+    """Send raw bytes on a fresh socket and read reply frames until ``frames`` of them arrived (a
+    slow reply under load is waited for, up to ``timeout_s`` in all); fails clearly otherwise."""
     host, port = parse_address(address)
-    replies = []
-    with socket.create_connection((host, port), timeout=2) as s:
+    replies: list = []
+    deadline = time.monotonic() + timeout_s
+    buf = b""
+    with socket.create_connection((host, port), timeout=timeout_s) as s:
         s.sendall(data)
-        s.settimeout(0.5)
-        buf = b""
-        try:
-            while True:
+        while len(replies) < frames:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{len(replies)} of {frames} reply frames within {timeout_s:g} s: {replies}"
+            s.settimeout(left)
+            try:
                 chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        except socket.timeout:
-            pass
-    while len(buf) >= 4:
-        (n,) = struct.unpack(">I", buf[:4])
-        replies.append(msgpack.unpackb(buf[4:4 + n], raw=False))
-        buf = buf[4 + n:]
+            except socket.timeout:
+                continue  # the assertion above reports it
+            assert chunk, f"the server closed the connection after {len(replies)} of {frames} reply frames: {replies}"
+            buf += chunk
+            while len(buf) >= 4 and len(buf) >= 4 + struct.unpack(">I", buf[:4])[0]:
+                (n,) = struct.unpack(">I", buf[:4])
+                replies.append(msgpack.unpackb(buf[4:4 + n], raw=False))
+                buf = buf[4 + n:]
     return replies
 
 
@@ -125,14 +129,14 @@ def test_malformed_and_oversized_frames_get_error_replies():
             garbage = b"\xc1\xc1\xc1"
             good = pack_frame([0, 7, "echo", 5.0, {"value": "ok"}])
             replies = await loop.run_in_executor(None, _raw_exchange, server.address,
-                                                 struct.pack(">I", len(garbage)) + garbage + good)
+                                                 struct.pack(">I", len(garbage)) + garbage + good, 2)
             assert replies[0][2] == Code.RPC_MALFORMED
             assert replies[1] == [1, 7, None, "ok"]
             # Wrong shape: a map instead of the request array.
-            replies = await loop.run_in_executor(None, _raw_exchange, server.address, pack_frame({"id": 1}))
+            replies = await loop.run_in_executor(None, _raw_exchange, server.address, pack_frame({"id": 1}), 1)
             assert replies[0][2] == Code.RPC_MALFORMED
             # Over the limit: error reply, that connection closes, the server keeps serving.
-            replies = await loop.run_in_executor(None, _raw_exchange, server.address, struct.pack(">I", 10**9))
+            replies = await loop.run_in_executor(None, _raw_exchange, server.address, struct.pack(">I", 10**9), 1)
             assert replies[0][2] == Code.RPC_TOO_LARGE
             client = RpcClient()
             with pytest.raises(RpcError) as ei:
@@ -181,7 +185,7 @@ def test_large_binary_travels_outside_msgpack():
             assert frame[4:5] == b"\xc1" and len(frame) > len(big)
             for body in (b"\xc1\x00", b"\xc1\x00\x00\x00\x09abc", b"\xc1\x00\x00\x00\x01\xc0junk"):
                 replies = await loop.run_in_executor(None, _raw_exchange, server.address,
-                                                     struct.pack(">I", len(body)) + body)
+                                                     struct.pack(">I", len(body)) + body, 1)
                 assert replies[0][2] == Code.RPC_MALFORMED, body
             assert await client.call(server.address, "echo", {"value": 1}) == 1
         finally:

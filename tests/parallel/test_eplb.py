@@ -95,8 +95,7 @@ def _check_invariants(w, phy2log, log2phy, logcnt, replicas, groups, nodes, gpus
     assert bool((log2phy[~valid] == -1).all())
     slots = log2phy.clamp(min=0)
     assert bool((phy2log.gather(1, slots.view(layers, -1)).view_as(slots)[valid] == torch.arange(experts).view(1, -1, 1).expand_as(slots)[valid]).all())
-    assert bool((log2phy[valid].view(-1).bincount(minlength=replicas)[:replicas] >= 0).all())
-    for layer in range(layers):
+    for layer in range(layers):  # every physical slot holds exactly one logical expert, once
         assert sorted(log2phy[layer][valid[layer]].tolist()) == list(range(replicas))
     if choose_policy(groups, nodes) == "hierarchical":
         # Every replica sits on the node its group was assigned to; each node holds whole groups.
@@ -130,7 +129,7 @@ def _zipf(layers, experts, seed, s=1.0):
 
 
 def test_default_solver_is_never_worse_than_faithful():
-    cases = [(README, _lognormal(32, 12, 1)), (README, torch.randint(0, 5, (32, 12)).double()),
+    cases = [(README, _lognormal(32, 12, 1)), (README, torch.randint(0, 5, (32, 12), generator=torch.Generator().manual_seed(7)).double()),
              ((64, 80, 8, 2, 16), _zipf(16, 64, 2)), ((48, 64, 4, 2, 8), _lognormal(16, 48, 3, sigma=2.0)),
              ((60, 72, 5, 2, 8), _lognormal(16, 60, 4)), (PREFILL, _lognormal(4, 256, 5)), (DECODE, _lognormal(4, 256, 6))]
     gains = []

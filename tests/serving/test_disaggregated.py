@@ -190,7 +190,15 @@ def test_http_reports_a_dead_prefill_worker(tmp_path):
             try:
                 with concurrent.futures.ThreadPoolExecutor(1) as pool:
                     pending = pool.submit(_post, http.url, {"prompt": [1, 2, 3], "max_tokens": 3})
-                    time.sleep(0.5)  # the request is at the frozen worker
+                    # Kill only once the request is queued for the frozen worker (in the server's
+                    # pending set: later it would be answered 503, not 500) and the HTTP loop has
+                    # taken its waiter from the inbox (a failure reported before that finds no waiter).
+                    # Queue.unfinished_tasks counts every put: the loop never calls task_done().
+                    inbox, deadline = http.loop.inbox, time.monotonic() + 30.0
+                    while not (srv._pending and inbox.unfinished_tasks >= 1 and inbox.empty()):
+                        assert not pending.done(), f"the request was answered before the kill: {pending.result()}"
+                        assert time.monotonic() < deadline, "the request did not reach the frozen worker within 30 s"
+                        time.sleep(0.01)
                     assert not pending.done()
                     os.kill(pid, signal.SIGKILL)
                     status, body = pending.result(timeout=30)

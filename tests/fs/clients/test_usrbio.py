@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
@@ -66,9 +67,11 @@ def test_writes_then_read_back(server, shm, fs_client, workdir):
             j = (i * 37) % 64
             ior.prepare(iov[j * 8192:(j + 1) * 8192], False, fd, j * 8192, userdata=j)
         ior.submit()
-        got = []
+        got, deadline = [], time.monotonic() + 120
         while len(got) < 64:
-            got += ior.wait(min_results=1, timeout=60)
+            left = deadline - time.monotonic()
+            assert left > 0, f"{len(got)} of 64 writes completed within 120 s: {sorted(r.userdata for r in got)}"
+            got += ior.wait(min_results=1, timeout=left)
         assert sorted(r.userdata for r in got) == list(range(64)) and all(r.result == 8192 for r in got)
     deregister_fd(server, fd)  # the length is exact after close
     assert fs_client.stat(f"{workdir}/w").size == len(payload)
