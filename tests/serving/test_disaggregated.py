@@ -191,11 +191,10 @@ def test_http_reports_a_dead_prefill_worker(tmp_path):
                 with concurrent.futures.ThreadPoolExecutor(1) as pool:
                     pending = pool.submit(_post, http.url, {"prompt": [1, 2, 3], "max_tokens": 3})
                     # Kill only once the request is queued for the frozen worker (in the server's
-                    # pending set: later it would be answered 503, not 500) and the HTTP loop has
-                    # taken its waiter from the inbox (a failure reported before that finds no waiter).
-                    # Queue.unfinished_tasks counts every put: the loop never calls task_done().
-                    inbox, deadline = http.loop.inbox, time.monotonic() + 30.0
-                    while not (srv._pending and inbox.unfinished_tasks >= 1 and inbox.empty()):
+                    # pending set: later it would be answered 503, not 500) with its HTTP waiter
+                    # registered (the loop registers it under the lock it submits under).
+                    deadline = time.monotonic() + 30.0
+                    while not (srv._pending and http.loop.waiters):
                         assert not pending.done(), f"the request was answered before the kill: {pending.result()}"
                         assert time.monotonic() < deadline, "the request did not reach the frozen worker within 30 s"
                         time.sleep(0.01)

@@ -25,12 +25,18 @@ _MAX_BODY = 1 << 20
 
 
 class _EngineLoop(threading.Thread):
-    """Owns the engine: takes submissions from a queue, steps, and hands tokens to waiters."""
+    """Owns the engine: steps it, and hands each request's tokens to its waiter (a queue).
+
+    A request's waiter is registered under the same lock as its submission, and the loop steps
+    and delivers under that lock too: whatever the engine emits or reports failed for a request
+    always finds its waiter (a request registered after its submission could emit its first
+    token, or fail, in between and lose it; a one-token request would then never be answered)."""
 
     def __init__(self, engine: Engine):
         super().__init__(daemon=True, name="engine-loop")
         self.engine = engine
-        self.inbox: queue.Queue = queue.Queue()
+        self.waiters: dict[str, queue.Queue] = {}
+        self.wakeup = threading.Event()
         self.stopping = threading.Event()
         self.lock = threading.Lock()
 
@@ -38,19 +44,18 @@ class _EngineLoop(threading.Thread):
         out: queue.Queue = queue.Queue()
         with self.lock:  # validation errors surface in the HTTP thread
             req = self.engine.submit(prompt, max_tokens, temperature, stop)
-        self.inbox.put((req, out))
+            self.waiters[req.id] = out
+        self.wakeup.set()
         return req, out
 
     def run(self) -> None:
-        waiters: dict[str, queue.Queue] = {}
+        waiters = self.waiters
         while not self.stopping.is_set():
-            try:
-                while True:
-                    req, out = self.inbox.get(timeout=0.01 if not waiters else 0.0)
-                    waiters[req.id] = out
-            except queue.Empty:
-                pass
-            if not self.engine.has_work():
+            with self.lock:
+                busy = self.engine.has_work()
+            if not busy:
+                self.wakeup.wait(0.01)  # a submission wakes the loop at once; the timeout sees stop()
+                self.wakeup.clear()
                 continue
             with self.lock:
                 try:
@@ -60,18 +65,18 @@ class _EngineLoop(threading.Thread):
                         w.put(("error", str(exc)))
                     waiters.clear()
                     continue
-            # A disaggregated front also reports requests that failed before decoding (prefill errors).
-            for req in getattr(self.engine, "pop_failed", list)():
-                w = waiters.pop(req.id, None)
-                if w is not None:
-                    w.put(("error", req.error or "request failed"))
-            for req, token in emitted:
-                w = waiters.get(req.id)
-                if w is not None:
-                    w.put(("token", token))
-                    if req.finished:
-                        w.put(("done", req))
-                        del waiters[req.id]
+                # A disaggregated front also reports requests that failed before decoding (prefill errors).
+                for req in getattr(self.engine, "pop_failed", list)():
+                    w = waiters.pop(req.id, None)
+                    if w is not None:
+                        w.put(("error", req.error or "request failed"))
+                for req, token in emitted:
+                    w = waiters.get(req.id)
+                    if w is not None:
+                        w.put(("token", token))
+                        if req.finished:
+                            w.put(("done", req))
+                            del waiters[req.id]
 
 
 class CompletionServer:
