@@ -12,9 +12,24 @@ pytestmark = pytest.mark.unit
 
 
 def test_cpu_time_is_a_median_of_real_runs():
+    """``cpu_time_s`` times each run with the wall clock (perf_counter), so runs that sleep known,
+    different lengths have known times: the result is the middle one, not the min, max or mean, and
+    the warm-up runs are not timed. A sleep never ends early, and the median only exceeds the band
+    if one of the three short runs oversleeps by more than 0.145 s."""
+    import time
+
+    # two untimed warm-ups (0 s), then five timed runs: sorted 0.005, 0.01, 0.05, 0.55, 0.6
+    lengths = [0.0, 0.0, 0.6, 0.005, 0.05, 0.55, 0.01]
     calls = []
-    t = cpu_time_s(lambda: calls.append(sum(range(20000))), repeat=5, warmup=2)
-    assert len(calls) == 7 and t > 0
+
+    def run():
+        time.sleep(lengths[len(calls)])
+        calls.append(1)
+
+    t = cpu_time_s(run, repeat=5, warmup=2)
+    assert len(calls) == 7
+    # median 0.05; min 0.005, max 0.6, mean 0.243, median of the first five runs 0.005: all outside
+    assert 0.045 <= t < 0.2, t
 
 
 def test_table_aligns_all_keys():

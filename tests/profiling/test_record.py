@@ -52,8 +52,26 @@ def test_cli_summary_timeline_merge(tmp_path, capsys):
     png = tmp_path / "out" / "t.png"
     assert main(["profile", "timeline", str(p), "--png", str(png), "--title", "test"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
-    assert main(["profile", "merge", str(p), "--out", str(tmp_path / "m.json")]) == 0
+    # merge: per-rank files (each its own pid) become one trace with pid = rank, named "rank N",
+    # holding every input's events with times aligned to the earliest start and lanes kept apart
+    r0 = write_chrome_trace([ev("F", 1000, 100, 7), ev("dispatch", 1050, 100, 7, 2)], tmp_path / "r0.json",
+                            ranks={7: 0})
+    r1 = write_chrome_trace([ev("B", 1200, 50, 9), ev("W", 1320, 30, 9, 2)], tmp_path / "r1.json", ranks={9: 1})
+    merged = tmp_path / "m.json"
+    assert main(["profile", "merge", str(r0), str(r1), "--out", str(merged)]) == 0
     capsys.readouterr()
+    events = json.loads(merged.read_text())["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "process_name"}
+    assert names == {0: "rank 0", 1: "rank 1"}
+    xs = [e for e in events if e.get("ph") == "X"]
+    assert sorted((e["pid"], e["name"], e["ts"], e["dur"]) for e in xs) == [
+        (0, "openinfra:F", 0, 100), (0, "openinfra:dispatch", 50, 100),
+        (1, "openinfra:B", 200, 50), (1, "openinfra:W", 320, 30)]
+    tid = {e["name"]: e["tid"] for e in xs}  # B and W: both compute, on two threads of rank 1
+    assert tid["openinfra:B"] != tid["openinfra:W"], "two threads of rank 1 were folded into one lane"
+    back = load_trace(merged)  # and it reads back as the same ranks and intervals
+    assert {r: [(iv.phase, iv.start_us, iv.end_us) for iv in ivs] for r, ivs in back.intervals.items()} == {
+        0: [("F", 0, 100), ("dispatch", 50, 150)], 1: [("B", 200, 250), ("W", 320, 350)]}
     assert main(["profile", "summary", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err
