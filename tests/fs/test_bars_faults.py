@@ -31,13 +31,15 @@ def test_bar2_sigkill_middle_target_mid_write(make_cluster):
         r0 = cluster.routing()
         middle = r0.chain(chain_id)["targets"][1]
         middle_name = storage_node_name(cluster, middle["node"])
+        # 128 x 1 MiB: the kill lands after 4 acks, with about two seconds of writes still to go
+        nblocks = 128
         acked: list[int] = []
         errors: list[BaseException] = []
         f = fs.open("/stream", "wb")
 
         def writer():
             try:
-                for i in range(24):
+                for i in range(nblocks):
                     f.pwrite(_block(i), i * MiB)
                     acked.append(i)
             except BaseException as exc:  # reported below
@@ -45,9 +47,13 @@ def test_bar2_sigkill_middle_target_mid_write(make_cluster):
 
         t = threading.Thread(target=writer)
         t.start()
-        while len(acked) < 4 and t.is_alive():
+        deadline = time.monotonic() + 60
+        while len(acked) < 4 and t.is_alive() and time.monotonic() < deadline:
             time.sleep(0.01)
         cluster.kill(middle_name)                          # SIGKILL mid-stream
+        acked_at_kill = len(acked)                         # read once the process is gone
+        assert 4 <= acked_at_kill < nblocks, (
+            f"{acked_at_kill} of {nblocks} writes acknowledged when the kill landed: not mid-write ({errors})")
         r1 = cluster.wait_for(lambda r: any(x["id"] == middle["id"] and x["state"] == TargetState.OFFLINE
                                             for x in r.chain(chain_id)["targets"]), 30, "middle target offline")
         assert r1.chain(chain_id)["version"] > r0.chain(chain_id)["version"]
@@ -59,7 +65,7 @@ def test_bar2_sigkill_middle_target_mid_write(make_cluster):
         f.close()
         cluster.restart(middle_name)
         cluster.wait_healthy(60)
-        assert acked == list(range(24))
+        assert acked == list(range(nblocks))
         data = fs.read_bytes("/stream")
         for i in acked:
             assert data[i * MiB:(i + 1) * MiB] == _block(i), f"acknowledged block {i} lost"

@@ -334,8 +334,9 @@ def test_replica_killed_mid_inplace_updates_is_resynced(make_cluster):
         middle = r0.chain(chain_id)["targets"][1]
         middle_name = storage_node_name(cluster, middle["node"])
         rng = random.Random(12)
+        # 600 updates: the kill lands after 20 acks, with seconds of updates still to go
         updates = [(rng.randrange(0, size - 5000), rng.randbytes(rng.choice([1, 512, 4096, 5000])))
-                   for _ in range(120)]
+                   for _ in range(600)]
         acked: list[int] = []
         errors: list[BaseException] = []
         f = fs.open("/inplace", "r+b")
@@ -354,6 +355,9 @@ def test_replica_killed_mid_inplace_updates_is_resynced(make_cluster):
         while len(acked) < 20 and t.is_alive() and time.monotonic() < deadline:
             time.sleep(0.01)
         cluster.kill(middle_name)
+        acked_at_kill = len(acked)                         # read once the process is gone
+        assert 20 <= acked_at_kill < len(updates), (
+            f"{acked_at_kill} of {len(updates)} updates acknowledged when the kill landed: not mid-write ({errors})")
         cluster.wait_for(lambda r: any(x["id"] == middle["id"] and x["state"] == TargetState.OFFLINE
                                        for x in r.chain(chain_id)["targets"]), 30, "middle target offline")
         t.join(120)

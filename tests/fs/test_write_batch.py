@@ -281,9 +281,10 @@ def test_replica_killed_mid_batch_then_resynced(make_cluster):
         fs.write_bytes("/kill", bytes(want))
         chain_id = fs.stat("/kill").layout["chains"][0]
         middle = cluster.routing().chain(chain_id)["targets"][1]
+        # 200 batches: the kill lands after 8 acks, with seconds of batches still to go
         batches = [{idx: [(4096 * rng.randrange(256), rng.randbytes(4096)),
                           (rng.randrange(cs - 700), rng.randbytes(rng.choice([1, 300, 700])))]
-                    for idx in rng.sample(range(nchunks), 10)} for _ in range(60)]
+                    for idx in rng.sample(range(nchunks), 10)} for _ in range(200)]
         acked: list[int] = []
         errors: list[BaseException] = []
         f = fs.open("/kill", "r+b")
@@ -305,6 +306,9 @@ def test_replica_killed_mid_batch_then_resynced(make_cluster):
         while len(acked) < 8 and t.is_alive() and time.monotonic() < deadline:
             time.sleep(0.005)
         cluster.kill(storage_node_name(cluster, middle["node"]))
+        acked_at_kill = len(acked)                         # read once the process is gone
+        assert 8 <= acked_at_kill < len(batches), (
+            f"{acked_at_kill} of {len(batches)} batches acknowledged when the kill landed: not mid-write ({errors})")
         cluster.wait_for(lambda r: any(x["id"] == middle["id"] and x["state"] == TargetState.OFFLINE
                                        for x in r.chain(chain_id)["targets"]), 30, "middle target offline")
         t.join(150)
