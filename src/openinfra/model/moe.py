@@ -71,11 +71,15 @@ class MoE(nn.Module):
     def dispatch_contiguous(self, x: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, ContiguousLayout]:
         """x [T, dim] -> (rows [M, dim] in the contiguous layout, layout); padding rows are zero."""
         layout = contiguous_layout(indices, self.cfg.n_routed_experts, self._alignment(x))
+        return self.gather_rows(x, layout), layout
+
+    @staticmethod
+    def gather_rows(x: torch.Tensor, layout: ContiguousLayout) -> torch.Tensor:
+        """x [T, dim] -> the layout's rows [M, dim] (row i is token ``row_token[i]``; padding rows zero)."""
         if layout.alignment == 1:  # no padding rows: a plain gather
-            return x[layout.row_token], layout
+            return x[layout.row_token]
         valid = layout.row_token >= 0
-        rows = x[layout.row_token.clamp(min=0)] * valid[:, None].to(x.dtype)
-        return rows, layout
+        return x[layout.row_token.clamp(min=0)] * valid[:, None].to(x.dtype)
 
     def combine_contiguous(self, rows: torch.Tensor, weights: torch.Tensor, layout: ContiguousLayout, num_tokens: int) -> torch.Tensor:
         """Weighted sum of each token's expert outputs: rows [M, dim] -> [T, dim]."""

@@ -1,8 +1,14 @@
-"""The training job: a small DeepSeek-V3 trained with DualPipeV across pipeline ranks.
+"""The training job: a small DeepSeek-V3 trained with DualPipeV across pipeline ranks, or with
+its routed experts spread over expert-parallel ranks (DeepEP dispatch / combine).
 
 One function, :func:`train_worker`, is what every rank runs (``torchrun`` on real machines sets
-RANK / WORLD_SIZE; :func:`train` spawns local gloo ranks). With ``pp == 1`` it is the plain
-single-process loop over the same stage code, which is also the oracle the pipelined run must match.
+RANK / WORLD_SIZE; :func:`train` spawns local gloo ranks). With ``pp == ep == 1`` it is the plain
+single-process loop over the same stage code, which is also the oracle the pipelined and the
+expert-parallel runs must match. Expert parallelism (``ep > 1``, :mod:`.expert_parallel`): rank r
+runs micro-batches ``[r * C / ep, (r + 1) * C / ep)`` of the step's C through a replica of the
+non-expert weights and its ``E / ep`` routed experts; replicated gradients and the gates' expert
+loads are summed over the ranks. Pipeline and expert parallelism are not combined yet (one or the
+other).
 
 Per step: the batch for ``step`` (recomputable, see :mod:`openinfra.training.data`) is split into
 micro-batches and run through DualPipeV (rank r holds stages r and 2·pp−1−r of a 2·pp-stage cut);
@@ -45,7 +51,8 @@ class TrainConfig:
     lr: float = 3e-3
     seed: int = 0
     pp: int = 1                       # pipeline ranks (DualPipeV); 1 = single process
-    num_chunks: int = 0               # micro-batches per step; 0 = 2 * pp * 2 when pp > 1, else 1
+    ep: int = 1                       # expert-parallel ranks (DeepEP dispatch/combine); not with pp > 1
+    num_chunks: int = 0               # micro-batches per step; 0 = 2 * pp * 2 when pp > 1, else ep
     shards: list[str] = field(default_factory=list)  # token shards (.parquet / .npy); empty = this package's source
     checkpoint_dir: str | None = None
     checkpoint_every: int = 10
@@ -58,7 +65,7 @@ class TrainConfig:
     stop_after_step: int | None = None  # simulate a crash after this step (tests)
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "pp", "checkpoint_every", "eplb_every", "ep_gpus"):
+        for name in ("steps", "batch_size", "seq_len", "pp", "ep", "checkpoint_every", "eplb_every", "ep_gpus"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {v!r}")
@@ -67,15 +74,29 @@ class TrainConfig:
         chunks = self.chunks()
         if self.batch_size % chunks:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by num_chunks={chunks}")
-        n_layers = self.model_config().n_layers
+        model_cfg = self.model_config()
+        n_layers = model_cfg.n_layers
         if self.pp > 1 and 2 * self.pp > n_layers:
             raise ValueError(f"pp={self.pp} needs {2 * self.pp} stages but model {self.model!r} has {n_layers} layers")
+        if self.ep > 1:
+            if self.pp > 1:
+                raise ValueError(f"pp={self.pp} with ep={self.ep}: pipeline and expert parallelism together "
+                                 "are not supported; use one of them")
+            if chunks % self.ep:
+                raise ValueError(f"num_chunks={chunks} must be divisible by ep={self.ep} (each rank runs "
+                                 "an equal share of the step's micro-batches)")
+            if model_cfg.n_dense_layers < n_layers and model_cfg.n_routed_experts % self.ep:
+                raise ValueError(f"ep={self.ep} must divide the model's n_routed_experts="
+                                 f"{model_cfg.n_routed_experts}")
+
+    def world_size(self) -> int:
+        return self.pp * self.ep
 
     def model_config(self):
         return get_config(self.model, **({"n_layers": self.n_layers} if self.n_layers else {}))
 
     def chunks(self) -> int:
-        return self.num_chunks or (4 * self.pp if self.pp > 1 else 1)
+        return self.num_chunks or (4 * self.pp if self.pp > 1 else self.ep)
 
 
 @dataclass
@@ -175,15 +196,20 @@ def _eplb_plan(loads: torch.Tensor, cfg: TrainConfig, n_groups: int) -> dict:
 def train_worker(rank: int, world_size: int, cfg: TrainConfig, tokens: torch.Tensor | None = None) -> dict:
     """Run the job on this rank (the process group is already initialised when world_size > 1)."""
     cfg.validate()
-    if world_size != cfg.pp:
-        raise ValueError(f"world_size={world_size} must equal pp={cfg.pp}")
+    if world_size != cfg.world_size():
+        raise ValueError(f"world_size={world_size} must equal pp * ep = {cfg.pp} * {cfg.ep}")
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.model_config()
     model = Transformer(model_cfg)
     group = dist.group.WORLD if world_size > 1 else None
-    if world_size == 1:
+    if cfg.pp == 1:
         modules = split_stages(model, 1)
         pipe = None
+        if cfg.ep > 1:
+            from openinfra.comm.deep_ep import Buffer
+            from openinfra.training.expert_parallel import shard_experts
+
+            shard_experts(modules[0], Buffer(group), rank, cfg.ep)
     else:
         from openinfra.parallel.dualpipe import DualPipeV, ScheduleRecorder
 
@@ -218,10 +244,17 @@ def train_worker(rank: int, world_size: int, cfg: TrainConfig, tokens: torch.Ten
             prof.__enter__()
         if pipe is None:
             loss = torch.zeros(())
-            for x, y in zip(inputs.chunk(cfg.chunks()), targets.chunk(cfg.chunks())):
+            per_rank = cfg.chunks() // cfg.ep  # this rank's share of the micro-batches (all when ep == 1)
+            mine = slice(rank * per_rank, (rank + 1) * per_rank)
+            for x, y in zip(inputs.chunk(cfg.chunks())[mine], targets.chunk(cfg.chunks())[mine]):
                 chunk_loss = criterion(modules[0](x), y)
                 chunk_loss.backward()
                 loss += chunk_loss.detach()
+            if cfg.ep > 1:
+                from openinfra.training.expert_parallel import all_reduce_replicated_grads
+
+                all_reduce_replicated_grads(modules, group)
+                dist.all_reduce(loss, group=group)
         else:
             first = pipe.is_first_rank
             loss_chunks, _ = pipe.step(inputs if first else None, num_chunks=cfg.chunks(),
@@ -233,12 +266,17 @@ def train_worker(rank: int, world_size: int, cfg: TrainConfig, tokens: torch.Ten
             prof.__exit__(None, None, None)
             traces.append(_export_traces(prof, pipe, cfg, rank))
         for i, gate in enumerate(gates):
-            load_acc[i] += gate.load.cpu()
-            gate.update_bias(cfg.bias_update_rate)
+            load = gate.load.clone()
+            if cfg.ep > 1:  # the bias is replicated: every rank updates it from the whole batch's loads
+                dist.all_reduce(load, group=group)
+            load_acc[i] += load.cpu()
+            gate.update_bias(cfg.bias_update_rate, load=load)
+            gate.reset_load()
         losses.append(float(loss))
         times.append(time.perf_counter() - t0)
         if (step + 1) % cfg.eplb_every == 0:
-            plan = _gather_eplb(load_acc, cfg, model_cfg.n_expert_groups, group)
+            # (with ep > 1 every rank holds the summed loads of the same layers: no gather)
+            plan = _gather_eplb(load_acc, cfg, model_cfg.n_expert_groups, group if cfg.pp > 1 else None)
             if plan is not None:
                 plan["step"] = step
                 eplb.append(plan)
@@ -251,7 +289,7 @@ def train_worker(rank: int, world_size: int, cfg: TrainConfig, tokens: torch.Ten
 
     final = None
     if ckpt is not None and len(losses) == cfg.steps:
-        final = _export_final(modules, model_cfg, ckpt / "final", rank, group)
+        final = _export_final(modules, model_cfg, ckpt / "final", rank, group, cfg.ep)
     measured = times[1:] or times
     tokens_per_s = cfg.batch_size * cfg.seq_len / (sum(measured) / len(measured)) if measured else 0.0
     return TrainResult(losses, times, tokens_per_s, start, eplb,
@@ -272,14 +310,17 @@ def _gather_eplb(load_acc: torch.Tensor, cfg: TrainConfig, n_groups: int, group)
     return _eplb_plan(loads, cfg, n_groups) if dist.get_rank(group) == 0 and loads.numel() else None
 
 
-def _export_final(modules, model_cfg, path: Path, rank: int, group) -> str | None:
+def _export_final(modules, model_cfg, path: Path, rank: int, group, ep: int = 1) -> str | None:
     state: dict[str, torch.Tensor] = {}
     for m in modules:
         state.update(m.qualified_state_dict())
     if group is not None:
         parts: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(parts, state)
-        state = {k: v for p in parts for k, v in p.items()}
+        if ep > 1:  # replicas of everything but the routed experts, whose stacks are cut by rank
+            state = {k: (torch.cat([p[k] for p in parts]) if ".ffn.experts.w" in k else v) for k, v in parts[0].items()}
+        else:  # pipeline stages: disjoint names
+            state = {k: v for p in parts for k, v in p.items()}
     if rank != 0:
         return None
     model = Transformer(model_cfg)
@@ -311,11 +352,11 @@ def _export_traces(prof, pipe, cfg: TrainConfig, rank: int) -> str:
 # --- launching -----------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, tokens: torch.Tensor | None = None, timeout: float = 1800.0) -> dict:
-    """Run the job: in this process when ``pp == 1``, else on ``pp`` spawned gloo ranks.
+    """Run the job: in this process when ``pp == ep == 1``, else on ``pp * ep`` spawned gloo ranks.
     Returns rank 0's result."""
     cfg.validate()
-    if cfg.pp == 1:
+    if cfg.world_size() == 1:
         return train_worker(0, 1, cfg, tokens)
     from openinfra.testing.distributed import run_on_ranks
 
-    return run_on_ranks(train_worker, cfg.pp, cfg, tokens, timeout=timeout)[0]
+    return run_on_ranks(train_worker, cfg.world_size(), cfg, tokens, timeout=timeout)[0]
