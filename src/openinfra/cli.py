@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 from openinfra import __version__
 
-__all__ = ["main", "build_parser", "COMMAND_MODULES"]
+__all__ = ["main", "build_parser", "COMMAND_MODULES", "picture_path"]
 
 COMMAND_MODULES = {
     "demo": "openinfra.demo",
@@ -29,6 +30,16 @@ COMMAND_MODULES = {
     "bench": "openinfra.bench.cli",
     "cost": "openinfra.serving.cost",
 }
+
+
+def picture_path(flag: str, path: str) -> str:
+    """The file a picture option (``--png``) really writes, or ``ValueError`` naming ``flag``.
+
+    Matplotlib adds ``.png`` to a name without a suffix (so that is the name to report) and
+    refuses a suffix that is not an image format; a directory cannot be written as a file."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a directory; give a file name such as {os.path.join(path, 'out.png')}")
+    return path if os.path.splitext(path)[1] else path + ".png"
 
 
 def _module_exists(name: str) -> bool:

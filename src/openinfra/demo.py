@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -114,7 +115,12 @@ def format_summary(outcomes: list[StageOutcome]) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file there, or a parent that cannot be created
+        why = "a file, not a directory" if data_dir.is_file() else f"cannot create it ({exc.strerror or exc})"
+        print(f"openinfra demo: error: --data-dir {args.data_dir}: {why}", file=sys.stderr)
+        return 2
     ctx = DemoContext(data_dir=data_dir, quick=args.quick)
     print(f"openinfra demo: data directory {data_dir}", flush=True)
     outcomes = run_demo(ctx, only=args.only)

@@ -21,7 +21,11 @@ def _run(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             print(f"openinfra bench {r.name}: error: needs a CUDA GPU and none is visible", file=sys.stderr)
             return 2
-    result = r.fn(args)
+    try:
+        result = r.fn(args)
+    except ValueError as exc:  # a routine's check of its arguments (a count, a config name, a budget)
+        print(f"openinfra bench {r.name}: error: {exc}", file=sys.stderr)
+        return 2
     print(format_table(result.rows))
     command = "openinfra " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else f"openinfra bench {r.name}"
     if args.save:

@@ -32,10 +32,24 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a size like 1048576, 512K or 1M, got {text!r}") from None
 
 
+def _non_negative(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return v
+
+
 def _cluster(args):
     from openinfra.fs.cluster import LocalCluster
 
-    return LocalCluster.attach(args.data_dir)
+    try:
+        return LocalCluster.attach(args.data_dir)
+    except (KeyError, TypeError, ValueError) as exc:  # a cluster.json that is not one `fs start` wrote
+        detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ValueError(f"{Path(args.data_dir) / 'cluster.json'} is not a valid cluster file ({detail})") from None
 
 
 def _client(args):
@@ -48,6 +62,13 @@ def _client(args):
 
 def _start(args) -> int:
     from openinfra.fs.cluster import ClusterSpec, LocalCluster
+
+    # What meta checks when it starts (LayoutPolicy), checked here before any process is spawned.
+    cs = args.chunk_size
+    if not (64 << 10) <= cs <= (64 << 20) or cs & (cs - 1):
+        raise ValueError(f"--chunk-size: expected a power of two from 64K to 64M, got {cs}")
+    if args.stripe < 1:
+        raise ValueError(f"--stripe: expected >= 1, got {args.stripe}")
 
     timing = dict(heartbeat_s=0.2, failure_timeout_s=2.0, lease_s=1.0) if args.fast else {}
     spec = ClusterSpec(str(Path(args.data_dir).resolve()), storage_nodes=args.storage_nodes,
@@ -101,6 +122,8 @@ def _admin(args) -> int:
         c.kill(args.name, getattr(signal, args.signal))
         print(f"sent {args.signal} to {args.name}")
     elif args.action == "restart":
+        if args.name not in c.services:
+            raise ValueError(f"name: no service {args.name!r}; have {sorted(c.services)}")
         c.restart(args.name)
         print(f"restarted {args.name} at {c.services[args.name]['address']}")
     elif args.action == "set-target-state":
@@ -156,6 +179,18 @@ def _rm(args) -> int:
     return 0
 
 
+def _checked_mount(mount_cmd):
+    """``fs mount`` with its numbers checked first (a negative size or time would mount and misbehave)."""
+    def run(args) -> int:
+        for flag, value, least in (("--attr-timeout", args.attr_timeout, 0), ("--write-buffer", args.write_buffer, 1),
+                                   ("--writeback-per-file", args.writeback_per_file, 0),
+                                   ("--writeback-total", args.writeback_total, 0), ("--io-retry", args.io_retry, 0)):
+            if not value >= least or value == float("inf"):
+                raise ValueError(f"{flag}: expected a finite number >= {least}, got {value}")
+        return mount_cmd(args)
+    return run
+
+
 def _guard(fn):
     def run(args) -> int:
         try:
@@ -173,14 +208,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
     from openinfra.fs.clients.fuse import register_mount
 
-    register_mount(sub)  # openinfra fs mount MOUNTPOINT ...
+    mount = register_mount(sub)  # openinfra fs mount MOUNTPOINT ...
+    mount.set_defaults(func=_guard(_checked_mount(mount.get_default("func"))))
 
     def add(name, fn, help, client=False):
         sp = sub.add_parser(name, help=help, description=help)
         sp.add_argument("--data-dir", default=DEFAULT_DIR, help=f"cluster directory (default {DEFAULT_DIR})")
         if client:
             sp.add_argument("--mgmtd", default=None, help="mgmtd address(es) host:port[,host:port] instead of --data-dir")
-            sp.add_argument("--retry", type=float, default=30.0, help="seconds to keep retrying through failovers")
+            sp.add_argument("--retry", type=_non_negative, default=30.0, help="seconds to keep retrying through failovers")
         sp.set_defaults(func=_guard(fn))
         return sp
 
@@ -212,7 +248,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("state", choices=["serving", "syncing", "waiting", "lastsrv", "offline"])
     asub.add_parser("gc", help="run one metadata GC pass on every meta process now", parents=[here])
     w = asub.add_parser("wait-healthy", help="wait until every target serves", parents=[here])
-    w.add_argument("--timeout", type=float, default=60.0)
+    w.add_argument("--timeout", type=_non_negative, default=60.0)
     add("ls", _ls, "list a directory", client=True).add_argument("path", nargs="?", default="/")
     sp = add("put", _put, "copy a local file into the cluster", client=True)
     sp.add_argument("local")

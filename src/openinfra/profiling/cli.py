@@ -16,6 +16,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sys
 
 __all__ = ["register", "EXTENSION_MODULES"]
@@ -28,9 +29,27 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _guard(fn):
+    """Bad input as one line on stderr, never a traceback: a path that cannot be read or written
+    (OSError), and a trace whose events are not the dicts with the fields a Chrome trace has (the
+    readers index them: KeyError, TypeError, AttributeError)."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except OSError as exc:
+            return _fail(str(exc))
+        except (KeyError, TypeError, AttributeError) as exc:
+            traces = args.trace if isinstance(args.trace, list) else [args.trace]
+            detail = f"an event lacks the field {exc}" if isinstance(exc, KeyError) else str(exc)
+            return _fail(f"{', '.join(map(str, traces))}: not a valid trace ({detail})")
+    return run
+
+
 def _summary(args: argparse.Namespace) -> int:
     from openinfra.profiling.summary import format_summary, summarize
 
+    if args.phases < 0:
+        return _fail(f"--phases: expected a count >= 0, got {args.phases}")
     try:
         s = summarize(args.trace, source=args.source, step=args.step)
     except (ValueError, FileNotFoundError) as exc:
@@ -40,12 +59,14 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _timeline(args: argparse.Namespace) -> int:
+    from openinfra.cli import picture_path
     from openinfra.profiling.timeline import plot_timeline
 
     try:
-        out = plot_timeline(args.trace, args.png, source=args.source, title=args.title, step=args.step)
+        png = picture_path("--png", args.png)
+        out = plot_timeline(args.trace, png, source=args.source, title=args.title, step=args.step)
     except (ValueError, FileNotFoundError) as exc:
-        return _fail(str(exc))
+        return _fail(f"--png {args.png}: {exc}" if str(exc).startswith("Format ") else str(exc))
     print(f"wrote {out}")
     return 0
 
@@ -53,6 +74,8 @@ def _timeline(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from openinfra.profiling.trace import merge_traces
 
+    if os.path.isdir(args.out):
+        return _fail(f"--out {args.out}: is a directory; give a file name such as {os.path.join(args.out, 'merged.json')}")
     try:
         out = merge_traces(args.trace, args.out)
     except (ValueError, FileNotFoundError) as exc:
@@ -105,3 +128,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             mod = importlib.import_module(name)
             if hasattr(mod, "register_profile"):
                 mod.register_profile(sub)
+    for q in sub.choices.values():  # ours and the extensions' subcommands
+        if q.get_default("func") is not None:
+            q.set_defaults(func=_guard(q.get_default("func")))

@@ -53,7 +53,46 @@ def _store_spec(args: argparse.Namespace) -> tuple[dict, str | None]:
     return {"kind": "dir", "path": tmp}, tmp
 
 
+def _check(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments (a message naming the flag), checked before the model is built."""
+    import math
+    import os
+
+    if not 0 <= args.port <= 65535:
+        return f"--port: expected 0..65535 (0: any free port), got {args.port}"
+    if not (args.duration >= 0 and math.isfinite(args.duration)):
+        return f"--duration: expected seconds >= 0 (0: run until Ctrl-C), got {args.duration}"
+    if args.checkpoint and os.path.exists(args.checkpoint) and not os.path.isdir(args.checkpoint):
+        return f"--checkpoint {args.checkpoint}: not a directory (give the directory of the safetensors files)"
+    if not args.disaggregated:
+        for flag, value in (("--kvcache-mgmtd", args.kvcache_mgmtd), ("--kv-store-dir", args.kv_store_dir)):
+            if value:
+                return f"{flag} is for --disaggregated serving; add --disaggregated or leave {flag} out"
+    if args.kvcache_mgmtd and args.kv_store_dir:
+        return "--kvcache-mgmtd and --kv-store-dir both name the KV store; give one"
+    if args.kv_store_dir and os.path.exists(args.kv_store_dir) and not os.path.isdir(args.kv_store_dir):
+        return f"--kv-store-dir {args.kv_store_dir}: not a directory"
+    return _cannot_listen(args.host, args.port)
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why the HTTP server could not listen on ``host:port`` (taken, not this machine's address), found
+    before the model is built; bound as ``http.server`` binds (IPv4, SO_REUSEADDR) and let go at once."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 def _run(args: argparse.Namespace) -> int:
+    if problem := _check(args):  # before the imports below: they load PyTorch
+        print(f"openinfra serve: error: {problem}", file=sys.stderr)
+        return 2
     import shutil
 
     from openinfra.serving.http_server import CompletionServer
@@ -64,6 +103,9 @@ def _run(args: argparse.Namespace) -> int:
             from openinfra.serving.disaggregated import DisaggregatedServer
 
             store, tmp = _store_spec(args)
+            if store["kind"] == "3fs":
+                print(f"connecting to 3FS mgmtd {args.kvcache_mgmtd} for the KV store (retried for up to a minute)",
+                      file=sys.stderr, flush=True)
             worker_threads = 0
             if args.device == "cpu":
                 # Two processes each running torch's default of one thread per core oversubscribe the
@@ -80,12 +122,20 @@ def _run(args: argparse.Namespace) -> int:
             engine = front
         else:
             engine = build_engine(args.config, args.checkpoint, args.num_blocks, args.page_size, args.max_batch, args.device)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # RuntimeError: the KV store or the prefill worker
+    except (ValueError, OSError, RuntimeError) as exc:  # RuntimeError: the KV store or the prefill worker
         print(f"openinfra serve: error: {exc}", file=sys.stderr)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
         return 2
-    server = CompletionServer(engine, args.host, args.port, model_name=f"openinfra-{args.config}").start()
+    try:
+        server = CompletionServer(engine, args.host, args.port, model_name=f"openinfra-{args.config}").start()
+    except OSError as exc:  # the port is taken, the host is not an address of this machine
+        print(f"openinfra serve: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        if front is not None:
+            front.stop()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return 2
     mode = f" (disaggregated: prefill worker pid {front.worker.pid}, KV store {front.store_spec})" if front else ""
     print(f"serving on {server.url}/v1/completions{mode} (Ctrl-C to stop)", flush=True)
     try:

@@ -42,6 +42,31 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _check_data_root(args: argparse.Namespace) -> str | None:
+    root = args.data_root
+    if root and os.path.exists(root) and not os.path.isdir(root):
+        return f"--data-root {root}: not a directory"
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    """A job error as one line: an SQL error's text joined, a failed task's first line (its worker
+    traceback follows it), an OSError with the path it names."""
+    from openinfra.smallpond import SqlError
+
+    if isinstance(exc, SqlError):
+        return " ".join(str(exc).split())
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _check_sql_args(args: argparse.Namespace) -> str | None:
+    if problem := _check_data_root(args):
+        return problem
+    if args.npartitions < 1:
+        return f"-n/--npartitions: expected a positive number of partitions, got {args.npartitions}"
+    return None
+
+
 def _build_sql(sp, args):
     inputs = []
     for pattern in args.input:
@@ -57,6 +82,10 @@ def _build_sql(sp, args):
 def _sql(args: argparse.Namespace) -> int:
     from openinfra.smallpond import SqlError, TaskFailed
 
+    if problem := _check_sql_args(args):
+        return _fail(problem)
+    if args.show < 0:  # pandas' head(-1) would print every row but the last
+        return _fail(f"--show: expected a number of rows >= 0, got {args.show}")
     try:
         with _session(args) as sp:
             df = _build_sql(sp, args)
@@ -65,36 +94,54 @@ def _sql(args: argparse.Namespace) -> int:
                 print(f"wrote {df.count()} rows to {args.output} ({sp.stats.executed} tasks, {sp.stats.skipped} skipped)")
             else:
                 print(df.to_pandas().head(args.show).to_string(index=False))
-    except (ValueError, TypeError, FileNotFoundError, SqlError, TaskFailed) as exc:
-        return _fail(str(exc).splitlines()[0] if not isinstance(exc, SqlError) else " ".join(str(exc).split()))
+    except (ValueError, TypeError, OSError, SqlError, TaskFailed) as exc:
+        return _fail(_one_line(exc))
     return 0
 
 
 def _explain(args: argparse.Namespace) -> int:
+    from openinfra.cli import picture_path
+    from openinfra.smallpond import SqlError, TaskFailed
+
+    if problem := _check_sql_args(args):
+        return _fail(problem)
     try:
+        png = picture_path("--png", args.png) if args.png else None
         with _session(args) as sp:
             df = _build_sql(sp, args)
-            print(df.explain(path=args.png))
-            if args.png:
-                print(f"plan picture: {args.png}")
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        return _fail(str(exc))
+            print(df.explain())
+            if png:
+                try:
+                    df.plot(png)
+                except (ValueError, OSError) as exc:  # not an image suffix, a missing directory
+                    return _fail(f"--png {png}: {_one_line(exc)}")
+                print(f"plan picture: {png}")
+    except (ValueError, TypeError, OSError, SqlError, TaskFailed) as exc:
+        return _fail(_one_line(exc))
     return 0
 
 
 def _graysort(args: argparse.Namespace) -> int:
-    from openinfra.smallpond import graysort
+    from openinfra.smallpond import SqlError, TaskFailed, graysort
 
-    if args.records < 1 or args.partitions < 1:
-        return _fail("--records and --partitions must be positive")
+    for flag, value in (("--records", args.records), ("--partitions", args.partitions), ("--files", args.files)):
+        if value < 1:
+            return _fail(f"{flag}: expected a positive number, got {value}")
+    if args.workdir and os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+        return _fail(f"--workdir {args.workdir}: not a directory")
+    if problem := _check_data_root(args):
+        return _fail(problem)
     work = args.workdir or tempfile.mkdtemp(prefix="graysort-")
-    inputs = graysort.generate(os.path.join(work, "input"), args.records, args.files, seed=args.seed)
-    n_in, sum_in = graysort.checksum(inputs)
-    t0 = time.perf_counter()
-    with _session(args) as sp:
-        graysort.graysort(sp, inputs, os.path.join(work, "output"), args.partitions, input_partitions=args.files)
-    seconds = time.perf_counter() - t0
-    check = graysort.validate(os.path.join(work, "output"))
+    try:
+        inputs = graysort.generate(os.path.join(work, "input"), args.records, args.files, seed=args.seed)
+        n_in, sum_in = graysort.checksum(inputs)
+        t0 = time.perf_counter()
+        with _session(args) as sp:
+            graysort.graysort(sp, inputs, os.path.join(work, "output"), args.partitions, input_partitions=args.files)
+        seconds = time.perf_counter() - t0
+        check = graysort.validate(os.path.join(work, "output"))
+    except (ValueError, TypeError, OSError, SqlError, TaskFailed) as exc:
+        return _fail(_one_line(exc))
     ok = check.ok and (check.records, check.checksum) == (n_in, sum_in)
     gib = args.records * graysort.RECORD_BYTES / 2**30
     print(f"sorted {check.records} records ({gib:.3f} GiB) into {check.files} files in {seconds:.2f} s "
@@ -105,7 +152,13 @@ def _graysort(args: argparse.Namespace) -> int:
 
 
 def _corpus(args: argparse.Namespace) -> int:
+    from openinfra.smallpond import SqlError, TaskFailed
     from openinfra.smallpond.corpus import build_shards, stdlib_files
+
+    if os.path.isfile(args.output):
+        return _fail(f"--output {args.output}: is a file; the shards need a directory")
+    if problem := _check_data_root(args):
+        return _fail(problem)
 
     if args.source:
         files = sorted(os.path.join(d, f) for src in args.source for d, _, fs in os.walk(src) for f in fs if f.endswith(args.suffix))
@@ -116,8 +169,8 @@ def _corpus(args: argparse.Namespace) -> int:
     try:
         with _session(args) as sp:
             r = build_shards(sp, files, args.output, seq_len=args.seq_len, npartitions=args.npartitions)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        return _fail(str(exc))
+    except (ValueError, TypeError, OSError, SqlError, TaskFailed) as exc:
+        return _fail(_one_line(exc))
     print(f"{r.files} files ({r.input_bytes / 1e6:.1f} MB) -> {r.unique_docs} unique documents ({r.duplicates} duplicates) "
           f"-> {r.sequences} sequences of {args.seq_len} tokens in {len(r.shards)} shards at {r.output} ({r.seconds:.1f} s)")
     return 0

@@ -4,29 +4,73 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
 __all__ = ["register"]
 
 
+def _read_shards(read_token_shards, shards: list[str]):
+    """``read_token_shards(shards)``, one shard at a time so that an error names the shard."""
+    import torch
+
+    parts = []
+    for s in shards:
+        try:
+            parts.append(read_token_shards([s]))
+        except (ValueError, OSError) as exc:
+            raise ValueError(str(exc) if s in str(exc) else f"shard {s}: {exc}") from None
+    return torch.cat(parts)
+
+
+def _check(args: argparse.Namespace, under_torchrun: bool) -> str | None:
+    """What is wrong with the flags TrainConfig does not check (a message naming the flag)."""
+    if not math.isfinite(args.lr):
+        return f"--lr: expected a finite learning rate, got {args.lr}"
+    if args.chunks < 0:
+        return f"--chunks: expected a count >= 0 (0: the default), got {args.chunks}"
+    if args.resume and not args.checkpoint_dir:
+        return "--resume needs --checkpoint-dir (the directory to continue from)"
+    if args.device == "cuda" and not under_torchrun:
+        return ("--device cuda runs under torchrun (one rank per GPU); without torchrun training "
+                "runs on CPU gloo ranks, so leave --device at cpu")
+    for flag, d in (("--checkpoint-dir", args.checkpoint_dir), ("--trace-dir", args.trace_dir)):
+        if d and "://" not in d and os.path.exists(d) and not os.path.isdir(d):
+            return f"{flag} {d}: not a directory"
+    for s in args.shards:
+        if not os.path.exists(s):
+            return f"shard {s} does not exist"
+        if os.path.isdir(s):
+            return f"shard {s} is a directory; give the .parquet or .npy files in it"
+    return None
+
+
 def _run(args: argparse.Namespace) -> int:
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if problem := _check(args, under_torchrun):  # before the imports below: they load PyTorch
+        print(f"openinfra train: error: {problem}", file=sys.stderr)
+        return 2
     from openinfra.training.job import TrainConfig, train, train_worker
-    from openinfra.training.data import read_token_shards
+    from openinfra.training.data import TokenStream, read_token_shards
 
     cfg = TrainConfig(model=args.config, n_layers=args.layers, steps=args.steps, batch_size=args.batch_size,
                       seq_len=args.seq_len, lr=args.lr, seed=args.seed, pp=args.pp, num_chunks=args.chunks,
                       shards=args.shards, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                       resume=args.resume, eplb_every=args.eplb_every, ep_gpus=args.ep_gpus, trace_dir=args.trace_dir)
+    tokens = None
     try:
         cfg.validate()
-        for s in cfg.shards:
-            if not os.path.exists(s):
-                raise ValueError(f"shard {s} does not exist")
-    except ValueError as exc:
+        if cfg.shards and not under_torchrun:  # a shard that is not tokens fails here, before training
+            tokens = _read_shards(read_token_shards, cfg.shards)
+            try:  # enough ids, all in the model's vocabulary
+                TokenStream(tokens, cfg.seq_len, cfg.model_config().vocab_size, cfg.seed)
+            except ValueError as exc:
+                raise ValueError(f"--shards {' '.join(cfg.shards)}: {exc}") from None
+    except (ValueError, OSError) as exc:  # OSError: a shard that cannot be read
         print(f"openinfra train: error: {exc}", file=sys.stderr)
         return 2
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
+    if under_torchrun:  # under torchrun: this process is one rank
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
@@ -35,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
         if int(os.environ["RANK"]) != 0:
             return 0
     else:
-        result = train(cfg, read_token_shards(cfg.shards) if cfg.shards else None)
+        result = train(cfg, tokens)
     for step, (loss, sec) in enumerate(zip(result["losses"], result["step_seconds"]), start=0):
         print(f"step {step:4d}  loss {loss:.4f}  {sec * 1e3:7.1f} ms")
     print(f"tokens/s {result['tokens_per_s']:,.0f}")
@@ -65,6 +109,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eplb-every", type=int, default=10, help="steps between EPLB placement plans")
     p.add_argument("--ep-gpus", type=int, default=4, help="GPUs the EPLB plan places experts on")
     p.add_argument("--trace-dir", default=None, help="write profiler and schedule traces here")
-    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, under torchrun)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (gloo) or cuda (nccl, under torchrun)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line last")
     p.set_defaults(func=_run)

@@ -26,6 +26,12 @@ def _error(msg: str) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from openinfra.cli import picture_path
+
+    try:  # before the imports below: they load PyTorch
+        png = picture_path("--png", args.png) if args.png else None
+    except ValueError as exc:
+        return _error(str(exc))
     from openinfra.parallel.eplb.files import read_loads, read_plan, write_plan
     from openinfra.parallel.eplb.layout import gpu_loads, static_gpu_loads
     from openinfra.parallel.eplb.migration import rebalance_with_migration
@@ -48,6 +54,10 @@ def _plan(args: argparse.Namespace) -> int:
         return _error(str(exc))
     except OSError as exc:
         return _error(f"cannot read {exc.filename}: {exc.strerror}")
+    if args.show_layers is not None and (bad := [l for l in args.show_layers if not 0 <= l < layers]):
+        return _error(f"--layers {' '.join(map(str, bad))}: outside [0, {layers}) (the loads have {layers} layers)")
+    if args.png_layer is not None and not 0 <= args.png_layer < layers:
+        return _error(f"--png-layer {args.png_layer} is outside [0, {layers})")
 
     after = gpu_loads(phy2log, weight, args.gpus)
     bal_before = before.mean(1) / before.max(1).values.clamp(min=1e-300)
@@ -58,7 +68,7 @@ def _plan(args: argparse.Namespace) -> int:
     out = sys.stdout
     print(f"EPLB plan: {layers} layers x {experts} experts -> {args.replicas} slots on {args.gpus} GPUs "
           f"({args.nodes} nodes, {args.groups} groups, {policy} policy, solver {args.solver})", file=out)
-    shown = range(layers) if args.show_layers is None else [l for l in args.show_layers if 0 <= l < layers]
+    shown = range(layers) if args.show_layers is None else args.show_layers
     for layer in shown:
         print(f"layer {layer}: balancedness {bal_before[layer]:.3f} -> {bal_after[layer]:.3f}", file=out)
         if args.summary_only:
@@ -80,18 +90,18 @@ def _plan(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _error(f"cannot write {args.output}: {exc.strerror}")
         print(f"wrote {args.output}", file=out)
-    if args.png:
+    if png:
         from openinfra.parallel.eplb.plot import plot_gpu_loads
 
         layer = args.png_layer if args.png_layer is not None else int(bal_before.argmin())
-        if not 0 <= layer < layers:
-            return _error(f"--png-layer {layer} is outside [0, {layers})")
         try:
-            plot_gpu_loads(args.png, before, after, layer, args.nodes,
+            plot_gpu_loads(png, before, after, layer, args.nodes,
                            title=f"EPLB per-GPU load, layer {layer} ({'previous plan' if plan is not None else 'static layout'} vs {args.solver})")
         except OSError as exc:
-            return _error(f"cannot write {args.png}: {exc.strerror}")
-        print(f"wrote {args.png} (layer {layer})", file=out)
+            return _error(f"cannot write {png}: {exc.strerror}")
+        except ValueError as exc:  # matplotlib: the suffix is not an image format
+            return _error(f"--png {png}: {exc}")
+        print(f"wrote {png} (layer {layer})", file=out)
     if args.json:
         summary = {"balancedness_before": float(bal_before.mean()), "balancedness_after": float(bal_after.mean())}
         if plan is not None:
