@@ -55,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
     from openinfra.training.data import TokenStream, read_token_shards
 
     cfg = TrainConfig(model=args.config, n_layers=args.layers, steps=args.steps, batch_size=args.batch_size,
-                      seq_len=args.seq_len, lr=args.lr, seed=args.seed, pp=args.pp, num_chunks=args.chunks,
+                      seq_len=args.seq_len, lr=args.lr, seed=args.seed, pp=args.pp, ep=args.ep, num_chunks=args.chunks,
                       shards=args.shards, checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                       resume=args.resume, eplb_every=args.eplb_every, ep_gpus=args.ep_gpus, trace_dir=args.trace_dir)
     tokens = None
@@ -92,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train the small DeepSeek-V3 (DualPipeV across --pp gloo ranks)")
+    p = subparsers.add_parser("train", help="train the small DeepSeek-V3 (DualPipeV across --pp gloo ranks, or experts across --ep ranks)")
     p.add_argument("--config", default="tiny", help="model config name (tiny, small, medium)")
     p.add_argument("--layers", type=int, default=0, help="override the config's layer count")
     p.add_argument("--steps", type=int, default=20)
@@ -101,7 +101,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pp", type=int, default=1, help="pipeline ranks (DualPipeV); 1 = single process")
-    p.add_argument("--chunks", type=int, default=0, help="micro-batches per step (default 4*pp, or 1)")
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel ranks: each holds 1/ep of the routed experts, tokens move by DeepEP "
+                        "dispatch/combine (not with --pp > 1)")
+    p.add_argument("--chunks", type=int, default=0, help="micro-batches per step (default 4*pp, or ep)")
     p.add_argument("--shards", nargs="*", default=[], help="token shards (.parquet with a tokens column, or .npy)")
     p.add_argument("--checkpoint-dir", default=None)
     p.add_argument("--checkpoint-every", type=int, default=10)
