@@ -159,7 +159,9 @@ class FileSet(DataSet):
         paths = self.resolved_paths
         if not paths:
             if self.schema is None:
-                raise ValueError(f"{type(self).__name__} has no files and no schema to stand for an empty table")
+                raise ValueError(f"{type(self).__name__} has no files and no schema to stand for an empty table "
+                                 "(an empty partition whose producer recorded no column types, e.g. a streaming "
+                                 "function that yielded nothing for empty input)")
             name = f"__empty_{abs(hash(self.schema.to_string())) % 10**9}"
             con.register(name, self.schema.empty_table())
             return name
@@ -338,9 +340,12 @@ def merge_datasets(datasets: list[DataSet]) -> DataSet:
     plain = [d for d in datasets if type(d) is ParquetDataSet and not d.columns and not d.generated_columns
              and not d.union_by_name]
     if len(plain) == len(datasets):
-        schema = next((d.schema for d in datasets if d.schema is not None), None)
+        # the schema of a part with files first: an empty part's schema may come from a user function
+        # run on empty input, whose types (a pandas object column -> null) can be less precise
+        typed = sorted((d for d in datasets if d.schema is not None), key=lambda d: not d.resolved_paths)
+        schema = typed[0].schema if typed else None
         return ParquetDataSet([p for d in datasets for p in d.resolved_paths], schema=schema, resolved=True)
     nonempty = [d for d in datasets if not (isinstance(d, FileSet) and not d.resolved_paths)]
     if not nonempty:
-        return datasets[0]
+        return next((d for d in datasets if d.schema is not None), datasets[0])
     return nonempty[0] if len(nonempty) == 1 else MultiDataSet(nonempty)

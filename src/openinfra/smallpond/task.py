@@ -13,6 +13,7 @@ a re-run of the same pipeline finds its finished tasks and a changed one does no
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import random
@@ -436,7 +437,10 @@ def _hash_produce_duckdb(task: Task, con, src: str, key_sql: str, out: _Out) -> 
     shuffle_dir = out.path("shuffle")
     for sub in storage.listdir(shuffle_dir):
         k = int(sub.split("=", 1)[1])
-        names = [f"shuffle/{sub}/{f}" for f in storage.listdir(storage.join(shuffle_dir, sub)) if f.endswith(".parquet")]
+        # DuckDB names the directories ``__openinfra_key__=K``; its readers auto-detect that hive
+        # layout and would add the key as a column to every consumer's rows. Plain ``K`` does not.
+        storage.rename(storage.join(shuffle_dir, sub), storage.join(shuffle_dir, str(k)))
+        names = [f"shuffle/{k}/{f}" for f in storage.listdir(storage.join(shuffle_dir, str(k))) if f.endswith(".parquet")]
         out.parts[k] = names
         out.files.extend(names)
 
@@ -479,9 +483,13 @@ def _run_user(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext) 
     fn = node.user_function()
     what = f"{task.label} process"
     if kind == "arrow_compute":
-        out.write_table(_as_table(fn(rt, _user_tables(inputs)), what), "part-00000.parquet")
+        _write_result(out, _as_table(fn(rt, _user_tables(inputs)), what))
     elif kind == "pandas_compute":
-        out.write_table(_as_table(fn(rt, [t.to_pandas() for t in _user_tables(inputs)]), what), "part-00000.parquet")
+        tables = _user_tables(inputs)
+        result = _as_table(fn(rt, [t.to_pandas() for t in tables]), what)
+        if not result.num_rows:
+            result = result.cast(_typed_like_inputs(result.schema, [t.schema for t in tables]))
+        _write_result(out, result)
     elif kind in ("arrow_stream", "arrow_batch", "pandas_batch"):
         bs = node.streaming_batch_size
         readers = [_rebatch(ds, bs) for ds in inputs]
@@ -504,6 +512,10 @@ def _run_user(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext) 
                 writer.close()
         if writer is not None:
             out.files.append("part-00000.parquet")
+        elif kind != "arrow_stream":
+            # An empty partition: no batch, so ``func`` never ran and no file was written. Record the
+            # schema ``func`` gives for empty input, so later steps see an empty but typed table.
+            out.schema = _empty_output_schema(fn, rt, readers, pandas=kind == "pandas_batch")
     elif kind == "python_script":
         ok = fn(rt, inputs, out.dir)
         if ok is False:
@@ -516,6 +528,17 @@ def _run_user(task: Task, inputs: list[DataSet], out: _Out, rt: RuntimeContext) 
                 out.schema = out.schema or _read_schema(p)
     else:
         raise ValueError(f"unknown task kind {kind!r}")
+
+
+def _write_result(out: _Out, table: pa.Table) -> None:
+    """A user function's result: a file when it has rows; else only its schema, in the manifest.
+    (No empty file: from an empty pandas frame a string column comes back typed null, and such a
+    file would be read first and break DuckDB's read of the others. The schema alone still gives
+    consumers a typed empty table when every part is empty.)"""
+    if table.num_rows:
+        out.write_table(table, "part-00000.parquet")
+    else:
+        out.schema = out.schema or table.schema
 
 
 def _parquet_writer(path: str, schema: pa.Schema) -> pq.ParquetWriter:
@@ -535,10 +558,31 @@ def _rebatch(ds: DataSet, batch_size: int):
 
 
 def _batched_calls(fn, rt, readers, pandas: bool):
-    iters = [r for _, r in readers]
-    for batches in zip(*iters):
-        tables = [pa.Table.from_batches([b]) for b in batches]
+    """One call per batch index; an input with fewer batches gives empty tables (as smallpond's
+    ``zip_longest``), so an empty input does not cut the others short."""
+    schemas = [s for s, _ in readers]
+    for batches in itertools.zip_longest(*(r for _, r in readers)):
+        tables = [s.empty_table() if b is None else pa.Table.from_batches([b], s) for s, b in zip(schemas, batches)]
         yield fn(rt, [t.to_pandas() for t in tables] if pandas else tables)
+
+
+def _empty_output_schema(fn, rt, readers, pandas: bool) -> pa.Schema | None:
+    """The schema of ``fn`` on empty inputs (for a partition with no batch), or None when it fails
+    there (best effort: the rows are empty either way, only their column types are at stake)."""
+    tables = [s.empty_table() for s, _ in readers]
+    try:
+        schema = _as_table(fn(rt, [t.to_pandas() for t in tables] if pandas else tables), "").schema
+    except Exception:  # noqa: BLE001 -- user code never meant to see an empty batch
+        return None
+    return _typed_like_inputs(schema, [t.schema for t in tables]) if pandas else schema
+
+
+def _typed_like_inputs(schema: pa.Schema, inputs: list[pa.Schema]) -> pa.Schema:
+    """An empty pandas frame forgets the types of its object columns (strings, dates, lists come back
+    as null): give a null column the type of the input column of the same name, where there is one."""
+    known = {f.name: f.type for s in reversed(inputs) for f in s}
+    fields = [f.with_type(known[f.name]) if pa.types.is_null(f.type) and f.name in known else f for f in schema]
+    return pa.schema(fields, metadata=schema.metadata)
 
 
 def _sink(task: Task, inputs: list[DataSet], out: _Out) -> None:
