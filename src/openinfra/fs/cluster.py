@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +33,24 @@ from openinfra.fs.errors import FsError
 from openinfra.fs.routing import Routing, TargetState
 
 __all__ = ["ClusterSpec", "LocalCluster", "plan_chains", "call"]
+
+MAX_TARGETS_PER_NODE = 99
+MAX_STORAGE_NODES = 1000
+ROLES = ("mgmtd", "meta", "storage")
+
+
+def _check_kv_url(url: object) -> None:
+    """What ``open_kv`` accepts, minus ``memory://`` (each service is its own process: a memory
+    store would be neither shared between them nor kept across a restart)."""
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError(f"meta_db: expected a KV URL (sqlite:///path, postgresql://...) or None, got {url!r}")
+    if url.startswith("memory://"):
+        raise ValueError(f"meta_db: {url!r} is per process; the cluster's services need a shared store "
+                         "(sqlite:///path or postgresql://...)")
+    if url.startswith("sqlite://") and not url[len("sqlite://"):]:
+        raise ValueError(f"meta_db: sqlite URL without a path: {url!r}")
+    if "://" in url and not url.startswith(("sqlite://", "postgresql://", "postgres://")):
+        raise ValueError(f"meta_db: unknown scheme in {url!r}; expected sqlite:// or postgresql://")
 
 
 @dataclass
@@ -57,18 +76,53 @@ class ClusterSpec:
     forward_timeout_s: float = 5.0
 
     def __post_init__(self):
-        for f in ("storage_nodes", "targets_per_node", "replication", "meta_count", "mgmtd_count"):
+        if isinstance(self.data_dir, os.PathLike):
+            self.data_dir = os.fspath(self.data_dir)  # a Path would not survive cluster.json
+        self.validate()
+
+    def validate(self) -> None:
+        """``ValueError`` naming the first bad field and its value; checks what the services would
+        refuse (or misbehave on) when they start, so that nothing is spawned for a bad spec."""
+        if not isinstance(self.data_dir, str) or not self.data_dir.strip():
+            raise ValueError(f"data_dir: expected a directory path, got {self.data_dir!r}")
+        for f in ("storage_nodes", "targets_per_node", "replication", "meta_count", "mgmtd_count", "stripe"):
             v = getattr(self, f)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{f}: expected an int >= 1, got {v!r}")
+        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool):
+            raise ValueError(f"chunk_size: expected an int (bytes), got {self.chunk_size!r}")
+        # Ids: storage nodes 1..N, targets node * 100 + k, meta nodes 1001..: keep them apart.
+        if self.targets_per_node > MAX_TARGETS_PER_NODE:
+            raise ValueError(f"targets_per_node: at most {MAX_TARGETS_PER_NODE} (target id = node id * 100 + k), "
+                             f"got {self.targets_per_node}")
+        if self.storage_nodes > MAX_STORAGE_NODES:
+            raise ValueError(f"storage_nodes: at most {MAX_STORAGE_NODES} (meta node ids start at 1001), "
+                             f"got {self.storage_nodes}")
         if self.replication > self.storage_nodes:
             raise ValueError(f"replication: {self.replication} replicas need at least as many storage nodes, "
                              f"got {self.storage_nodes}")
         if (self.storage_nodes * self.targets_per_node) % self.replication:
             raise ValueError(f"storage_nodes * targets_per_node ({self.storage_nodes * self.targets_per_node}) must be "
                              f"a multiple of replication ({self.replication})")
-        if self.failure_timeout_s < 2 * self.heartbeat_s:
-            raise ValueError("failure_timeout_s must be at least twice heartbeat_s (nodes fence at T/2)")
+        # The layout every meta process checks when it starts (a power of two from 64 KiB to 64 MiB:
+        # whole 64 KiB checksum blocks, and a chunk fits in one RPC frame). A stripe above the number
+        # of chains is fine: meta clamps it per file to the chains there are.
+        from openinfra.fs.meta.store import LayoutPolicy
+
+        LayoutPolicy(self.chunk_size, self.stripe)
+        for f in ("heartbeat_s", "failure_timeout_s", "lease_s", "session_timeout_s", "gc_interval_s",
+                  "forward_timeout_s"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
+                raise ValueError(f"{f}: expected a finite number of seconds > 0, got {v!r}")
+        # Storage nodes fence after T/2 and must hear from mgmtd more often than that.
+        if not self.failure_timeout_s > 2 * self.heartbeat_s:
+            raise ValueError(f"failure_timeout_s: must be more than twice heartbeat_s ({self.heartbeat_s}; nodes "
+                             f"fence at T/2), got {self.failure_timeout_s}")
+        if not isinstance(self.fsync, bool):
+            raise ValueError(f"fsync: expected True or False, got {self.fsync!r}")
+        if self.meta_db is not None:
+            _check_kv_url(self.meta_db)
 
     @property
     def kv_url(self) -> str:
@@ -132,16 +186,64 @@ class LocalCluster:
 
     @classmethod
     def attach(cls, data_dir: str | Path) -> "LocalCluster":
-        """The cluster described by ``<data_dir>/cluster.json`` (started by another process)."""
+        """The cluster described by ``<data_dir>/cluster.json`` (started by another process).
+
+        ``FileNotFoundError`` without one; ``ValueError`` naming the file and the problem for one
+        that is not what ``start`` writes (not JSON, keys missing, a spec ``ClusterSpec`` refuses)."""
         path = Path(data_dir).resolve() / "cluster.json"
         if not path.exists():
             raise FileNotFoundError(f"no cluster in {data_dir} (missing {path}); start one with `openinfra fs start`")
-        state = json.loads(path.read_text())
-        return cls(ClusterSpec(**state["spec"]), state["services"])
+
+        def bad(problem: str) -> ValueError:
+            return ValueError(f"{path}: {problem}; not a cluster file written by `openinfra fs start`")
+
+        try:
+            state = json.loads(path.read_text())
+        except UnicodeDecodeError as exc:
+            raise bad(f"not text ({exc})") from None
+        except json.JSONDecodeError as exc:
+            raise bad(f"not valid JSON ({exc})") from None
+        if not isinstance(state, dict):
+            raise bad(f"expected a JSON object, got {type(state).__name__}")
+        for key in ("spec", "services"):
+            if key not in state:
+                raise bad(f"missing {key!r}")
+            if not isinstance(state[key], dict):
+                raise bad(f"{key!r}: expected an object, got {type(state[key]).__name__}")
+        spec = state["spec"]
+        known = {f.name for f in fields(ClusterSpec)}
+        if "data_dir" not in spec:
+            raise bad("missing 'spec.data_dir'")
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise bad(f"unknown spec keys {unknown}")
+        try:
+            cluster_spec = ClusterSpec(**spec)
+        except ValueError as exc:
+            raise bad(f"spec.{exc}") from None
+        for name, svc in state["services"].items():
+            if not isinstance(svc, dict):
+                raise bad(f"service {name!r}: expected an object, got {type(svc).__name__}")
+            role = svc.get("role")
+            if role not in ROLES:
+                raise bad(f"service {name!r}: role must be one of {list(ROLES)}, got {role!r}")
+            prefix, _, num = name.partition("-")
+            if prefix != role or not num.isdigit():
+                raise bad(f"service {name!r}: expected a name like {role}-1")
+            pid = svc.get("pid")
+            if pid is not None and (not isinstance(pid, int) or isinstance(pid, bool)):
+                raise bad(f"service {name!r}: pid must be an int or null, got {pid!r}")
+            for key in ("address", "metrics"):
+                if svc.get(key) is not None and not isinstance(svc[key], str):
+                    raise bad(f"service {name!r}: {key} must be a string, got {svc[key]!r}")
+            if "config" in svc and not isinstance(svc["config"], dict):
+                raise bad(f"service {name!r}: config must be an object, got {svc['config']!r}")
+        return cls(cluster_spec, state["services"])
 
     @property
     def mgmtd_addresses(self) -> list[str]:
-        return [s["address"] for n, s in sorted(self.services.items()) if s["role"] == "mgmtd"]
+        # A start that failed may leave an mgmtd that never became ready (no address) in cluster.json.
+        return [s["address"] for n, s in sorted(self.services.items()) if s["role"] == "mgmtd" and s.get("address")]
 
     @property
     def address(self) -> str:
@@ -198,9 +300,15 @@ class LocalCluster:
 
     @classmethod
     def start(cls, spec: ClusterSpec, timeout: float = 60.0) -> "LocalCluster":
-        """Start every process, create the chain table, and wait until all chains serve."""
+        """Start every process, create the chain table, and wait until all chains serve.
+
+        The spec is checked again first (it is mutable): a bad one raises ``ValueError`` before any
+        directory is made or process spawned."""
+        spec.validate()
         self = cls(spec)
         root = self.root
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"data_dir: {root} exists and is not a directory")
         if (root / "cluster.json").exists():
             old = cls.attach(root)
             if any(_alive(s.get("pid", -1)) for s in old.services.values()):

@@ -20,19 +20,20 @@ import argparse
 
 import torch
 
+from openinfra.bench.args import device_name, positive_int, power_of_two
 from openinfra.bench.harness import BenchResult, copy_bandwidth_gbps, gpu_time_ms, routine
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank (T)")
-    p.add_argument("--hidden", type=int, default=7168, help="hidden size (H)")
-    p.add_argument("--topk", type=int, default=8, help="experts per token (K)")
-    p.add_argument("--experts", type=int, default=256, help="experts (E)")
-    p.add_argument("--ranks", type=int, default=8, help="simulated EP ranks (R)")
-    p.add_argument("--num-warps", type=int, nargs="*", default=[4], help="kernel warps per program (variants)")
-    p.add_argument("--block-groups", type=int, nargs="*", default=[None],
+    p.add_argument("--tokens", type=positive_int, default=4096, help="tokens per rank (T)")
+    p.add_argument("--hidden", type=positive_int, default=7168, help="hidden size (H)")
+    p.add_argument("--topk", type=positive_int, default=8, help="experts per token (K)")
+    p.add_argument("--experts", type=positive_int, default=256, help="experts (E)")
+    p.add_argument("--ranks", type=positive_int, default=8, help="simulated EP ranks (R)")
+    p.add_argument("--num-warps", type=power_of_two, nargs="+", default=[4], help="kernel warps per program (variants)")
+    p.add_argument("--block-groups", type=power_of_two, nargs="*", default=[None],
                    help="permute kernels: 128-channel groups per program, powers of two (variants; default auto = 8)")
-    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # tests smoke-run it on CPU
+    p.add_argument("--device", default="cuda", type=device_name, help=argparse.SUPPRESS)  # tests smoke-run it on CPU
 
 
 @routine("deep_ep", "DeepEP permute / FP8-cast / unpermute kernels: GB/s vs device copy and PyTorch", _add_arguments,

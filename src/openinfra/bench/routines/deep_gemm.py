@@ -27,6 +27,7 @@ import sys
 
 import torch
 
+from openinfra.bench.args import positive_int
 from openinfra.bench.harness import BenchResult, copy_bandwidth_gbps, gpu_time_ms, routine
 
 
@@ -52,7 +53,7 @@ MASKED_GM = [(1, 1024), (2, 512), (4, 256)]
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--m", type=int, nargs="*", default=[64, 128, 4096], help="dense M values")
+    p.add_argument("--m", type=positive_int, nargs="*", default=[64, 128, 4096], help="dense M values")
     p.add_argument("--sweep", action="store_true", help="also time the tuning candidates (tile configs) of every dense shape")
     p.add_argument("--skip-grouped", action="store_true", help="dense shapes only")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and grouped row counts")

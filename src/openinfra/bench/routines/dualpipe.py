@@ -20,6 +20,7 @@ import argparse
 import statistics
 import time
 
+from openinfra.bench.args import positive_float, positive_int
 from openinfra.bench.harness import BenchResult, routine
 
 OURS = ("DualPipeV", "DualPipeV-nooverlap", "DualPipe", "DualPipe-nooverlap")
@@ -27,19 +28,19 @@ TORCH = ("1F1B", "Interleaved1F1B", "ZBV", "torch-DualPipeV")
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pp", type=int, default=2, help="pipeline ranks (even, for DualPipe)")
-    p.add_argument("--ep", type=int, default=2, help="expert-parallel ranks per pipeline rank (MoE model)")
-    p.add_argument("--chunks", type=int, default=8, help="micro-batches per step (even, >= 2*PP)")
+    p.add_argument("--pp", type=positive_int, default=2, help="pipeline ranks (even, for DualPipe)")
+    p.add_argument("--ep", type=positive_int, default=2, help="expert-parallel ranks per pipeline rank (MoE model)")
+    p.add_argument("--chunks", type=positive_int, default=8, help="micro-batches per step (even, >= 2*PP)")
     p.add_argument("--model", choices=("moe", "mlp"), default="moe")
-    p.add_argument("--mb", type=int, default=4, help="micro-batch size")
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--experts", type=int, default=8, help="experts per MoE layer (global)")
-    p.add_argument("--expert-hidden", type=int, default=128)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per schedule (after one warm-up)")
+    p.add_argument("--mb", type=positive_int, default=4, help="micro-batch size")
+    p.add_argument("--seq", type=positive_int, default=64)
+    p.add_argument("--hidden", type=positive_int, default=256)
+    p.add_argument("--experts", type=positive_int, default=8, help="experts per MoE layer (global)")
+    p.add_argument("--expert-hidden", type=positive_int, default=128)
+    p.add_argument("--steps", type=positive_int, default=3, help="timed steps per schedule (after one warm-up)")
     p.add_argument("--schedules", nargs="*", default=list(TORCH + OURS), help="subset to run")
     p.add_argument("--trace-dir", default=None, type=str, help="write our schedules' traces and timelines here")
-    p.add_argument("--timeout", type=float, default=580, help="seconds before the ranks are killed")
+    p.add_argument("--timeout", type=positive_float, default=580, help="seconds before the ranks are killed")
 
 
 def _block(cfg: dict, num_layers: int, ep_group, device, recorder=None, ours: bool = True):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 
+from openinfra.bench.args import fraction, non_negative_float, positive_int
 from openinfra.bench.harness import BenchResult, cpu_time_s, routine
 
 CONFIGS = {"prefill EP32": (288, 8, 4, 32), "decode EP144": (288, 8, 18, 144)}
@@ -28,12 +29,12 @@ GOALS = {"gain_points_avg": 3.0, "moves_ratio": 0.25, "balancedness_loss_points"
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--layers", type=int, default=58, help="MoE layers (default 58, DeepSeek-V3)")
-    p.add_argument("--seeds", type=int, default=3, help="independent load draws per distribution (default 3)")
-    p.add_argument("--drift", type=float, default=0.10, help="load drift for the moves test (default 0.10)")
-    p.add_argument("--budget", type=float, default=0.01, help="balancedness budget of the migration-aware mode (default 0.01)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: leave as is)")
-    p.add_argument("--repeat", type=int, default=5, help="timing repeats (median)")
+    p.add_argument("--layers", type=positive_int, default=58, help="MoE layers (default 58, DeepSeek-V3)")
+    p.add_argument("--seeds", type=positive_int, default=3, help="independent load draws per distribution (default 3)")
+    p.add_argument("--drift", type=non_negative_float, default=0.10, help="load drift for the moves test (default 0.10)")
+    p.add_argument("--budget", type=fraction, default=0.01, help="balancedness budget of the migration-aware mode (default 0.01)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: leave as is)")
+    p.add_argument("--repeat", type=positive_int, default=5, help="timing repeats (median)")
 
 
 def _loads(kind: str, layers: int, experts: int, seed: int):

@@ -17,6 +17,7 @@ import random
 
 import torch
 
+from openinfra.bench.args import positive_float, positive_int
 from openinfra.bench.harness import BenchResult, copy_bandwidth_gbps, gpu_time_ms, routine
 
 
@@ -41,14 +42,14 @@ def _kernel_label(q: torch.Tensor, k_cache: torch.Tensor, cfg, rows: int) -> str
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=int, default=128, help="requests per decode step")
-    p.add_argument("--sq", type=int, nargs="+", default=[1, 2], help="query tokens per request")
-    p.add_argument("--hq", type=int, nargs="+", default=[16, 32, 64, 128], help="query heads (h_kv = 1)")
-    p.add_argument("--sk", type=int, nargs="+", default=[4096, 8192, 16384, 32768], help="mean cache length")
+    p.add_argument("--batch", type=positive_int, default=128, help="requests per decode step")
+    p.add_argument("--sq", type=positive_int, nargs="+", default=[1, 2], help="query tokens per request")
+    p.add_argument("--hq", type=positive_int, nargs="+", default=[16, 32, 64, 128], help="query heads (h_kv = 1)")
+    p.add_argument("--sk", type=positive_int, nargs="+", default=[4096, 8192, 16384, 32768], help="mean cache length")
     p.add_argument("--modes", nargs="+", default=["fixed", "varlen"], choices=["fixed", "varlen"])
     p.add_argument("--configs", nargs="+", default=["0,0,0,0"], type=_config_spec,
                    help="kernel variants block_m,block_n,num_warps,num_stages (0 = the default)")
-    p.add_argument("--parts-per-sm", type=float, nargs="+", default=[1.0],
+    p.add_argument("--parts-per-sm", type=positive_float, nargs="+", default=[1.0],
                    help="multiplier of the default schedule chunks (variants; 0.5 = half as many)")
     p.add_argument("--no-peer", action="store_true", help="skip the plain-PyTorch peer (faster sweeps)")
     p.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=True,

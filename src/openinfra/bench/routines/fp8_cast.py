@@ -16,9 +16,27 @@ from openinfra.bench.harness import BenchResult, copy_bandwidth_gbps, gpu_time_m
 _SHAPES = [(4096, 7168), (8192, 7168), (16384, 2048), (4096, 16384), (128, 7168)]
 
 
+def _variant(text: str) -> str:
+    """``auto`` or ``BLOCK_M:GROUPS:WARPS[:ITERS[:STAGES]]``: the first three are Triton block shapes
+    and a warp count (powers of two), the rest positive counts."""
+    if text == "auto":
+        return text
+    parts = text.split(":")
+    try:
+        if not 3 <= len(parts) <= 5:
+            raise ValueError
+        values = [int(v) for v in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or BLOCK_M:GROUPS:WARPS[:ITERS:STAGES] integers, got {text!r}") from None
+    if any(v < 1 for v in values) or any(v & (v - 1) for v in values[:3]):
+        raise argparse.ArgumentTypeError(
+            f"BLOCK_M, GROUPS and WARPS must be powers of two and ITERS, STAGES >= 1, got {text!r}")
+    return text
+
+
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--variants", nargs="*", default=["auto"],
+        "--variants", nargs="*", default=["auto"], type=_variant,
         help="kernel tiles to time, each BLOCK_M:GROUPS:WARPS[:ITERS:STAGES] (e.g. 8:4:4:4:3), or 'auto' for the default",
     )
     p.add_argument("--ue8m0", action="store_true", help="power-of-two scales")

@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import time
 
+from openinfra.bench.args import positive_int
 from openinfra.bench.harness import BenchResult, routine
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size-mib", type=int, default=256, help="bytes per sequential test, MiB (default 256)")
-    p.add_argument("--meta-ops", type=int, default=2000, help="files per metadata test (default 2000)")
-    p.add_argument("--meta-concurrency", type=int, default=16, help="concurrent metadata requests (default 16)")
+    p.add_argument("--size-mib", type=positive_int, default=256, help="bytes per sequential test, MiB (default 256)")
+    p.add_argument("--meta-ops", type=positive_int, default=2000, help="files per metadata test (default 2000)")
+    p.add_argument("--meta-concurrency", type=positive_int, default=16, help="concurrent metadata requests (default 16)")
     p.add_argument("--no-fsync", action="store_true", help="do not fsync chunk data (dd then skips fdatasync too)")
     p.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL metadata run")
     p.add_argument("--dir", default=None, help="where clusters and dd files go (default: a temp dir)")

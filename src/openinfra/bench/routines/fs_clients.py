@@ -23,23 +23,24 @@ import os
 import random
 import time
 
+from openinfra.bench.args import non_negative_int, positive_int
 from openinfra.bench.harness import BenchResult, routine
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--file-mib", type=int, default=64, help="file for the random reads, MiB (default 64)")
-    p.add_argument("--reads", type=int, default=8000, help="4 KiB random reads per surface (default 8000)")
-    p.add_argument("--ring-entries", type=int, default=256, help="ring entries = reads per batch (default 256)")
-    p.add_argument("--fuse-threads", type=int, default=8, help="threads for the multi-threaded FUSE run (default 8)")
-    p.add_argument("--kv-blocks", type=int, default=1024, help="64 KiB KVCache blocks (default 1024)")
-    p.add_argument("--kv-batch", type=int, default=128, help="blocks per get_into batch (default 128)")
-    p.add_argument("--kv-passes", type=int, default=5, help="warm passes over all blocks; median reported (default 5)")
-    p.add_argument("--tcp-mib", type=int, default=1024, help="bytes for the loopback TCP peer, MiB (default 1024)")
-    p.add_argument("--storage-nodes", type=int, default=3, help="storage processes (default 3)")
-    p.add_argument("--replication", type=int, default=1, help="replicas per chain (default 1)")
+    p.add_argument("--file-mib", type=positive_int, default=64, help="file for the random reads, MiB (default 64)")
+    p.add_argument("--reads", type=positive_int, default=8000, help="4 KiB random reads per surface (default 8000)")
+    p.add_argument("--ring-entries", type=positive_int, default=256, help="ring entries = reads per batch (default 256)")
+    p.add_argument("--fuse-threads", type=positive_int, default=8, help="threads for the multi-threaded FUSE run (default 8)")
+    p.add_argument("--kv-blocks", type=positive_int, default=1024, help="64 KiB KVCache blocks (default 1024)")
+    p.add_argument("--kv-batch", type=positive_int, default=128, help="blocks per get_into batch (default 128)")
+    p.add_argument("--kv-passes", type=positive_int, default=5, help="warm passes over all blocks; median reported (default 5)")
+    p.add_argument("--tcp-mib", type=positive_int, default=1024, help="bytes for the loopback TCP peer, MiB (default 1024)")
+    p.add_argument("--storage-nodes", type=positive_int, default=3, help="storage processes (default 3)")
+    p.add_argument("--replication", type=positive_int, default=1, help="replicas per chain (default 1)")
     p.add_argument("--dir", default=None, help="where the cluster goes (default: a temp dir)")
     p.add_argument("--no-fuse", action="store_true", help="skip the FUSE run (no /dev/fuse here)")
-    p.add_argument("--tree-files", type=int, default=2000,
+    p.add_argument("--tree-files", type=non_negative_int, default=2000,
                    help="files in the tree-delete comparison (0 skips it; default 2000)")
 
 

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import argparse
 
+from openinfra.bench.args import device, positive_int
 from openinfra.bench.harness import BenchResult, cpu_time_s, gpu_time_ms, routine
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", nargs="+", default=None,
                    help="named configs (default: tiny small on CPU, tiny small medium on GPU)")
-    p.add_argument("--batch", type=int, default=None, help="sequences per step (default 8 CPU / 16 GPU)")
-    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128 CPU / 1024 GPU)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when visible)")
+    p.add_argument("--batch", type=positive_int, default=None, help="sequences per step (default 8 CPU / 16 GPU)")
+    p.add_argument("--seq", type=positive_int, default=None, help="tokens per sequence (default 128 CPU / 1024 GPU)")
+    p.add_argument("--device", default=None, type=device, help="cpu or cuda (default: cuda when visible)")
     p.add_argument("--fp8", action="store_true", help="also time the model with gemm='fp8' (Hopper + deep_gemm)")
-    p.add_argument("--repeat", type=int, default=3, help="CPU timing repeats (median)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--repeat", type=positive_int, default=3, help="CPU timing repeats (median)")
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU intra-op threads (default: torch's; 1 gives stable numbers on a shared machine)")
 
 

@@ -25,6 +25,7 @@ import tempfile
 import textwrap
 import time
 
+from openinfra.bench.args import positive_float, positive_int
 from openinfra.bench.harness import BenchResult, routine
 
 _DEFAULT_VENV = os.path.expanduser("~/.cache/openinfra/sp015")
@@ -62,10 +63,10 @@ _GRAYSORT = textwrap.dedent("""
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gib", type=float, default=0.05, help="GraySort input size in GiB (2 for the dataflow.md goal)")
-    p.add_argument("--partitions", type=int, default=None, help="GraySort output partitions (default: 2 x CPUs)")
-    p.add_argument("--workers", type=int, default=None, help="parallel tasks (default: CPUs)")
-    p.add_argument("--readme-rows", type=int, default=1_000_000, help="rows of prices.parquet for the README example")
+    p.add_argument("--gib", type=positive_float, default=0.05, help="GraySort input size in GiB (2 for the dataflow.md goal)")
+    p.add_argument("--partitions", type=positive_int, default=None, help="GraySort output partitions (default: 2 x CPUs)")
+    p.add_argument("--workers", type=positive_int, default=None, help="parallel tasks (default: CPUs)")
+    p.add_argument("--readme-rows", type=positive_int, default=1_000_000, help="rows of prices.parquet for the README example")
     p.add_argument("--workdir", default=None, help="scratch directory on the disk to measure (default: a temp dir)")
     p.add_argument("--smallpond-venv", default=_DEFAULT_VENV, help="venv holding smallpond 0.15 (the peer)")
     p.add_argument("--install-smallpond", action="store_true", help="create that venv with pip if missing")
@@ -74,7 +75,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "from OPENINFRA_FS_MGMTD)")
     p.add_argument("--start-3fs", action="store_true",
                    help="start an embedded 3FS cluster (2 storage nodes, R=1) in the scratch dir for the 3FS run")
-    p.add_argument("--repeat", type=int, default=1,
+    p.add_argument("--repeat", type=positive_int, default=1,
                    help="runs per engine (median reported; engines alternate, so they share the machine's load)")
     p.add_argument("--skip", nargs="*", default=[], choices=["readme", "graysort", "pandas", "smallpond"], help="leave parts out")
 
