@@ -160,7 +160,6 @@ def test_profile_merge_out_is_a_directory(tmp_path):
     (["--checkpoint-dir", "{file}"], ["--checkpoint-dir", "not a directory"]),
     (["--trace-dir", "{file}"], ["--trace-dir", "not a directory"]),
     (["--shards", "{dir}"], ["is a directory"]),
-    (["--ep", "2", "--pp", "2", "--layers", "4"], ["pp=2 with ep=2", "not supported"]),
     (["--ep", "3", "--batch-size", "6"], ["ep=3", "n_routed_experts=8"]),
 ])
 def test_train_flags(tmp_path, a_file, args, needles):

@@ -103,8 +103,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline ranks (DualPipeV); 1 = single process")
     p.add_argument("--ep", type=int, default=1,
                    help="expert-parallel ranks: each holds 1/ep of the routed experts, tokens move by DeepEP "
-                        "dispatch/combine (not with --pp > 1)")
-    p.add_argument("--chunks", type=int, default=0, help="micro-batches per step (default 4*pp, or ep)")
+                        "dispatch/combine; with --pp: pp * ep ranks")
+    p.add_argument("--chunks", type=int, default=0, help="micro-batches per step (default 4*pp, 2*pp*ep with --ep, or ep)")
     p.add_argument("--shards", nargs="*", default=[], help="token shards (.parquet with a tokens column, or .npy)")
     p.add_argument("--checkpoint-dir", default=None)
     p.add_argument("--checkpoint-every", type=int, default=10)

@@ -4,11 +4,12 @@ its routed experts spread over expert-parallel ranks (DeepEP dispatch / combine)
 One function, :func:`train_worker`, is what every rank runs (``torchrun`` on real machines sets
 RANK / WORLD_SIZE; :func:`train` spawns local gloo ranks). With ``pp == ep == 1`` it is the plain
 single-process loop over the same stage code, which is also the oracle the pipelined and the
-expert-parallel runs must match. Expert parallelism (``ep > 1``, :mod:`.expert_parallel`): rank r
-runs micro-batches ``[r * C / ep, (r + 1) * C / ep)`` of the step's C through a replica of the
-non-expert weights and its ``E / ep`` routed experts; replicated gradients and the gates' expert
-loads are summed over the ranks. Pipeline and expert parallelism are not combined yet (one or the
-other).
+expert-parallel runs must match. Expert parallelism (``ep > 1``, :mod:`.expert_parallel`): EP
+index e runs micro-batches ``[e * C / ep, (e + 1) * C / ep)`` of the step's C through a replica of
+the non-expert weights and its ``E / ep`` routed experts; replicated gradients and the gates' expert
+loads are summed over the EP group. Both together: ``pp * ep`` ranks, ranks ``e * pp ... e * pp +
+pp - 1`` are pipeline e (DualPipeV over its share of the micro-batches), and the ranks at one
+pipeline index are an EP group (the same two stages, their experts split ``ep`` ways).
 
 Per step: the batch for ``step`` (recomputable, see :mod:`openinfra.training.data`) is split into
 micro-batches and run through DualPipeV (rank r holds stages r and 2·pp−1−r of a 2·pp-stage cut);
@@ -51,8 +52,8 @@ class TrainConfig:
     lr: float = 3e-3
     seed: int = 0
     pp: int = 1                       # pipeline ranks (DualPipeV); 1 = single process
-    ep: int = 1                       # expert-parallel ranks (DeepEP dispatch/combine); not with pp > 1
-    num_chunks: int = 0               # micro-batches per step; 0 = 2 * pp * 2 when pp > 1, else ep
+    ep: int = 1                       # expert-parallel ranks (DeepEP dispatch/combine); world = pp * ep
+    num_chunks: int = 0               # micro-batches per step; 0 = 4 * pp (2 * pp * ep with ep), or ep
     shards: list[str] = field(default_factory=list)  # token shards (.parquet / .npy); empty = this package's source
     checkpoint_dir: str | None = None
     checkpoint_every: int = 10
@@ -78,10 +79,10 @@ class TrainConfig:
         n_layers = model_cfg.n_layers
         if self.pp > 1 and 2 * self.pp > n_layers:
             raise ValueError(f"pp={self.pp} needs {2 * self.pp} stages but model {self.model!r} has {n_layers} layers")
+        if self.pp > 1 and chunks < 2 * self.pp * self.ep:
+            raise ValueError(f"num_chunks={chunks}: DualPipeV needs >= 2 * pp = {2 * self.pp} micro-batches a pipeline"
+                             + (f", i.e. >= {2 * self.pp * self.ep} for ep={self.ep} pipelines" if self.ep > 1 else ""))
         if self.ep > 1:
-            if self.pp > 1:
-                raise ValueError(f"pp={self.pp} with ep={self.ep}: pipeline and expert parallelism together "
-                                 "are not supported; use one of them")
             if chunks % self.ep:
                 raise ValueError(f"num_chunks={chunks} must be divisible by ep={self.ep} (each rank runs "
                                  "an equal share of the step's micro-batches)")
@@ -96,7 +97,11 @@ class TrainConfig:
         return get_config(self.model, **({"n_layers": self.n_layers} if self.n_layers else {}))
 
     def chunks(self) -> int:
-        return self.num_chunks or (4 * self.pp if self.pp > 1 else self.ep)
+        if self.num_chunks:
+            return self.num_chunks
+        if self.pp == 1:
+            return self.ep
+        return 4 * self.pp if self.ep == 1 else 2 * self.pp * self.ep  # DualPipeV's least a pipeline: 2 * pp
 
 
 @dataclass
@@ -202,23 +207,26 @@ def train_worker(rank: int, world_size: int, cfg: TrainConfig, tokens: torch.Ten
     model_cfg = cfg.model_config()
     model = Transformer(model_cfg)
     group = dist.group.WORLD if world_size > 1 else None
+    pp_index, ep_index, pipe_group, ep_group = _parallel_groups(cfg, rank)
     if cfg.pp == 1:
         modules = split_stages(model, 1)
         pipe = None
-        if cfg.ep > 1:
-            from openinfra.comm.deep_ep import Buffer
-            from openinfra.training.expert_parallel import shard_experts
-
-            shard_experts(modules[0], Buffer(group), rank, cfg.ep)
     else:
         from openinfra.parallel.dualpipe import DualPipeV, ScheduleRecorder
 
-        stages = split_stages(model, 2 * world_size)
-        modules = [stages[rank], stages[2 * world_size - 1 - rank]]
+        stages = split_stages(model, 2 * cfg.pp)
+        modules = [stages[pp_index], stages[2 * cfg.pp - 1 - pp_index]]
         recorder = ScheduleRecorder() if cfg.trace_dir else None
         mb = cfg.batch_size // cfg.chunks()
         pipe = DualPipeV(tuple(modules), p2p_shapes=[(mb, cfg.seq_len, model_cfg.dim)], p2p_dtypes=torch.float32,
-                         recorder=recorder)
+                         recorder=recorder, process_group=pipe_group)
+    if cfg.ep > 1:
+        from openinfra.comm.deep_ep import Buffer
+        from openinfra.training.expert_parallel import shard_experts
+
+        buffer = Buffer(ep_group)
+        for m in modules:
+            shard_experts(m, buffer, ep_index, cfg.ep)
     del model
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -242,25 +250,27 @@ def train_worker(rank: int, world_size: int, cfg: TrainConfig, tokens: torch.Ten
         prof = _profiler() if profile else None
         if prof is not None:
             prof.__enter__()
+        # This EP index's share of the step's micro-batches (all of them when ep == 1).
+        share = cfg.chunks() // cfg.ep
+        mine = slice(ep_index * share, (ep_index + 1) * share)
+        xs, ys = inputs.chunk(cfg.chunks())[mine], targets.chunk(cfg.chunks())[mine]
         if pipe is None:
             loss = torch.zeros(())
-            per_rank = cfg.chunks() // cfg.ep  # this rank's share of the micro-batches (all when ep == 1)
-            mine = slice(rank * per_rank, (rank + 1) * per_rank)
-            for x, y in zip(inputs.chunk(cfg.chunks())[mine], targets.chunk(cfg.chunks())[mine]):
+            for x, y in zip(xs, ys):
                 chunk_loss = criterion(modules[0](x), y)
                 chunk_loss.backward()
                 loss += chunk_loss.detach()
-            if cfg.ep > 1:
-                from openinfra.training.expert_parallel import all_reduce_replicated_grads
-
-                all_reduce_replicated_grads(modules, group)
-                dist.all_reduce(loss, group=group)
         else:
             first = pipe.is_first_rank
-            loss_chunks, _ = pipe.step(inputs if first else None, num_chunks=cfg.chunks(),
-                                       criterion=criterion if first else None, labels=(targets,) if first else ())
+            loss_chunks, _ = pipe.step(torch.cat(xs) if first else None, num_chunks=share,
+                                       criterion=criterion if first else None, labels=(torch.cat(ys),) if first else ())
             loss = loss_chunks.sum().detach() if first else torch.zeros(())
-            dist.broadcast(loss, src=pipe.first_rank)
+            dist.broadcast(loss, src=dist.get_global_rank(pipe_group, pipe.first_rank), group=pipe_group)
+        if cfg.ep > 1:
+            from openinfra.training.expert_parallel import all_reduce_replicated_grads
+
+            all_reduce_replicated_grads(modules, ep_group)
+            dist.all_reduce(loss, group=ep_group)
         opt.step()
         if prof is not None:
             prof.__exit__(None, None, None)
@@ -268,15 +278,16 @@ def train_worker(rank: int, world_size: int, cfg: TrainConfig, tokens: torch.Ten
         for i, gate in enumerate(gates):
             load = gate.load.clone()
             if cfg.ep > 1:  # the bias is replicated: every rank updates it from the whole batch's loads
-                dist.all_reduce(load, group=group)
+                dist.all_reduce(load, group=ep_group)
             load_acc[i] += load.cpu()
             gate.update_bias(cfg.bias_update_rate, load=load)
             gate.reset_load()
         losses.append(float(loss))
         times.append(time.perf_counter() - t0)
         if (step + 1) % cfg.eplb_every == 0:
-            # (with ep > 1 every rank holds the summed loads of the same layers: no gather)
-            plan = _gather_eplb(load_acc, cfg, model_cfg.n_expert_groups, group if cfg.pp > 1 else None)
+            # gathered over the pipeline (its ranks hold different layers); the EP replicas of a
+            # stage hold the same summed loads already
+            plan = _gather_eplb(load_acc, cfg, model_cfg.n_expert_groups, pipe_group)
             if plan is not None:
                 plan["step"] = step
                 eplb.append(plan)
@@ -295,6 +306,19 @@ def train_worker(rank: int, world_size: int, cfg: TrainConfig, tokens: torch.Ten
     return TrainResult(losses, times, tokens_per_s, start, eplb,
                        str(ckpt / f"step_{last_saved:06d}") if ckpt is not None and last_saved is not None else None,
                        final, traces).to_dict()
+
+
+def _parallel_groups(cfg: TrainConfig, rank: int):
+    """``(pipeline index, EP index, pipeline group, EP group)`` of global ``rank``: ranks
+    ``e * pp .. e * pp + pp - 1`` form pipeline e; the ranks at one pipeline index form its EP group.
+    A group is None where its size is 1 (every rank creates every group, in the same order)."""
+    pp_index, ep_index = rank % cfg.pp, rank // cfg.pp
+    if cfg.pp > 1 and cfg.ep > 1:
+        pipes = [dist.new_group([e * cfg.pp + p for p in range(cfg.pp)]) for e in range(cfg.ep)]
+        eps = [dist.new_group([e * cfg.pp + p for e in range(cfg.ep)]) for p in range(cfg.pp)]
+        return pp_index, ep_index, pipes[ep_index], eps[pp_index]
+    world = dist.group.WORLD if cfg.world_size() > 1 else None
+    return pp_index, ep_index, world if cfg.pp > 1 else None, world if cfg.ep > 1 else None
 
 
 def _tokens(cfg: TrainConfig) -> torch.Tensor:
@@ -317,10 +341,13 @@ def _export_final(modules, model_cfg, path: Path, rank: int, group, ep: int = 1)
     if group is not None:
         parts: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(parts, state)
-        if ep > 1:  # replicas of everything but the routed experts, whose stacks are cut by rank
-            state = {k: (torch.cat([p[k] for p in parts]) if ".ffn.experts.w" in k else v) for k, v in parts[0].items()}
-        else:  # pipeline stages: disjoint names
-            state = {k: v for p in parts for k, v in p.items()}
+        # Pipeline stages have disjoint names; EP replicas of a stage share every name, and the
+        # routed experts' stacks are cut by EP index (parts come in global rank order: EP index major).
+        merged: dict[str, list[torch.Tensor]] = {}
+        for p in parts:
+            for k, v in p.items():
+                merged.setdefault(k, []).append(v)
+        state = {k: torch.cat(v) if ep > 1 and ".ffn.experts.w" in k else v[0] for k, v in merged.items()}
     if rank != 0:
         return None
     model = Transformer(model_cfg)
