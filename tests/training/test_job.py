@@ -17,12 +17,15 @@ def _tokens():
 @pytest.mark.distributed
 def test_dualpipev_pp2_matches_single_process():
     tokens = _tokens()
-    single = train(TrainConfig(steps=3, pp=1, **SMALL), tokens)
-    piped = train(TrainConfig(steps=3, pp=2, **SMALL), tokens, timeout=600)
+    single = train(TrainConfig(steps=3, pp=1, eplb_every=3, **SMALL), tokens)
+    piped = train(TrainConfig(steps=3, pp=2, eplb_every=3, **SMALL), tokens, timeout=600)
     assert single["losses"][0] == piped["losses"][0]  # same weights, same batch: bitwise
     # later steps go through AdamW on gradients accumulated in a different order
     assert piped["losses"] == pytest.approx(single["losses"], rel=1e-5)
     assert single["losses"][-1] < single["losses"][0]
+    # the EPLB plan's rows are model layers in order, whichever pipeline rank holds them (rank 0
+    # holds layers 0 and 3, rank 1 layers 1 and 2)
+    assert piped["eplb"][-1]["phy2log"] == single["eplb"][-1]["phy2log"]
 
 
 @pytest.mark.distributed
@@ -41,6 +44,7 @@ def test_expert_parallel_ep2_matches_single_process(tmp_path):
     assert single["losses"][-1] < single["losses"][0]
     assert ep["eplb"][-1]["tokens"] == single["eplb"][-1]["tokens"] > 0
     assert ep["eplb"][-1]["gpu_loads_after"] == single["eplb"][-1]["gpu_loads_after"]
+    assert ep["eplb"][-1]["phy2log"] == single["eplb"][-1]["phy2log"]
     # The export puts every rank's experts back in order. Compared after one step at a learning rate
     # too small to move a weight by 1e-7: after real AdamW steps, weights whose gradients are ~0 move
     # by up to lr either way on rounding noise alone, which would hide nothing and prove nothing.
@@ -62,9 +66,10 @@ def test_pipeline_and_expert_parallel_pp2_ep2_matches_single_process(tmp_path):
     from openinfra.model.loader import load_checkpoint
 
     tokens = _tokens()
-    single = train(TrainConfig(steps=3, pp=1, **SMALL), tokens)
-    both = train(TrainConfig(steps=3, pp=2, ep=2, **SMALL), tokens, timeout=600)
+    single = train(TrainConfig(steps=3, pp=1, eplb_every=3, **SMALL), tokens)
+    both = train(TrainConfig(steps=3, pp=2, ep=2, eplb_every=3, **SMALL), tokens, timeout=600)
     assert both["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    assert both["eplb"][-1]["phy2log"] == single["eplb"][-1]["phy2log"]  # loads summed over EP, in layer order
     kw = dict(SMALL, lr=1e-9)  # (see the ep = 2 test for why the export is compared at a tiny lr)
     a, _ = load_checkpoint(train(TrainConfig(steps=1, checkpoint_dir=str(tmp_path / "one"), **kw), tokens)["final_checkpoint"])
     b, _ = load_checkpoint(train(TrainConfig(steps=1, pp=2, ep=2, checkpoint_dir=str(tmp_path / "both"), **kw), tokens,

@@ -167,7 +167,8 @@ def _load(ckpt: Path, rank: int, modules, opt) -> tuple[int, list, list, list]:
 # --- EPLB ----------------------------------------------------------------------------------------
 
 def _moe_gates(modules: list[TransformerStage]):
-    return [layer.ffn.gate for m in modules for layer in m.layers if layer.is_moe]
+    """``(model layer index, gate)`` of this rank's MoE layers, in module order."""
+    return [(m.start + i, layer.ffn.gate) for m in modules for i, layer in enumerate(m.layers) if layer.is_moe]
 
 
 def _eplb_plan(loads: torch.Tensor, cfg: TrainConfig, n_groups: int) -> dict:
@@ -236,7 +237,8 @@ def train_worker(rank: int, world_size: int, cfg: TrainConfig, tokens: torch.Ten
     start, losses, times, eplb = (0, [], [], [])
     if ckpt is not None and cfg.resume:
         start, losses, times, eplb = _load(ckpt, rank, modules, opt)
-    gates = _moe_gates(modules)
+    moe_gates = _moe_gates(modules)
+    gate_layers, gates = [layer for layer, _ in moe_gates], [gate for _, gate in moe_gates]
     load_acc = torch.zeros(len(gates), model_cfg.n_routed_experts, dtype=torch.int64)
     criterion = chunk_criterion(cfg.chunks())
     traces: list[str] = []
@@ -287,7 +289,7 @@ def train_worker(rank: int, world_size: int, cfg: TrainConfig, tokens: torch.Ten
         if (step + 1) % cfg.eplb_every == 0:
             # gathered over the pipeline (its ranks hold different layers); the EP replicas of a
             # stage hold the same summed loads already
-            plan = _gather_eplb(load_acc, cfg, model_cfg.n_expert_groups, pipe_group)
+            plan = _gather_eplb(load_acc, gate_layers, cfg, model_cfg.n_expert_groups, pipe_group)
             if plan is not None:
                 plan["step"] = step
                 eplb.append(plan)
@@ -325,13 +327,21 @@ def _tokens(cfg: TrainConfig) -> torch.Tensor:
     return read_token_shards(cfg.shards) if cfg.shards else default_corpus_tokens()
 
 
-def _gather_eplb(load_acc: torch.Tensor, cfg: TrainConfig, n_groups: int, group) -> dict | None:
+def _gather_eplb(load_acc: torch.Tensor, layers: list[int], cfg: TrainConfig, n_groups: int, group) -> dict | None:
+    """The EPLB plan (on the group's rank 0) of the loads ``load_acc`` [layers here, E] of model layers
+    ``layers``, gathered over the pipeline ``group``, rows in model layer order (a pipeline rank's
+    stages are not consecutive layers: DualPipeV's rank r holds stages r and 2 * pp - 1 - r)."""
     if group is None:
-        return _eplb_plan(load_acc, cfg, n_groups) if load_acc.numel() else None
-    parts: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, load_acc)
-    loads = torch.cat([p for p in parts if p.numel()], dim=0)
-    return _eplb_plan(loads, cfg, n_groups) if dist.get_rank(group) == 0 and loads.numel() else None
+        rows = [(layer, row) for layer, row in zip(layers, load_acc)]
+    else:
+        parts: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, (layers, load_acc), group=group)
+        if dist.get_rank(group) != 0:
+            return None
+        rows = [(layer, row) for ls, acc in parts for layer, row in zip(ls, acc)]
+    if not rows:
+        return None
+    return _eplb_plan(torch.stack([row for _, row in sorted(rows, key=lambda r: r[0])]), cfg, n_groups)
 
 
 def _export_final(modules, model_cfg, path: Path, rank: int, group, ep: int = 1) -> str | None:
@@ -370,7 +380,7 @@ def _export_traces(prof, pipe, cfg: TrainConfig, rank: int) -> str:
     d.mkdir(parents=True, exist_ok=True)
     path = export_chrome_trace(prof, d / f"train_rank{rank}.json", rank=rank)
     if pipe is not None and pipe.recorder is not None:
-        events = pipe.recorder.gather()  # collective: every rank calls it
+        events = pipe.recorder.gather(pipe.group)  # collective: every rank of this pipeline calls it
         if rank == 0:
             pipe.recorder.to_json(d / "schedule.json", events)
     return str(path)
