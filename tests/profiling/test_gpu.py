@@ -32,9 +32,11 @@ def test_gpu_trace_of_a_model_step(tmp_path):
           f"host phases {sorted(k for k in host.phases)[:8]}")
     assert r.source == "device" and 0 < r.compute_us <= dev.window_us
     # one GPU, no NCCL: the only communication is the MoE dispatch/combine phases (their GPU-side
-    # ranges), which run in line with compute, so all of it counts as overlapped
+    # ranges, on the compute stream's lane), which run in line with compute: nothing is hidden
+    # (compute on a communication's own lane does not hide it; changed 2026-11-30 without a GPU run:
+    # it relies on Kineto putting GPU-side annotations on their stream's row, as it does for kernels)
     kinds = {(iv.kind, iv.source) for iv in ivs if iv.device}
     assert ("comm", "kernel") not in kinds and ("comm", "annotation") in kinds
-    assert r.comm_us > 0 and r.overlap_us == pytest.approx(r.comm_us)
+    assert r.comm_us > 0 and r.overlap_us == 0
     assert {"F", "B", "attn", "mlp", "dispatch", "combine"} <= set(host.phases)
     assert plot_timeline(trace, tmp_path / "gpu.png").stat().st_size > 2000

@@ -45,6 +45,20 @@ def test_known_overlap_bubble_and_idle(tmp_path):
     assert "bubble 35.7%" in text and "50.0% of communication hidden" in text
 
 
+def test_communication_inside_compute_on_its_own_lane_is_not_hidden(tmp_path):
+    """A blocking collective inside a compute phase of the same thread is the phase waiting for it:
+    exposed. The same collective on another thread under that phase is hidden."""
+    same = write_chrome_trace([_ev("F", 0, 100, 1), _ev("dispatch", 20, 30, 1), _ev("combine", 60, 10, 1)],
+                              tmp_path / "same.json", ranks={1: 0})
+    r = summarize(same).ranks[0]
+    assert (r.compute_us, r.comm_us, r.overlap_us, r.exposed_comm_us) == (100, 40, 0, 40)
+    mixed = write_chrome_trace([_ev("F", 0, 100, 1), _ev("dispatch", 20, 30, 1), _ev("combine", 60, 10, 1, tid=2),
+                                _ev("recv", 90, 20, 1, tid=2)], tmp_path / "mixed.json", ranks={1: 0})
+    r = summarize(mixed).ranks[0]
+    # combine [60, 70) and recv [90, 100) lie under F on another thread; dispatch is F's own wait
+    assert (r.comm_us, r.overlap_us) == (60, 20) and r.overlap_fraction == pytest.approx(1 / 3)
+
+
 def test_compute_basis_without_pipeline_phases_and_no_comm(tmp_path):
     p = write_chrome_trace([_ev("attn", 0, 10, 1), _ev("mlp", 20, 10, 1)], tmp_path / "c.json", ranks={1: 0})
     s = summarize(p)

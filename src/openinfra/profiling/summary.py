@@ -5,8 +5,11 @@ count twice):
 
 - window: from the first to the last counted event over all ranks (the step as a whole);
 - compute / comm: time a rank spends in at least one compute / communication interval;
-- overlap: time in both; ``overlap_fraction = overlap / comm`` (the share of communication hidden
-  under compute; 1.0 = fully overlapped); exposed comm = comm - overlap;
+- overlap: communication time during which compute runs *on another lane* (thread or stream);
+  ``overlap_fraction = overlap / comm`` (the share of communication hidden under compute; 1.0 =
+  fully overlapped); exposed comm = comm - overlap. Compute on the communication's own lane does
+  not hide it: there a communication interval inside a compute interval (a blocking collective
+  called from inside an F phase, say) is that phase waiting for it;
 - idle: window - time in any counted interval;
 - bubble: per rank, ``1 - pipeline_busy / pipeline_window`` where pipeline_busy is the time in
   DualPipe's F/B/W phases and pipeline_window spans every rank's first to last F/B/W; when a trace
@@ -48,20 +51,36 @@ def union_length(spans: Iterable[tuple[float, float]]) -> float:
     return sum(b - a for a, b in _merged(spans))
 
 
-def intersection_length(xs: Iterable[tuple[float, float]], ys: Iterable[tuple[float, float]]) -> float:
-    """Length covered by both span sets (each first merged into a union)."""
+def _intersection(xs: Iterable[tuple[float, float]], ys: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The spans covered by both span sets (each first merged into a union)."""
     a, b = _merged(xs), _merged(ys)
     i = j = 0
-    total = 0.0
+    out = []
     while i < len(a) and j < len(b):
         lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
         if hi > lo:
-            total += hi - lo
+            out.append((lo, hi))
         if a[i][1] < b[j][1]:
             i += 1
         else:
             j += 1
-    return total
+    return out
+
+
+def intersection_length(xs: Iterable[tuple[float, float]], ys: Iterable[tuple[float, float]]) -> float:
+    """Length covered by both span sets (each first merged into a union)."""
+    return sum(b - a for a, b in _intersection(xs, ys))
+
+
+def _hidden_comm(ivs: list[Interval]) -> float:
+    """Length of communication time covered by compute on another lane (see the module docstring)."""
+    lanes = {iv.lane for iv in ivs if iv.kind == "comm"}
+    pieces: list[tuple[float, float]] = []
+    for lane in lanes:
+        comm = [(iv.start_us, iv.end_us) for iv in ivs if iv.kind == "comm" and iv.lane == lane]
+        other = [(iv.start_us, iv.end_us) for iv in ivs if iv.kind == "compute" and iv.lane != lane]
+        pieces += _intersection(comm, other)
+    return union_length(pieces)
 
 
 @dataclass
@@ -163,7 +182,7 @@ def summarize(trace: Trace | str | os.PathLike | list, source: Source = "auto", 
         for iv in ivs:
             if iv.phase is not None:
                 by_phase.setdefault(iv.phase, []).append((iv.start_us, iv.end_us))
-        rows.append(RankSummary(r, used, union_length(comp), union_length(comm), intersection_length(comp, comm), busy,
+        rows.append(RankSummary(r, used, union_length(comp), union_length(comm), _hidden_comm(ivs), busy,
                                 window - busy, bubble, pipe_busy,
                                 {k: union_length(v) for k, v in sorted(by_phase.items())}))
     phases: dict[str, dict[str, float]] = {}

@@ -1,5 +1,7 @@
-"""The demo's train stage: the tiny model on the data stage's shards, DualPipeV over 2 gloo ranks,
-EPLB plans from the observed expert loads, checkpoints (copied to 3FS when the cluster runs)."""
+"""The demo's train stage: the tiny model on the data stage's shards on 4 gloo ranks -- two DualPipeV
+pipelines of 2 ranks, the routed experts of each pipeline stage split over 2 expert-parallel ranks
+(DeepEP dispatch/combine) -- with EPLB plans from the observed expert loads and checkpoints (copied
+to 3FS when the cluster runs)."""
 
 from __future__ import annotations
 
@@ -48,10 +50,11 @@ def run_stage(ctx) -> dict[str, object]:
     ckpt = ctx.data_dir / "train" / "checkpoints"
     traces = ctx.data_dir / "train" / "traces"
     cfg = TrainConfig(model="tiny", n_layers=4, steps=6 if ctx.quick else 40, batch_size=8, seq_len=64, lr=3e-3,
-                      pp=2, num_chunks=8, checkpoint_dir=str(ckpt), checkpoint_every=5 if ctx.quick else 20,
+                      pp=2, ep=2, num_chunks=8, checkpoint_dir=str(ckpt), checkpoint_every=5 if ctx.quick else 20,
                       eplb_every=3 if ctx.quick else 10, ep_gpus=4, ep_redundant=4,
                       trace_dir=str(traces))
-    ctx.log(f"training on {source}: {cfg.steps} steps, DualPipeV over {cfg.pp} ranks, {cfg.chunks()} micro-batches")
+    ctx.log(f"training on {source}: {cfg.steps} steps, {cfg.ep} DualPipeV pipelines of {cfg.pp} ranks, experts over "
+            f"{cfg.ep} EP ranks (DeepEP), {cfg.chunks()} micro-batches")
     result = train(cfg, tokens)
     (ctx.data_dir / "train.json").write_text(json.dumps(result, indent=1))
     losses = result["losses"]
@@ -61,6 +64,7 @@ def run_stage(ctx) -> dict[str, object]:
         ctx.log(f"step {step:3d} loss {losses[step]:.3f}")
     summary = {
         "loss": f"{losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps",
+        "parallelism": f"pp {cfg.pp} x ep {cfg.ep} gloo ranks (DualPipeV, DeepEP dispatch/combine)",
         "tokens/s": f"{result['tokens_per_s']:,.0f}",
         "checkpoint": remote or result["final_checkpoint"],
         "checkpoint_local": result["final_checkpoint"],
