@@ -36,7 +36,7 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("cluster", "start an embedded 3FS cluster (mgmtd, meta, storage chains) on loopback", "openinfra.fs.demo_stage"),
     Stage("data", "smallpond: corpus -> tokenized, deduplicated, shuffled shards on 3FS", "openinfra.smallpond.demo_stage"),
-    Stage("train", "train a small DeepSeek-V3 with DualPipeV, gate balancing and EPLB plans; checkpoints to 3FS", "openinfra.training.demo_stage"),
+    Stage("train", "train a small DeepSeek-V3 with DualPipeV and DeepEP expert parallelism, gate balancing and EPLB plans; checkpoints to 3FS", "openinfra.training.demo_stage"),
     Stage("serve", "batched generation with a paged MLA KV cache and prefix KVCache on 3FS", "openinfra.serving.demo_stage"),
     Stage("report", "cost-vs-income table, throughput, balance, bubble and overlap pictures", "openinfra.serving.report_stage"),
 )
