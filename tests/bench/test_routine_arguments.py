@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from openinfra.bench import args as bench_args
+from openinfra import argtypes as bench_args
 from openinfra.cli import build_parser
 
 pytestmark = pytest.mark.unit

@@ -28,13 +28,27 @@ def test_dualpipev_pp2_matches_single_process():
     assert piped["eplb"][-1]["phy2log"] == single["eplb"][-1]["phy2log"]
 
 
+def _assert_export_equals_single_run(tmp_path, tokens, kw: dict, **parallel) -> None:
+    """The final export of a parallel run puts every stage and every rank's experts back in place.
+    Compared after one step at a learning rate too small to move a weight by 1e-7: after real AdamW
+    steps, weights whose gradients are ~0 move by up to lr either way on rounding noise alone."""
+    from openinfra.model.loader import load_checkpoint
+
+    kw = dict(kw, lr=1e-9)
+    a, _ = load_checkpoint(train(TrainConfig(steps=1, checkpoint_dir=str(tmp_path / "one"), **kw), tokens)["final_checkpoint"])
+    b, _ = load_checkpoint(train(TrainConfig(steps=1, checkpoint_dir=str(tmp_path / "parallel"), **parallel, **kw), tokens,
+                                 timeout=600)["final_checkpoint"])
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=1e-7, msg=k)
+
+
 @pytest.mark.distributed
 def test_expert_parallel_ep2_matches_single_process(tmp_path):
     """ep = 2 gloo ranks, each with half the routed experts and half of every step's micro-batches,
     tokens moved by DeepEP dispatch / combine: the same losses as one process on the whole batch
     (same micro-batches), the same EPLB loads, and a final checkpoint with every expert in place."""
-    from openinfra.model.loader import load_checkpoint
-
     tokens = _tokens()
     kw = dict(SMALL, num_chunks=2, eplb_every=3)
     single = train(TrainConfig(steps=3, pp=1, **kw), tokens)
@@ -45,17 +59,7 @@ def test_expert_parallel_ep2_matches_single_process(tmp_path):
     assert ep["eplb"][-1]["tokens"] == single["eplb"][-1]["tokens"] > 0
     assert ep["eplb"][-1]["gpu_loads_after"] == single["eplb"][-1]["gpu_loads_after"]
     assert ep["eplb"][-1]["phy2log"] == single["eplb"][-1]["phy2log"]
-    # The export puts every rank's experts back in order. Compared after one step at a learning rate
-    # too small to move a weight by 1e-7: after real AdamW steps, weights whose gradients are ~0 move
-    # by up to lr either way on rounding noise alone, which would hide nothing and prove nothing.
-    kw = dict(kw, lr=1e-9)
-    a, _ = load_checkpoint(train(TrainConfig(steps=1, checkpoint_dir=str(tmp_path / "one"), **kw), tokens)["final_checkpoint"])
-    b, _ = load_checkpoint(train(TrainConfig(steps=1, ep=2, checkpoint_dir=str(tmp_path / "ep"), **kw), tokens,
-                                 timeout=600)["final_checkpoint"])
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=1e-7, msg=k)
+    _assert_export_equals_single_run(tmp_path, tokens, kw, ep=2)
 
 
 @pytest.mark.distributed
@@ -63,21 +67,12 @@ def test_pipeline_and_expert_parallel_pp2_ep2_matches_single_process(tmp_path):
     """4 gloo ranks: two DualPipeV pipelines of 2 ranks, each pipeline index an EP group of 2 (the
     same stages, experts split): the same losses as one process over the same 8 micro-batches, and
     a final checkpoint with every stage and expert in place."""
-    from openinfra.model.loader import load_checkpoint
-
     tokens = _tokens()
     single = train(TrainConfig(steps=3, pp=1, eplb_every=3, **SMALL), tokens)
     both = train(TrainConfig(steps=3, pp=2, ep=2, eplb_every=3, **SMALL), tokens, timeout=600)
     assert both["losses"] == pytest.approx(single["losses"], rel=1e-5)
     assert both["eplb"][-1]["phy2log"] == single["eplb"][-1]["phy2log"]  # loads summed over EP, in layer order
-    kw = dict(SMALL, lr=1e-9)  # (see the ep = 2 test for why the export is compared at a tiny lr)
-    a, _ = load_checkpoint(train(TrainConfig(steps=1, checkpoint_dir=str(tmp_path / "one"), **kw), tokens)["final_checkpoint"])
-    b, _ = load_checkpoint(train(TrainConfig(steps=1, pp=2, ep=2, checkpoint_dir=str(tmp_path / "both"), **kw), tokens,
-                                 timeout=600)["final_checkpoint"])
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=1e-7, msg=k)
+    _assert_export_equals_single_run(tmp_path, tokens, SMALL, pp=2, ep=2)
 
 
 @pytest.mark.unit

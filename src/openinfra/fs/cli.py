@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from openinfra.argtypes import non_negative_float
+
 __all__ = ["register"]
 
 DEFAULT_DIR = ".openinfra/fs"
@@ -30,16 +32,6 @@ def _size(text: str) -> int:
         return int(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a size like 1048576, 512K or 1M, got {text!r}") from None
-
-
-def _non_negative(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
-    return v
 
 
 def _cluster(args):
@@ -216,7 +208,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sp.add_argument("--data-dir", default=DEFAULT_DIR, help=f"cluster directory (default {DEFAULT_DIR})")
         if client:
             sp.add_argument("--mgmtd", default=None, help="mgmtd address(es) host:port[,host:port] instead of --data-dir")
-            sp.add_argument("--retry", type=_non_negative, default=30.0, help="seconds to keep retrying through failovers")
+            sp.add_argument("--retry", type=non_negative_float, default=30.0, help="seconds to keep retrying through failovers")
         sp.set_defaults(func=_guard(fn))
         return sp
 
@@ -248,7 +240,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("state", choices=["serving", "syncing", "waiting", "lastsrv", "offline"])
     asub.add_parser("gc", help="run one metadata GC pass on every meta process now", parents=[here])
     w = asub.add_parser("wait-healthy", help="wait until every target serves", parents=[here])
-    w.add_argument("--timeout", type=_non_negative, default=60.0)
+    w.add_argument("--timeout", type=non_negative_float, default=60.0)
     add("ls", _ls, "list a directory", client=True).add_argument("path", nargs="?", default="/")
     sp = add("put", _put, "copy a local file into the cluster", client=True)
     sp.add_argument("local")

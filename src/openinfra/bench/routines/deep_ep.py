@@ -20,7 +20,7 @@ import argparse
 
 import torch
 
-from openinfra.bench.args import device_name, positive_int, power_of_two
+from openinfra.argtypes import device_name, positive_int, power_of_two
 from openinfra.bench.harness import BenchResult, copy_bandwidth_gbps, gpu_time_ms, routine
 
 

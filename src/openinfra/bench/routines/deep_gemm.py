@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from openinfra.bench.args import positive_int
+from openinfra.argtypes import positive_int
 from openinfra.bench.harness import BenchResult, copy_bandwidth_gbps, gpu_time_ms, routine
 
 

@@ -20,7 +20,7 @@ import argparse
 import statistics
 import time
 
-from openinfra.bench.args import positive_float, positive_int
+from openinfra.argtypes import positive_float, positive_int
 from openinfra.bench.harness import BenchResult, routine
 
 OURS = ("DualPipeV", "DualPipeV-nooverlap", "DualPipe", "DualPipe-nooverlap")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 
-from openinfra.bench.args import fraction, non_negative_float, positive_int
+from openinfra.argtypes import fraction, non_negative_float, positive_int
 from openinfra.bench.harness import BenchResult, cpu_time_s, routine
 
 CONFIGS = {"prefill EP32": (288, 8, 4, 32), "decode EP144": (288, 8, 18, 144)}

@@ -17,7 +17,7 @@ import random
 
 import torch
 
-from openinfra.bench.args import positive_float, positive_int
+from openinfra.argtypes import positive_float, positive_int
 from openinfra.bench.harness import BenchResult, copy_bandwidth_gbps, gpu_time_ms, routine
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from openinfra.bench.args import positive_int
+from openinfra.argtypes import positive_int
 from openinfra.bench.harness import BenchResult, routine
 
 

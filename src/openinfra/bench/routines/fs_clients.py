@@ -23,7 +23,7 @@ import os
 import random
 import time
 
-from openinfra.bench.args import non_negative_int, positive_int
+from openinfra.argtypes import non_negative_int, positive_int
 from openinfra.bench.harness import BenchResult, routine
 
 

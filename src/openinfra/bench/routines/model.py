@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from openinfra.bench.args import device, positive_int
+from openinfra.argtypes import device, positive_int
 from openinfra.bench.harness import BenchResult, cpu_time_s, gpu_time_ms, routine
 
 

@@ -25,7 +25,7 @@ import tempfile
 import textwrap
 import time
 
-from openinfra.bench.args import positive_float, positive_int
+from openinfra.argtypes import positive_float, positive_int
 from openinfra.bench.harness import BenchResult, routine
 
 _DEFAULT_VENV = os.path.expanduser("~/.cache/openinfra/sp015")

@@ -1,6 +1,6 @@
-"""argparse ``type=`` helpers for the routines' options: a bad value is an argparse error naming the
-flag (``argument --tokens: expected an integer >= 1, got '0'``, exit status 2), not a traceback
-or a run that silently does something else. Each returns what ``int`` / ``float`` / ``str``
+"""argparse ``type=`` helpers for command options (the bench routines', ``openinfra fs``'s): a bad
+value is an argparse error naming the flag (``argument --tokens: expected an integer >= 1, got
+'0'``, exit status 2), not a traceback or a run that silently does something else. Each returns what ``int`` / ``float`` / ``str``
 would, so valid input behaves as before."""
 
 from __future__ import annotations
