@@ -10,14 +10,15 @@
 
 Any other name is allowed (it shows on the timeline and in the per-phase table) but counts as
 neither. Outside a profiler the range costs one C++ call, so the annotations stay on in production.
+
+PyTorch is imported on the first ``phase(...)``, not with this module: reading and summarizing
+traces (``openinfra profile ...``) needs no torch.
 """
 
 from __future__ import annotations
 
 import contextlib
 from typing import Iterator
-
-import torch
 
 __all__ = ["phase", "PHASE_PREFIX", "COMPUTE_PHASES", "COMM_PHASES", "PIPELINE_PHASES", "phase_name", "parse_phase"]
 
@@ -50,6 +51,8 @@ def parse_phase(event_name: str) -> str | None:
 @contextlib.contextmanager
 def phase(name: str, tag: str | int | None = None) -> Iterator[None]:
     """Annotate the enclosed code as phase ``name`` (optionally tagged, e.g. with a micro-batch id)."""
+    import torch.profiler  # lazily: see the module docstring
+
     full = phase_name(name) if tag is None else f"{phase_name(name)}:{tag}"
     with torch.profiler.record_function(full):
         yield

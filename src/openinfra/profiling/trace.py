@@ -8,6 +8,10 @@ layout :func:`merge_traces` writes), a top-level ``openinfra_rank``, a ``rank<N>
 and last the file's position in the list.
 
 Each interval is classified ``compute``, ``comm`` or ``other`` (see :func:`classify`).
+
+A malformed trace (an event that is not an object, an ``X`` event without a numeric ``ts`` and
+``dur``, a negative duration, an unpaired ``B``/``E``, a non-integer rank) raises ``ValueError``
+naming the file and the event's index. PyTorch is imported only by the recording functions.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ import contextlib
 import dataclasses
 import gzip
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily, by the recording functions only
+    import torch
 
 from openinfra.profiling.annotate import COMM_PHASES, COMPUTE_PHASES, parse_phase
 
@@ -133,31 +139,61 @@ def _pid_ranks(events: list[dict]) -> dict[object, int]:
     out = {}
     for e in events:
         if e.get("ph") == "M" and e.get("name") == "process_name":
-            m = _RANK_NAME_RE.search(str(e.get("args", {}).get("name", "")))
+            args = e.get("args")
+            m = _RANK_NAME_RE.search(str(args.get("name", ""))) if isinstance(args, dict) else None
             if m:
                 out[e.get("pid")] = int(m.group(1))
     return out
 
 
+def _number(path: Path, where: str, value: object, what: str) -> float:
+    """``value`` as a finite float, or ValueError naming the file, the event and the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{path}: not a valid trace: {where}: {what} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except ValueError:
+        raise ValueError(f"{path}: not a valid trace: {where}: {what} must be a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise ValueError(f"{path}: not a valid trace: {where}: {what} must be finite, got {value!r}")
+    return out
+
+
+def _rank_field(path: Path, value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{path}: not a valid trace: {what} must be a rank (an integer >= 0), got {value!r}")
+    return value
+
+
+def _check_events(events: list, path: Path) -> None:
+    """Every event an object, with scalar ``pid``/``tid`` (they key dictionaries)."""
+    for i, e in enumerate(events):
+        if not isinstance(e, dict):
+            raise ValueError(f"{path}: not a valid trace: event {i}: expected an object, got {type(e).__name__} {e!r:.80}")
+        for key in ("pid", "tid", "ph", "name", "cat"):
+            if isinstance(e.get(key), (dict, list)):
+                raise ValueError(f"{path}: not a valid trace: event {i}: {key} must be a string or a number, got {e[key]!r:.80}")
+
+
 def _events_to_intervals(data: dict, default_rank: int, path: Path,
                          steps: dict[int, dict[int, tuple[float, float]]] | None = None) -> dict[int, list[Interval]]:
     events = data["traceEvents"]
-    base_us = float(data.get("baseTimeNanoseconds", 0)) / 1e3  # aligns files of different processes
+    _check_events(events, path)
+    # aligns files of different processes
+    base_us = _number(path, "trace", data.get("baseTimeNanoseconds", 0), "baseTimeNanoseconds") / 1e3
     file_rank = None
     if isinstance(data.get("distributedInfo"), dict) and "rank" in data["distributedInfo"]:
-        file_rank = int(data["distributedInfo"]["rank"])
+        file_rank = _rank_field(path, data["distributedInfo"]["rank"], "distributedInfo.rank")
     elif "openinfra_rank" in data:
-        file_rank = int(data["openinfra_rank"])
+        file_rank = _rank_field(path, data["openinfra_rank"], "openinfra_rank")
     pid_rank = {} if file_rank is not None else _pid_ranks(events)
     if file_rank is None and not pid_rank:
         m = _RANK_NAME_RE.search(path.name)
         file_rank = int(m.group(1)) if m else default_rank
     out: dict[int, list[Interval]] = {}
-    open_b: dict[tuple, list[dict]] = {}
+    open_b: dict[tuple, list[tuple[int, dict, float]]] = {}
 
     def add(e: dict, start: float, dur: float) -> None:
-        if dur < 0:
-            raise ValueError(f"{path}: event {e.get('name')!r} has negative duration {dur}")
         rank = file_rank if file_rank is not None else pid_rank.get(e.get("pid"))
         if rank is None:
             return  # a process that is not a rank (torch's "Spans" / "Traces" rows)
@@ -172,23 +208,38 @@ def _events_to_intervals(data: dict, default_rank: int, path: Path,
         lane = f"{e.get('pid')}:{e.get('tid')}"
         device = str(e.get("cat", "")) in _DEVICE_CATS
         out.setdefault(rank, []).append(
-            Interval(rank, str(e["name"]), base_us + start, base_us + start + dur, kind, ph, source, lane, device))
+            Interval(rank, str(e.get("name", "")), base_us + start, base_us + start + dur, kind, ph, source, lane, device))
 
-    for e in events:
+    def field_(i: int, e: dict, key: str) -> float:
+        where = f"event {i} ({e.get('ph')!r} {str(e.get('name', ''))[:60]!r})"
+        if key not in e:
+            raise ValueError(f"{path}: not a valid trace: {where}: no {key!r} field")
+        return _number(path, where, e[key], repr(key))
+
+    for i, e in enumerate(events):
         kind = e.get("ph")
-        try:
-            if kind == "X":
-                add(e, float(e["ts"]), float(e.get("dur", 0.0)))
-            elif kind == "B":
-                open_b.setdefault((e.get("pid"), e.get("tid")), []).append(e)
-            elif kind == "E":
-                stack = open_b.get((e.get("pid"), e.get("tid")))
-                if not stack:
-                    raise ValueError(f"{path}: 'E' event at ts={e.get('ts')} without a matching 'B'")
-                b = stack.pop()
-                add(b, float(b["ts"]), float(e["ts"]) - float(b["ts"]))
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: malformed event {e!r}: {exc}") from None
+        if kind == "X":
+            ts, dur = field_(i, e, "ts"), field_(i, e, "dur")
+            if dur < 0:
+                raise ValueError(f"{path}: not a valid trace: event {i} ({str(e.get('name', ''))[:60]!r}): negative duration {e['dur']!r}")
+            add(e, ts, dur)
+        elif kind == "B":
+            open_b.setdefault((e.get("pid"), e.get("tid")), []).append((i, e, field_(i, e, "ts")))
+        elif kind == "E":
+            end = field_(i, e, "ts")
+            stack = open_b.get((e.get("pid"), e.get("tid")))
+            if not stack:
+                raise ValueError(f"{path}: not a valid trace: event {i}: 'E' event at ts={e.get('ts')} without a matching 'B'")
+            j, b, start = stack.pop()
+            if end < start:
+                raise ValueError(f"{path}: not a valid trace: event {i}: 'E' at ts={e['ts']!r} ends before its 'B' (event {j}, "
+                                 f"ts={b['ts']!r}): negative duration")
+            add(b, start, end - start)
+    unclosed = sorted(j for stack in open_b.values() for j, _, _ in stack)
+    if unclosed:
+        j = unclosed[0]
+        raise ValueError(f"{path}: not a valid trace: event {j}: 'B' event {str(events[j].get('name', ''))[:60]!r} without a matching 'E'"
+                         + (f" (and {len(unclosed) - 1} more)" if len(unclosed) > 1 else ""))
     return out
 
 
@@ -242,6 +293,9 @@ def record_trace(path: str | os.PathLike, rank: int | None = None, record_shapes
 
     ``rank`` defaults to torch.distributed's rank when it is initialized.
     """
+    import torch.distributed
+    import torch.profiler
+
     if rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
         rank = torch.distributed.get_rank()
     activities = [torch.profiler.ProfilerActivity.CPU]

@@ -29,12 +29,17 @@ def format_stats(stats: dict) -> str:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from .timeline import pipeline_report
+    from openinfra.cli import picture_path
 
     try:
-        stats = pipeline_report(args.trace, args.png)
+        # a directory is refused, a name without a suffix reported as the NAME.png matplotlib writes
+        png = None if args.png is None else picture_path("--png", args.png)
+        from .timeline import pipeline_report
+
+        stats = pipeline_report(args.trace, png)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"openinfra profile pipeline: {exc}", file=sys.stderr)
+        msg = f"--png {args.png}: {exc}" if str(exc).startswith("Format ") else str(exc)
+        print(f"openinfra profile pipeline: {msg}", file=sys.stderr)
         return 2
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0

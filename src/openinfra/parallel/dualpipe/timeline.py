@@ -11,12 +11,17 @@ a rank's idle time is the window minus the union of its compute intervals (F, B,
 waiting for a peer, p2p time and the ramp up/down all count as bubble. Bubble, formula: the
 README's per-rank expression evaluated with the mean F, B, W and F&B durations of the same
 trace, as a fraction of (formula bubble + the rank's mean busy time).
+
+A malformed trace (an event that is not an object, lacks ``rank``/``kind``/``start_us``/``end_us``,
+has a field of the wrong type, ends before it starts, or is an F/B/F&B chunk without its module 0
+or 1) raises ``ValueError`` naming the file and the event's index.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -27,8 +32,60 @@ from .schedule import bubble_formula
 __all__ = ["load_trace", "bubble_stats", "draw_timeline", "pipeline_report"]
 
 
+_OPTIONAL = {"module": None, "chunk": None, "module_b": None, "chunk_b": None, "peer": None, "nbytes": 0, "phase": 0,
+             "zb": False}
+
+
+def _bad(path: Path, i: int, e: dict, msg: str) -> ValueError:
+    kind = e.get("kind", e.get("cat"))
+    return ValueError(f"{path}: not a valid trace: event {i}" + (f" ({kind!r})" if isinstance(kind, str) else "") + f": {msg}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_events(path: Path, events: Any, where: str = "events") -> list[dict[str, Any]]:
+    """The schedule events, each checked for what :func:`bubble_stats` and :func:`draw_timeline` read."""
+    if not isinstance(events, list):
+        raise ValueError(f"{path}: not a valid trace: '{where}' must be a list of events, got {type(events).__name__}")
+    for i, e in enumerate(events):
+        if not isinstance(e, dict):
+            raise ValueError(f"{path}: not a valid trace: event {i}: expected an object, got {type(e).__name__} {e!r:.80}")
+        missing = [k for k in ("rank", "kind", "start_us", "end_us") if k not in e]
+        if missing:
+            raise _bad(path, i, e, f"missing {', '.join(map(repr, missing))}")
+        if not _is_int(e["rank"]) or e["rank"] < 0:
+            raise _bad(path, i, e, f"'rank' must be an integer >= 0, got {e['rank']!r}")
+        if not isinstance(e["kind"], str):
+            raise _bad(path, i, e, f"'kind' must be a string, got {e['kind']!r}")
+        for k in ("start_us", "end_us"):
+            v = e[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise _bad(path, i, e, f"{k!r} must be a finite number, got {v!r}")
+        if e["end_us"] < e["start_us"]:
+            raise _bad(path, i, e, f"negative duration (end_us {e['end_us']!r} < start_us {e['start_us']!r})")
+        for k in ("chunk", "chunk_b", "peer", "module", "module_b"):
+            if e.get(k) is not None and not _is_int(e[k]):
+                raise _bad(path, i, e, f"{k!r} must be an integer or null, got {e[k]!r}")
+        for k in ("nbytes", "phase"):
+            if k in e and not _is_int(e[k]):
+                raise _bad(path, i, e, f"{k!r} must be an integer, got {e[k]!r}")
+        if "zb" in e and not isinstance(e["zb"], bool):
+            raise _bad(path, i, e, f"'zb' must be true or false, got {e['zb']!r}")
+        for k, default in _OPTIONAL.items():  # what ScheduleEvent defaults them to (bubble_stats matches zb=False)
+            e.setdefault(k, default)
+        need = {"F": ("module",), "B": ("module",), "F&B": ("module", "module_b")}.get(e["kind"], ())
+        for k in need:
+            if e.get(k) not in (0, 1):
+                raise _bad(path, i, e, f"a {e['kind']} chunk needs {k!r} 0 or 1, got {e.get(k)!r}")
+    return events
+
+
 def load_trace(path: str | Path) -> dict[str, Any]:
-    """Our trace JSON (``{"meta", "events"}``), also accepting its Chrome-trace form (``.gz`` too)."""
+    """Our trace JSON (``{"meta", "events"}``), also accepting its Chrome-trace form (``.gz`` too).
+
+    Raises ``ValueError`` naming the file (and the event's index) when the trace is malformed."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"trace file not found: {path}")
@@ -38,19 +95,44 @@ def load_trace(path: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError, gzip.BadGzipFile) as exc:
         raise ValueError(f"{path} is not JSON: {exc}") from None
     if isinstance(data, dict) and "events" in data:
+        if not isinstance(data.get("meta", {}), dict):
+            raise ValueError(f"{path}: not a valid trace: 'meta' must be an object, got {type(data['meta']).__name__}")
+        _check_events(path, data["events"])
         return data
     if isinstance(data, dict) and "traceEvents" in data:
-        events = []
-        for e in data["traceEvents"]:
+        if not isinstance(data["traceEvents"], list):
+            raise ValueError(f"{path}: not a valid trace: 'traceEvents' must be a list, got {type(data['traceEvents']).__name__}")
+        if not isinstance(data.get("otherData", {}), dict):
+            raise ValueError(f"{path}: not a valid trace: 'otherData' must be an object, got {type(data['otherData']).__name__}")
+        events, index = [], []
+        for i, e in enumerate(data["traceEvents"]):
+            if not isinstance(e, dict):
+                raise ValueError(f"{path}: not a valid trace: traceEvents[{i}]: expected an object, got {type(e).__name__} {e!r:.80}")
             if e.get("ph") != "X":
                 continue
+            missing = [k for k in ("pid", "cat", "ts", "dur") if k not in e]
+            if missing:
+                raise ValueError(f"{path}: not a valid trace: traceEvents[{i}]: an 'X' event needs {', '.join(map(repr, missing))}")
+            for k in ("ts", "dur"):
+                v = e[k]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"{path}: not a valid trace: traceEvents[{i}]: {k!r} must be a finite number, got {v!r}")
             args = e.get("args", {})
+            if not isinstance(args, dict):
+                raise ValueError(f"{path}: not a valid trace: traceEvents[{i}]: 'args' must be an object, got {args!r:.80}")
+            index.append(i)
             events.append({
                 "rank": e["pid"], "kind": e["cat"], "start_us": e["ts"], "end_us": e["ts"] + e["dur"],
                 "module": args.get("module"), "chunk": args.get("chunk"), "module_b": args.get("module_b"),
                 "chunk_b": args.get("chunk_b"), "peer": args.get("peer"), "nbytes": args.get("nbytes", 0),
                 "phase": args.get("phase", 0), "zb": bool(args.get("zb", False)),
             })
+        for i, e in zip(index, events):
+            try:
+                _check_events(path, [e])
+            except ValueError as exc:  # name the Chrome event, not its position among the X events
+                head = f"{path}: not a valid trace: "
+                raise ValueError(str(exc).replace(head + "event 0", head + f"traceEvents[{i}]", 1)) from None
         return {"meta": data.get("otherData", {}), "events": events}
     raise ValueError(f"{path}: expected a schedule trace ({{'meta', 'events'}}) or a Chrome trace ({{'traceEvents'}})")
 
@@ -155,6 +237,8 @@ def draw_timeline(trace: dict[str, Any], out_png: str | Path, title: str | None 
     ], loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=6, fontsize=7, frameon=False)
     fig.tight_layout()
     out_png = Path(out_png)
+    if not out_png.suffix:  # matplotlib writes NAME.png then: report that file
+        out_png = out_png.with_name(out_png.name + ".png")
     fig.savefig(out_png, dpi=130)
     plt.close(fig)
     return out_png
