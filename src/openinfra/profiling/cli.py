@@ -8,15 +8,12 @@ TRACE is a torch.profiler Chrome trace (.json or .json.gz), several of them (one
 directory of them. Other components add ``profile`` subcommands without editing this file: a module
 listed in ``EXTENSION_MODULES`` that exists and defines ``register_profile(subparsers)`` is called
 with this command's subparsers (DualPipe's schedule recorder adds ``profile pipeline`` that way).
-An extension's package is not imported to register it (see :func:`_load_extension`), so reading
-traces stays free of PyTorch unless the chosen subcommand needs it.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.machinery
 import importlib.util
 import json
 import os
@@ -87,41 +84,11 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_extension(name: str):
-    """The extension module ``name``, or None when it does not exist.
-
-    When its package is not imported yet, only the module's own file is run (found through the
-    packages' paths, their ``__init__`` left alone): ``openinfra.parallel.dualpipe``'s imports
-    PyTorch, which ``profile summary`` should not pay for. The module is not entered in
-    ``sys.modules``; its relative imports import the package when they run (at call time)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    parts = name.split(".")
-    for k in range(len(parts) - 1, 0, -1):  # the deepest package already imported
-        base = sys.modules.get(".".join(parts[:k]))
-        if base is not None:
-            break
-    else:
-        base, k = importlib.import_module(parts[0]), 1
-    if len(parts) - k == 1:  # its package is imported already: an ordinary import
-        try:
-            return importlib.import_module(name) if importlib.util.find_spec(name) else None
-        except ModuleNotFoundError:
-            return None
-    path = getattr(base, "__path__", None)
-    spec = None
-    for depth in range(k, len(parts)):
-        if path is None:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(".".join(parts[:depth + 1]), list(path))
-        if spec is None:
-            return None
-        path = spec.submodule_search_locations
-    if spec is None or spec.loader is None:  # a namespace package, not a module
-        return None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -157,9 +124,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.set_defaults(func=_merge)
 
     for name in EXTENSION_MODULES:
-        mod = _load_extension(name)
-        if mod is not None and hasattr(mod, "register_profile"):
-            mod.register_profile(sub)
+        if _module_exists(name):
+            mod = importlib.import_module(name)
+            if hasattr(mod, "register_profile"):
+                mod.register_profile(sub)
     for q in sub.choices.values():  # ours and the extensions' subcommands
         if q.get_default("func") is not None:
             q.set_defaults(func=_guard(q.get_default("func")))
