@@ -155,7 +155,7 @@ def test_profile_merge_out_is_a_directory(tmp_path):
     (["--lr", "nan"], ["--lr", "nan"]),
     (["--chunks", "-1"], ["--chunks", "-1"]),
     (["--resume"], ["--resume needs --checkpoint-dir"]),  # was: trained from scratch
-    (["--device", "cuda"], ["--device cuda", "torchrun"]),  # was: trained on the CPU
+    (["--device", "cuda"], ["--device cuda", "not wired"]),  # was: trained on the CPU
     (["--device", "bogus"], ["--device", "bogus"]),
     (["--checkpoint-dir", "{file}"], ["--checkpoint-dir", "not a directory"]),
     (["--trace-dir", "{file}"], ["--trace-dir", "not a directory"]),

@@ -1,8 +1,10 @@
 """System layer: the training job.
 
 - ``openinfra.training.job``     :class:`TrainConfig`, :func:`train` (DualPipeV across pipeline
-  ranks, aux-loss-free gate balancing, EPLB plans from observed expert loads, resumable
+  ranks, expert parallelism across EP ranks, aux-loss-free gate balancing, EPLB plans from observed expert loads, resumable
   checkpoints, the final model in DeepSeek-V3 safetensors naming, profiler traces).
+- ``openinfra.training.expert_parallel``  MoE layers with their routed experts split over EP ranks
+  (DeepEP dispatch / combine), replicated-gradient all-reduce.
 - ``openinfra.training.stages``  cutting the model into pipeline stages.
 - ``openinfra.training.data``    deterministic batches from token shards.
 """

@@ -24,7 +24,7 @@ def _read_shards(read_token_shards, shards: list[str]):
     return torch.cat(parts)
 
 
-def _check(args: argparse.Namespace, under_torchrun: bool) -> str | None:
+def _check(args: argparse.Namespace) -> str | None:
     """What is wrong with the flags TrainConfig does not check (a message naming the flag)."""
     if not math.isfinite(args.lr):
         return f"--lr: expected a finite learning rate, got {args.lr}"
@@ -32,9 +32,9 @@ def _check(args: argparse.Namespace, under_torchrun: bool) -> str | None:
         return f"--chunks: expected a count >= 0 (0: the default), got {args.chunks}"
     if args.resume and not args.checkpoint_dir:
         return "--resume needs --checkpoint-dir (the directory to continue from)"
-    if args.device == "cuda" and not under_torchrun:
-        return ("--device cuda runs under torchrun (one rank per GPU); without torchrun training "
-                "runs on CPU gloo ranks, so leave --device at cpu")
+    if args.device == "cuda":
+        return ("--device cuda: GPU training is not wired in this job (its stages stay on the CPU, which NCCL "
+                "cannot move); train on CPU gloo ranks (--device cpu), under torchrun or not")
     for flag, d in (("--checkpoint-dir", args.checkpoint_dir), ("--trace-dir", args.trace_dir)):
         if d and "://" not in d and os.path.exists(d) and not os.path.isdir(d):
             return f"{flag} {d}: not a directory"
@@ -48,7 +48,7 @@ def _check(args: argparse.Namespace, under_torchrun: bool) -> str | None:
 
 def _run(args: argparse.Namespace) -> int:
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if problem := _check(args, under_torchrun):  # before the imports below: they load PyTorch
+    if problem := _check(args):  # before the imports below: they load PyTorch
         print(f"openinfra train: error: {problem}", file=sys.stderr)
         return 2
     from openinfra.training.job import TrainConfig, train, train_worker
@@ -73,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     if under_torchrun:  # under torchrun: this process is one rank
         import torch.distributed as dist
 
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        dist.init_process_group("gloo")
         result = train_worker(dist.get_rank(), dist.get_world_size(), cfg)
         dist.destroy_process_group()
         if int(os.environ["RANK"]) != 0:
@@ -112,6 +112,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eplb-every", type=int, default=10, help="steps between EPLB placement plans")
     p.add_argument("--ep-gpus", type=int, default=4, help="GPUs the EPLB plan places experts on")
     p.add_argument("--trace-dir", default=None, help="write profiler and schedule traces here")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (gloo) or cuda (nccl, under torchrun)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (gloo ranks); cuda is refused: GPU training is not wired in this job")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line last")
     p.set_defaults(func=_run)
