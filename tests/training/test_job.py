@@ -50,12 +50,15 @@ def test_expert_parallel_ep2_matches_single_process(tmp_path):
     tokens moved by DeepEP dispatch / combine: the same losses as one process on the whole batch
     (same micro-batches), the same EPLB loads, and a final checkpoint with every expert in place."""
     tokens = _tokens()
-    kw = dict(SMALL, num_chunks=2, eplb_every=3)
-    single = train(TrainConfig(steps=3, pp=1, **kw), tokens)
-    ep = train(TrainConfig(steps=3, ep=2, **kw), tokens, timeout=600)
+    # EPLB every step: the EP run re-places its experts over the 2 ranks after every step (weights
+    # and AdamW moments moved), which must not change what it computes
+    kw = dict(SMALL, num_chunks=2, eplb_every=1)
+    single = train(TrainConfig(steps=4, pp=1, **kw), tokens)
+    ep = train(TrainConfig(steps=4, ep=2, **kw), tokens, timeout=600)
     # the MoE outputs are summed in another order (combine at the origin), so not bitwise
     assert ep["losses"] == pytest.approx(single["losses"], rel=1e-5)
     assert single["losses"][-1] < single["losses"][0]
+    assert sum(p["ep_experts_moved"] for p in ep["eplb"][:-1]) > 0  # the placements did move experts
     assert ep["eplb"][-1]["tokens"] == single["eplb"][-1]["tokens"] > 0
     assert ep["eplb"][-1]["gpu_loads_after"] == single["eplb"][-1]["gpu_loads_after"]
     assert ep["eplb"][-1]["phy2log"] == single["eplb"][-1]["phy2log"]
@@ -68,11 +71,12 @@ def test_pipeline_and_expert_parallel_pp2_ep2_matches_single_process(tmp_path):
     same stages, experts split): the same losses as one process over the same 8 micro-batches, and
     a final checkpoint with every stage and expert in place."""
     tokens = _tokens()
-    single = train(TrainConfig(steps=3, pp=1, eplb_every=3, **SMALL), tokens)
-    both = train(TrainConfig(steps=3, pp=2, ep=2, eplb_every=3, **SMALL), tokens, timeout=600)
+    kw = dict(SMALL, eplb_every=1)  # experts re-placed over each EP group after every step
+    single = train(TrainConfig(steps=3, pp=1, **kw), tokens)
+    both = train(TrainConfig(steps=3, pp=2, ep=2, **kw), tokens, timeout=600)
     assert both["losses"] == pytest.approx(single["losses"], rel=1e-5)
     assert both["eplb"][-1]["phy2log"] == single["eplb"][-1]["phy2log"]  # loads summed over EP, in layer order
-    _assert_export_equals_single_run(tmp_path, tokens, SMALL, pp=2, ep=2)
+    _assert_export_equals_single_run(tmp_path, tokens, kw, pp=2, ep=2)
 
 
 @pytest.mark.unit

@@ -22,6 +22,12 @@ Per MoE layer (:class:`ExpertParallelMoE`, a drop-in for :class:`~openinfra.mode
 
 Selection-bias updates must see the whole batch's expert loads (the bias is replicated): the job
 all-reduces the gates' tracked loads before :meth:`~openinfra.model.Gate.update_bias`.
+
+Placement (EPLB): physical slot s lives on rank ``s // (E / R)``; ``log2phy`` [E] (a buffer, saved
+with the layer) says where each logical expert is. :func:`apply_placement` moves the experts to a
+new placement -- their weights and their AdamW moments, exactly (each logical expert has one slot:
+no redundant replicas here) -- so a run that re-places its experts every few steps computes what a
+run that never does computes.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from openinfra.model.grouped import ContiguousLayout, contiguous_layout
 from openinfra.model.moe import GroupedExperts, MoE
 from openinfra.profiling.annotate import phase
 
-__all__ = ["ExpertParallelMoE", "shard_experts", "all_reduce_replicated_grads", "expert_parameter_names"]
+__all__ = ["ExpertParallelMoE", "shard_experts", "apply_placement", "all_reduce_replicated_grads",
+           "expert_parameter_names"]
 
 
 class ExpertParallelMoE(MoE):
@@ -69,6 +76,7 @@ class ExpertParallelMoE(MoE):
             setattr(local, name, nn.Parameter(getattr(src, name).detach()[lo:hi].clone()))
         ep.experts = local
         ep.buffer, ep.rank, ep.world = buffer, rank, world
+        ep.register_buffer("log2phy", torch.arange(e))  # logical expert -> physical slot
         return ep
 
     def forward(self, x: torch.Tensor, layout: str = "contiguous", token_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,11 +88,12 @@ class ExpertParallelMoE(MoE):
         x = x.reshape(-1, self.cfg.dim)
         weights, indices = self.gate(x)
         e = self.cfg.n_routed_experts
+        slots = self.log2phy[indices]  # the physical slots of the chosen experts (the gate counts logical ones)
         with phase("dispatch"):
-            per_rank, _, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(indices, e)
+            per_rank, _, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(slots, e)
             recv_x, recv_idx, recv_w, _, handle, _ = self.buffer.dispatch(
                 x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-                topk_idx=indices, topk_weights=weights.float())
+                topk_idx=slots, topk_weights=weights.float())
         with phase("mlp"):
             y = self._local_experts(recv_x, recv_idx, recv_w)
         with phase("combine"):
@@ -107,6 +116,29 @@ class ExpertParallelMoE(MoE):
                                offsets=full.offsets[:n_local + 1], alignment=full.alignment)
         rows = self.experts.forward_contiguous(self.gather_rows(recv_x, lay), lay)
         return self.combine_contiguous(rows, recv_w.to(rows.dtype), lay, recv_x.shape[0])
+
+
+@torch.no_grad()
+def apply_placement(moe: ExpertParallelMoE, phy2log: list[int], opt: torch.optim.Optimizer | None, group) -> int:
+    """Move ``moe``'s experts so that physical slot s holds logical expert ``phy2log[s]`` (a
+    permutation of the E experts); a collective over the layer's EP ``group``. Each local expert's
+    weights and optimizer moments travel with it (one all-reduce per tensor, each row written by
+    exactly one rank, so the copy is exact). Returns how many of this rank's slots changed expert."""
+    e, n_local = moe.cfg.n_routed_experts, moe.experts.n_experts
+    if sorted(phy2log) != list(range(e)):
+        raise ValueError(f"phy2log must be a permutation of the {e} experts (no replicas), got {phy2log}")
+    now = torch.argsort(moe.log2phy)  # physical slot -> logical expert
+    lo, hi = moe.rank * n_local, (moe.rank + 1) * n_local
+    mine_now, mine_next = now[lo:hi], torch.tensor(phy2log[lo:hi])
+    for p in (moe.experts.w1, moe.experts.w2, moe.experts.w3):
+        state = opt.state.get(p, {}) if opt is not None else {}
+        for t in [p.data] + [v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape]:
+            by_expert = t.new_zeros(e, *t.shape[1:])
+            by_expert[mine_now] = t
+            dist.all_reduce(by_expert, group=group)
+            t.copy_(by_expert[mine_next])
+    moe.log2phy.copy_(torch.argsort(torch.tensor(phy2log)))
+    return int((mine_now != mine_next).sum())
 
 
 def shard_experts(module: nn.Module, buffer, rank: int, world: int) -> list[ExpertParallelMoE]:

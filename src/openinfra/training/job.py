@@ -290,8 +290,11 @@ def train_worker(rank: int, world_size: int, cfg: TrainConfig, tokens: torch.Ten
             # gathered over the pipeline (its ranks hold different layers); the EP replicas of a
             # stage hold the same summed loads already
             plan = _gather_eplb(load_acc, gate_layers, cfg, model_cfg.n_expert_groups, pipe_group)
+            moved = _place_experts(modules, load_acc, model_cfg.n_expert_groups, cfg.ep, opt, ep_group) if cfg.ep > 1 else 0
             if plan is not None:
                 plan["step"] = step
+                if cfg.ep > 1:
+                    plan["ep_experts_moved"] = moved  # on this rank, by the placement over the EP ranks
                 eplb.append(plan)
             load_acc.zero_()
         if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
@@ -308,6 +311,21 @@ def train_worker(rank: int, world_size: int, cfg: TrainConfig, tokens: torch.Ten
     return TrainResult(losses, times, tokens_per_s, start, eplb,
                        str(ckpt / f"step_{last_saved:06d}") if ckpt is not None and last_saved is not None else None,
                        final, traces).to_dict()
+
+
+def _place_experts(modules, load_acc: torch.Tensor, n_groups: int, ep: int, opt, group) -> int:
+    """Re-place every local MoE layer's experts over the ``ep`` ranks of ``group`` for the loads seen
+    since the last plan (EPLB, one slot per expert); weights and AdamW moments move with them. Every
+    rank of the group computes the same plan from the same (all-reduced) loads. Returns how many of
+    this rank's expert slots changed expert."""
+    from openinfra.parallel.eplb import rebalance_experts
+    from openinfra.training.expert_parallel import ExpertParallelMoE, apply_placement
+
+    layers = [layer.ffn for m in modules for layer in m.layers if isinstance(layer.ffn, ExpertParallelMoE)]
+    if not layers:
+        return 0
+    phy2log, _, _ = rebalance_experts(load_acc.double(), load_acc.shape[1], n_groups, 1, ep)
+    return sum(apply_placement(moe, row.tolist(), opt, group) for moe, row in zip(layers, phy2log))
 
 
 def _parallel_groups(cfg: TrainConfig, rank: int):
@@ -358,6 +376,12 @@ def _export_final(modules, model_cfg, path: Path, rank: int, group, ep: int = 1)
             for k, v in p.items():
                 merged.setdefault(k, []).append(v)
         state = {k: torch.cat(v) if ep > 1 and ".ffn.experts.w" in k else v[0] for k, v in merged.items()}
+        # Expert stacks come out in physical-slot order: put each logical expert e back at row e.
+        for key in [k for k in state if k.endswith(".ffn.log2phy")]:
+            log2phy = state.pop(key)
+            for w in ("w1", "w2", "w3"):
+                name = key[:-len("log2phy")] + f"experts.{w}"
+                state[name] = state[name][log2phy]
     if rank != 0:
         return None
     model = Transformer(model_cfg)
