@@ -84,7 +84,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"step {step:4d}  loss {loss:.4f}  {sec * 1e3:7.1f} ms")
     print(f"tokens/s {result['tokens_per_s']:,.0f}")
     for plan in result["eplb"]:
-        print(f"EPLB at step {plan['step']}: balancedness {plan['balancedness_before']} -> {plan['balancedness_after']:.3f}")
+        moved = f"; {plan['ep_experts_moved']} of rank 0's expert slots re-placed over the EP ranks" \
+            if "ep_experts_moved" in plan else ""
+        before = "n/a" if plan["balancedness_before"] is None else f"{plan['balancedness_before']:.3f}"
+        print(f"EPLB at step {plan['step']}: balancedness {before} -> {plan['balancedness_after']:.3f} "
+              f"on {plan['gpus']} GPUs{moved}")
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "eplb"} | {"eplb": [
             {k: v for k, v in p.items() if k != "phy2log"} for p in result["eplb"]]}))
