@@ -55,18 +55,16 @@ def _client(args):
 def _start(args) -> int:
     from openinfra.fs.cluster import ClusterSpec, LocalCluster
 
-    # What meta checks when it starts (LayoutPolicy), checked here before any process is spawned.
-    cs = args.chunk_size
-    if not (64 << 10) <= cs <= (64 << 20) or cs & (cs - 1):
-        raise ValueError(f"--chunk-size: expected a power of two from 64K to 64M, got {cs}")
-    if args.stripe < 1:
-        raise ValueError(f"--stripe: expected >= 1, got {args.stripe}")
-
     timing = dict(heartbeat_s=0.2, failure_timeout_s=2.0, lease_s=1.0) if args.fast else {}
-    spec = ClusterSpec(str(Path(args.data_dir).resolve()), storage_nodes=args.storage_nodes,
-                       targets_per_node=args.targets_per_node, replication=args.replication, meta_count=args.meta,
-                       mgmtd_count=args.mgmtd_count, meta_db=args.meta_db, chunk_size=args.chunk_size,
-                       stripe=args.stripe, fsync=not args.no_fsync, **timing)
+    try:  # ClusterSpec checks what the services would refuse, before anything is spawned
+        spec = ClusterSpec(str(Path(args.data_dir).resolve()), storage_nodes=args.storage_nodes,
+                           targets_per_node=args.targets_per_node, replication=args.replication, meta_count=args.meta,
+                           mgmtd_count=args.mgmtd_count, meta_db=args.meta_db, chunk_size=args.chunk_size,
+                           stripe=args.stripe, fsync=not args.no_fsync, **timing)
+    except ValueError as exc:  # "field: problem" -> "--flag: problem"
+        field, _, problem = str(exc).partition(": ")
+        flag = {"meta_count": "--meta"}.get(field, "--" + field.replace("_", "-"))
+        raise ValueError(f"{flag}: {problem}" if problem and field.isidentifier() else str(exc)) from None
     t0 = time.perf_counter()
     cluster = LocalCluster.start(spec)
     print(f"3FS cluster started in {time.perf_counter() - t0:.1f} s under {cluster.root}")
