@@ -29,51 +29,50 @@ def _float(text: str) -> float:
     return v
 
 
+def _require(ok: bool, expected: str, text: str) -> None:
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+
+
 def positive_int(text: str) -> int:
     """A count or size: an integer >= 1."""
     v = _int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    _require(v >= 1, "an integer >= 1", text)
     return v
 
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0 (where 0 means "none" or "skip")."""
     v = _int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    _require(v >= 0, "an integer >= 0", text)
     return v
 
 
 def power_of_two(text: str) -> int:
     """A kernel tile size or warp count: 1, 2, 4, 8, ..."""
     v = _int(text)
-    if v < 1 or v & (v - 1):
-        raise argparse.ArgumentTypeError(f"expected a power of two (1, 2, 4, 8, ...), got {text!r}")
+    _require(v >= 1 and not v & (v - 1), "a power of two (1, 2, 4, 8, ...)", text)
     return v
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (a size, a time limit)."""
     v = _float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    _require(v > 0, "a number > 0", text)
     return v
 
 
 def non_negative_float(text: str) -> float:
     """A finite number >= 0."""
     v = _float(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    _require(v >= 0, "a number >= 0", text)
     return v
 
 
 def fraction(text: str) -> float:
     """A number from 0 to 1."""
     v = _float(text)
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    _require(0 <= v <= 1, "a number from 0 to 1", text)
     return v
 
 

@@ -29,17 +29,25 @@ def _pipeline(sp):
     return df
 
 
-def test_fault_injection_gives_the_fault_free_result(tmp_path):
-    with smallpond.init(data_root=str(tmp_path / "a"), num_executors=2) as sp:
+def assert_faults_give_the_clean_result(tmp_path, expect_executor: str | None = None, **init) -> None:
+    """``_pipeline`` with faults injected (p = 0.1, up to 10 retries) gives the fault-free run's rows
+    and task count, and some task was retried. ``init``: ``smallpond.init``'s executor options."""
+    with smallpond.init(data_root=str(tmp_path / "a"), **init) as sp:
         expected = sorted(map(tuple, (r.values() for r in _pipeline(sp).take_all())))
         clean_tasks = sp.stats.executed
-    with smallpond.init(data_root=str(tmp_path / "b"), num_executors=2, fault_inject_prob=0.1, max_retries=10) as sp:
+    with smallpond.init(data_root=str(tmp_path / "b"), fault_inject_prob=0.1, max_retries=10, **init) as sp:
+        if expect_executor is not None:
+            assert sp._get_executor().name == expect_executor
         got = sorted(map(tuple, (r.values() for r in _pipeline(sp).take_all())))
         stats = sp.stats
     assert got == expected
     assert len(expected) == 13
     assert stats.executed == clean_tasks
     assert stats.retried >= 1, f"p=0.1 over {clean_tasks} tasks should have injected faults: {stats}"
+
+
+def test_fault_injection_gives_the_fault_free_result(tmp_path):
+    assert_faults_give_the_clean_result(tmp_path, num_executors=2)
 
 
 def test_fault_injection_without_retries_fails_clearly(tmp_path):

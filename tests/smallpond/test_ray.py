@@ -50,19 +50,9 @@ def test_ray_fault_injection_and_graysort(local_ray, tmp_path):
 def test_ray_fault_injection_retries_and_gives_the_fault_free_result(local_ray, tmp_path):
     """The local twin (tests/smallpond/test_fault.py) on Ray: its in-memory pipeline's task keys
     depend only on content, so the seeded fault draws are the same on every run."""
-    from tests.smallpond.test_fault import _pipeline
+    from tests.smallpond.test_fault import assert_faults_give_the_clean_result
 
-    with smallpond.init(data_root=str(tmp_path / "a"), executor="ray") as sp:
-        expected = sorted(map(tuple, (r.values() for r in _pipeline(sp).take_all())))
-        clean_tasks = sp.stats.executed
-    with smallpond.init(data_root=str(tmp_path / "b"), executor="ray", fault_inject_prob=0.1, max_retries=10) as sp:
-        assert sp._get_executor().name == "ray"
-        got = sorted(map(tuple, (r.values() for r in _pipeline(sp).take_all())))
-        stats = sp.stats
-    assert got == expected
-    assert len(expected) == 13
-    assert stats.executed == clean_tasks
-    assert stats.retried >= 1, f"p=0.1 over {clean_tasks} tasks should have injected faults: {stats}"
+    assert_faults_give_the_clean_result(tmp_path, expect_executor="ray", executor="ray")
 
 
 def test_ray_runs_nested_range_and_udf_plans(local_ray, tmp_path):
