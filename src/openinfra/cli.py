@@ -42,6 +42,14 @@ def picture_path(flag: str, path: str) -> str:
     return path if os.path.splitext(path)[1] else path + ".png"
 
 
+def not_a_directory(flag: str, path: str | None) -> str | None:
+    """``"FLAG PATH: not a directory"`` when ``path`` names something that exists and is not a
+    directory (a directory option given a file), else None (unset, missing or a directory)."""
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        return f"{flag} {path}: not a directory"
+    return None
+
+
 def _module_exists(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None

@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from openinfra.cli import not_a_directory
+
 __all__ = ["register", "build_engine", "build_model"]
 
 
@@ -56,23 +58,20 @@ def _store_spec(args: argparse.Namespace) -> tuple[dict, str | None]:
 def _check(args: argparse.Namespace) -> str | None:
     """What is wrong with the arguments (a message naming the flag), checked before the model is built."""
     import math
-    import os
 
     if not 0 <= args.port <= 65535:
         return f"--port: expected 0..65535 (0: any free port), got {args.port}"
     if not (args.duration >= 0 and math.isfinite(args.duration)):
         return f"--duration: expected seconds >= 0 (0: run until Ctrl-C), got {args.duration}"
-    if args.checkpoint and os.path.exists(args.checkpoint) and not os.path.isdir(args.checkpoint):
-        return f"--checkpoint {args.checkpoint}: not a directory (give the directory of the safetensors files)"
+    if problem := not_a_directory("--checkpoint", args.checkpoint):
+        return f"{problem} (give the directory of the safetensors files)"
     if not args.disaggregated:
         for flag, value in (("--kvcache-mgmtd", args.kvcache_mgmtd), ("--kv-store-dir", args.kv_store_dir)):
             if value:
                 return f"{flag} is for --disaggregated serving; add --disaggregated or leave {flag} out"
     if args.kvcache_mgmtd and args.kv_store_dir:
         return "--kvcache-mgmtd and --kv-store-dir both name the KV store; give one"
-    if args.kv_store_dir and os.path.exists(args.kv_store_dir) and not os.path.isdir(args.kv_store_dir):
-        return f"--kv-store-dir {args.kv_store_dir}: not a directory"
-    return _cannot_listen(args.host, args.port)
+    return not_a_directory("--kv-store-dir", args.kv_store_dir) or _cannot_listen(args.host, args.port)
 
 
 def _cannot_listen(host: str, port: int) -> str | None:

@@ -14,6 +14,8 @@ import sys
 import tempfile
 import time
 
+from openinfra.cli import not_a_directory
+
 __all__ = ["register"]
 
 
@@ -43,10 +45,7 @@ def _fail(message: str) -> int:
 
 
 def _check_data_root(args: argparse.Namespace) -> str | None:
-    root = args.data_root
-    if root and os.path.exists(root) and not os.path.isdir(root):
-        return f"--data-root {root}: not a directory"
-    return None
+    return not_a_directory("--data-root", args.data_root)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -127,9 +126,7 @@ def _graysort(args: argparse.Namespace) -> int:
     for flag, value in (("--records", args.records), ("--partitions", args.partitions), ("--files", args.files)):
         if value < 1:
             return _fail(f"{flag}: expected a positive number, got {value}")
-    if args.workdir and os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
-        return _fail(f"--workdir {args.workdir}: not a directory")
-    if problem := _check_data_root(args):
+    if problem := not_a_directory("--workdir", args.workdir) or _check_data_root(args):
         return _fail(problem)
     work = args.workdir or tempfile.mkdtemp(prefix="graysort-")
     try:

@@ -8,6 +8,8 @@ import math
 import os
 import sys
 
+from openinfra.cli import not_a_directory
+
 __all__ = ["register"]
 
 
@@ -36,8 +38,8 @@ def _check(args: argparse.Namespace) -> str | None:
         return ("--device cuda: GPU training is not wired in this job (its stages stay on the CPU, which NCCL "
                 "cannot move); train on CPU gloo ranks (--device cpu), under torchrun or not")
     for flag, d in (("--checkpoint-dir", args.checkpoint_dir), ("--trace-dir", args.trace_dir)):
-        if d and "://" not in d and os.path.exists(d) and not os.path.isdir(d):
-            return f"{flag} {d}: not a directory"
+        if d and "://" not in d and (problem := not_a_directory(flag, d)):
+            return problem
     for s in args.shards:
         if not os.path.exists(s):
             return f"shard {s} does not exist"
