@@ -169,18 +169,6 @@ def _rm(args) -> int:
     return 0
 
 
-def _checked_mount(mount_cmd):
-    """``fs mount`` with its numbers checked first (a negative size or time would mount and misbehave)."""
-    def run(args) -> int:
-        for flag, value, least in (("--attr-timeout", args.attr_timeout, 0), ("--write-buffer", args.write_buffer, 1),
-                                   ("--writeback-per-file", args.writeback_per_file, 0),
-                                   ("--writeback-total", args.writeback_total, 0), ("--io-retry", args.io_retry, 0)):
-            if not value >= least or value == float("inf"):
-                raise ValueError(f"{flag}: expected a finite number >= {least}, got {value}")
-        return mount_cmd(args)
-    return run
-
-
 def _guard(fn):
     def run(args) -> int:
         try:
@@ -199,7 +187,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from openinfra.fs.clients.fuse import register_mount
 
     mount = register_mount(sub)  # openinfra fs mount MOUNTPOINT ...
-    mount.set_defaults(func=_guard(_checked_mount(mount.get_default("func"))))
+    mount.set_defaults(func=_guard(mount.get_default("func")))
 
     def add(name, fn, help, client=False):
         sp = sub.add_parser(name, help=help, description=help)

@@ -50,6 +50,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from openinfra.argtypes import non_negative_float, non_negative_int, positive_int
+
 __all__ = ["mount", "register_mount", "FuseConfig"]
 
 log = logging.getLogger("openinfra.fs.fuse")
@@ -799,15 +801,15 @@ def register_mount(subparsers: Any) -> Any:
     p.add_argument("--mgmtd", help="mgmtd address(es) host:port[,host:port] (default: --data-dir's cluster, "
                                    "$OPENINFRA_FS_MGMTD, $OPENINFRA_FS_DATA_DIR)")
     p.add_argument("--data-dir", help="the directory of a cluster started by `openinfra fs start`")
-    p.add_argument("--attr-timeout", type=float, default=1.0, help="kernel attribute/entry cache lifetime, s (1.0)")
-    p.add_argument("--write-buffer", type=int, default=4 << 20,
+    p.add_argument("--attr-timeout", type=non_negative_float, default=1.0, help="kernel attribute/entry cache lifetime, s (1.0)")
+    p.add_argument("--write-buffer", type=positive_int, default=4 << 20,
                    help="a contiguous dirty run this long is written at once, bytes (4 MiB)")
-    p.add_argument("--writeback-per-file", type=int, default=64 << 20,
+    p.add_argument("--writeback-per-file", type=non_negative_int, default=64 << 20,
                    help="write-back cache: dirty bytes per file before it is flushed (64 MiB)")
-    p.add_argument("--writeback-total", type=int, default=256 << 20,
+    p.add_argument("--writeback-total", type=non_negative_int, default=256 << 20,
                    help="write-back cache: dirty bytes of the mount before the largest files are flushed "
                         "(256 MiB; 0 turns the cache off: every write reaches storage before it returns)")
-    p.add_argument("--io-retry", type=float, default=60.0,
+    p.add_argument("--io-retry", type=non_negative_float, default=60.0,
                    help="how long a failing storage/meta request is retried before the call fails with EIO, s (60)")
     p.add_argument("--ring-socket", default=None, help="also serve ring I/O (USRBIO) on this Unix socket; "
                                                        "clients attach with RingServer.connect(path)")
